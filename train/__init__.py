@@ -1,0 +1,1 @@
+"""The training engine: models, data, parallelism, QAD and the entrypoints `python -m train.<job>`."""
