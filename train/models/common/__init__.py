@@ -1,0 +1,1 @@
+"""Blocks shared by the model families: norms, RoPE, attention, MLPs, the decoder skeleton."""

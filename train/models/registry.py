@@ -1,0 +1,205 @@
+"""Named model sizes as data, plus parameter and FLOP accounting.
+
+Importing this module must stay cheap: no torch, no transformers (the launcher validates
+configs with it in milliseconds). `python -m train.models list` prints the table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from train.models.errors import ModelConfigError, UnknownModelError
+
+FAMILIES = ("gpt2", "llama", "qwen3")
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """Shape of one decoder-only model. Frozen: derive variants with dataclasses.replace."""
+
+    name: str
+    family: str  # 'gpt2' | 'llama' | 'qwen3'; MoE families are added next to these
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int  # == num_heads: multi-head attention; fewer: grouped-query (GQA)
+    head_dim: int  # explicit: Qwen3 decouples it from hidden_size / num_heads
+    intermediate_size: int  # MLP width (SwiGLU: width of gate and up projections)
+    max_seq_len: int  # GPT-2: learned position table size; RoPE: cache length
+    rope_theta: float = 10_000.0  # LLaMA 2: 1e4, LLaMA 3: 5e5, Qwen3: 1e6; unused by GPT-2
+    # HF-style rope scaling dict, e.g. {"rope_type": "llama3", "factor": 8.0,
+    # "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    rope_scaling: dict[str, Any] | None = field(default=None, compare=False)
+    tie_embeddings: bool = False  # lm_head shares the token embedding matrix
+    norm_eps: float = 1e-5
+    init_std: float = 0.02  # std of the normal init (HF initializer_range)
+    num_experts: int = 0  # 0 = dense; MoE families set experts and experts per token
+    num_experts_per_token: int = 0
+
+    def validate(self) -> "ModelArgs":
+        """Raise ModelConfigError naming the offending field; return self when valid."""
+        where = f"model {self.name!r}"
+        if self.family not in FAMILIES:
+            raise ModelConfigError(f"{where}: family {self.family!r} is not one of {', '.join(FAMILIES)}")
+        for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                    "head_dim", "intermediate_size", "max_seq_len"):
+            if getattr(self, key) <= 0:
+                raise ModelConfigError(f"{where}: {key} must be positive, got {getattr(self, key)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ModelConfigError(
+                f"{where}: num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads}")
+        if self.family in ("gpt2", "llama"):
+            # These families derive head_dim = hidden_size / num_heads (HF GPT-2 and LLaMA).
+            if self.hidden_size % self.num_heads:
+                raise ModelConfigError(
+                    f"{where}: num_heads={self.num_heads} must divide hidden_size={self.hidden_size}")
+            if self.head_dim != self.hidden_size // self.num_heads:
+                raise ModelConfigError(
+                    f"{where}: head_dim={self.head_dim} must equal hidden_size/num_heads="
+                    f"{self.hidden_size // self.num_heads} for family {self.family!r}")
+        if self.family == "gpt2" and self.num_kv_heads != self.num_heads:
+            raise ModelConfigError(f"{where}: GPT-2 has no GQA; num_kv_heads must equal num_heads")
+        if self.family != "gpt2" and self.head_dim % 2:
+            raise ModelConfigError(f"{where}: RoPE needs an even head_dim, got {self.head_dim}")
+        if self.rope_scaling is not None and self.rope_scaling.get("rope_type") not in ("default", "llama3"):
+            raise ModelConfigError(
+                f"{where}: rope_scaling type {self.rope_scaling.get('rope_type')!r} is not supported "
+                "(supported: 'default', 'llama3')")
+        if self.num_experts:
+            raise ModelConfigError(f"{where}: family {self.family!r} is dense; num_experts must be 0")
+        return self
+
+
+def _tiny(family: str, **overrides) -> ModelArgs:
+    # CPU test size: a few MB, 4 layers, GQA 4:2 where the family has GQA.
+    base = dict(name=f"tiny-{family}", family=family, vocab_size=2048, hidden_size=128,
+                num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32, intermediate_size=384,
+                max_seq_len=512)
+    base.update(overrides)
+    return ModelArgs(**base)
+
+
+def _debug(family: str, **overrides) -> ModelArgs:
+    # Smallest model that still exercises every block: 2 layers, hidden 64, vocab 512.
+    base = dict(name=f"debug-{family}", family=family, vocab_size=512, hidden_size=64,
+                num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=192,
+                max_seq_len=256)
+    base.update(overrides)
+    return ModelArgs(**base)
+
+
+_LLAMA2 = dict(family="llama", rope_theta=10_000.0, norm_eps=1e-5)
+_LLAMA3 = dict(family="llama", rope_theta=500_000.0, norm_eps=1e-5)
+_QWEN3 = dict(family="qwen3", rope_theta=1_000_000.0, norm_eps=1e-6)
+_GPT2 = dict(family="gpt2", tie_embeddings=True, norm_eps=1e-5)
+
+_MODELS = [
+    # Seed 003 (enhanced_training_system) sizes, trained from scratch at 2048 tokens.
+    # GPT-2 "1.36B" is the same 18L-18H-2304D trunk as llama2-1.36b with a 4x GELU MLP and the
+    # GPT-2 vocabulary padded to 50304; its real size is ~1.27B (the name is the family's budget).
+    ModelArgs(name="gpt2-1.36b", vocab_size=50304, hidden_size=2304, num_layers=18, num_heads=18,
+              num_kv_heads=18, head_dim=128, intermediate_size=9216, max_seq_len=2048, **_GPT2),
+    # 18L-18H-2304D-6144ff, vocab 32000; 1.294B parameters (name from the 1.36e21 FLOP budget).
+    ModelArgs(name="llama2-1.36b", vocab_size=32000, hidden_size=2304, num_layers=18, num_heads=18,
+              num_kv_heads=18, head_dim=128, intermediate_size=6144, max_seq_len=2048, **_LLAMA2),
+    # 18L-16H-2048D-7168ff, GQA 8 KV, vocab 128256 (LLaMA 3.1 tokenizer); seed: ~1.545B.
+    # No llama3 rope_scaling: trained from scratch at 2048, scaling only matters past 8192.
+    ModelArgs(name="llama3-1.5b", vocab_size=128256, hidden_size=2048, num_layers=18, num_heads=16,
+              num_kv_heads=8, head_dim=128, intermediate_size=7168, max_seq_len=2048, **_LLAMA3),
+    # 30L-16H-2048D-7168ff, GQA 8 KV (Chinchilla D=20N variant); seed: ~2.224B.
+    ModelArgs(name="llama3-2.2b", vocab_size=128256, hidden_size=2048, num_layers=30, num_heads=16,
+              num_kv_heads=8, head_dim=128, intermediate_size=7168, max_seq_len=2048, **_LLAMA3),
+    # 24L-16H-2048D-6144ff, GQA 8 KV, theta 1e6, vocab 151643, untied; seed: ~1.830B.
+    ModelArgs(name="qwen3-1.8b", vocab_size=151643, hidden_size=2048, num_layers=24, num_heads=16,
+              num_kv_heads=8, head_dim=128, intermediate_size=6144, max_seq_len=2048, **_QWEN3),
+    # https://huggingface.co/Qwen/Qwen3-0.6B/blob/main/config.json
+    ModelArgs(name="qwen3-0.6b", vocab_size=151936, hidden_size=1024, num_layers=28, num_heads=16,
+              num_kv_heads=8, head_dim=128, intermediate_size=3072, max_seq_len=40960,
+              tie_embeddings=True, **_QWEN3),
+    # https://huggingface.co/Qwen/Qwen3-1.7B/blob/main/config.json
+    ModelArgs(name="qwen3-1.7b", vocab_size=151936, hidden_size=2048, num_layers=28, num_heads=16,
+              num_kv_heads=8, head_dim=128, intermediate_size=6144, max_seq_len=40960,
+              tie_embeddings=True, **_QWEN3),
+    # https://huggingface.co/Qwen/Qwen3-8B/blob/main/config.json
+    ModelArgs(name="qwen3-8b", vocab_size=151936, hidden_size=4096, num_layers=36, num_heads=32,
+              num_kv_heads=8, head_dim=128, intermediate_size=12288, max_seq_len=40960,
+              tie_embeddings=False, **_QWEN3),
+    # CPU test sizes.
+    _tiny("qwen3", rope_theta=1_000_000.0, norm_eps=1e-6, tie_embeddings=True),
+    _tiny("llama", name="tiny-llama2", **{k: v for k, v in _LLAMA2.items() if k != "family"}),
+    _tiny("llama", name="tiny-llama3", **{k: v for k, v in _LLAMA3.items() if k != "family"}),
+    _tiny("gpt2", num_kv_heads=4, tie_embeddings=True),
+    _debug("qwen3", rope_theta=1_000_000.0, norm_eps=1e-6, tie_embeddings=True),
+    _debug("llama", name="debug-llama2"),
+    _debug("llama", name="debug-llama3", rope_theta=500_000.0),
+    _debug("gpt2", num_kv_heads=4, tie_embeddings=True),
+]
+REGISTRY: dict[str, ModelArgs] = {args.name: args.validate() for args in _MODELS}
+
+
+def list_models() -> list[str]:
+    return list(REGISTRY)
+
+
+def get_model_args(name: str) -> ModelArgs:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise UnknownModelError(
+            f"unknown model {name!r}; known models: {', '.join(REGISTRY)}") from None
+
+
+def count_parameters(args: ModelArgs) -> dict[str, int]:
+    """Exact parameter counts of the model build_model(args) creates.
+
+    non_embedding follows the Qwen3/Kaplan convention: total minus the token embedding,
+    the lm_head (tied or not) and learned position embeddings. active == total for dense.
+    """
+    D, F, V = args.hidden_size, args.intermediate_size, args.vocab_size
+    q_width, kv_width = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
+    if args.family == "gpt2":
+        # LayerNorms with bias, biased q/k/v/o and MLP (HF GPT-2 Conv1D layers).
+        attention = D * (q_width + 2 * kv_width) + (q_width + 2 * kv_width) + q_width * D + D
+        mlp = D * F + F + F * D + D
+        per_layer = attention + mlp + 2 * (2 * D)
+        final_norm, positions = 2 * D, args.max_seq_len * D
+    else:
+        attention = D * (q_width + 2 * kv_width) + q_width * D
+        if args.family == "qwen3":
+            attention += 2 * args.head_dim  # per-head q_norm and k_norm weights
+        mlp = 3 * D * F  # SwiGLU: gate, up, down
+        per_layer = attention + mlp + 2 * D
+        final_norm, positions = D, 0
+    embedding = V * D
+    lm_head = 0 if args.tie_embeddings else V * D
+    total = embedding + positions + args.num_layers * per_layer + final_norm + lm_head
+    non_embedding = total - embedding - positions - lm_head
+    return dict(total=total, non_embedding=non_embedding, active=total)
+
+
+def flops_per_token(args: ModelArgs, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward) used for MFU.
+
+    PaLM (Chowdhery et al. 2022, appendix B): 6 * N + 12 * L * H * Q * T, where
+    N = non-embedding parameters + the lm_head matmul (V * D, counted even when tied since it
+    is computed), L layers, H query heads, Q head_dim, T = seq_len. The attention term counts
+    QK^T and attention*V in full (no causal halving), as PaLM does. Embedding lookups are free.
+    """
+    counts = count_parameters(args)
+    matmul_params = counts["non_embedding"] + args.vocab_size * args.hidden_size
+    if args.num_experts:  # MoE: only the active share of the experts is computed per token
+        matmul_params -= counts["total"] - counts["active"]
+    attention = 12 * args.num_layers * args.num_heads * args.head_dim * seq_len
+    return float(6 * matmul_params + attention)
+
+
+def describe(args: ModelArgs, seq_len: int | None = None) -> dict[str, Any]:
+    """Everything `python -m train.models info` prints, as JSON-ready data."""
+    seq_len = seq_len or args.max_seq_len
+    info = dataclasses.asdict(args)
+    info.update(parameters=count_parameters(args), seq_len=seq_len,
+                flops_per_token=flops_per_token(args, seq_len))
+    return info
