@@ -1,0 +1,156 @@
+"""The typed config tree, registered in Hydra's ConfigStore.
+
+configs/<job>.yaml picks groups (model/, data/, optim/, ...) on top of these schemas;
+`???` marks what must be given. Values from a .conf file arrive through the
+environment and are applied in one place: train/launch/conf.py (CONF_VARIABLES).
+Precedence, lowest first: schema default < configs/ YAML < .conf < key=value on the CLI.
+"""
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING  # registry name (train/models/registry.py) or a display name
+    hf_checkpoint: Optional[str] = None  # HF directory with the starting weights
+    attention_backend: str = "sdpa"  # sdpa | flash | reference
+    param_dtype: str = "float32"  # float32 | bfloat16
+    init_seed: int = 1234
+
+
+@dataclass
+class DataConfig:
+    # synthetic: seeded random tokens (no files; the embedded default);
+    # blend: Megatron .bin/.idx files through a datablend JSON.
+    source: str = "blend"
+    dataset_name: str = "openscience"
+    blend_path: Optional[str] = None  # default: <datacache_dir>/datablend_<dataset_name>.json
+    datacache_dir: str = "data"
+    seq_length: int = 256
+    train_samples: Optional[int] = None  # default: one epoch of the blend's train split
+    iterations_to_skip: str = ""  # Megatron's --iterations-to-skip: "100 200-205"
+    seed: int = 1234
+
+
+@dataclass
+class PreprocessConfig:
+    input: str = MISSING  # HF dataset name, or a local .jsonl/.json/.parquet/.arrow path
+    output_prefix: str = MISSING  # writes <prefix>_text_document.bin/.idx
+    tokenizer: str = MISSING  # local HF tokenizer directory
+    subset: Optional[str] = None
+    split: str = "train"
+    text_field: str = "text"
+    max_docs: Optional[int] = None
+    workers: int = 2
+    batch_size: int = 1000  # documents per tokenizer call
+    append_eod: bool = True
+    validation_fraction: float = 0.0
+    chat: bool = False  # render `messages` / Alpaca records with the chat template
+    keep_cot: bool = True  # keep <think>...</think> reasoning blocks
+    seed: int = 1234
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    schedule: str = "cosine"  # cosine | wsd | constant
+    warmup_iters: int = 10
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainingConfig:
+    micro_batch_size: int = 2  # MBS: sequences per rank per forward
+    global_batch_size: Optional[int] = None  # GBS; default MBS x data-parallel size
+    train_iters: Optional[int] = None  # default: train_samples // GBS
+    seed: int = 1234
+    precision: str = "fp32"  # fp32 | bf16 (autocast, fp32 master weights)
+    log_interval: int = 1
+    log_params_norm: bool = False
+    eval_interval: int = 0  # 0: no evaluation
+    eval_iters: int = 2
+    # seconds of wall time after which the job saves and stops cleanly (0: no budget)
+    time_budget_s: float = 0.0
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel_size: int = 1  # TP_SIZE
+    pipeline_parallel_size: int = 1  # PP_SIZE
+    expert_parallel_size: int = 1  # EP_SIZE
+    data_parallel: str = "ddp"  # ddp (FSDP2 / ZeRO options arrive with the trainer issue)
+    backend: str = "auto"  # auto: nccl with CUDA, gloo without
+    timeout_s: int = 1800  # collective timeout; DIST_TIMEOUT_S
+
+
+@dataclass
+class CheckpointConfig:
+    root: str = "runs"  # QAD_CHECKPOINT_ROOT: run directories live below
+    save_interval: int = 100  # iterations
+    keep_last: int = 3
+    save_on_signal: bool = True  # SIGUSR2/SIGTERM: finish the iteration, save, stop
+    requeue: bool = True  # ask the sbatch wrapper to `scontrol requeue` after a signal save
+
+
+@dataclass
+class DistillConfig:
+    teacher_model: Optional[str] = None  # display name of the teacher (run dir name)
+    teacher_checkpoint: Optional[str] = None  # HF directory
+    teacher_model_config: Optional[str] = None  # YAML of teacher overrides
+    kd_config_path: Optional[str] = None  # YAML with temperature / lm_loss_weight
+    temperature: float = 1.0
+    lm_loss_weight: float = 0.0
+
+
+@dataclass
+class QuantConfig:
+    recipe: str = "nvfp4"  # nvfp4 | nvfp4_mlp_only | fp8 | none
+    calibration_batches: int = 4
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    target_modules: str = "q_proj,k_proj,v_proj,o_proj"
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    jsonl: bool = True
+
+
+@dataclass
+class JobConfig:
+    job: str = MISSING  # qad | pretrain | finetune
+    dry_run: bool = False  # print the plan as JSON and exit
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def register_configs() -> None:
+    store = ConfigStore.instance()
+    store.store(name="job_schema", node=JobConfig)
+    store.store(name="preprocess_schema", node=PreprocessConfig)
+
+
+register_configs()

@@ -1,0 +1,240 @@
+"""The .conf contract: which shell variables a conf may set, what they mean, and checks.
+
+A .conf is a bash file of `export VAR=value` lines (seeds/001). This module is the one
+visible place where those variables map onto config keys (CONF_VARIABLES) and where
+they are validated. It imports neither torch nor Hydra: the launchers call it
+(`python -m train.launch.plan`) before any expensive work.
+"""
+
+import difflib
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CONF_DIR = REPO_ROOT / "conf.d"
+JOBS = ("qad", "pretrain", "finetune")
+EXIT_USAGE = 2  # exit code of every validation error
+
+
+class ConfError(ValueError):
+    """A .conf problem; the message names the conf file and the variable."""
+
+
+@dataclass(frozen=True)
+class ConfVariable:
+    name: str
+    key: str | None  # dotted config key; None: used by the launchers only
+    kind: str  # str | int | float | bool | path | dir
+    help: str
+    jobs: tuple[str, ...] = JOBS  # jobs that read it
+    required_for: tuple[str, ...] = ()
+    default: str | None = None  # applied by the launcher when the conf and env leave it unset
+
+
+def _var(name, key, kind, help, jobs=JOBS, required_for=(), default=None):
+    return ConfVariable(name, key, kind, help, tuple(jobs), tuple(required_for), default)
+
+
+QAD, PRE, FT = ("qad",), ("pretrain",), ("finetune",)
+CONF_VARIABLES: dict[str, ConfVariable] = {v.name: v for v in [
+    # --- QAD (seeds/001: the users' own guide) ---
+    _var("STUDENT_MODEL", "model.name", "str", "student model name (run dir, checkpoints/<model>)", QAD, QAD),
+    _var("TEACHER_MODEL", "distill.teacher_model", "str", "teacher model name (run dir name)", QAD, QAD),
+    _var("STUDENT_CKPT", "model.hf_checkpoint", "dir", "HF directory with the student's starting weights", QAD, QAD),
+    _var("TEACHER_CKPT", "distill.teacher_checkpoint", "dir", "HF directory with the frozen teacher", QAD, QAD),
+    _var("TEACHER_MODEL_CONFIG", "distill.teacher_model_config", "path", "YAML of teacher config overrides", QAD),
+    _var("KD_CFG_PATH", "distill.kd_config_path", "path", "YAML with KD loss settings", QAD),
+    _var("QUANT_RECIPE", "quant.recipe", "str", "nvfp4 | nvfp4_mlp_only | fp8", QAD),
+    # --- pretraining and fine-tuning (seeds/002, 003) ---
+    _var("MODEL", "model.name", "str", "model name from the registry (python -m train.models list)", PRE + FT, PRE + FT),
+    _var("BASE_CKPT", "model.hf_checkpoint", "dir", "HF directory with the base weights to fine-tune", FT),
+    _var("SEQ_LENGTH", "data.seq_length", "int", "tokens per training sequence"),
+    _var("GBS", "training.global_batch_size", "int", "global batch size in sequences"),
+    _var("TRAIN_ITERS", "training.train_iters", "int", "optimizer steps to run"),
+    _var("MIN_LR", "optim.min_lr", "float", "learning rate at the end of the schedule"),
+    _var("WARMUP_ITERS", "optim.warmup_iters", "int", "linear warmup steps"),
+    _var("LR_SCHEDULE", "optim.schedule", "str", "cosine | wsd | constant"),
+    _var("PRECISION", "training.precision", "str", "fp32 | bf16"),
+    _var("SAVE_INTERVAL", "checkpoint.save_interval", "int", "iterations between checkpoints"),
+    _var("KEEP_LAST", "checkpoint.keep_last", "int", "checkpoints kept on disk"),
+    _var("LOG_INTERVAL", "training.log_interval", "int", "iterations between metric lines"),
+    _var("EVAL_INTERVAL", "training.eval_interval", "int", "iterations between evaluations (0: none)"),
+    _var("SEED", "training.seed", "int", "random seed"),
+    _var("ATTENTION_BACKEND", "model.attention_backend", "str", "sdpa | flash | reference"),
+    _var("LORA_RANK", "lora.rank", "int", "LoRA rank", FT),
+    _var("LORA_ALPHA", "lora.alpha", "float", "LoRA alpha (rule of thumb: 2 x rank)", FT),
+    _var("LORA_DROPOUT", "lora.dropout", "float", "LoRA dropout", FT),
+    _var("LORA_TARGET_MODULES", "lora.target_modules", "str", "comma-separated module names", FT),
+    # --- shared by every job ---
+    _var("TP_SIZE", "parallel.tensor_parallel_size", "int", "tensor-parallel size", required_for=QAD, default="1"),
+    _var("PP_SIZE", "parallel.pipeline_parallel_size", "int", "pipeline-parallel size", default="1"),
+    _var("EP_SIZE", "parallel.expert_parallel_size", "int", "expert-parallel size (MoE)", default="1"),
+    _var("MBS", "training.micro_batch_size", "int", "micro-batch size per rank", required_for=QAD),
+    _var("NUM_GPUS", None, "int", "GPUs (CPU processes without a GPU) per node", default="8"),
+    _var("LR", "optim.lr", "float", "peak learning rate"),
+    _var("DATASET_NAME", "data.dataset_name", "str", "datablend name; 'synthetic' for random tokens",
+         default="openscience"),
+    _var("TRAIN_SAMPLES", "data.train_samples", "int", "training samples (default: one epoch of the blend)"),
+    _var("BLEND_PATH", "data.blend_path", "path", "datablend JSON (default: $DATACACHE_DIR/datablend_<DATASET_NAME>.json)"),
+    _var("ITERATIONS_TO_SKIP", "data.iterations_to_skip", "str", "iterations consumed without an optimizer step"),
+    _var("LOG_PARAMS_NORM", "training.log_params_norm", "bool", "log the parameter norm (costs memory on big models)"),
+    _var("MODELS_ROOT", None, "str", "where model checkpoints live (used inside confs)"),
+    _var("QAD_CHECKPOINT_ROOT", "checkpoint.root", "str", "root of run directories and logs_slurm/"),
+    _var("DATACACHE_DIR", "data.datacache_dir", "str", "where datablend JSONs and .bin/.idx live"),
+    _var("HF_TOKEN", None, "str", "HuggingFace token (secret: never logged)"),
+    _var("REQUEUE", "checkpoint.requeue", "bool", "requeue the job after a signal-triggered save", default="1"),
+    _var("DIST_TIMEOUT_S", "parallel.timeout_s", "int", "collective timeout in seconds", default="1800"),
+    _var("TIME_BUDGET_S", "training.time_budget_s", "float", "stop cleanly after this many seconds"),
+    # --- launcher-only: where the job runs ---
+    _var("NNODES", None, "int", "nodes (manual multi-node; SLURM sets it otherwise)"),
+    _var("NODE_RANK", None, "int", "this node's rank (manual multi-node)"),
+    _var("MASTER_ADDR", None, "str", "rendezvous host (manual multi-node)"),
+    _var("MASTER_PORT", None, "int", "rendezvous port (default: derived from the job id)"),
+    # accepted for compatibility with the users' Megatron-LM scripts; unused here
+    _var("MLM_DIR", None, "str", "Megatron-LM checkout (unused: the engine is train/)"),
+    _var("MODELOPT_DIR", None, "str", "Model-Optimizer checkout (unused: pip package)"),
+]}
+
+# Defaults that differ by job (seeds/001: QAD fine-tunes a trained model at a tiny LR).
+JOB_DEFAULTS = {"qad": {"LR": "1e-6"}}
+
+# Secrets: any variable whose name contains one of these is redacted everywhere.
+SECRET_MARKERS = ("TOKEN", "SECRET", "KEY", "PASSWORD", "CREDENTIAL")
+REDACTED = "<redacted>"
+
+
+def is_secret(name: str) -> bool:
+    upper = name.upper()
+    return any(marker in upper for marker in SECRET_MARKERS)
+
+
+def redact(env: dict[str, str]) -> dict[str, str]:
+    return {k: (REDACTED if is_secret(k) else v) for k, v in env.items()}
+
+
+def resolve_conf_path(config: str) -> Path:
+    """--config takes a path, or a bare name found in conf.d/ (with or without .conf)."""
+    for candidate in (Path(config), CONF_DIR / config, CONF_DIR / f"{config}.conf"):
+        if candidate.is_file():
+            return candidate.resolve()
+    known = sorted(p.stem for p in CONF_DIR.glob("*.conf"))
+    raise ConfError(f"--config {config}: no such file, and no conf.d/{config}.conf "
+                    f"(known: {', '.join(known)})")
+
+
+_DUMP_ENV = 'set -a; source "$1" >&2 || exit $?; exec env -0'
+
+
+def source_conf(path: Path, base_env: dict[str, str] | None = None) -> dict[str, str]:
+    """Source the conf in bash on top of base_env; return the variables it set or changed."""
+    base_env = dict(os.environ if base_env is None else base_env)
+    syntax = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+    if syntax.returncode != 0:
+        raise ConfError(f"{path}: bash cannot parse it: {syntax.stderr.strip()}")
+    result = subprocess.run(["bash", "-c", _DUMP_ENV, "bash", str(path)], env=base_env,
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise ConfError(f"{path}: sourcing it failed (exit {result.returncode}): "
+                        f"{result.stderr.strip() or 'no message'}")
+    after = dict(item.split("=", 1) for item in result.stdout.split("\0") if "=" in item)
+    ignored = {"SHLVL", "_", "PWD", "OLDPWD"}
+    return {k: v for k, v in after.items() if k not in ignored and base_env.get(k) != v}
+
+
+def unknown_variable_warnings(conf_vars: dict[str, str], path: Path) -> list[str]:
+    """Warn about names close to a known one (a typo such as TP_SZE); others pass silently,
+    since confs may export unrelated settings (NCCL_*, CUDA_*)."""
+    warnings = []
+    for name in sorted(conf_vars):
+        if name in CONF_VARIABLES:
+            continue
+        close = difflib.get_close_matches(name, CONF_VARIABLES, n=1, cutoff=0.8)
+        if close:
+            warnings.append(f"{path}: {name}: did you mean {close[0]}?")
+    return warnings
+
+
+def parse_value(var: ConfVariable, value: str, path: Path):
+    """Convert one conf value to its type, or raise ConfError naming file and variable."""
+    if var.kind == "int":
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfError(f"{path}: {var.name}={value!r} is not an integer ({var.help})") from None
+    if var.kind == "float":
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfError(f"{path}: {var.name}={value!r} is not a number ({var.help})") from None
+    if var.kind == "bool":
+        lowered = value.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off", ""):
+            return False
+        raise ConfError(f"{path}: {var.name}={value!r} is not a boolean (use 0 or 1)")
+    return value
+
+
+def job_values(job: str, env: dict[str, str], path: Path) -> dict[str, object]:
+    """Typed values of every variable this job reads, with launcher defaults applied.
+
+    `env` is the environment after sourcing the conf (conf values win over the caller's
+    environment, as in the users' scripts)."""
+    missing = [v for v in CONF_VARIABLES.values() if job in v.required_for and not env.get(v.name)]
+    if missing:
+        lines = "\n".join(f"  {v.name}: {v.help}" for v in missing)
+        raise ConfError(f"{path}: required for a {job} job but not set:\n{lines}")
+    values = {}
+    for var in CONF_VARIABLES.values():
+        if job not in var.jobs:
+            continue
+        raw = env.get(var.name) or JOB_DEFAULTS.get(job, {}).get(var.name) or var.default
+        if raw is None:
+            continue
+        values[var.name] = parse_value(var, raw, path)
+    return values
+
+
+def config_overrides(job: str, values: dict[str, object]) -> dict[str, object]:
+    """Dotted config keys set by the conf (the mapping used by the Python entrypoints)."""
+    overrides = {}
+    for name, value in values.items():
+        var = CONF_VARIABLES[name]
+        if var.key is not None and job in var.jobs:
+            overrides[var.key] = value
+    if values.get("DATASET_NAME") == "synthetic":
+        overrides["data.source"] = "synthetic"
+    return overrides
+
+
+def load_conf(config: str, job: str, base_env: dict[str, str] | None = None):
+    """Resolve, source and type-check a conf. Returns (path, env after sourcing, values, warnings)."""
+    if job not in JOBS:
+        raise ConfError(f"unknown job {job!r} (known: {', '.join(JOBS)})")
+    path = resolve_conf_path(config)
+    base_env = dict(os.environ if base_env is None else base_env)
+    conf_vars = source_conf(path, base_env)
+    env = {**base_env, **conf_vars}
+    return path, env, job_values(job, env, path), unknown_variable_warnings(conf_vars, path)
+
+
+def overrides_from_environment(job: str) -> dict[str, object]:
+    """In the Python entrypoint: the conf values the launcher exported, as config keys."""
+    path = Path(os.environ.get("TRAIN_CONF_PATH", "<environment>"))
+    return config_overrides(job, job_values(job, dict(os.environ), path))
+
+
+def describe_variables() -> str:
+    """A Markdown table of the contract, for the README (python -m train.launch.conf)."""
+    rows = ["| variable | jobs | required for | default | config key | meaning |", "|---|---|---|---|---|---|"]
+    for v in CONF_VARIABLES.values():
+        rows.append(f"| `{v.name}` | {' '.join(v.jobs)} | {' '.join(v.required_for) or '-'} | "
+                    f"{v.default or '-'} | {v.key or '(launcher)'} | {v.help} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(describe_variables())

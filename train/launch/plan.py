@@ -1,0 +1,280 @@
+"""The job plan: everything decided before training starts, computed the same way by the
+launchers (`python -m train.launch.plan`, before any expensive work) and by the Python
+entrypoints (cross-checked against torchrun's environment).
+
+    python -m train.launch.plan --job pretrain --config tiny-qwen3 [--dry-run] [-- key=value ...]
+
+prints the plan as JSON (--dry-run) or as shell assignments for launchers/lib.sh.
+Every validation error: one line naming the conf and the variable, exit code 2.
+"""
+
+import argparse
+import json
+import os
+import re
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from train.launch import cluster as cluster_lib
+from train.launch.conf import EXIT_USAGE, REPO_ROOT, ConfError, config_overrides, load_conf
+from train.launch.rundir import ResumeError, ResumeState, RunPaths, resume_state, run_paths
+
+
+class PlanError(ValueError):
+    """An inconsistent job (parallel sizes, missing paths); the message names the culprit."""
+
+
+def hydra_value(value) -> str:
+    """A Python value as a Hydra override value (strings always quoted)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    text = str(value)
+    plain = re.fullmatch(r"[A-Za-z_/.][A-Za-z0-9_./:@+%-]*", text) and text.lower() not in ("true", "false", "null")
+    return text if plain else "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def conf_hydra_overrides(job: str, values: dict) -> list[str]:
+    return [f"{key}={hydra_value(value)}" for key, value in config_overrides(job, values).items()]
+
+
+def compose_config(job: str, overrides: list[str]):
+    """Compose configs/<job>.yaml exactly as `python -m train.<job> overrides...` would."""
+    import train.config  # noqa: F401  registers the schemas
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "configs"), version_base=None):
+        return compose(config_name=job, overrides=overrides)
+
+
+# ----------------------------------------------------------------- model facts
+
+def model_facts(cfg) -> dict:
+    """Experts and vocabulary of the model, from its HF config.json or the registry."""
+    hf_dir = cfg.model.get("hf_checkpoint")
+    if hf_dir and (Path(hf_dir) / "config.json").is_file():
+        hf = json.loads((Path(hf_dir) / "config.json").read_text())
+        return {"num_experts": int(hf.get("num_experts") or hf.get("num_local_experts") or 0),
+                "source": str(Path(hf_dir) / "config.json")}
+    try:
+        from train.models.registry import get_model_args
+    except ImportError:
+        return {"num_experts": None, "source": None}
+    for name in (cfg.model.name, str(cfg.model.name).lower()):
+        try:
+            return {"num_experts": int(getattr(get_model_args(name), "num_experts", 0) or 0),
+                    "source": f"registry:{name}"}
+        except ValueError:
+            continue
+    return {"num_experts": None, "source": None}
+
+
+# ----------------------------------------------------------------- checks
+
+def check_parallel(cfg, world_size: int, conf: str) -> int:
+    """Returns the data-parallel size; raises PlanError on sizes that do not fit."""
+    tp, pp, ep = (cfg.parallel.tensor_parallel_size, cfg.parallel.pipeline_parallel_size,
+                  cfg.parallel.expert_parallel_size)
+    for name, size in (("TP_SIZE", tp), ("PP_SIZE", pp), ("EP_SIZE", ep)):
+        if size < 1:
+            raise PlanError(f"{conf}: {name}={size} must be at least 1")
+    if world_size % (tp * pp):
+        raise PlanError(f"{conf}: TP_SIZE x PP_SIZE = {tp} x {pp} = {tp * pp} does not divide the "
+                        f"{world_size} GPUs of the job (nodes x NUM_GPUS)")
+    data_parallel = world_size // (tp * pp)
+    if ep > 1:
+        experts = model_facts(cfg)["num_experts"]
+        if experts == 0:
+            raise PlanError(f"{conf}: EP_SIZE={ep} but model {cfg.model.name} is dense (no experts)")
+        if experts and experts % ep:
+            raise PlanError(f"{conf}: EP_SIZE={ep} does not divide the {experts} experts of {cfg.model.name}")
+        if data_parallel % ep:
+            raise PlanError(f"{conf}: EP_SIZE={ep} does not divide the data-parallel size {data_parallel} "
+                            f"({world_size} GPUs / TP_SIZE {tp} / PP_SIZE {pp}); add nodes or lower EP_SIZE")
+    return data_parallel
+
+
+PATH_FIELDS = {  # config key -> (conf variable, must be a directory)
+    "model.hf_checkpoint": ("STUDENT_CKPT or BASE_CKPT", True),
+    "distill.teacher_checkpoint": ("TEACHER_CKPT", True),
+    "distill.teacher_model_config": ("TEACHER_MODEL_CONFIG", False),
+    "distill.kd_config_path": ("KD_CFG_PATH", False),
+}
+
+
+def blend_path(cfg) -> str | None:
+    if cfg.data.source != "blend":
+        return None
+    if cfg.data.blend_path:
+        return str(cfg.data.blend_path)
+    return str(Path(cfg.data.datacache_dir) / f"datablend_{cfg.data.dataset_name}.json")
+
+
+def path_problems(cfg, conf: str) -> list[str]:
+    """Every missing path at once: checkpoints, YAMLs, the blend and its prefixes."""
+    from omegaconf import OmegaConf
+
+    problems = []
+    for key, (variable, is_dir) in PATH_FIELDS.items():
+        value = OmegaConf.select(cfg, key)
+        if value and not (Path(value).is_dir() if is_dir else Path(value).is_file()):
+            kind = "directory" if is_dir else "file"
+            problems.append(f"{conf}: {variable}: {kind} {value} does not exist")
+    blend = blend_path(cfg)
+    if blend and not Path(blend).is_file():
+        problems.append(f"{conf}: BLEND_PATH: datablend {blend} does not exist "
+                        f"(DATASET_NAME={cfg.data.dataset_name}, DATACACHE_DIR={cfg.data.datacache_dir})")
+    elif blend:
+        problems.extend(blend_content_problems(blend, conf))
+    return problems
+
+
+def blend_content_problems(blend: str, conf: str) -> list[str]:
+    try:
+        from train.data.blend import load_blend
+    except ImportError:
+        return []
+    try:
+        load_blend(blend)
+    except ValueError as error:
+        return [f"{conf}: BLEND_PATH: {error}"]
+    return []
+
+
+def default_train_samples(cfg, blend: str | None) -> int | None:
+    if cfg.data.train_samples:
+        return int(cfg.data.train_samples)
+    if blend is None or not Path(blend).is_file():
+        return None
+    from train.data.blend import train_samples_for_blend
+
+    return int(train_samples_for_blend(blend, cfg.data.seq_length))
+
+
+# ----------------------------------------------------------------- the plan
+
+@dataclass
+class JobPlan:
+    job: str
+    conf: str
+    cluster: cluster_lib.ClusterEnv
+    paths: RunPaths
+    resume: ResumeState
+    data_parallel_size: int
+    global_batch_size: int
+    train_iters: int | None
+    train_samples: int | None
+    blend_path: str | None
+    model_facts: dict
+    path_problems: list[str] = field(default_factory=list)
+    node_commands: list[list[str]] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {
+            "job": self.job, "conf": self.conf, "cluster": self.cluster.as_dict(),
+            "world_size": self.cluster.world_size, "data_parallel_size": self.data_parallel_size,
+            "run_dir": str(self.paths.run_dir), "paths": self.paths.as_dict(),
+            "resume": self.resume.as_dict(), "blend_path": self.blend_path,
+            "train_samples": self.train_samples, "train_iters": self.train_iters,
+            "global_batch_size": self.global_batch_size, "model": self.model_facts,
+            "path_problems": self.path_problems,
+            "node_commands": [shlex.join(c) for c in self.node_commands],
+        }
+
+
+def build_plan(job: str, cfg, env: dict[str, str], conf: str, cluster: cluster_lib.ClusterEnv,
+               strict_paths: bool = True) -> JobPlan:
+    data_parallel = check_parallel(cfg, cluster.world_size, conf)
+    problems = path_problems(cfg, conf)
+    if problems and strict_paths:
+        raise PlanError("\n".join(problems))
+    mbs = cfg.training.micro_batch_size
+    gbs = cfg.training.global_batch_size or mbs * data_parallel
+    if gbs % (mbs * data_parallel):
+        raise PlanError(f"{conf}: GBS={gbs} is not a multiple of MBS x data-parallel size = "
+                        f"{mbs} x {data_parallel}")
+    blend = blend_path(cfg)
+    samples = default_train_samples(cfg, blend) if not problems else cfg.data.train_samples
+    iters = cfg.training.train_iters or (samples // gbs if samples else None)
+    if iters is not None and iters < 1:
+        raise PlanError(f"{conf}: TRAIN_SAMPLES={samples} gives no full global batch of {gbs}")
+    paths = run_paths(job, model=str(cfg.model.name), dataset=str(cfg.data.dataset_name), lr=cfg.optim.lr,
+                      root=cfg.checkpoint.root, teacher=cfg.distill.teacher_model, env=env)
+    try:
+        resume = resume_state(paths.checkpoints, cfg.model.get("hf_checkpoint"))
+    except ResumeError as error:
+        raise PlanError(f"{conf}: {error}") from None
+    return JobPlan(job, conf, cluster, paths, resume, data_parallel, gbs, iters, samples, blend,
+                   model_facts(cfg), problems)
+
+
+def node_command(job: str, cluster: cluster_lib.ClusterEnv, node_rank: int, overrides: list[str]) -> list[str]:
+    return ["torchrun", f"--nnodes={cluster.nnodes}", f"--node-rank={node_rank}",
+            f"--nproc-per-node={cluster.procs_per_node}", "--rdzv-backend=static",
+            f"--rdzv-endpoint={cluster.master_addr}:{cluster.master_port}",
+            "--max-restarts=0", "-m", f"train.{job}", *overrides]
+
+
+def plan_from_conf(job: str, config: str, user_overrides: list[str], env: dict[str, str],
+                   nnodes: int | None = None, strict_paths: bool = True) -> tuple[JobPlan, list[str], list[str]]:
+    """Source the conf, compose the config, check everything. Returns (plan, overrides, warnings)."""
+    path, env, values, warnings = load_conf(config, job, env)
+    cluster = cluster_lib.detect(env, int(values["NUM_GPUS"]))
+    if nnodes is not None:  # at submission time: the nodes the job will get
+        cluster = cluster_lib.ClusterEnv("slurm", nnodes, 0, "<first node>", cluster.master_port,
+                                         cluster.procs_per_node, None)
+    overrides = conf_hydra_overrides(job, values) + list(user_overrides)
+    try:
+        cfg = compose_config(job, overrides)
+    except Exception as error:  # Hydra's message names the bad key or value
+        raise PlanError(f"{path}: the config does not compose: {error}") from None
+    plan = build_plan(job, cfg, env, str(path), cluster, strict_paths)
+    plan.node_commands = [node_command(job, cluster, rank, overrides) for rank in range(cluster.nnodes)]
+    return plan, overrides, warnings
+
+
+def shell_exports(plan: JobPlan, overrides: list[str]) -> str:
+    """Assignments for launchers/lib.sh (eval'd); values shell-quoted."""
+    values = {
+        "RUN_DIR": plan.paths.run_dir, "RUN_NAME": plan.paths.run_name,
+        "CHECKPOINT_ROOT": plan.paths.root, "SLURM_LOG": plan.paths.slurm_log,
+        "SLURM_ERR": plan.paths.slurm_err, "ENV_LOG": plan.paths.env_log,
+        "NNODES": plan.cluster.nnodes, "NUM_GPUS": plan.cluster.procs_per_node,
+        "MASTER_ADDR": plan.cluster.master_addr, "MASTER_PORT": plan.cluster.master_port,
+        "RUN_DATETIME": plan.paths.datetime,
+        "RESUME_DECISION": plan.resume.decision, "RESUME_ITERATION": plan.resume.iteration,
+    }
+    lines = [f"{k}={shlex.quote(str(v))}" for k, v in values.items()]
+    lines.append("TRAIN_OVERRIDES=(" + " ".join(shlex.quote(o) for o in overrides) + ")")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train.launch.plan", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--job", required=True, choices=["qad", "pretrain", "finetune"])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--dry-run", action="store_true", help="print the plan as JSON")
+    parser.add_argument("--nodes", type=int, help="nodes the job will get (submission time)")
+    parser.add_argument("--format", choices=["json", "shell"], default="json")
+    parser.add_argument("overrides", nargs="*", help="Hydra key=value overrides (after --)")
+    args = parser.parse_args(argv)
+    try:
+        plan, overrides, warnings = plan_from_conf(args.job, args.config, args.overrides, dict(os.environ),
+                                                   args.nodes, strict_paths=not args.dry_run)
+    except (ConfError, PlanError, cluster_lib.ClusterError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    for warning in warnings + [f"warning: {p}" for p in plan.path_problems]:
+        print(f"warning: {warning}" if not warning.startswith("warning:") else warning, file=sys.stderr)
+    if args.format == "shell":
+        print(shell_exports(plan, overrides))
+    else:
+        print(json.dumps(plan.as_dict(), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
