@@ -21,10 +21,7 @@ class Llama(CausalLM):
     def __init__(self, args, *, attention_backend: str = "sdpa", device=None, dtype=None):
         super().__init__(args, attention_backend=attention_backend, device=device, dtype=dtype)
         # (max_seq_len, 2, head_dim) float32 cos/sin; non-persistent: rebuilt, never saved.
-        self.register_buffer("rope_cache", torch.empty(args.max_seq_len, 2, args.head_dim,
-                                                       device=device), persistent=False)
-        if self.rope_cache.device.type != "meta":
-            self.init_buffers()
+        self.register_buffer("rope_cache", self._rope_table(), persistent=False)
 
     def build_block(self, layer_index: int, factory: dict) -> nn.Module:
         a = self.args
@@ -38,11 +35,13 @@ class Llama(CausalLM):
     def build_norm(self, factory: dict) -> nn.Module:
         return RMSNorm(self.args.hidden_size, self.args.norm_eps, **factory)
 
-    def init_buffers(self) -> None:
+    def _rope_table(self) -> torch.Tensor:
         a = self.args
-        with torch.no_grad():
-            self.rope_cache.copy_(rope_cache(a.max_seq_len, a.head_dim, a.rope_theta, a.rope_scaling,
-                                             device=self.rope_cache.device))
+        return rope_cache(a.max_seq_len, a.head_dim, a.rope_theta, a.rope_scaling,
+                          device=self.embed_tokens.weight.device)
+
+    def init_buffers(self) -> None:
+        self.rope_cache = self._rope_table()  # follows the weights' device (after to_empty/assign)
 
     def rope(self, seq_len: int, position_ids: torch.Tensor | None, dtype: torch.dtype):
         return rope_for_positions(self.rope_cache, seq_len, position_ids, dtype)

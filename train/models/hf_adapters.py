@@ -1,0 +1,199 @@
+"""HF <-> ours: config.json to ModelArgs and back, and state-dict renaming/reshaping per family.
+
+LLaMA and Qwen3 differ from HF only by the 'model.' prefix. GPT-2 HF stores Conv1D weights
+transposed ((in, out) instead of nn.Linear's (out, in)) and q, k, v fused in c_attn.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable
+
+import torch
+
+from train.models.errors import ModelConfigError
+from train.models.registry import ModelArgs
+
+SUPPORTED_MODEL_TYPES = {"gpt2": "gpt2", "llama": "llama", "qwen3": "qwen3"}  # HF model_type -> family
+HF_ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+# Keys some HF checkpoints carry that are buffers, not weights.
+IGNORED_HF_KEYS = re.compile(r"(\.attn\.(masked_)?bias$)|(rotary_emb\.inv_freq$)")
+
+
+def family_for_model_type(model_type: str | None, source: str) -> str:
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelConfigError(f"{source}: model_type {model_type!r} is not supported "
+                               f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    return SUPPORTED_MODEL_TYPES[model_type]
+
+
+def _rope_settings(config: dict[str, Any], default_theta: float) -> tuple[float, dict | None]:
+    # transformers >= 5 writes rope_parameters {rope_type, rope_theta, ...}; 4.x wrote
+    # rope_theta and rope_scaling at the top level. Accept both.
+    params = dict(config.get("rope_parameters") or {})
+    theta = params.pop("rope_theta", config.get("rope_theta", default_theta))
+    scaling = params if params.get("rope_type", "default") != "default" else config.get("rope_scaling")
+    if scaling and scaling.get("rope_type", scaling.get("type")) == "default":
+        scaling = None
+    if scaling is not None and "rope_type" not in scaling:
+        scaling = {**scaling, "rope_type": scaling.get("type")}
+    return float(theta), scaling
+
+
+def args_from_hf_config(config: dict[str, Any], name: str) -> ModelArgs:
+    """ModelArgs for an HF config.json dict; ModelConfigError for what we cannot represent."""
+    family = family_for_model_type(config.get("model_type"), name)
+    if family == "gpt2":
+        if config.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise ModelConfigError(f"{name}: GPT-2 activation_function "
+                                   f"{config['activation_function']!r} is not supported (gelu_new only)")
+        for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+            if config.get(flag):
+                raise ModelConfigError(f"{name}: GPT-2 option {flag}=true is not supported")
+        hidden, heads = config["n_embd"], config["n_head"]
+        return ModelArgs(
+            name=name, family=family, vocab_size=config["vocab_size"], hidden_size=hidden,
+            num_layers=config["n_layer"], num_heads=heads, num_kv_heads=heads,
+            head_dim=hidden // heads, intermediate_size=config.get("n_inner") or 4 * hidden,
+            max_seq_len=config["n_positions"], norm_eps=config.get("layer_norm_epsilon", 1e-5),
+            tie_embeddings=config.get("tie_word_embeddings", True),
+            init_std=config.get("initializer_range", 0.02)).validate()
+    for flag in ("attention_bias", "mlp_bias", "use_sliding_window"):
+        if config.get(flag):
+            raise ModelConfigError(f"{name}: {flag}=true is not supported for {family}")
+    if config.get("hidden_act", "silu") != "silu":
+        raise ModelConfigError(f"{name}: hidden_act {config['hidden_act']!r} is not supported (silu only)")
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    theta, scaling = _rope_settings(config, 1_000_000.0 if family == "qwen3" else 10_000.0)
+    return ModelArgs(
+        name=name, family=family, vocab_size=config["vocab_size"], hidden_size=hidden,
+        num_layers=config["num_hidden_layers"], num_heads=heads,
+        num_kv_heads=config.get("num_key_value_heads") or heads,
+        head_dim=config.get("head_dim") or hidden // heads,
+        intermediate_size=config["intermediate_size"],
+        max_seq_len=config.get("max_position_embeddings", 2048), rope_theta=theta,
+        rope_scaling=scaling, norm_eps=config.get("rms_norm_eps", 1e-6),
+        tie_embeddings=config.get("tie_word_embeddings", False),
+        init_std=config.get("initializer_range", 0.02)).validate()
+
+
+def hf_config_kwargs(args: ModelArgs) -> dict[str, Any]:
+    """Keyword arguments for transformers' config class of args.family (4.x and 5.x accept them)."""
+    if args.family == "gpt2":
+        return dict(vocab_size=args.vocab_size, n_embd=args.hidden_size, n_layer=args.num_layers,
+                    n_head=args.num_heads, n_inner=args.intermediate_size, n_positions=args.max_seq_len,
+                    layer_norm_epsilon=args.norm_eps, activation_function="gelu_new",
+                    tie_word_embeddings=args.tie_embeddings, initializer_range=args.init_std)
+    return dict(vocab_size=args.vocab_size, hidden_size=args.hidden_size,
+                num_hidden_layers=args.num_layers, num_attention_heads=args.num_heads,
+                num_key_value_heads=args.num_kv_heads, head_dim=args.head_dim,
+                intermediate_size=args.intermediate_size, max_position_embeddings=args.max_seq_len,
+                rope_theta=args.rope_theta, rope_scaling=args.rope_scaling, rms_norm_eps=args.norm_eps,
+                tie_word_embeddings=args.tie_embeddings, initializer_range=args.init_std,
+                attention_bias=False, hidden_act="silu")
+
+
+# -- state dicts ---------------------------------------------------------------------------
+StateDict = dict[str, torch.Tensor]
+
+
+def _llama_to_hf(state: StateDict, args: ModelArgs) -> StateDict:
+    return {(key if key == "lm_head.weight" else f"model.{key}"): value for key, value in state.items()
+            if not (args.tie_embeddings and key == "lm_head.weight")}
+
+
+def _llama_from_hf(state: StateDict, args: ModelArgs) -> StateDict:
+    return {key.removeprefix("model."): value for key, value in state.items()}
+
+
+_GPT2_RENAMES = [  # ours, HF (below 'transformer.'), transposed (HF Conv1D)
+    ("embed_tokens.weight", "wte.weight", False),
+    ("embed_positions.weight", "wpe.weight", False),
+    ("norm.weight", "ln_f.weight", False),
+    ("norm.bias", "ln_f.bias", False),
+]
+_GPT2_LAYER_RENAMES = [
+    ("input_layernorm.weight", "ln_1.weight", False), ("input_layernorm.bias", "ln_1.bias", False),
+    ("post_attention_layernorm.weight", "ln_2.weight", False),
+    ("post_attention_layernorm.bias", "ln_2.bias", False),
+    ("self_attn.o_proj.weight", "attn.c_proj.weight", True), ("self_attn.o_proj.bias", "attn.c_proj.bias", False),
+    ("mlp.up_proj.weight", "mlp.c_fc.weight", True), ("mlp.up_proj.bias", "mlp.c_fc.bias", False),
+    ("mlp.down_proj.weight", "mlp.c_proj.weight", True), ("mlp.down_proj.bias", "mlp.c_proj.bias", False),
+]
+
+
+def _gpt2_renames(args: ModelArgs):
+    yield from ((ours, f"transformer.{hf}", t) for ours, hf, t in _GPT2_RENAMES)
+    for i in range(args.num_layers):
+        yield from ((f"layers.{i}.{ours}", f"transformer.h.{i}.{hf}", t) for ours, hf, t in _GPT2_LAYER_RENAMES)
+
+
+def _gpt2_to_hf(state: StateDict, args: ModelArgs) -> StateDict:
+    out = {hf: (state[ours].t() if transposed else state[ours]) for ours, hf, transposed in _gpt2_renames(args)}
+    for i in range(args.num_layers):
+        attn = f"layers.{i}.self_attn"
+        q, k, v = (state[f"{attn}.{p}_proj.weight"] for p in "qkv")
+        out[f"transformer.h.{i}.attn.c_attn.weight"] = torch.cat((q, k, v), dim=0).t()  # (D, 3D)
+        out[f"transformer.h.{i}.attn.c_attn.bias"] = torch.cat([state[f"{attn}.{p}_proj.bias"] for p in "qkv"])
+    if not args.tie_embeddings:
+        out["lm_head.weight"] = state["lm_head.weight"]
+    return out
+
+
+def _gpt2_from_hf(state: StateDict, args: ModelArgs) -> StateDict:
+    if not any(key.startswith("transformer.") for key in state):  # a bare GPT2Model checkpoint
+        state = {f"transformer.{key}": value for key, value in state.items()}
+    out = {ours: (state[hf].t() if transposed else state[hf])
+           for ours, hf, transposed in _gpt2_renames(args) if hf in state}
+    widths = [args.num_heads * args.head_dim] + 2 * [args.num_kv_heads * args.head_dim]
+    for i in range(args.num_layers):
+        for suffix in ("weight", "bias"):
+            fused = state.get(f"transformer.h.{i}.attn.c_attn.{suffix}")
+            if fused is None:
+                continue
+            parts = (fused.t() if suffix == "weight" else fused).split(widths, dim=0)
+            for p, part in zip("qkv", parts):
+                out[f"layers.{i}.self_attn.{p}_proj.{suffix}"] = part
+    if "lm_head.weight" in state:
+        out["lm_head.weight"] = state["lm_head.weight"]
+    return out
+
+
+_ADAPTERS: dict[str, tuple[Callable, Callable]] = {
+    "gpt2": (_gpt2_to_hf, _gpt2_from_hf),
+    "llama": (_llama_to_hf, _llama_from_hf),
+    "qwen3": (_llama_to_hf, _llama_from_hf),
+}
+
+
+def to_hf_state_dict(state: StateDict, args: ModelArgs) -> StateDict:
+    """Our state dict -> HF names and layouts (tied lm_head left out, as HF saves it)."""
+    return _ADAPTERS[args.family][0](state, args)
+
+
+def from_hf_state_dict(state: StateDict, args: ModelArgs) -> StateDict:
+    """HF state dict (already checked with check_hf_keys) -> our names and layouts."""
+    return _ADAPTERS[args.family][1](state, args)
+
+
+def check_hf_keys(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]],
+                  args: ModelArgs) -> list[str]:
+    """Every problem at once: missing, unexpected and wrongly shaped keys (HF names)."""
+    found = {k: v for k, v in found.items() if not IGNORED_HF_KEYS.search(k)}
+    if args.family == "gpt2" and not any(k.startswith("transformer.") for k in found):
+        found = {(k if k == "lm_head.weight" else f"transformer.{k}"): v for k, v in found.items()}
+    if args.tie_embeddings:
+        found.pop("lm_head.weight", None)  # HF sometimes saves the tied copy too
+    problems = []
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = sorted(k for k in set(found) & set(expected) if tuple(found[k]) != tuple(expected[k]))
+    if missing:
+        problems.append(f"missing keys: {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {', '.join(unexpected)}")
+    if wrong:
+        problems.append("wrong shapes: " + ", ".join(
+            f"{k} {tuple(found[k])} (expected {tuple(expected[k])})" for k in wrong))
+    return problems
