@@ -1,0 +1,94 @@
+"""Worker side of preprocessing: one call turns a batch of raw records into token arrays.
+
+Workers receive raw JSON lines (bytes) or dicts, so parsing, chat rendering and
+tokenization all happen off the main process, and send back flat numpy arrays (cheap to
+pickle) instead of lists of Python ints.
+"""
+
+import itertools
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from train.data.chat import RenderOptions, render_record
+from train.data.errors import DataError
+
+_state: dict = {}  # per worker process: tokenizer, options
+
+
+@dataclass
+class TokenizedBatch:
+    tokens: np.ndarray  # (sum(lengths),) token dtype, documents back to back, EOD included
+    lengths: np.ndarray  # (documents,) int32; 0 marks an empty document (skipped)
+    loss_mask: np.ndarray | None  # (sum(lengths),) uint8, 1 on assistant tokens
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise DataError(f"tokenizer {path!r} cannot be loaded: {error}") from None
+
+
+def init_worker(tokenizer_path: str, options: RenderOptions, append_eod: bool, dtype: str, with_loss_mask: bool) -> None:
+    tokenizer = load_tokenizer(tokenizer_path)
+    _state.update(
+        tokenizer=tokenizer,
+        backend=tokenizer.backend_tokenizer,  # the Rust tokenizer: encode_batch
+        options=options,
+        eod=tokenizer.eos_token_id if append_eod else None,
+        dtype=np.dtype(dtype),
+        with_loss_mask=with_loss_mask,
+    )
+
+
+def _mask_from_spans(offsets: list[tuple[int, int]], spans: list[tuple[int, int]] | None) -> np.ndarray:
+    """uint8 per token: 1 when the token starts inside an assistant span (text: all ones)."""
+    if spans is None:
+        return np.ones(len(offsets), dtype=np.uint8)
+    if not spans or not offsets:
+        return np.zeros(len(offsets), dtype=np.uint8)
+    token_starts = np.fromiter((start for start, _ in offsets), np.int64, len(offsets))
+    span_starts = np.array([s for s, _ in spans])
+    span_ends = np.array([e for _, e in spans])
+    which = np.searchsorted(span_starts, token_starts, side="right") - 1
+    inside = (which >= 0) & (token_starts < span_ends[np.maximum(which, 0)])
+    return inside.astype(np.uint8)
+
+
+def tokenize_batch(items: list) -> TokenizedBatch:
+    """items: JSON lines (bytes/str) or dicts; one tokenizer call for the whole batch."""
+    options, tokenizer, eod = _state["options"], _state["tokenizer"], _state["eod"]
+    texts, spans = [], []
+    for item in items:
+        record = json.loads(item) if isinstance(item, (bytes, str)) else item
+        text, assistant_spans = render_record(record, options, tokenizer)
+        texts.append(text)
+        spans.append(assistant_spans)
+    need_offsets = _state["with_loss_mask"] and any(s is not None for s in spans)
+    if need_offsets:
+        encodings = _state["backend"].encode_batch(texts, add_special_tokens=False)
+        ids = [encoding.ids for encoding in encodings]
+    else:  # no offsets needed: the faster call
+        ids = [e.ids for e in _state["backend"].encode_batch_fast(texts, add_special_tokens=False)]
+    extra = 0 if eod is None else 1
+    lengths = np.array([len(i) + extra if i else 0 for i in ids], dtype=np.int32)
+    eod_tail = [] if eod is None else [eod]
+    tokens = np.fromiter(
+        itertools.chain.from_iterable(i + eod_tail for i in ids if i), _state["dtype"], int(lengths.sum())
+    )
+    loss_mask = None
+    if _state["with_loss_mask"]:
+        pieces = []
+        for index, document_ids in enumerate(ids):
+            if not document_ids:
+                continue
+            offsets = encodings[index].offsets if need_offsets else [(0, 0)] * len(document_ids)
+            mask = _mask_from_spans(offsets, spans[index] if need_offsets else None)
+            # EOD is a target worth learning after an answer (and always in plain text).
+            pieces.append(np.append(mask, np.uint8(1)) if extra else mask)
+        loss_mask = np.concatenate(pieces) if pieces else np.zeros(0, np.uint8)
+    return TokenizedBatch(tokens, lengths, loss_mask)

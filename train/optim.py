@@ -1,0 +1,32 @@
+"""AdamW and the learning-rate schedules: warmup, then cosine, WSD or constant."""
+
+import math
+
+import torch
+
+
+def build_optimizer(model: torch.nn.Module, optim_cfg) -> torch.optim.AdamW:
+    """Weight decay on matrices only: norms, biases and gains (ndim < 2) are not decayed."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": optim_cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    fused = bool(decay) and decay[0].is_cuda
+    return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=(optim_cfg.beta1, optim_cfg.beta2),
+                             eps=optim_cfg.eps, fused=fused)
+
+
+def learning_rate(iteration: int, total_iters: int, optim_cfg) -> float:
+    """LR for optimizer step `iteration` (0-based) of `total_iters`."""
+    peak, floor, warmup = optim_cfg.lr, optim_cfg.min_lr, optim_cfg.warmup_iters
+    if warmup and iteration < warmup:
+        return peak * (iteration + 1) / warmup
+    if optim_cfg.schedule == "constant":
+        return peak
+    progress = min(1.0, (iteration - warmup) / max(1, total_iters - warmup))
+    if optim_cfg.schedule == "cosine":
+        return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
+    if optim_cfg.schedule == "wsd":  # warmup, stable, then linear decay over the last 20%
+        decay_start = 0.8
+        return peak if progress < decay_start else peak - (peak - floor) * (progress - decay_start) / (1 - decay_start)
+    raise ValueError(f"optim.schedule={optim_cfg.schedule!r}: use cosine, wsd or constant")

@@ -1,0 +1,188 @@
+"""The training loop: a stateful Trainer over a model built and parallelized outside it.
+
+One iteration = one optimizer step over a global batch of GBS sequences:
+GBS = MBS x data-parallel size x gradient-accumulation steps.
+"""
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from train.checkpoint import CheckpointManager
+from train.data.sampler import MicroBatchSampler, parse_iterations_to_skip
+from train.launch.job import JobContext
+from train.metrics import MetricsLogger
+from train.optim import build_optimizer, learning_rate
+
+log = logging.getLogger("train")
+STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)  # the sbatch wrappers ask for B:USR2@<grace>
+
+
+class StopRequest:
+    """Set by SIGUSR2/SIGTERM; ranks agree on it after each iteration (one tiny all-reduce)."""
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+    def agreed(self) -> bool:
+        flag = torch.tensor([1 if self.signal_name else 0])
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+@dataclass
+class TrainState:
+    iteration: int = 0  # optimizer steps done
+    consumed_samples: int = 0  # global, over all data-parallel ranks
+    skipped_iterations: int = 0
+
+
+def to_batch(samples: list[dict], device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Collate dataset samples: inputs (B, T), targets (B, T), loss mask (B, T)."""
+    tokens = torch.from_numpy(np.stack([s["tokens"] for s in samples]).astype(np.int64))
+    mask = torch.from_numpy(np.stack([s["loss_mask"] for s in samples]).astype(np.float32))
+    return tokens[:, :-1].to(device), tokens[:, 1:].to(device), mask.to(device)
+
+
+def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+    return (losses * mask.flatten()).sum() / mask.sum().clamp(min=1)
+
+
+class Trainer:
+    def __init__(self, cfg, ctx: JobContext, model: torch.nn.Module, dataset, loss_fn=None):
+        self.cfg, self.ctx, self.model, self.dataset = cfg, ctx, model, dataset
+        self.plan = ctx.plan
+        self.loss_fn = loss_fn or (lambda model, inputs, targets, mask:
+                                   masked_cross_entropy(model(inputs), targets, mask))
+        self.optimizer = build_optimizer(model, cfg.optim)
+        self.state = TrainState()
+        self.checkpoints = CheckpointManager(self.plan.paths.checkpoints, cfg.checkpoint.keep_last)
+        self.metrics = MetricsLogger(self.plan.paths.metrics_log if cfg.logging.jsonl else None,
+                                     self.plan.paths.tensorboard if cfg.logging.tensorboard else None,
+                                     enabled=ctx.is_main)
+        self.iterations_to_skip = set(parse_iterations_to_skip(cfg.data.iterations_to_skip))
+        self.stop = StopRequest()
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        return {"iteration": self.state.iteration, "consumed_samples": self.state.consumed_samples,
+                "skipped_iterations": self.state.skipped_iterations, "model_name": str(self.cfg.model.name)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = TrainState(state["iteration"], state["consumed_samples"], state["skipped_iterations"])
+
+    def tensors(self) -> dict:
+        model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
+        return {"model": model_state, "optimizer": optimizer_state}
+
+    def save(self) -> None:
+        self.checkpoints.save(self.state.iteration, self.tensors(), self.state_dict())
+
+    def resume(self) -> None:
+        iteration = self.plan.resume.iteration
+        tensors = self.tensors()
+        trainer_state = self.checkpoints.load(iteration, tensors)
+        set_state_dict(self.model, self.optimizer, model_state_dict=tensors["model"],
+                       optim_state_dict=tensors["optimizer"])
+        self.load_state_dict(trainer_state)
+        log.info("resumed from %s: iteration %d, %d samples consumed", self.checkpoints.path(iteration),
+                 self.state.iteration, self.state.consumed_samples)
+
+    # ---------------------------------------------------------------- loop
+    def microbatches(self):
+        total = self.plan.train_iters * self.plan.global_batch_size
+        sampler = MicroBatchSampler(total, self.state.consumed_samples, self.cfg.training.micro_batch_size,
+                                    self.ctx.rank // self._model_parallel, self.plan.data_parallel_size)
+        for indices in sampler:
+            yield to_batch([self.dataset[i] for i in indices], self.ctx.device)
+
+    @property
+    def _model_parallel(self) -> int:
+        return self.cfg.parallel.tensor_parallel_size * self.cfg.parallel.pipeline_parallel_size
+
+    def train_step(self, batches, accumulation: int) -> tuple[float, float]:
+        """Forward/backward over `accumulation` micro-batches, then one optimizer step."""
+        total_loss = torch.zeros((), device=self.ctx.device)
+        for _ in range(accumulation):
+            inputs, targets, mask = next(batches)
+            loss = self.loss_fn(self.model, inputs, targets, mask) / accumulation
+            loss.backward()
+            total_loss += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        if dist.is_initialized():
+            dist.all_reduce(total_loss, op=dist.ReduceOp.AVG)
+        return total_loss.item(), grad_norm.item()
+
+    def train(self) -> str:
+        """Runs to train_iters; returns why it stopped: done | signal | time_budget."""
+        if self.plan.resume.decision == "resume":
+            self.resume()
+        cfg, plan = self.cfg, self.plan
+        accumulation = plan.global_batch_size // (cfg.training.micro_batch_size * plan.data_parallel_size)
+        tokens_per_iter = plan.global_batch_size * cfg.data.seq_length
+        batches = self.microbatches()
+        started, reason = time.time(), "done"
+        self.model.train()
+        while self.state.iteration < plan.train_iters:
+            tick = time.time()
+            lr = learning_rate(self.state.iteration, plan.train_iters, cfg.optim)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            loss, grad_norm = self.train_step(batches, accumulation)
+            skip = (self.state.iteration + 1) in self.iterations_to_skip or not math.isfinite(loss)
+            if skip:
+                self.state.skipped_iterations += 1
+            else:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.state.iteration += 1
+            self.state.consumed_samples += plan.global_batch_size
+            elapsed = time.time() - tick
+            if self.state.iteration % cfg.training.log_interval == 0:
+                self.metrics.log(self.state.iteration, {
+                    "loss": loss, "lr": lr, "grad_norm": grad_norm, "iter_time_s": elapsed,
+                    "tokens_per_s": tokens_per_iter / elapsed, "skipped": self.state.skipped_iterations})
+            if self.state.iteration % cfg.checkpoint.save_interval == 0:
+                self.save()
+            if self.stop.agreed():
+                reason = "signal"
+            elif cfg.training.time_budget_s and time.time() - started > cfg.training.time_budget_s:
+                reason = "time_budget"
+            if reason != "done":
+                if self.state.iteration % cfg.checkpoint.save_interval:
+                    self.save()
+                break
+        else:
+            if self.state.iteration % cfg.checkpoint.save_interval:
+                self.save()
+        self.metrics.close()
+        self.write_stop_file(reason)
+        log.info("stopped at iteration %d: %s", self.state.iteration, reason)
+        return reason
+
+    def write_stop_file(self, reason: str) -> None:
+        """Tells the sbatch wrapper why training ended (it requeues after a signal save)."""
+        path = os.environ.get("TRAIN_STOP_FILE")
+        if path and self.ctx.is_main:
+            record = {"reason": reason, "iteration": self.state.iteration,
+                      "requeue": bool(self.cfg.checkpoint.requeue) and reason != "done",
+                      "signal": self.stop.signal_name}
+            with open(path, "w") as f:
+                json.dump(record, f)
