@@ -51,7 +51,12 @@ class PreprocessConfig:
     validation_fraction: float = 0.0
     chat: bool = False  # render `messages` / Alpaca records with the chat template
     keep_cot: bool = True  # keep <think>...</think> reasoning blocks
-    seed: int = 1234
+    seed: int = 1234  # picks the validation documents
+    format: str = "auto"  # auto | text | messages | alpaca (auto: by each record's keys)
+    loss_mask: Optional[bool] = None  # write <prefix>_loss_mask; None: yes for chat/SFT input
+    reasoning_start: str = "<think>"
+    reasoning_end: str = "</think>"
+    streaming: bool = False  # HF hub input: stream instead of loading the cached dataset
 
 
 @dataclass

@@ -27,6 +27,21 @@ def build_job_model(cfg, ctx):
     return model
 
 
+def apply_lora(model, lora_cfg):
+    """peft LoRA adapters on the named linear layers; the base weights freeze."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    targets = [name.strip() for name in str(lora_cfg.target_modules).split(",") if name.strip()]
+    config = LoraConfig(r=lora_cfg.rank, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+                        target_modules=targets)
+    model = inject_adapter_in_model(config, model)
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad = "lora_" in name
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("LoRA rank %d on %s: %d trainable parameters", lora_cfg.rank, ",".join(targets), trainable)
+    return model
+
+
 def run_job(job: str, cfg, loss_fn=None) -> str:
     from train.trainer import Trainer
 
@@ -34,6 +49,8 @@ def run_job(job: str, cfg, loss_fn=None) -> str:
     torch.manual_seed(cfg.training.seed + ctx.rank)
     model = build_job_model(cfg, ctx)
     vocab_size = model.args.vocab_size
+    if job == "finetune":
+        model = apply_lora(model, cfg.lora)
     model = apply_data_parallel(model, cfg.parallel, ctx.device)
     dataset = build_train_dataset(cfg, ctx, vocab_size)
     reason = Trainer(cfg, ctx, model, dataset, loss_fn).train()

@@ -31,3 +31,54 @@ def write_random_documents(
     writer.finish()
     commit_all([writer])
     return prefix
+
+
+# A simple chat template for tests: "<|im_start|>role\ncontent<|im_end|>\n" per turn.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SYLLABLES = [c + v for c in "bcdfghjklmnprstvwz" for v in ("a", "e", "i", "o", "u", "ai", "ou")]
+
+
+def make_vocabulary(word_count: int, seed: int = 0) -> list[str]:
+    """Pseudo-words of 1-4 syllables: a stand-in for a language's vocabulary."""
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(SYLLABLES), (word_count, 4))
+    sizes = rng.integers(1, 5, word_count)
+    return ["".join(SYLLABLES[i] for i in row[:size]) for row, size in zip(picks, sizes)]
+
+
+def generate_documents(document_count: int, mean_words: int, seed: int = 0, vocabulary: list[str] | None = None) -> list[str]:
+    """Zipf-distributed words with punctuation and paragraphs, like running text."""
+    rng = np.random.default_rng(seed)
+    vocabulary = vocabulary or make_vocabulary(20000, seed)
+    ranks = np.minimum(rng.zipf(1.2, size=document_count * mean_words * 2), len(vocabulary)) - 1
+    documents, position = [], 0
+    for length in np.maximum(1, rng.poisson(mean_words, document_count)):
+        words = [vocabulary[r] for r in ranks[position : position + length]]
+        position = (position + length) % (len(ranks) - 2 * mean_words - 10)
+        for cut in range(7, len(words), 9):
+            words[cut] += "." if cut % 5 else ".\n\n"
+        words[0] = words[0].capitalize()
+        documents.append(" ".join(words) + ".")
+    return documents
+
+
+def build_tokenizer(directory: str, texts: list[str], vocab_size: int = 1000) -> str:
+    """A byte-level BPE trained on `texts`, saved as an HF tokenizer dir with eos + chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=special, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    wrapped.chat_template = CHAT_TEMPLATE
+    wrapped.save_pretrained(directory)
+    return directory

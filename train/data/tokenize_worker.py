@@ -45,10 +45,8 @@ def init_worker(tokenizer_path: str, options: RenderOptions, append_eod: bool, d
     )
 
 
-def _mask_from_spans(offsets: list[tuple[int, int]], spans: list[tuple[int, int]] | None) -> np.ndarray:
-    """uint8 per token: 1 when the token starts inside an assistant span (text: all ones)."""
-    if spans is None:
-        return np.ones(len(offsets), dtype=np.uint8)
+def _mask_from_spans(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> np.ndarray:
+    """uint8 per token: 1 when the token starts inside an assistant span."""
     if not spans or not offsets:
         return np.zeros(len(offsets), dtype=np.uint8)
     token_starts = np.fromiter((start for start, _ in offsets), np.int64, len(offsets))
@@ -86,8 +84,10 @@ def tokenize_batch(items: list) -> TokenizedBatch:
         for index, document_ids in enumerate(ids):
             if not document_ids:
                 continue
-            offsets = encodings[index].offsets if need_offsets else [(0, 0)] * len(document_ids)
-            mask = _mask_from_spans(offsets, spans[index] if need_offsets else None)
+            if spans[index] is None:
+                mask = np.ones(len(document_ids), dtype=np.uint8)
+            else:
+                mask = _mask_from_spans(encodings[index].offsets, spans[index])
             # EOD is a target worth learning after an answer (and always in plain text).
             pieces.append(np.append(mask, np.uint8(1)) if extra else mask)
         loss_mask = np.concatenate(pieces) if pieces else np.zeros(0, np.uint8)

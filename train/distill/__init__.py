@@ -1,1 +1,1 @@
-
+"""Knowledge distillation from a frozen teacher."""

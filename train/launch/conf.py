@@ -205,8 +205,8 @@ def config_overrides(job: str, values: dict[str, object]) -> dict[str, object]:
         var = CONF_VARIABLES[name]
         if var.key is not None and job in var.jobs:
             overrides[var.key] = value
-    if values.get("DATASET_NAME") == "synthetic":
-        overrides["data.source"] = "synthetic"
+    if "DATASET_NAME" in values:  # 'synthetic' needs no files; any other name is a datablend
+        overrides["data.source"] = "synthetic" if values["DATASET_NAME"] == "synthetic" else "blend"
     return overrides
 
 
@@ -219,12 +219,6 @@ def load_conf(config: str, job: str, base_env: dict[str, str] | None = None):
     conf_vars = source_conf(path, base_env)
     env = {**base_env, **conf_vars}
     return path, env, job_values(job, env, path), unknown_variable_warnings(conf_vars, path)
-
-
-def overrides_from_environment(job: str) -> dict[str, object]:
-    """In the Python entrypoint: the conf values the launcher exported, as config keys."""
-    path = Path(os.environ.get("TRAIN_CONF_PATH", "<environment>"))
-    return config_overrides(job, job_values(job, dict(os.environ), path))
 
 
 def describe_variables() -> str:

@@ -52,24 +52,40 @@ def compose_config(job: str, overrides: list[str]):
 
 # ----------------------------------------------------------------- model facts
 
+def registry_candidates(name: str) -> list[str]:
+    """'Qwen3-30B-A3B-Thinking-2507' -> the name, then shorter dash-prefixes, lowercased:
+    ... 'qwen3-30b-a3b', 'qwen3-30b', so display names find their architecture."""
+    parts = name.lower().split("-")
+    return [name] + ["-".join(parts[:n]) for n in range(len(parts), 0, -1)]
+
+
 def model_facts(cfg) -> dict:
-    """Experts and vocabulary of the model, from its HF config.json or the registry."""
+    """Experts of the model, from its HF config.json or the registry (None: unknown)."""
     hf_dir = cfg.model.get("hf_checkpoint")
     if hf_dir and (Path(hf_dir) / "config.json").is_file():
         hf = json.loads((Path(hf_dir) / "config.json").read_text())
         return {"num_experts": int(hf.get("num_experts") or hf.get("num_local_experts") or 0),
                 "source": str(Path(hf_dir) / "config.json")}
-    try:
-        from train.models.registry import get_model_args
-    except ImportError:
-        return {"num_experts": None, "source": None}
-    for name in (cfg.model.name, str(cfg.model.name).lower()):
+    from train.models.registry import get_model_args
+
+    for name in registry_candidates(str(cfg.model.name)):
         try:
-            return {"num_experts": int(getattr(get_model_args(name), "num_experts", 0) or 0),
-                    "source": f"registry:{name}"}
+            return {"num_experts": int(get_model_args(name).num_experts or 0), "source": f"registry:{name}"}
         except ValueError:
             continue
     return {"num_experts": None, "source": None}
+
+
+def check_model_name(cfg, conf: str) -> None:
+    """A job that builds its model from the registry needs a name the registry knows."""
+    if cfg.model.get("hf_checkpoint"):
+        return
+    from train.models.registry import get_model_args
+
+    try:
+        get_model_args(str(cfg.model.name))
+    except ValueError as error:
+        raise PlanError(f"{conf}: MODEL: {error}") from None
 
 
 # ----------------------------------------------------------------- checks
@@ -187,6 +203,7 @@ class JobPlan:
 
 def build_plan(job: str, cfg, env: dict[str, str], conf: str, cluster: cluster_lib.ClusterEnv,
                strict_paths: bool = True) -> JobPlan:
+    check_model_name(cfg, conf)
     data_parallel = check_parallel(cfg, cluster.world_size, conf)
     problems = path_problems(cfg, conf)
     if problems and strict_paths:
@@ -239,7 +256,7 @@ def plan_from_conf(job: str, config: str, user_overrides: list[str], env: dict[s
 def shell_exports(plan: JobPlan, overrides: list[str]) -> str:
     """Assignments for launchers/lib.sh (eval'd); values shell-quoted."""
     values = {
-        "RUN_DIR": plan.paths.run_dir, "RUN_NAME": plan.paths.run_name,
+        "CONF_PATH": plan.conf, "RUN_DIR": plan.paths.run_dir, "RUN_NAME": plan.paths.run_name,
         "CHECKPOINT_ROOT": plan.paths.root, "SLURM_LOG": plan.paths.slurm_log,
         "SLURM_ERR": plan.paths.slurm_err, "ENV_LOG": plan.paths.env_log,
         "NNODES": plan.cluster.nnodes, "NUM_GPUS": plan.cluster.procs_per_node,

@@ -73,7 +73,7 @@ class RunPaths:
 
     def create(self) -> None:
         """Safe when every node does it at once: mkdir -p semantics, nothing else."""
-        for directory in (self.checkpoints, self.tensorboard, self.train_log.parent, self.slurm_log.parent):
+        for directory in (self.checkpoints, self.tensorboard, self.train_log.parent):
             directory.mkdir(parents=True, exist_ok=True)
 
 

@@ -32,7 +32,7 @@ class ModelArgs:
     rope_theta: float = 10_000.0  # LLaMA 2: 1e4, LLaMA 3: 5e5, Qwen3: 1e6; unused by GPT-2
     # HF-style rope scaling dict, e.g. {"rope_type": "llama3", "factor": 8.0,
     # "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-    rope_scaling: dict[str, Any] | None = field(default=None, compare=False)
+    rope_scaling: dict[str, Any] | None = field(default=None, hash=False)  # dicts are unhashable
     tie_embeddings: bool = False  # lm_head shares the token embedding matrix
     norm_eps: float = 1e-5
     init_std: float = 0.02  # std of the normal init (HF initializer_range)
@@ -73,28 +73,22 @@ class ModelArgs:
         return self
 
 
-def _tiny(family: str, **overrides) -> ModelArgs:
-    # CPU test size: a few MB, 4 layers, GQA 4:2 where the family has GQA.
-    base = dict(name=f"tiny-{family}", family=family, vocab_size=2048, hidden_size=128,
-                num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32, intermediate_size=384,
-                max_seq_len=512)
-    base.update(overrides)
-    return ModelArgs(**base)
-
-
-def _debug(family: str, **overrides) -> ModelArgs:
-    # Smallest model that still exercises every block: 2 layers, hidden 64, vocab 512.
-    base = dict(name=f"debug-{family}", family=family, vocab_size=512, hidden_size=64,
-                num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=192,
-                max_seq_len=256)
-    base.update(overrides)
-    return ModelArgs(**base)
-
-
 _LLAMA2 = dict(family="llama", rope_theta=10_000.0, norm_eps=1e-5)
 _LLAMA3 = dict(family="llama", rope_theta=500_000.0, norm_eps=1e-5)
 _QWEN3 = dict(family="qwen3", rope_theta=1_000_000.0, norm_eps=1e-6)
 _GPT2 = dict(family="gpt2", tie_embeddings=True, norm_eps=1e-5)
+
+# CPU test sizes: tiny-* a few MB (4 layers, GQA 4:2), debug-* the smallest that still
+# exercises every block (2 layers, hidden 64, vocab 512).
+_TINY = dict(vocab_size=2048, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32,
+             intermediate_size=384, max_seq_len=512)
+_DEBUG = dict(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+              intermediate_size=192, max_seq_len=256)
+
+
+def _small(name: str, family: dict, shape: dict, **overrides) -> ModelArgs:
+    return ModelArgs(name=name, **{**family, **shape, **overrides})
+
 
 _MODELS = [
     # Seed 003 (enhanced_training_system) sizes, trained from scratch at 2048 tokens.
@@ -127,16 +121,13 @@ _MODELS = [
     ModelArgs(name="qwen3-8b", vocab_size=151936, hidden_size=4096, num_layers=36, num_heads=32,
               num_kv_heads=8, head_dim=128, intermediate_size=12288, max_seq_len=40960,
               tie_embeddings=False, **_QWEN3),
-    # CPU test sizes.
-    _tiny("qwen3", rope_theta=1_000_000.0, norm_eps=1e-6, tie_embeddings=True),
-    _tiny("llama", name="tiny-llama2", **{k: v for k, v in _LLAMA2.items() if k != "family"}),
-    _tiny("llama", name="tiny-llama3", **{k: v for k, v in _LLAMA3.items() if k != "family"}),
-    _tiny("gpt2", num_kv_heads=4, tie_embeddings=True),
-    _debug("qwen3", rope_theta=1_000_000.0, norm_eps=1e-6, tie_embeddings=True),
-    _debug("llama", name="debug-llama2"),
-    _debug("llama", name="debug-llama3", rope_theta=500_000.0),
-    _debug("gpt2", num_kv_heads=4, tie_embeddings=True),
 ]
+_MODELS += [model for size, shape in (("tiny", _TINY), ("debug", _DEBUG)) for model in (
+    _small(f"{size}-qwen3", _QWEN3, shape, tie_embeddings=True),
+    _small(f"{size}-llama2", _LLAMA2, shape),
+    _small(f"{size}-llama3", _LLAMA3, shape),
+    _small(f"{size}-gpt2", _GPT2, shape, num_kv_heads=shape["num_heads"]),
+)]
 REGISTRY: dict[str, ModelArgs] = {args.name: args.validate() for args in _MODELS}
 
 

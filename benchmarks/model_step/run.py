@@ -1,0 +1,94 @@
+"""Forward+backward tokens/s, our Qwen3 vs transformers' Qwen3ForCausalLM: `python benchmarks/model_step/run.py`.
+
+Same config and weights for both (8 layers, hidden 512, seq 512), CPU, eager and
+torch.compile in one run; prints a Markdown table with ratios. `--help` for the knobs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywhere without installing
+
+
+def build_pair(args):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from train.models import build_model
+    from train.models.hf_adapters import args_from_hf_config, from_hf_state_dict
+
+    config = Qwen3Config(vocab_size=args.vocab, hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
+                         num_key_value_heads=4, head_dim=64, intermediate_size=1536,
+                         max_position_embeddings=args.seq_len, rope_theta=1e6, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    hf = Qwen3ForCausalLM._from_config(config, attn_implementation="sdpa").train()
+    model_args = args_from_hf_config(config.to_dict(), name="bench-qwen3")
+    ours = build_model(model_args, device="cpu", seed=None).train()
+    ours.load_state_dict(from_hf_state_dict(hf.state_dict(), model_args))
+    return hf, ours
+
+
+def time_steps(step, ids, warmup: int, steps: int) -> float:
+    """Mean seconds per forward+backward step after `warmup` untimed steps."""
+    for _ in range(warmup):
+        step(ids)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step(ids)
+    return (time.perf_counter() - start) / steps
+
+
+def make_step(forward, model):
+    def step(ids):
+        logits = forward(ids)  # (B, T, V)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--vocab", type=int, default=32768)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--no-compile", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    hf, ours = build_pair(args)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # same weights, same logits: the comparison is like for like
+        torch.testing.assert_close(ours(ids), hf(ids).logits, atol=1e-4, rtol=1e-4)
+
+    candidates = {"transformers": lambda x: hf(x).logits, "ours": ours}
+    models = {"transformers": hf, "ours": ours}
+    modes = ["eager"] + ([] if args.no_compile else ["compile"])
+    results: dict[tuple[str, str], float] = {}
+    for mode in modes:
+        for name, forward in candidates.items():
+            fn = torch.compile(forward) if mode == "compile" else forward
+            seconds = time_steps(make_step(fn, models[name]), ids, args.warmup, args.steps)
+            results[(name, mode)] = args.batch * args.seq_len / seconds
+            print(f"  {name:12s} {mode:7s} {results[(name, mode)]:9.0f} tokens/s", flush=True)
+
+    base = results[("transformers", "eager")]
+    print(f"\nQwen3 8L-512D-1536ff, 8 heads / 4 KV x 64, vocab {args.vocab}, batch {args.batch} x seq "
+          f"{args.seq_len}, fp32 CPU, {torch.get_num_threads()} threads, {args.steps} timed steps\n")
+    print("| model | mode | tokens/s | vs transformers eager | vs transformers same mode |")
+    print("|---|---|---|---|---|")
+    for (name, mode), tps in results.items():
+        same_mode = results[("transformers", mode)]
+        print(f"| {name} | {mode} | {tps:.0f} | {tps / base:.2f}x | {tps / same_mode:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

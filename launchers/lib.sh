@@ -1,0 +1,117 @@
+# launchers/lib.sh: shared by slurm/*.sh (batch) and launchers/*.sh (interactive).
+# Source it, then: launch_job JOB batch|interactive [--config C] [--hf-token-file F]
+#                  [--hf-token V] [--dry-run] [-- key=value ...]
+# Validation and planning happen in `python -m train.launch.plan` before anything is
+# started: a bad conf exits 2 with one message, no job step, no run directory.
+set -euo pipefail
+
+LAUNCHERS_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO_ROOT=$(dirname "$LAUNCHERS_DIR")
+PYTHON=${PYTHON:-python3}
+export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+die() { echo "error: $*" >&2; exit 2; }
+note() { echo "[launch $(date +%H:%M:%S)] $*" >&2; }
+
+usage() {
+  cat >&2 <<EOF
+usage: $1 --config CONF [--hf-token-file FILE] [--dry-run] [-- key=value ...]
+  --config CONF         a .conf path, or a name in conf.d/ ($(cd "$REPO_ROOT/conf.d" && ls ./*.conf | sed 's|^\./||; s|\.conf$||' | paste -sd' '))
+  --hf-token-file FILE  read HF_TOKEN from FILE (never written to logs)
+  --hf-token VALUE      accepted for compatibility; prefer the file or HF_TOKEN in the environment
+  --dry-run             print the plan as JSON and exit
+  -- key=value ...      Hydra overrides, e.g. optim.lr=1e-5 training.train_iters=100
+EOF
+}
+
+parse_args() {  # sets CONFIG DRY_RUN OVERRIDES; exports HF_TOKEN
+  CONFIG="" DRY_RUN=0 OVERRIDES=()
+  while (($#)); do
+    case "$1" in
+      --config) [[ $# -ge 2 ]] || die "--config needs a value"; CONFIG=$2; shift 2 ;;
+      --config=*) CONFIG=${1#*=}; shift ;;
+      --hf-token-file) [[ $# -ge 2 ]] || die "--hf-token-file needs a value"
+        [[ -r $2 ]] || die "--hf-token-file $2: not a readable file"
+        HF_TOKEN=$(tr -d '[:space:]' <"$2"); export HF_TOKEN; shift 2 ;;
+      --hf-token) [[ $# -ge 2 ]] || die "--hf-token needs a value"
+        echo "warning: --hf-token puts the token in the job's arguments, which SLURM stores" \
+          "(visible in 'scontrol show job'); use --hf-token-file FILE or export HF_TOKEN" >&2
+        HF_TOKEN=$2; export HF_TOKEN; shift 2 ;;
+      --dry-run) DRY_RUN=1; shift ;;
+      -h | --help) usage "$0"; exit 0 ;;
+      --) shift; OVERRIDES+=("$@"); break ;;
+      *=*) OVERRIDES+=("$1"); shift ;;
+      *) usage "$0"; die "unknown argument: $1" ;;
+    esac
+  done
+  [[ -n $CONFIG ]] || { usage "$0"; die "--config is required"; }
+}
+
+plan_job() {  # JOB: validates the conf; sets RUN_DIR SLURM_LOG ... TRAIN_OVERRIDES
+  local job=$1 plan
+  plan=$("$PYTHON" -m train.launch.plan --job "$job" --config "$CONFIG" --format shell -- "${OVERRIDES[@]}") ||
+    exit $?
+  eval "$plan"
+}
+
+source_conf() {  # export the conf's variables to torchrun and the workers (NCCL_*, HF_TOKEN, ...)
+  set -a
+  # shellcheck disable=SC1090
+  source "$CONF_PATH"
+  set +a
+}
+
+tee_logs() {  # batch jobs: copy stdout/stderr into logs_slurm/ under names from logs_templates/
+  mkdir -p "$(dirname "$SLURM_LOG")"
+  exec > >(tee -a "$SLURM_LOG") 2> >(tee -a "$SLURM_ERR" >&2)
+}
+
+run_forwarding_signals() {  # run "$@" in the background; USR2/TERM reach it; returns its status
+  local child status=0
+  "$@" &
+  child=$!
+  trap 'note "got USR2: asking training to save and stop"; kill -USR2 $child 2>/dev/null || true' USR2
+  trap 'note "got TERM: asking training to save and stop"; kill -TERM $child 2>/dev/null || true' TERM
+  while :; do
+    wait "$child" && status=0 || status=$?
+    kill -0 "$child" 2>/dev/null || break
+  done
+  trap - USR2 TERM
+  return "$status"
+}
+
+maybe_requeue() {  # after a signal-triggered save the trainer asks for a requeue
+  [[ -f $TRAIN_STOP_FILE ]] || return 0
+  note "training stopped: $(cat "$TRAIN_STOP_FILE")"
+  if grep -q '"requeue": true' "$TRAIN_STOP_FILE" && [[ -n ${SLURM_JOB_ID:-} ]]; then
+    note "requeueing job $SLURM_JOB_ID (it resumes from the checkpoint just saved)"
+    scontrol requeue "$SLURM_JOB_ID"
+  fi
+}
+
+launch_job() {  # JOB MODE args...
+  local job=$1 mode=$2 status=0
+  shift 2
+  parse_args "$@"
+  export TRAIN_JOB=$job
+  if ((DRY_RUN)); then
+    exec "$PYTHON" -m train.launch.plan --job "$job" --config "$CONFIG" --dry-run \
+      ${NNODES:+--nodes "$NNODES"} -- "${OVERRIDES[@]}"
+  fi
+  plan_job "$job"
+  source_conf
+  export RUN_DATETIME NNODES NUM_GPUS MASTER_ADDR MASTER_PORT
+  export TRAIN_CONF_PATH=$CONF_PATH TRAIN_STOP_FILE="$RUN_DIR/logs/stop_${RUN_DATETIME}.json"
+  mkdir -p "$RUN_DIR/logs"
+  [[ $mode == batch ]] && tee_logs
+  note "$job job: conf $CONF_PATH; $NNODES node(s) x $NUM_GPUS; rendezvous $MASTER_ADDR:$MASTER_PORT"
+  note "run dir $RUN_DIR; $RESUME_DECISION (iteration $RESUME_ITERATION)"
+  if [[ $mode == batch ]]; then
+    run_forwarding_signals srun --nodes="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \
+      "$LAUNCHERS_DIR/node.sh" "$job" "${TRAIN_OVERRIDES[@]}" || status=$?
+  else
+    run_forwarding_signals "$LAUNCHERS_DIR/node.sh" "$job" "${TRAIN_OVERRIDES[@]}" || status=$?
+  fi
+  [[ $status -eq 0 && $mode == batch ]] && maybe_requeue
+  return "$status"
+}

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# launchers/node.sh JOB [key=value ...]: one task per node (srun or the interactive launcher).
+# Starts torchrun for this node and forwards USR2/TERM to its workers, which save and stop.
+set -euo pipefail
+REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
+job=$1
+shift
+export NODE_RANK=${SLURM_NODEID:-${NODE_RANK:-0}}
+# A free CPU machine: one intra-op thread per process unless asked otherwise.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+mapfile -d '' -t torchrun_cmd < <("${PYTHON:-python3}" -m train.launch.node "$job" "$@")
+[[ ${#torchrun_cmd[@]} -gt 0 ]] || exit 2
+echo "[node $NODE_RANK $(hostname)] ${torchrun_cmd[*]}" >&2
+cd "$REPO_ROOT"
+"${torchrun_cmd[@]}" &
+child=$!
+forward() { pkill "-$1" -P "$child" 2>/dev/null || true; }  # the workers are torchrun's children
+trap 'forward USR2' USR2
+trap 'forward TERM' TERM
+status=0
+while :; do
+  wait "$child" && status=0 || status=$?
+  kill -0 "$child" 2>/dev/null || break
+done
+exit "$status"
