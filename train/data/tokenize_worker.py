@@ -62,7 +62,10 @@ def tokenize_batch(items: list) -> TokenizedBatch:
     options, tokenizer, eod = _state["options"], _state["tokenizer"], _state["eod"]
     texts, spans = [], []
     for item in items:
-        record = json.loads(item) if isinstance(item, (bytes, str)) else item
+        try:
+            record = json.loads(item) if isinstance(item, (bytes, str)) else item
+        except json.JSONDecodeError as error:
+            raise DataError(f"input record is not valid JSON ({error}): {item[:80]!r}") from None
         text, assistant_spans = render_record(record, options, tokenizer)
         texts.append(text)
         spans.append(assistant_spans)

@@ -1,0 +1,175 @@
+"""Preprocessing end to end (jsonl/json/parquet, workers, validation, chat loss masks, atomicity): pytest tests/integration/test_preprocess.py"""
+
+import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from train.config import PreprocessConfig
+from train.data.errors import DataError
+from train.data.gpt_dataset import loss_mask_prefix
+from train.data.indexed import IndexedDataset
+from train.data.preprocess import preprocess
+from train.data.synthetic import build_tokenizer, generate_documents
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    directory = str(tmp_path_factory.mktemp("tokenizer"))
+    return build_tokenizer(directory, generate_documents(300, 60, seed=1), 700)
+
+
+@pytest.fixture(scope="module")
+def texts():
+    documents = generate_documents(230, 40, seed=2)
+    documents[5] = ""  # empty documents are skipped and counted
+    documents[77] = ""
+    return documents
+
+
+def write_jsonl(path, records):
+    with open(path, "w") as stream:
+        for record in records:
+            stream.write(json.dumps(record) + "\n")
+    return str(path)
+
+
+def make_config(**overrides):
+    config = PreprocessConfig(input="", output_prefix="", tokenizer="")
+    for key, value in {"batch_size": 16, "workers": 1, **overrides}.items():
+        setattr(config, key, value)
+    return config
+
+
+def test_text_documents_round_trip(tmp_path, tokenizer_dir, texts):
+    source = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in texts])
+    summary = preprocess(make_config(input=source, tokenizer=tokenizer_dir, output_prefix=str(tmp_path / "fw")))
+    dataset = IndexedDataset(str(tmp_path / "fw_text_document"))
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    kept = [t for t in texts if t]
+    assert len(dataset) == summary.documents["train"] == len(kept)
+    assert summary.empty_skipped == 2 and summary.records_read == len(texts)
+    assert dataset.dtype == np.uint16
+    assert list(dataset.document_indices) == list(range(len(kept) + 1))
+    for index in (0, 4, 5, 100, len(kept) - 1):
+        expected = tokenizer(kept[index], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        np.testing.assert_array_equal(dataset[index], expected)
+    assert tokenizer.decode(dataset[3][:-1]) == kept[3]
+    assert summary.tokens["train"] == dataset.token_count
+    assert not os.path.exists(str(tmp_path / "fw_text_document_loss_mask.idx"))
+
+
+def test_two_workers_match_one_and_max_docs(tmp_path, tokenizer_dir, texts):
+    source = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in texts])
+    outputs = []
+    for workers in (1, 2):
+        prefix = str(tmp_path / f"w{workers}")
+        preprocess(make_config(input=source, tokenizer=tokenizer_dir, output_prefix=prefix, workers=workers, max_docs=150, batch_size=7))
+        outputs.append(prefix + "_text_document")
+    for suffix in (".bin", ".idx"):
+        assert open(outputs[0] + suffix, "rb").read() == open(outputs[1] + suffix, "rb").read()
+    assert len(IndexedDataset(outputs[0])) == 150 - 2
+
+
+def test_validation_fraction_splits_documents(tmp_path, tokenizer_dir, texts):
+    source = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in texts])
+    summary = preprocess(make_config(input=source, tokenizer=tokenizer_dir, output_prefix=str(tmp_path / "v"), validation_fraction=0.2))
+    train = IndexedDataset(str(tmp_path / "v_text_document"))
+    valid = IndexedDataset(str(tmp_path / "v_valid_text_document"))
+    assert len(train) + len(valid) == len(texts) - 2
+    assert 0.08 < len(valid) / (len(train) + len(valid)) < 0.35
+    assert summary.documents == {"train": len(train), "valid": len(valid)}
+    train_set = {tuple(train[i]) for i in range(len(train))}
+    assert not any(tuple(valid[i]) in train_set for i in range(len(valid)))
+
+
+@pytest.mark.parametrize("kind", ["json_array", "parquet"])
+def test_other_local_formats(tmp_path, tokenizer_dir, texts, kind):
+    records = [{"body": t} for t in texts[:40]]
+    if kind == "parquet":
+        import pyarrow
+        import pyarrow.parquet
+
+        source = str(tmp_path / "in.parquet")
+        pyarrow.parquet.write_table(pyarrow.Table.from_pylist(records), source)
+    else:
+        source = str(tmp_path / "in.json")
+        (tmp_path / "in.json").write_text(json.dumps(records))
+    preprocess(make_config(input=source, tokenizer=tokenizer_dir, output_prefix=str(tmp_path / kind), text_field="body"))
+    assert len(IndexedDataset(str(tmp_path / f"{kind}_text_document"))) == 40 - 1  # texts[5] is empty
+
+
+CONVERSATIONS = [
+    {"messages": [{"role": "user", "content": f"Question {n}?"}, {"role": "assistant", "content": f"<think>ponder {n}</think>Answer {n}."}]}
+    for n in range(30)
+] + [{"instruction": "Say hi.", "input": "", "output": "Hi there."}]
+
+
+@pytest.mark.parametrize("keep_cot", [False, True])
+def test_chat_records_get_a_loss_mask(tmp_path, tokenizer_dir, keep_cot):
+    source = write_jsonl(tmp_path / "chat.jsonl", CONVERSATIONS)
+    preprocess(make_config(input=source, tokenizer=tokenizer_dir, output_prefix=str(tmp_path / "c"), chat=True, keep_cot=keep_cot))
+    tokens = IndexedDataset(str(tmp_path / "c_text_document"))
+    mask = IndexedDataset(loss_mask_prefix(str(tmp_path / "c_text_document")))
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    assert mask.dtype == np.uint8 and len(mask) == len(tokens) == len(CONVERSATIONS)
+    np.testing.assert_array_equal(mask.sequence_lengths, tokens.sequence_lengths)
+    for index in (0, 17):
+        answer = tokenizer.decode(tokens[index][mask[index] == 1])
+        prompt = tokenizer.decode(tokens[index][mask[index] == 0])
+        reasoning = f"<think>ponder {index}</think>" if keep_cot else ""
+        assert answer == f"{reasoning}Answer {index}.<|im_end|>\n<|endoftext|>"
+        assert prompt == f"<|im_start|>user\nQuestion {index}?<|im_end|>\n<|im_start|>assistant\n"
+    assert tokenizer.decode(tokens[30][mask[30] == 1]) == "Hi there.<|im_end|>\n<|endoftext|>"
+
+
+def test_failed_run_leaves_no_files(tmp_path, tokenizer_dir, texts):
+    source = tmp_path / "broken.jsonl"
+    write_jsonl(source, [{"text": t} for t in texts[:50]])
+    with open(source, "a") as stream:
+        stream.write("{not json\n")
+    with pytest.raises(DataError, match="not valid JSON.*not json"):
+        preprocess(make_config(input=str(source), tokenizer=tokenizer_dir, output_prefix=str(tmp_path / "out" / "b"), workers=2))
+    assert os.listdir(tmp_path / "out") == []
+
+
+def test_bad_inputs_are_data_errors(tmp_path, tokenizer_dir):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match="no records"):
+        preprocess(make_config(input=str(empty), tokenizer=tokenizer_dir, output_prefix=str(tmp_path / "e")))
+    blanks = write_jsonl(tmp_path / "blanks.jsonl", [{"text": ""}] * 3)
+    with pytest.raises(DataError, match="empty"):
+        preprocess(make_config(input=blanks, tokenizer=tokenizer_dir, output_prefix=str(tmp_path / "e")))
+    wrong_key = write_jsonl(tmp_path / "wrong.jsonl", [{"content": "x"}])
+    with pytest.raises(DataError, match="content"):
+        preprocess(make_config(input=wrong_key, tokenizer=tokenizer_dir, output_prefix=str(tmp_path / "e")))
+    with pytest.raises(DataError, match="tokenizer"):
+        preprocess(make_config(input=blanks, tokenizer=str(tmp_path / "no-tokenizer"), output_prefix=str(tmp_path / "e")))
+    assert not [name for name in os.listdir(tmp_path) if name.startswith("e_")]
+
+
+def test_hub_dataset_missing_offline_is_a_data_error(tmp_path, tokenizer_dir, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DataError, match="cannot be loaded"):
+        preprocess(make_config(input="nobody/no-such-dataset", tokenizer=tokenizer_dir, output_prefix=str(tmp_path / "h")))
+
+
+@pytest.mark.slow
+def test_cli_is_hydra_style_and_reports_errors(tmp_path, tokenizer_dir, texts):
+    source = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in texts[:20]])
+    run = lambda *args: subprocess.run([sys.executable, "-m", "train.preprocess", *args], capture_output=True, text=True, cwd=REPO)  # noqa: E731
+    ok = run(f"input={source}", f"tokenizer={tokenizer_dir}", f"output_prefix={tmp_path}/cli", "workers=1", "append_eod=false")
+    assert ok.returncode == 0, ok.stderr
+    assert "documents:" in ok.stdout and "19 train" in ok.stdout
+    assert IndexedDataset(f"{tmp_path}/cli_text_document").token_count > 0
+    bad = run(f"input={tmp_path}/missing.jsonl", f"tokenizer={tokenizer_dir}", f"output_prefix={tmp_path}/x")
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
