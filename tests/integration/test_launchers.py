@@ -1,0 +1,198 @@
+"""python -m pytest tests/integration/test_launchers.py  (real bash launchers, torchrun, gloo; no SLURM)"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+TOKEN = "hf_integrationSecretValue1234567890"
+
+
+def launcher_env(root: Path, **extra) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "NNODES", "NODE_RANK",
+                                                                     "MASTER_", "HF_TOKEN"))}
+    env.update({"QAD_CHECKPOINT_ROOT": str(root), "MODELS_ROOT": str(root / "models"), **extra})
+    return env
+
+
+def run_launcher(job: str, args: list[str], env: dict, timeout: int = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(REPO / "launchers" / f"{job}.sh"), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def run_dir(root: Path, name: str = "tiny-qwen3-Data-synthetic-lr0.001") -> Path:
+    return root / name
+
+
+def files_containing(root: Path, needle: str) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file() and needle.encode() in p.read_bytes()]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One standalone run of 4 iterations with a token file, then a resumed run to 6."""
+    root = tmp_path_factory.mktemp("runs")
+    token_file = root.parent / "token.txt"
+    token_file.write_text(TOKEN + "\n")
+    env = launcher_env(root)
+    first = run_launcher("pretrain", ["--config", "tiny-qwen3", "--hf-token-file", str(token_file), "--",
+                                      "training.train_iters=4", "checkpoint.save_interval=2"], env)
+    second = run_launcher("pretrain", ["--config", "tiny-qwen3", "--",
+                                       "training.train_iters=6", "checkpoint.save_interval=2"], env)
+    return root, first, second
+
+
+def test_standalone_run_writes_the_design_layout(trained):
+    root, first, _ = trained
+    assert first.returncode == 0, first.stderr[-3000:]
+    directory = run_dir(root)
+    checkpoints = directory / "checkpoints" / "tiny-qwen3"
+    # both runs of the fixture: 4 iterations, then resumed to 6; keep_last=3
+    assert sorted(p.name for p in checkpoints.glob("iter_*")) == ["iter_0000002", "iter_0000004", "iter_0000006"]
+    assert (checkpoints / "latest_checkpointed_iteration.txt").read_text().strip() == "6"
+    assert list((directory / "tensorboard" / "tiny-qwen3").glob("events.out.tfevents.*"))
+    logs = directory / "logs"
+    assert len(list(logs.glob("tiny-qwen3_pretrain_*.config.yaml"))) == 2
+    assert len(list(logs.glob("tiny-qwen3_*.env.log"))) == 2
+    assert "world size 2 (1 nodes x 2 procs)" in first.stderr + first.stdout
+
+
+def test_token_from_file_is_redacted_everywhere(trained):
+    root, first, _ = trained
+    env_logs = sorted((run_dir(root) / "logs").glob("*.env.log"))
+    assert "HF_TOKEN=<redacted>" in env_logs[0].read_text()
+    assert files_containing(root, TOKEN) == []
+    assert TOKEN not in first.stdout + first.stderr
+
+
+def test_second_run_resumes_at_the_next_iteration(trained):
+    root, _, second = trained
+    assert second.returncode == 0, second.stderr[-3000:]
+    output = second.stdout + second.stderr
+    assert "resume at iteration 4" in output
+    metrics = sorted((run_dir(root) / "logs").glob("*.jsonl"))
+    iterations = [json.loads(line)["iteration"] for line in metrics[-1].read_text().splitlines()]
+    assert iterations == [5, 6]
+
+
+def test_dry_run_prints_the_plan_and_creates_nothing(tmp_path):
+    result = run_launcher("pretrain", ["--config", "tiny-qwen3", "--dry-run"], launcher_env(tmp_path))
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["world_size"] == 2 and plan["resume"]["decision"] == "from_scratch"
+    assert plan["node_commands"][0].startswith("torchrun --nnodes=1 --node-rank=0 --nproc-per-node=2")
+    assert plan["run_dir"] == str(tmp_path / "tiny-qwen3-Data-synthetic-lr0.001")
+    assert list(tmp_path.iterdir()) == []
+
+
+BAD_CONFS = {
+    "missing_required": ("export STUDENT_MODEL=a\nexport TEACHER_MODEL=b\nexport TP_SIZE=1\n", "qad",
+                         ["STUDENT_CKPT", "TEACHER_CKPT", "MBS"]),
+    "not_an_integer": ("export MODEL=tiny-qwen3\nexport MBS=two\n", "pretrain", ["MBS='two'", "not an integer"]),
+    "tp_does_not_divide": ("export MODEL=tiny-qwen3\nexport NUM_GPUS=2\nexport TP_SIZE=4\n", "pretrain",
+                           ["TP_SIZE x PP_SIZE", "does not divide"]),
+    "ep_on_dense": ("export MODEL=tiny-qwen3\nexport NUM_GPUS=2\nexport EP_SIZE=2\n", "pretrain",
+                    ["EP_SIZE=2", "dense"]),
+    "unsourceable": ("export MODEL=tiny-qwen3\nif then\n", "pretrain", ["bash cannot parse", "line 2"]),
+    "missing_checkpoint": ("export STUDENT_MODEL=a\nexport TEACHER_MODEL=b\nexport STUDENT_CKPT=/nonexistent/s\n"
+                           "export TEACHER_CKPT=/nonexistent/t\nexport TP_SIZE=1\nexport MBS=1\n"
+                           "export DATASET_NAME=synthetic\n", "qad", ["STUDENT_CKPT", "/nonexistent/s", "/nonexistent/t"]),
+    "missing_blend": ("export MODEL=tiny-qwen3\nexport DATASET_NAME=nope\n", "pretrain",
+                      ["BLEND_PATH", "datablend_nope.json"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFS))
+def test_bad_conf_exits_2_with_one_clear_message_and_no_run_dir(case, tmp_path):
+    text, job, expected = BAD_CONFS[case]
+    conf = tmp_path / f"{case}.conf"
+    conf.write_text(text)
+    root = tmp_path / "runs"
+    result = run_launcher(job, ["--config", str(conf)], launcher_env(root, DATACACHE_DIR=str(tmp_path)))
+    assert result.returncode == 2, result.stderr
+    assert "error:" in result.stderr and str(conf) in result.stderr
+    for fragment in expected:
+        assert fragment in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not root.exists()
+
+
+def test_typo_in_a_variable_name_warns(tmp_path):
+    conf = tmp_path / "typo.conf"
+    conf.write_text("export MODEL=tiny-qwen3\nexport DATASET_NAME=synthetic\nexport TP_SZE=1\n")
+    result = run_launcher("pretrain", ["--config", str(conf), "--dry-run"], launcher_env(tmp_path / "r"))
+    assert result.returncode == 0
+    assert "TP_SZE: did you mean TP_SIZE?" in result.stderr
+
+
+def test_hf_token_argument_warns_that_slurm_stores_it(tmp_path):
+    result = run_launcher("pretrain", ["--hf-token", TOKEN, "--config", "tiny-qwen3", "--dry-run"],
+                          launcher_env(tmp_path))
+    assert result.returncode == 0
+    assert "scontrol show job" in result.stderr and TOKEN not in result.stdout + result.stderr
+
+
+def test_usr2_saves_at_the_current_iteration_and_stops(tmp_path):
+    env = launcher_env(tmp_path)
+    process = subprocess.Popen(["bash", str(REPO / "launchers/pretrain.sh"), "--config", "tiny-qwen3", "--",
+                                "training.train_iters=100000", "checkpoint.save_interval=100000"],
+                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = []
+    for line in process.stdout:
+        output.append(line)
+        if "iter 3 |" in line:
+            process.send_signal(signal.SIGUSR2)
+            break
+    output.extend(process.stdout)
+    assert process.wait(timeout=120) == 0, "".join(output)[-3000:]
+    checkpoints = run_dir(tmp_path) / "checkpoints" / "tiny-qwen3"
+    saved = int((checkpoints / "latest_checkpointed_iteration.txt").read_text())
+    assert 3 <= saved < 100000
+    stop = json.loads(next((run_dir(tmp_path) / "logs").glob("stop_*.json")).read_text())
+    assert stop == {"reason": "signal", "iteration": saved, "requeue": True, "signal": "SIGUSR2"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_manual_multi_node_two_launchers_meet(tmp_path):
+    common = dict(NNODES="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), NUM_GPUS="1",
+                  RUN_DATETIME="20260101_000000")
+    args = ["--config", "tiny-qwen3", "--", "training.train_iters=2"]
+    nodes = [subprocess.Popen(["bash", str(REPO / "launchers/pretrain.sh"), *args], cwd=REPO,
+                              env=launcher_env(tmp_path, NODE_RANK=str(rank), **common),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    outputs = [node.communicate(timeout=180)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    assert "world size 2 (2 nodes x 1 procs)" in outputs[0]
+    assert (run_dir(tmp_path) / "checkpoints/tiny-qwen3/latest_checkpointed_iteration.txt").read_text().strip() == "2"
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory) -> Path:
+    models = tmp_path_factory.mktemp("models")
+    subprocess.run(["python", "-m", "train.models.random_hf", "tiny-qwen3", str(models / "tiny-qwen3")],
+                   cwd=REPO, check=True, capture_output=True)
+    return models
+
+
+@pytest.mark.parametrize("job,conf,run_name", [
+    ("qad", "tiny-qwen3-qad", "tiny-qwen3-Teacher-tiny-qwen3-Data-synthetic-lr0.0001"),
+    ("finetune", "tiny-qwen3-lora", "tiny-qwen3-Data-synthetic-lr0.001"),
+])
+def test_qad_and_finetune_jobs_start_from_the_hf_checkpoint(job, conf, run_name, tiny_hf, tmp_path):
+    env = launcher_env(tmp_path, MODELS_ROOT=str(tiny_hf))
+    result = run_launcher(job, ["--config", conf, "--", "training.train_iters=2"], env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "from_checkpoint at iteration 0" in result.stdout + result.stderr
+    tracker = tmp_path / run_name / "checkpoints" / "tiny-qwen3" / "latest_checkpointed_iteration.txt"
+    assert tracker.read_text().strip() == "2"
