@@ -18,7 +18,8 @@ set -euo pipefail
 export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 
 LOCAL_SLURM_NODES=${LOCAL_SLURM_NODES:-2}             # virtual nodes node1..nodeN
-LOCAL_SLURM_CPUS=${LOCAL_SLURM_CPUS:-4}               # CPUs per node (may exceed real cores)
+LOCAL_SLURM_CPUS=${LOCAL_SLURM_CPUS:-4}
+LOCAL_SLURM_GPUS=${LOCAL_SLURM_GPUS:-8}               # fake GPUs per node (no real devices)
 LOCAL_SLURM_MEM=${LOCAL_SLURM_MEM:-}                  # RealMemory MB per node; empty: RAM/N - 512
 LOCAL_SLURM_ROOT=${LOCAL_SLURM_ROOT:-/tmp/local-slurm}
 LOCAL_SLURM_CONF=${LOCAL_SLURM_CONF:-/etc/slurm/slurm.conf}  # other paths: clients need SLURM_CONF
@@ -164,15 +165,33 @@ SlurmctldLogFile=$ROOT/log/slurmctld.log
 SlurmdLogFile=$ROOT/log/slurmd.%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
-NodeName=$names NodeHostname=$host NodeAddr=127.0.0.1 Port=$ports CPUs=$LOCAL_SLURM_CPUS RealMemory=$mem State=UNKNOWN
+# Fake GPUs (gres.conf beside this file names /dev/null-like device files), so job scripts
+# written for GPU nodes (--gpus-per-node=8) are accepted unchanged.
+GresTypes=gpu
+NodeName=$names NodeHostname=$host NodeAddr=127.0.0.1 Port=$ports CPUs=$LOCAL_SLURM_CPUS RealMemory=$mem Gres=gpu:$LOCAL_SLURM_GPUS State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
+}
+fake_gpu_devices() {  # slurmd counts GPUs by device file: character devices like /dev/null
+  local i
+  mkdir -p "$ROOT/dev"
+  for ((i = 0; i < LOCAL_SLURM_GPUS; i++)); do
+    [[ -c $ROOT/dev/gpu$i ]] || mknod "$ROOT/dev/gpu$i" c 1 3
+  done
 }
 write_conf() {  # sets CONF_CHANGED=1 when the file had to be (re)written
   local tmp
   tmp=$(mktemp)
   conf_text >"$tmp"
+  fake_gpu_devices
+  echo "Name=gpu File=$ROOT/dev/gpu[0-$((LOCAL_SLURM_GPUS - 1))]" >"$tmp.gres"
   CONF_CHANGED=0
+  if ! cmp -s "$tmp.gres" "$(dirname "$LOCAL_SLURM_CONF")/gres.conf"; then
+    mkdir -p "$(dirname "$LOCAL_SLURM_CONF")"
+    install -m 0644 "$tmp.gres" "$(dirname "$LOCAL_SLURM_CONF")/gres.conf"
+    CONF_CHANGED=1
+  fi
+  rm -f "$tmp.gres"
   if ! cmp -s "$tmp" "$LOCAL_SLURM_CONF"; then
     mkdir -p "$(dirname "$LOCAL_SLURM_CONF")"
     install -m 0644 "$tmp" "$LOCAL_SLURM_CONF"
