@@ -13,7 +13,9 @@ mapfile -d '' -t torchrun_cmd < <("${PYTHON:-python3}" -m train.launch.node "$jo
 [[ ${#torchrun_cmd[@]} -gt 0 ]] || exit 2
 echo "[node $NODE_RANK $(hostname)] ${torchrun_cmd[*]}" >&2
 cd "$REPO_ROOT"
-"${torchrun_cmd[@]}" &
+# torchrun ignores USR2/TERM (its default would kill it and orphan the workers); the
+# workers install handlers of their own, finish the iteration, save and exit cleanly.
+(trap '' USR2 TERM; exec "${torchrun_cmd[@]}") &
 child=$!
 forward() { pkill "-$1" -P "$child" 2>/dev/null || true; }  # the workers are torchrun's children
 trap 'forward USR2' USR2

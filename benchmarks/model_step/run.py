@@ -35,14 +35,24 @@ def build_pair(args):
     return hf, ours
 
 
-def time_steps(step, ids, warmup: int, steps: int) -> float:
-    """Mean seconds per forward+backward step after `warmup` untimed steps."""
-    for _ in range(warmup):
-        step(ids)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step(ids)
-    return (time.perf_counter() - start) / steps
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
+
+
+def time_interleaved(steps: dict, ids, warmup: int, rounds: int) -> dict[str, float]:
+    """Median seconds per forward+backward step; the candidates alternate each round so that
+    load from other processes on a shared machine hits them alike."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step(ids)
+    seconds: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step(ids)
+            seconds[name].append(time.perf_counter() - start)
+    return {name: median(values) for name, values in seconds.items()}
 
 
 def make_step(forward, model):
@@ -60,7 +70,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--vocab", type=int, default=32768)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=5, help="timed rounds; the median is reported")
     parser.add_argument("--no-compile", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -74,15 +84,15 @@ def main() -> None:
     modes = ["eager"] + ([] if args.no_compile else ["compile"])
     results: dict[tuple[str, str], float] = {}
     for mode in modes:
-        for name, forward in candidates.items():
-            fn = torch.compile(forward) if mode == "compile" else forward
-            seconds = time_steps(make_step(fn, models[name]), ids, args.warmup, args.steps)
+        steps = {name: make_step(torch.compile(forward) if mode == "compile" else forward, models[name])
+                 for name, forward in candidates.items()}
+        for name, seconds in time_interleaved(steps, ids, args.warmup, args.steps).items():
             results[(name, mode)] = args.batch * args.seq_len / seconds
             print(f"  {name:12s} {mode:7s} {results[(name, mode)]:9.0f} tokens/s", flush=True)
 
     base = results[("transformers", "eager")]
     print(f"\nQwen3 8L-512D-1536ff, 8 heads / 4 KV x 64, vocab {args.vocab}, batch {args.batch} x seq "
-          f"{args.seq_len}, fp32 CPU, {torch.get_num_threads()} threads, {args.steps} timed steps\n")
+          f"{args.seq_len}, fp32 CPU, {torch.get_num_threads()} threads, median of {args.steps} interleaved steps\n")
     print("| model | mode | tokens/s | vs transformers eager | vs transformers same mode |")
     print("|---|---|---|---|---|")
     for (name, mode), tps in results.items():

@@ -75,7 +75,7 @@ def start_job(job: str, cfg) -> JobContext:
     env = dict(os.environ)
     rank, local_rank, world_size, procs_per_node = torchrun_ranks(env)
     set_job_caches(env, rank)
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stdout,
                         format=f"[%(asctime)s rank{rank}] %(message)s", datefmt="%H:%M:%S", force=True)
     planned = env.get("NNODES"), env.get("NUM_GPUS")
     if all(planned) and int(planned[0]) * int(planned[1]) != world_size:
@@ -94,6 +94,9 @@ def start_job(job: str, cfg) -> JobContext:
     init_process_group(ctx, cfg.parallel.backend, cfg.parallel.timeout_s)
     plan.paths.create()
     if ctx.is_main:
+        train_log = logging.FileHandler(plan.paths.train_log)
+        train_log.setFormatter(logging.getLogger().handlers[0].formatter)
+        logging.getLogger().addHandler(train_log)
         plan.paths.resolved_config.write_text(OmegaConf.to_yaml(cfg, resolve=True))
         plan.paths.env_log.write_text(env_log_text(job, env.get("TRAIN_CONF_PATH", "-"), env,
                                                    env.get("SLURM_JOB_ID", "-"), plan.paths.datetime))
