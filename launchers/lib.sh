@@ -92,6 +92,7 @@ maybe_requeue() {  # after a signal-triggered save the trainer asks for a requeu
 launch_job() {  # JOB MODE args...
   local job=$1 mode=$2 status=0
   shift 2
+  export LAUNCH_T0=${LAUNCH_T0:-$(date +%s.%N)}  # startup timeline (benchmarks/launch_latency)
   parse_args "$@"
   export TRAIN_JOB=$job
   if ((DRY_RUN)); then

@@ -52,8 +52,14 @@ def run_job(job: str, cfg, loss_fn=None) -> str:
     if job == "finetune":
         model = apply_lora(model, cfg.lora)
     model = apply_data_parallel(model, cfg.parallel, ctx.device)
+    ctx.mark("model_built")
     dataset = build_train_dataset(cfg, ctx, vocab_size)
-    reason = Trainer(cfg, ctx, model, dataset, loss_fn).train()
+    trainer = Trainer(cfg, ctx, model, dataset, loss_fn)
+    reason = trainer.train()
+    # DDP's reducer must go before the process group, and every rank must get here first:
+    # otherwise a rank can hang in gloo's teardown after its peers have exited.
+    del trainer, model
     if torch.distributed.is_initialized():
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return reason

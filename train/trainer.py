@@ -146,6 +146,8 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             loss, grad_norm = self.train_step(batches, accumulation)
+            if "first_step" not in self.ctx.timeline:
+                self.ctx.mark("first_step")
             skip = (self.state.iteration + 1) in self.iterations_to_skip or not math.isfinite(loss)
             if skip:
                 self.state.skipped_iterations += 1

@@ -115,8 +115,9 @@ def redact(env: dict[str, str]) -> dict[str, str]:
 
 
 def resolve_conf_path(config: str) -> Path:
-    """--config takes a path, or a bare name found in conf.d/ (with or without .conf)."""
-    for candidate in (Path(config), CONF_DIR / config, CONF_DIR / f"{config}.conf"):
+    """--config takes a path (relative to the current directory or to the checkout), or a
+    bare name found in conf.d/ (with or without .conf)."""
+    for candidate in (Path(config), REPO_ROOT / config, CONF_DIR / config, CONF_DIR / f"{config}.conf"):
         if candidate.is_file():
             return candidate.resolve()
     known = sorted(p.stem for p in CONF_DIR.glob("*.conf"))

@@ -7,11 +7,13 @@ and the env log into the run directory.
 """
 
 import datetime
+import json
 import logging
 import os
 import socket
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +32,14 @@ class JobContext:
     local_rank: int
     world_size: int
     device: str  # cpu | cuda:<local rank>
+    timeline: dict = None  # wall-clock seconds of startup events (benchmarks/launch_latency)
+
+    def mark(self, event: str) -> None:
+        """Record a startup event; at first_step the timeline goes to logs/startup_<datetime>.json."""
+        self.timeline[event] = time.time()
+        if event == "first_step" and self.is_main:
+            path = self.plan.paths.run_dir / "logs" / f"startup_{self.plan.paths.datetime}.json"
+            path.write_text(json.dumps(self.timeline, indent=1))
 
     @property
     def is_main(self) -> bool:
@@ -72,7 +82,11 @@ def start_job(job: str, cfg) -> JobContext:
     import torch
     from omegaconf import OmegaConf
 
+    import train
+
     env = dict(os.environ)
+    timeline = {"launcher_start": float(env.get("LAUNCH_T0") or train.PROCESS_START_S),
+                "process_start": train.PROCESS_START_S, "imports_done": time.time()}
     rank, local_rank, world_size, procs_per_node = torchrun_ranks(env)
     set_job_caches(env, rank)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stdout,
@@ -90,8 +104,9 @@ def start_job(job: str, cfg) -> JobContext:
     except (ConfError, PlanError, ResumeError) as error:
         fail(str(error))
     device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    ctx = JobContext(plan, rank, local_rank, world_size, device)
+    ctx = JobContext(plan, rank, local_rank, world_size, device, timeline)
     init_process_group(ctx, cfg.parallel.backend, cfg.parallel.timeout_s)
+    ctx.mark("rendezvous_done")
     plan.paths.create()
     if ctx.is_main:
         train_log = logging.FileHandler(plan.paths.train_log)
