@@ -138,8 +138,7 @@ def test_every_validation_rule_fails_the_job_before_any_step(slurm_workdir):
     for case, job_id in jobs.items():
         assert wait_for_state(job_id, {"FAILED"}, timeout_s=60, terminal_is_error=False) == "FAILED", case
         assert job_field(job_id, "ExitCode") == "2:0", case
-        job = BAD[case][1]
-        err = (slurm_workdir / f"err_{job}_{job_id}.log").read_text()
+        err = Path(job_field(job_id, "StdErr")).read_text()
         assert "error:" in err and BAD[case][2] in err and str(slurm_workdir / f"{case}.conf") in err, err
         assert "srun" not in err and "Traceback" not in err
     assert not (slurm_workdir / "runs").exists()

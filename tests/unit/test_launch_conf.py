@@ -307,6 +307,14 @@ def test_defaults_when_neither_conf_nor_env_sets_a_variable(tmp_path, base_env):
     assert "TRAIN_SAMPLES" not in values and "BLEND_PATH" not in values
 
 
+def test_job_values_treats_empty_as_unset():
+    values = job_values("pretrain", {"MODEL": "tiny-qwen3", "NUM_GPUS": "", "LR": "1e-4", "TP_SIZE": "2"},
+                        Path("p.conf"))
+    assert values["NUM_GPUS"] == 8 and values["LR"] == pytest.approx(1e-4) and values["TP_SIZE"] == 2
+    with pytest.raises(ConfError, match=r"^p\.conf: required for a qad job"):
+        job_values("qad", {"MODEL": "tiny-qwen3"}, Path("p.conf"))
+
+
 def test_lr_default_is_for_qad_only(tmp_path, base_env):
     values = load_conf(str(write_conf(tmp_path, "export MODEL=tiny-qwen3\n")), "pretrain", base_env)[2]
     assert "LR" not in values  # the pretrain config's own LR applies

@@ -1,4 +1,4 @@
-"""python -m pytest tests/unit/test_launch_rundir.py  (run directory, file names, resume rule: train/launch/rundir.py)"""
+"""python -m pytest tests/unit/test_launch_rundir.py  (run dir, file names, resume rule: train/launch/rundir.py)"""
 
 import re
 import socket

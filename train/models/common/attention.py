@@ -43,8 +43,11 @@ def resolve_attention_backend(requested: str, device: torch.device | str, dtype:
             chosen, reason = "sdpa", "flash-attn is not installed"
         elif device_type not in ("cuda", "meta"):
             chosen, reason = "sdpa", f"flash-attn needs CUDA, model is on {device_type}"
-        elif dtype not in (torch.float16, torch.bfloat16):
+        elif dtype not in (torch.float16, torch.bfloat16) and device_type != "meta":
             chosen, reason = "sdpa", f"flash-attn needs fp16/bf16, parameters are {dtype}"
+        elif dtype not in (torch.float16, torch.bfloat16):
+            # meta + fp32: parameters for FSDP mixed precision, activations will be bf16.
+            reason = "runs on fp16/bf16 activations; fp32 calls use sdpa"
     if reason:
         logger.info("attention backend: %s (requested %s: %s)", chosen, requested, reason)
     else:
