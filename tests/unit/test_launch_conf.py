@@ -56,6 +56,11 @@ def test_absolute_and_relative_paths_are_taken_as_given(tmp_path, monkeypatch):
     assert resolve_conf_path("./mine.conf") == conf.resolve()
 
 
+def test_path_relative_to_the_checkout_works_from_anywhere(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # as in `cd /scratch && sbatch /repo/slurm/qad.sh --config conf.d/qwen3-8b.conf`
+    assert resolve_conf_path("conf.d/qwen3-8b.conf") == (CONF_DIR / "qwen3-8b.conf").resolve()
+
+
 def test_a_path_wins_over_a_conf_d_name(tmp_path, monkeypatch):
     local = write_conf(tmp_path, "export MODEL=tiny-llama2\n", "tiny-qwen3.conf")
     monkeypatch.chdir(tmp_path)
