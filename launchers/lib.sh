@@ -55,10 +55,11 @@ plan_job() {  # JOB: validates the conf; sets RUN_DIR SLURM_LOG ... TRAIN_OVERRI
 }
 
 source_conf() {  # export the conf's variables to torchrun and the workers (NCCL_*, HF_TOKEN, ...)
-  set -a
+  # as the plan sourced it: errexit on, unset variables allowed (${MODELS_ROOT}/x in confs)
+  set -a +u
   # shellcheck disable=SC1090
   source "$CONF_PATH"
-  set +a
+  set +a -u
 }
 
 tee_logs() {  # batch jobs: copy stdout/stderr into logs_slurm/ under names from logs_templates/

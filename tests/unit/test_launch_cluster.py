@@ -72,8 +72,6 @@ def test_expand_hostlist(hostlist, hosts):
     assert expand_hostlist(hostlist) == hosts
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: expand_hostlist handles one bracket group per host; SLURM "
-                   "expands 'rack[1-2]-n[1-2]' to the product, the fallback yields 'rack1-n[1-2]'")
 def test_expand_hostlist_several_bracket_groups():
     assert expand_hostlist("rack[1-2]-n[1-2]") == ["rack1-n1", "rack1-n2", "rack2-n1", "rack2-n2"]
 

@@ -123,11 +123,12 @@ def test_exit_status_of_an_explicit_exit_is_reported(tmp_path, base_env):
         source_conf(conf, base_env)
 
 
-def test_failure_in_the_middle_is_ignored_like_plain_source(tmp_path, base_env):
-    # No errexit while sourcing (the users' scripts `source` their confs the same way): a
-    # failing command followed by more lines does not stop the conf; later exports count.
+def test_failure_in_the_middle_stops_the_conf_and_names_the_line(tmp_path, base_env):
+    # errexit while sourcing, as launchers/lib.sh sources under set -e: a failing command
+    # is an error naming its line, not silently skipped.
     conf = write_conf(tmp_path, "export MODEL=tiny-qwen3\nfalse\nexport MBS=3\n")
-    assert source_conf(conf, base_env) == {"MODEL": "tiny-qwen3", "MBS": "3"}
+    with pytest.raises(ConfError, match=r"line 2: a command failed with exit 1"):
+        source_conf(conf, base_env)
 
 
 def test_conf_output_does_not_leak_into_the_variables(tmp_path, base_env):
@@ -160,8 +161,6 @@ def test_conf_sees_the_callers_environment(tmp_path, base_env):
     assert source_conf(conf, base_env) == {"STUDENT_CKPT": "/shared/models/Qwen3-8B"}
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: source_conf reports only set/changed variables, so a conf's "
-                   "`unset VAR` is lost and load_conf keeps the caller's value (plan and the sourced run differ)")
 def test_unset_in_the_conf_removes_the_callers_value(tmp_path, base_env):
     base_env["TRAIN_SAMPLES"] = "1000"
     conf = write_conf(tmp_path, "export MODEL=tiny-qwen3\nunset TRAIN_SAMPLES\n")

@@ -89,13 +89,15 @@ def _first_record_kind(item, options: RenderOptions) -> str:
 
 def _ordered_results(batches, worker_arguments, workers: int):
     """(batch, TokenizedBatch) in input order; at most 2 batches per worker in flight."""
+    # The loaded tokenizer reaches forked workers by inheritance: loading it once per
+    # worker would cost ~1 s each. The parent never encodes, so the Rust tokenizer's
+    # thread pool is still unused at fork time (it would disable parallelism otherwise).
+    tokenize_worker.init_worker(*worker_arguments)
     if workers == 1:
-        tokenize_worker.init_worker(*worker_arguments)
         for batch in batches:
             yield batch, tokenize_worker.tokenize_batch(batch)
         return
-    context = multiprocessing.get_context("fork")
-    with context.Pool(workers, tokenize_worker.init_worker, worker_arguments) as pool:
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
         pending = collections.deque()
         for batch in batches:
             pending.append((batch, pool.apply_async(tokenize_worker.tokenize_batch, (batch,))))
@@ -147,7 +149,7 @@ def preprocess(config) -> PreprocessSummary:
     summary = PreprocessSummary()
     progress = Progress(source.total)
     batches = _prepend(first_batch, source.batches)
-    worker_arguments = (config.tokenizer, options, config.append_eod, dtype.str, with_loss_mask)
+    worker_arguments = (tokenizer, options, config.append_eod, dtype.str, with_loss_mask)
     try:
         for batch, result in _ordered_results(batches, worker_arguments, config.workers):
             first_index = summary.records_read

@@ -33,8 +33,10 @@ def load_tokenizer(path: str):
         raise DataError(f"tokenizer {path!r} cannot be loaded: {error}") from None
 
 
-def init_worker(tokenizer_path: str, options: RenderOptions, append_eod: bool, dtype: str, with_loss_mask: bool) -> None:
-    tokenizer = load_tokenizer(tokenizer_path)
+def init_worker(tokenizer, options: RenderOptions, append_eod: bool, dtype: str, with_loss_mask: bool) -> None:
+    """Set this process's state; forked workers inherit it from the parent (no reload)."""
+    if isinstance(tokenizer, str):
+        tokenizer = load_tokenizer(tokenizer)
     _state.update(
         tokenizer=tokenizer,
         backend=tokenizer.backend_tokenizer,  # the Rust tokenizer: encode_batch

@@ -41,18 +41,25 @@ class ClusterEnv:
 
 
 def expand_hostlist(hostlist: str) -> list[str]:
-    """SLURM's compressed node list to host names: 'gpu[01-03,7],cpu1' -> gpu01 gpu02 gpu03 gpu7 cpu1."""
+    """SLURM's compressed node list to host names, as `scontrol show hostnames` does:
+    'gpu[01-03,7],cpu1' -> gpu01 gpu02 gpu03 gpu7 cpu1; 'r[1-2]-n[1-2]' -> r1-n1 r1-n2 r2-n1 r2-n2."""
     hosts = []
-    for match in re.finditer(r"([^,\[]+)(?:\[([^\]]+)\])?([^,]*)", hostlist):
-        prefix, ranges, suffix = match.groups()
-        if not ranges:
-            hosts.append(prefix + suffix)
-            continue
-        for part in ranges.split(","):
-            low, _, high = part.partition("-")
-            for number in range(int(low), int(high or low) + 1):
-                hosts.append(f"{prefix}{number:0{len(low)}d}{suffix}")
+    for name in re.findall(r"(?:[^,\[]|\[[^\]]*\])+", hostlist):
+        hosts.extend(_expand_name(name))
     return hosts
+
+
+def _expand_name(name: str) -> list[str]:
+    match = re.search(r"\[([^\]]+)\]", name)
+    if not match:
+        return [name]
+    head, tail = name[:match.start()], name[match.end():]
+    expanded = []
+    for part in match.group(1).split(","):
+        low, _, high = part.partition("-")
+        for number in range(int(low), int(high or low) + 1):
+            expanded.extend(f"{head}{number:0{len(low)}d}{rest}" for rest in _expand_name(tail))
+    return expanded
 
 
 def first_host(nodelist: str) -> str:

@@ -125,12 +125,15 @@ def resolve_conf_path(config: str) -> Path:
                     f"(known: {', '.join(known)})")
 
 
-_DUMP_ENV = 'set -a; source "$1" >&2 || exit $?; exec env -0'
+# errexit: a failing command stops the conf (as in lib.sh, which sources under set -e);
+# the ERR trap names the line. `|| exit` is not used: it would switch errexit off inside.
+_DUMP_ENV = ('set -ae; trap \'echo "line $LINENO: a command failed with exit $?" >&2\' ERR; '
+             'source "$1" >&2; exec env -0')
+_SHELL_VARIABLES = {"SHLVL", "_", "PWD", "OLDPWD"}
 
 
-def source_conf(path: Path, base_env: dict[str, str] | None = None) -> dict[str, str]:
-    """Source the conf in bash on top of base_env; return the variables it set or changed."""
-    base_env = dict(os.environ if base_env is None else base_env)
+def sourced_environment(path: Path, base_env: dict[str, str]) -> dict[str, str]:
+    """The whole environment after sourcing the conf on top of base_env (unsets included)."""
     syntax = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
     if syntax.returncode != 0:
         raise ConfError(f"{path}: bash cannot parse it: {syntax.stderr.strip()}")
@@ -140,8 +143,18 @@ def source_conf(path: Path, base_env: dict[str, str] | None = None) -> dict[str,
         raise ConfError(f"{path}: sourcing it failed (exit {result.returncode}): "
                         f"{result.stderr.strip() or 'no message'}")
     after = dict(item.split("=", 1) for item in result.stdout.split("\0") if "=" in item)
-    ignored = {"SHLVL", "_", "PWD", "OLDPWD"}
-    return {k: v for k, v in after.items() if k not in ignored and base_env.get(k) != v}
+    for name in _SHELL_VARIABLES:
+        after.pop(name, None)
+        if name in base_env:
+            after[name] = base_env[name]
+    return after
+
+
+def source_conf(path: Path, base_env: dict[str, str] | None = None) -> dict[str, str]:
+    """The variables the conf set or changed (for the typo warnings)."""
+    base_env = dict(os.environ if base_env is None else base_env)
+    after = sourced_environment(path, base_env)
+    return {k: v for k, v in after.items() if base_env.get(k) != v}
 
 
 def unknown_variable_warnings(conf_vars: dict[str, str], path: Path) -> list[str]:
@@ -217,8 +230,8 @@ def load_conf(config: str, job: str, base_env: dict[str, str] | None = None):
         raise ConfError(f"unknown job {job!r} (known: {', '.join(JOBS)})")
     path = resolve_conf_path(config)
     base_env = dict(os.environ if base_env is None else base_env)
-    conf_vars = source_conf(path, base_env)
-    env = {**base_env, **conf_vars}
+    env = sourced_environment(path, base_env)
+    conf_vars = {k: v for k, v in env.items() if base_env.get(k) != v}
     return path, env, job_values(job, env, path), unknown_variable_warnings(conf_vars, path)
 
 

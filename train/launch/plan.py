@@ -34,7 +34,11 @@ def hydra_value(value) -> str:
         return repr(value)
     text = str(value)
     plain = re.fullmatch(r"[A-Za-z_/.][A-Za-z0-9_./:@+%-]*", text) and text.lower() not in ("true", "false", "null")
-    return text if plain else "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    if plain:
+        return text
+    # Hydra unescapes backslashes only before a quote (and before the closing one).
+    escaped = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, text).replace("'", "\\'")
+    return f"'{escaped}'"
 
 
 def conf_hydra_overrides(job: str, values: dict) -> list[str]:
@@ -94,7 +98,9 @@ def check_parallel(cfg, world_size: int, conf: str) -> int:
     """Returns the data-parallel size; raises PlanError on sizes that do not fit."""
     tp, pp, ep = (cfg.parallel.tensor_parallel_size, cfg.parallel.pipeline_parallel_size,
                   cfg.parallel.expert_parallel_size)
-    for name, size in (("TP_SIZE", tp), ("PP_SIZE", pp), ("EP_SIZE", ep)):
+    sizes = (("TP_SIZE", tp), ("PP_SIZE", pp), ("EP_SIZE", ep), ("nodes x NUM_GPUS", world_size),
+             ("MBS", cfg.training.micro_batch_size), ("SEQ_LENGTH", cfg.data.seq_length))
+    for name, size in sizes:
         if size < 1:
             raise PlanError(f"{conf}: {name}={size} must be at least 1")
     if world_size % (tp * pp):
@@ -167,7 +173,10 @@ def default_train_samples(cfg, blend: str | None) -> int | None:
         return None
     from train.data.blend import train_samples_for_blend
 
-    return int(train_samples_for_blend(blend, cfg.data.seq_length))
+    try:
+        return int(train_samples_for_blend(blend, cfg.data.seq_length))
+    except ValueError as error:  # DataError: no train split, unreadable .idx, ...
+        raise PlanError(f"BLEND_PATH: {error}") from None
 
 
 # ----------------------------------------------------------------- the plan
