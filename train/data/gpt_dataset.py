@@ -71,29 +71,31 @@ class GPTDataset:
         self.document_index = arrays["document_index"]
         self.sample_index = arrays["sample_index"]
         self.shuffle_index = arrays["shuffle_index"]
+        # (sequences,) int64 each: where every sequence starts in .bin, in tokens, and its length
+        self._token_starts = self.indexed.sequence_pointers // self.indexed.dtype.itemsize
+        self._lengths = self.indexed.sequence_lengths.astype(np.int64)
 
     def __len__(self) -> int:
         return len(self.shuffle_index)
 
-    def _gather(self, indexed: IndexedDataset, sample: int) -> np.ndarray:
-        """The seq_length + 1 values of packed sample `sample` (before shuffling)."""
-        first_position, first_offset = self.sample_index[sample]
-        last_position, last_offset = self.sample_index[sample + 1]
-        if first_position == last_position:
-            return indexed.get(
-                self.document_index[first_position], first_offset, last_offset - first_offset + 1
-            )
-        pieces = [indexed.get(self.document_index[first_position], first_offset)]
-        for position in range(first_position + 1, last_position):
-            pieces.append(indexed.get(self.document_index[position]))
-        pieces.append(indexed.get(self.document_index[last_position], 0, last_offset + 1))
-        return np.concatenate(pieces)
+    def _gather(self, indexed: IndexedDataset, sample: int, out_dtype) -> np.ndarray:
+        """The seq_length + 1 values of packed sample `sample` (before shuffling), read as
+        one slice per document from the flat memory-mapped .bin and joined in one copy."""
+        first_position, first_offset = self.sample_index[sample].tolist()
+        last_position, last_offset = self.sample_index[sample + 1].tolist()
+        documents = self.document_index[first_position : last_position + 1]
+        starts = self._token_starts[documents].tolist()  # (pieces,) first token in .bin
+        ends = (self._token_starts[documents] + self._lengths[documents]).tolist()
+        starts[0] += first_offset
+        ends[-1] = starts[-1] + last_offset + 1 - (first_offset if len(starts) == 1 else 0)
+        flat = indexed.all_tokens
+        return np.concatenate([flat[a:b] for a, b in zip(starts, ends)], dtype=out_dtype, casting="safe")
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         sample = int(self.shuffle_index[index])
-        tokens = self._gather(self.indexed, sample).astype(np.int64)
+        tokens = self._gather(self.indexed, sample, np.int64)
         if self.loss_mask_indexed is not None:
-            loss_mask = self._gather(self.loss_mask_indexed, sample)[1:].astype(np.float32)
+            loss_mask = self._gather(self.loss_mask_indexed, sample, np.float32)[1:]
         else:
             loss_mask = np.ones(self.seq_length, dtype=np.float32)
         if self.eod_mask_loss:
