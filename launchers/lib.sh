@@ -44,7 +44,6 @@ parse_args() {  # sets CONFIG DRY_RUN OVERRIDES; exports HF_TOKEN
       *) usage "$0"; die "unknown argument: $1" ;;
     esac
   done
-  [[ -n $CONFIG ]] || { usage "$0"; die "--config is required"; }
 }
 
 plan_job() {  # JOB: validates the conf; sets RUN_DIR SLURM_LOG ... TRAIN_OVERRIDES
@@ -95,6 +94,7 @@ launch_job() {  # JOB MODE args...
   shift 2
   export LAUNCH_T0=${LAUNCH_T0:-$(date +%s.%N)}  # startup timeline (benchmarks/launch_latency)
   parse_args "$@"
+  [[ -n $CONFIG ]] || { usage "$0"; die "--config is required"; }
   export TRAIN_JOB=$job
   if ((DRY_RUN)); then
     exec "$PYTHON" -m train.launch.plan --job "$job" --config "$CONFIG" --dry-run \
@@ -116,4 +116,23 @@ launch_job() {  # JOB MODE args...
   fi
   [[ $status -eq 0 && $mode == batch ]] && maybe_requeue
   return "$status"
+}
+
+launch_preprocess() {  # MODE [--config C] [--dry-run] [-- key=value ...]: one process, no torchrun
+  local mode=$1
+  shift
+  parse_args "$@"
+  if [[ -n $CONFIG ]]; then
+    CONF_PATH=$("$PYTHON" -c 'import sys; from train.launch.conf import resolve_conf_path as r; print(r(sys.argv[1]))' \
+      "$CONFIG" 2>/dev/null) || die "--config $CONFIG: no such file or conf.d/ name"
+    source_conf
+  fi
+  if ((DRY_RUN)); then
+    exec "$PYTHON" -m train.launch.plan --job preprocess --dry-run -- "${OVERRIDES[@]}"
+  fi
+  "$PYTHON" -m train.launch.plan --job preprocess -- "${OVERRIDES[@]}" >/dev/null || exit $?
+  local command=("$PYTHON" -m train.preprocess "${OVERRIDES[@]}")
+  [[ $mode == batch ]] && command=(srun --ntasks=1 --kill-on-bad-exit=1 "${command[@]}")
+  note "preprocess: ${command[*]}"
+  "${command[@]}"
 }

@@ -177,3 +177,51 @@ def test_tokens_never_reach_the_run_dir_or_logs(two_node_chain, slurm_workdir):
         assert files_containing(directory.parent, token) in ([], [str(directory.parent / "token")])
     env_logs = list((root / RUN / "logs").glob("*.env.log")) + list((arg_root / RUN / "logs").glob("*.env.log"))
     assert len(env_logs) == 3 and all("HF_TOKEN=<redacted>" in p.read_text() for p in env_logs)
+
+
+def test_hydra_multirun_sweep_through_submitit(slurm_workdir):
+    """The README's LR sweep: one SLURM job per value through hydra-submitit-launcher."""
+    root = slurm_workdir / "runs"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    result = subprocess.run([sys.executable, "-m", "train.pretrain", "-m", "hydra/launcher=submitit_slurm",
+                             f"hydra.sweep.dir={slurm_workdir / 'sweep'}", "hydra.launcher.timeout_min=5",
+                             "optim.lr=1e-3,2e-3", "training.train_iters=2", f"checkpoint.root={root}"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for lr in ("0.001", "0.002"):
+        tracker = root / f"tiny-qwen3-Data-synthetic-lr{lr}" / "checkpoints/tiny-qwen3/latest_checkpointed_iteration.txt"
+        assert tracker.read_text().strip() == "2"
+
+
+def test_preprocess_job_feeds_a_two_node_pretraining_job(slurm_workdir):
+    """slurm/preprocess.sh writes Megatron files; a datablend names them; the pretraining
+    job reads them, with TRAIN_SAMPLES (so the iterations) taken from the blend."""
+    sys.path.insert(0, str(REPO / "tests" / "unit"))
+    from hf_fixtures import save_tiny_tokenizer
+
+    tokenizer = save_tiny_tokenizer(slurm_workdir / "tokenizer")
+    data = slurm_workdir / "data"
+    data.mkdir()
+    words = "the cat sat on a mat while dogs ran far away from home".split()
+    docs = [" ".join(words[(i + j) % len(words)] for j in range(20 + i % 15)) for i in range(300)]
+    (slurm_workdir / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    job = sbatch([str(REPO / "slurm/preprocess.sh"), "--", f"input={slurm_workdir / 'docs.jsonl'}",
+                  f"output_prefix={data / 'demo'}", f"tokenizer={tokenizer}", "workers=1"],
+                 cwd=slurm_workdir, env=job_env(slurm_workdir))
+    wait_for_state(job, {"COMPLETED"}, timeout_s=120)
+    prefix = data / "demo_text_document"
+    assert prefix.with_suffix(".bin").is_file() and prefix.with_suffix(".idx").is_file()
+    (data / "datablend_demo.json").write_text(json.dumps({"train": [1.0, str(prefix)]}))
+
+    root = slurm_workdir / "runs"
+    job = sbatch(["--nodes=2", str(REPO / "slurm/pretrain.sh"), "--config", "tiny-qwen3", "--",
+                  "training.train_iters=null"], cwd=slurm_workdir,
+                 env=job_env(root, DATASET_NAME="demo", DATACACHE_DIR=str(data)))
+    wait_for_state(job, {"COMPLETED"}, timeout_s=180)
+    from train.data.blend import train_samples_for_blend
+
+    samples = train_samples_for_blend(str(data / "datablend_demo.json"), 64)
+    out = next((root / "logs_slurm").glob(f"local-pretrain_{job}_*.log")).read_text()
+    assert f"train samples {samples}" in out
+    tracker = root / "tiny-qwen3-Data-demo-lr0.001/checkpoints/tiny-qwen3/latest_checkpointed_iteration.txt"
+    assert int(tracker.read_text()) == samples // 8  # GBS = MBS 2 x 4 ranks

@@ -278,15 +278,36 @@ def shell_exports(plan: JobPlan, overrides: list[str]) -> str:
     return "\n".join(lines)
 
 
+def preprocess_plan(overrides: list[str]) -> dict:
+    """The preprocessing job: its composed config (every ??? given) and command line."""
+    from omegaconf import OmegaConf
+
+    cfg = compose_config("preprocess", overrides)
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise PlanError(f"preprocess: give {', '.join(f'{key}=...' for key in missing)} after --")
+    return {"job": "preprocess", "config": OmegaConf.to_container(cfg),
+            "node_commands": [shlex.join(["python", "-m", "train.preprocess", *overrides])]}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.launch.plan", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--job", required=True, choices=["qad", "pretrain", "finetune"])
-    parser.add_argument("--config", required=True)
+    parser.add_argument("--job", required=True, choices=["qad", "pretrain", "finetune", "preprocess"])
+    parser.add_argument("--config", help="the .conf (not used by preprocess)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan as JSON")
     parser.add_argument("--nodes", type=int, help="nodes the job will get (submission time)")
     parser.add_argument("--format", choices=["json", "shell"], default="json")
     parser.add_argument("overrides", nargs="*", help="Hydra key=value overrides (after --)")
     args = parser.parse_args(argv)
+    if args.job == "preprocess":
+        try:
+            print(json.dumps(preprocess_plan(args.overrides), indent=2))
+        except Exception as error:  # Hydra's message names the bad key
+            print(f"error: {error}", file=sys.stderr)
+            return EXIT_USAGE
+        return 0
+    if not args.config:
+        parser.error("--config is required")
     try:
         plan, overrides, warnings = plan_from_conf(args.job, args.config, args.overrides, dict(os.environ),
                                                    args.nodes, strict_paths=not args.dry_run)
