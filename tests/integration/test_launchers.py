@@ -48,6 +48,7 @@ def trained(tmp_path_factory):
     return root, first, second
 
 
+@pytest.mark.slow
 def test_standalone_run_writes_the_design_layout(trained):
     root, first, _ = trained
     assert first.returncode == 0, first.stderr[-3000:]
@@ -63,6 +64,7 @@ def test_standalone_run_writes_the_design_layout(trained):
     assert "world size 2 (1 nodes x 2 procs)" in first.stderr + first.stdout
 
 
+@pytest.mark.slow
 def test_token_from_file_is_redacted_everywhere(trained):
     root, first, _ = trained
     env_logs = sorted((run_dir(root) / "logs").glob("*.env.log"))
@@ -71,6 +73,7 @@ def test_token_from_file_is_redacted_everywhere(trained):
     assert TOKEN not in first.stdout + first.stderr
 
 
+@pytest.mark.slow
 def test_second_run_resumes_at_the_next_iteration(trained):
     root, _, second = trained
     assert second.returncode == 0, second.stderr[-3000:]
@@ -138,6 +141,7 @@ def test_hf_token_argument_warns_that_slurm_stores_it(tmp_path):
     assert "scontrol show job" in result.stderr and TOKEN not in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_usr2_saves_at_the_current_iteration_and_stops(tmp_path):
     env = launcher_env(tmp_path)
     process = subprocess.Popen(["bash", str(REPO / "launchers/pretrain.sh"), "--config", "tiny-qwen3", "--",
@@ -164,6 +168,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_manual_multi_node_two_launchers_meet(tmp_path):
     common = dict(NNODES="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), NUM_GPUS="1",
                   RUN_DATETIME="20260101_000000")
@@ -185,6 +190,7 @@ def tiny_hf(tmp_path_factory) -> Path:
     return models
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("job,conf,run_name", [
     ("qad", "tiny-qwen3-qad", "tiny-qwen3-Teacher-tiny-qwen3-Data-synthetic-lr0.0001"),
     ("finetune", "tiny-qwen3-lora", "tiny-qwen3-Data-synthetic-lr0.001"),
