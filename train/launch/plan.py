@@ -314,8 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfError, PlanError, cluster_lib.ClusterError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    for warning in warnings + [f"warning: {p}" for p in plan.path_problems]:
-        print(f"warning: {warning}" if not warning.startswith("warning:") else warning, file=sys.stderr)
+    for message in warnings + plan.path_problems:
+        print(f"warning: {message}", file=sys.stderr)
     if args.format == "shell":
         print(shell_exports(plan, overrides))
     else:
