@@ -92,7 +92,11 @@ class ParallelConfig:
     tensor_parallel_size: int = 1  # TP_SIZE
     pipeline_parallel_size: int = 1  # PP_SIZE
     expert_parallel_size: int = 1  # EP_SIZE
-    data_parallel: str = "ddp"  # ddp (FSDP2 / ZeRO options arrive with the trainer issue)
+    # DP_SHARDING: ddp | fsdp (FSDP2, ZeRO-3) | fsdp_zero2 | zero1 (DDP + sharded optimizer state);
+    # train/parallel/data_parallel.py gives the memory of each
+    data_parallel: str = "ddp"
+    activation_checkpointing: bool = False  # ACTIVATION_CHECKPOINTING: recompute each block in backward
+    compile: bool = False  # COMPILE: torch.compile each block
     backend: str = "auto"  # auto: nccl with CUDA, gloo without
     timeout_s: int = 1800  # collective timeout; DIST_TIMEOUT_S
 

@@ -6,7 +6,7 @@ import torch
 
 from train.datasets import build_train_dataset
 from train.launch.job import start_job
-from train.parallel import apply_data_parallel
+from train.parallel import build_mesh, parallelize
 
 log = logging.getLogger("train")
 
@@ -51,7 +51,8 @@ def run_job(job: str, cfg, loss_fn=None) -> str:
     vocab_size = model.args.vocab_size
     if job == "finetune":
         model = apply_lora(model, cfg.lora)
-    model = apply_data_parallel(model, cfg.parallel, ctx.device)
+    model = parallelize(model, cfg.parallel, build_mesh(ctx.world_size, cfg.parallel.tensor_parallel_size,
+                                                         torch.device(ctx.device).type), ctx.device)
     ctx.mark("model_built")
     dataset = build_train_dataset(cfg, ctx, vocab_size)
     trainer = Trainer(cfg, ctx, model, dataset, loss_fn)

@@ -1,19 +1,34 @@
-"""Parallelism applied to a built model from outside (models never import torch.distributed)."""
+"""Parallelism applied to a built model from outside (models never import torch.distributed).
 
-import logging
+    python -m pytest tests/unit/test_parallel_checks.py tests/integration/test_parallel.py
 
-import torch
-import torch.distributed as dist
+    mesh.py             build_mesh: the ("dp", "tp") DeviceMesh, built once per job
+    tensor_parallel.py  DTensor plans per family (colwise q/k/v/gate/up, rowwise o/down)
+    data_parallel.py    ddp | fsdp | fsdp_zero2 | zero1 (and the ZeRO-1 optimizer)
+    apply.py            parallelize: TP, then activation checkpointing, then compile, then DP
+    checks.py           torch-free validation (the launch plan may call it)
 
-log = logging.getLogger("train")
+Names resolve lazily so that `train.parallel.checks` stays importable without torch.
+"""
+
+_EXPORTS = {
+    "build_mesh": "mesh",
+    "parallelize": "apply",
+    "apply_data_parallel": "apply",
+    "apply_tensor_parallel": "tensor_parallel",
+    "wants_zero_redundancy_optimizer": "data_parallel",
+    "build_zero_redundancy_optimizer": "data_parallel",
+    "check_parallel_settings": "checks",
+    "ParallelSettingsError": "checks",
+}
 
 
-def apply_data_parallel(model: torch.nn.Module, parallel_cfg, device: str) -> torch.nn.Module:
-    if parallel_cfg.tensor_parallel_size > 1 or parallel_cfg.pipeline_parallel_size > 1:
-        raise NotImplementedError("TP_SIZE/PP_SIZE > 1 arrive with the trainer issue; use 1 for now")
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return model
-    if parallel_cfg.data_parallel != "ddp":
-        raise ValueError(f"parallel.data_parallel={parallel_cfg.data_parallel!r}: only ddp for now")
-    device_ids = [torch.device(device).index] if device.startswith("cuda") else None
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'train.parallel' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"train.parallel.{_EXPORTS[name]}"), name)
+
+
+__all__ = list(_EXPORTS)

@@ -100,12 +100,13 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         batch, seq_len, _ = x.shape
-        q = self.q_proj(x).view(batch, seq_len, self.num_heads, self.head_dim)  # (B, T, H, hd)
-        k = self.k_proj(x).view(batch, seq_len, self.num_kv_heads, self.head_dim)  # (B, T, KV, hd)
-        v = self.v_proj(x).view(batch, seq_len, self.num_kv_heads, self.head_dim)  # (B, T, KV, hd)
+        # -1 heads: under tensor parallelism each rank holds H / TP and KV / TP of them.
+        q = self.q_proj(x).view(batch, seq_len, -1, self.head_dim)  # (B, T, H, hd)
+        k = self.k_proj(x).view(batch, seq_len, -1, self.head_dim)  # (B, T, KV, hd)
+        v = self.v_proj(x).view(batch, seq_len, -1, self.head_dim)  # (B, T, KV, hd)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         out = attention_scores(q, k, v, self.backend)  # (B, T, H, hd)
-        return self.o_proj(out.reshape(batch, seq_len, self.num_heads * self.head_dim))
+        return self.o_proj(out.reshape(batch, seq_len, -1))  # (B, T, H * hd) -> (B, T, D)

@@ -1,0 +1,72 @@
+"""parallelize(model, parallel_cfg, mesh, device): torchtitan's order, applied to a built model.
+
+    python -m pytest tests/integration/test_parallel.py
+
+1. tensor parallelism (TP_SIZE > 1): DTensor plans, tensor_parallel.py
+2. activation checkpointing per block (parallel.activation_checkpointing): recompute in backward
+3. torch.compile per block (parallel.compile): after AC so the recomputation is compiled too
+4. data parallelism over "dp" (parallel.data_parallel): ddp | fsdp | fsdp_zero2 | zero1;
+   FSDP goes last so that it shards the TP-split, checkpointed, compiled blocks
+"""
+
+import logging
+
+import torch
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.device_mesh import DeviceMesh
+
+from train.parallel.checks import check_parallel_settings
+from train.parallel.data_parallel import apply_ddp, apply_fsdp
+from train.parallel.mesh import build_mesh
+from train.parallel.tensor_parallel import apply_tensor_parallel
+
+log = logging.getLogger("train")
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Each block keeps only its input; activations inside are recomputed during backward.
+
+    checkpoint_wrapper inserts `_checkpoint_wrapped_module.` into names, and strips it again from
+    state dicts (and DCP's FQNs), so checkpoints keep the HF names.
+    """
+    for index, block in enumerate(model.layers):
+        model.layers[index] = checkpoint_wrapper(block, preserve_rng_state=False)
+
+
+def apply_compile(model: nn.Module) -> None:
+    """Compiles each block in place (module names unchanged); all blocks share one graph."""
+    for block in model.layers:
+        block.compile()
+
+
+def parallelize(model: nn.Module, parallel_cfg, mesh: DeviceMesh | None, device: str) -> nn.Module:
+    """Returns the model to train: `model` itself (TP, FSDP), or a DDP wrapper around it."""
+    world_size = mesh.size() if mesh is not None else 1
+    check_parallel_settings(parallel_cfg, getattr(model, "args", None), world_size)
+    tp = mesh["tp"].size() if mesh is not None else 1
+    dp = mesh["dp"].size() if mesh is not None else 1
+    if tp > 1:
+        apply_tensor_parallel(model, mesh["tp"])
+    if parallel_cfg.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if parallel_cfg.compile:
+        apply_compile(model)
+    strategy = parallel_cfg.data_parallel
+    if dp > 1:
+        if strategy in ("fsdp", "fsdp_zero2"):
+            model = apply_fsdp(model, mesh["dp"], reshard_after_forward=strategy == "fsdp")
+        else:  # ddp, zero1 (the optimizer shards its state: data_parallel.py)
+            model = apply_ddp(model, mesh["dp"], device)
+    log.info("parallelism: dp %d (%s) x tp %d; activation checkpointing %s, compile %s", dp, strategy, tp,
+             "on" if parallel_cfg.activation_checkpointing else "off", "on" if parallel_cfg.compile else "off")
+    return model
+
+
+def apply_data_parallel(model: nn.Module, parallel_cfg, device: str) -> nn.Module:
+    """The former entry point: builds the mesh from the process group, then parallelize()."""
+    import torch.distributed as dist
+
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    mesh = build_mesh(world_size, parallel_cfg.tensor_parallel_size, torch.device(device).type)
+    return parallelize(model, parallel_cfg, mesh, device)

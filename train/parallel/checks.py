@@ -1,0 +1,43 @@
+"""Torch-free checks of the parallel settings, for the launch plan (train/launch/plan.py) and parallelize().
+
+    python -c "from train.parallel.checks import check_parallel_settings"   (no torch import)
+"""
+
+DATA_PARALLEL_STRATEGIES = {
+    "ddp": "DistributedDataParallel: full replicas, gradients all-reduced",
+    "fsdp": "FSDP2 fully_shard per block and root; parameters resharded after forward (ZeRO-3)",
+    "fsdp_zero2": "FSDP2 with reshard_after_forward=False: parameters stay gathered until backward (ZeRO-2)",
+    "zero1": "DDP plus ZeroRedundancyOptimizer: optimizer state sharded over data-parallel ranks",
+}
+
+
+class ParallelSettingsError(ValueError):
+    """A parallel setting that cannot work; the message names the variable."""
+
+
+def check_parallel_settings(parallel_cfg, model_args=None, world_size: int | None = None) -> None:
+    """Raises ParallelSettingsError; model_args (train.models.registry.ModelArgs) adds the TP shape checks."""
+    strategy = parallel_cfg.data_parallel
+    if strategy not in DATA_PARALLEL_STRATEGIES:
+        raise ParallelSettingsError(f"parallel.data_parallel={strategy!r} (DP_SHARDING): use one of "
+                                    f"{', '.join(DATA_PARALLEL_STRATEGIES)}")
+    if parallel_cfg.pipeline_parallel_size > 1:
+        raise ParallelSettingsError(f"PP_SIZE={parallel_cfg.pipeline_parallel_size}: pipeline parallelism "
+                                    "is not supported; use PP_SIZE=1")
+    if parallel_cfg.expert_parallel_size > 1:
+        raise ParallelSettingsError(f"EP_SIZE={parallel_cfg.expert_parallel_size}: expert parallelism "
+                                    "is not supported; use EP_SIZE=1")
+    tp = parallel_cfg.tensor_parallel_size
+    if tp > 1 and world_size is not None and world_size // tp > 1 and strategy in ("ddp", "zero1"):
+        # DDP cannot reduce DTensor gradients; FSDP2 composes with TP on a 2-D mesh.
+        raise ParallelSettingsError(f"TP_SIZE={tp} with data-parallel size {world_size // tp}: "
+                                    f"parallel.data_parallel={strategy!r} does not compose with tensor "
+                                    "parallelism; use fsdp or fsdp_zero2")
+    if tp > 1 and model_args is not None:
+        # Heads split whole across TP ranks (query head h reads KV head h // (H / KV) on the same
+        # rank); the MLP splits its hidden dimension.
+        for name in ("num_heads", "num_kv_heads", "intermediate_size"):
+            value = getattr(model_args, name)
+            if value % tp:
+                raise ParallelSettingsError(f"TP_SIZE={tp} does not divide {name}={value} of model "
+                                            f"{model_args.name}")
