@@ -1,0 +1,187 @@
+"""torchrun --nproc-per-node=2 tests/integration/parallel_worker.py RESULTS.json  (driven by test_parallel.py)
+
+Each case builds a debug model twice on every rank: a single-device reference that sees the
+whole global batch, and a copy parallelized by train.parallel that sees this rank's share.
+Rank 0 writes {case: "ok" | the first failing rank's traceback} to RESULTS.json; the pytest side asserts per case.
+"""
+
+import json
+import os
+import sys
+import traceback
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+from train.models import build_model, init_weights
+from train.optim import build_optimizer
+from train.parallel import build_mesh, build_zero_redundancy_optimizer, parallelize
+
+GLOBAL_BATCH, SEQ_LEN = 4, 16
+WRAPPER_NAMES = ("_checkpoint_wrapped_module.", "_orig_mod.")  # inside names; DDP adds "module." in front
+
+
+def parallel_cfg(**overrides):
+    values = dict(tensor_parallel_size=1, pipeline_parallel_size=1, expert_parallel_size=1,
+                  data_parallel="ddp", activation_checkpointing=False, compile=False)
+    return SimpleNamespace(**{**values, **overrides})
+
+
+def optim_cfg():
+    # eps 1e-4, not 1e-8: with a tiny eps AdamW moves a weight by ~lr whatever the size of its
+    # gradient, so rounding noise of the other sign on a near-zero gradient becomes a 2 x lr
+    # difference; a larger eps keeps the update a smooth function of the gradient.
+    return SimpleNamespace(lr=1e-2, weight_decay=0.1, beta1=0.9, beta2=0.95, eps=1e-4)
+
+
+def fresh_model(name: str):
+    model = build_model(name, device="cpu")
+    return init_weights(model, 1234)
+
+
+def batch(vocab: int, step: int) -> torch.Tensor:
+    """(GLOBAL_BATCH, SEQ_LEN + 1) tokens, the same on every rank."""
+    generator = torch.Generator().manual_seed(100 + step)
+    return torch.randint(0, vocab, (GLOBAL_BATCH, SEQ_LEN + 1), generator=generator)
+
+
+def loss_of(model, tokens: torch.Tensor) -> torch.Tensor:
+    logits = model(tokens[:, :-1])  # (B, T, vocab)
+    return F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+
+
+def clean(name: str) -> str:
+    """The reference model's name of a parameter of the wrapped model."""
+    for wrapper in WRAPPER_NAMES:
+        name = name.replace(wrapper, "")
+    return name.removeprefix("module.")
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def train_and_compare(name: str, cfg, steps: int = 3, zero1: bool = False) -> None:
+    """`steps` AdamW steps: parallel losses, gradients and weights equal the reference's.
+
+    Tolerances allow for reductions in another order; a wrong gradient (a missing TP or DP
+    reduction) fails the gradient check at the first step.
+    """
+    world, rank = dist.get_world_size(), dist.get_rank()
+    reference = fresh_model(name)
+    reference_optimizer = build_optimizer(reference, optim_cfg())
+    model = parallelize(fresh_model(name), cfg, build_mesh(world, cfg.tensor_parallel_size), "cpu")
+    optimizer = (build_zero_redundancy_optimizer(model, optim_cfg()) if zero1
+                 else build_optimizer(model, optim_cfg()))
+    dp, dp_rank = world // cfg.tensor_parallel_size, rank // cfg.tensor_parallel_size
+    share = GLOBAL_BATCH // dp
+    for step in range(steps):
+        tokens = batch(reference.args.vocab_size, step)
+        reference_loss = loss_of(reference, tokens)
+        reference_loss.backward()
+        loss = loss_of(model, tokens[dp_rank * share:(dp_rank + 1) * share])
+        loss.backward()
+        loss = loss.detach().clone()
+        dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+        torch.testing.assert_close(loss, reference_loss.detach(), rtol=1e-5, atol=1e-6)
+        reference_grads = {n: p.grad for n, p in reference.named_parameters()}
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(full(p.grad), reference_grads[clean(n)], rtol=1e-3, atol=1e-5,
+                                       msg=lambda m, n=n: f"step {step} grad {n}: {m}")
+        reference_optimizer.step(), reference_optimizer.zero_grad()
+        optimizer.step(), optimizer.zero_grad()
+    reference_params = dict(reference.named_parameters())
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(full(p.detach()), reference_params[clean(n)].detach(), rtol=1e-3, atol=1e-4,
+                                   msg=lambda m, n=n: f"weight {n}: {m}")
+    if zero1:  # each rank keeps AdamW moments for its own parameters only
+        states = len(optimizer.optim.state)
+        assert 0 < states < len(list(model.parameters())), states
+
+
+def case_ddp():
+    train_and_compare("debug-llama3", parallel_cfg(data_parallel="ddp"))
+
+
+def case_zero1():
+    train_and_compare("debug-qwen3", parallel_cfg(data_parallel="zero1"), zero1=True)
+
+
+def case_fsdp_activation_checkpointing():
+    train_and_compare("debug-qwen3", parallel_cfg(data_parallel="fsdp", activation_checkpointing=True))
+
+
+def case_tp_qwen3():  # per-head q/k norm, GQA 4:2, tied embeddings
+    train_and_compare("debug-qwen3", parallel_cfg(tensor_parallel_size=2))
+
+
+def case_tp_gpt2():  # biases, LayerNorm, learned positions, GELU MLP
+    train_and_compare("debug-gpt2", parallel_cfg(tensor_parallel_size=2))
+
+
+def case_tp_llama2():  # untied lm_head, no q/k norm
+    train_and_compare("debug-llama2", parallel_cfg(tensor_parallel_size=2))
+
+
+def case_fsdp_layout():
+    model = parallelize(fresh_model("debug-qwen3"), parallel_cfg(data_parallel="fsdp"),
+                        build_mesh(2, 1), "cpu")
+    reference = dict(fresh_model("debug-qwen3").named_parameters())
+    for n, p in model.named_parameters():
+        assert isinstance(p, DTensor) and p.placements == (Shard(0),), (n, p.placements)
+        rows = reference[n].shape[0]
+        expected = (rows + 1) // 2 if dist.get_rank() == 0 else rows // 2  # torch.chunk split
+        assert p.to_local().shape[0] == expected, (n, p.to_local().shape, rows)
+    names = set(model.state_dict())
+    assert names == set(fresh_model("debug-qwen3").state_dict()), names ^ set(reference)
+
+
+def case_tp_layout():
+    # debug-qwen3: hidden 64, 4 heads / 2 KV of 16, MLP 192, vocab 512; TP 2 halves each split.
+    model = parallelize(fresh_model("debug-qwen3"), parallel_cfg(tensor_parallel_size=2),
+                        build_mesh(2, 2), "cpu")
+    attention, mlp = model.layers[0].self_attn, model.layers[0].mlp
+    expected = {
+        attention.q_proj.weight: ((32, 64), Shard(0)), attention.k_proj.weight: ((16, 64), Shard(0)),
+        attention.v_proj.weight: ((16, 64), Shard(0)), attention.o_proj.weight: ((64, 32), Shard(1)),
+        mlp.gate_proj.weight: ((96, 64), Shard(0)), mlp.up_proj.weight: ((96, 64), Shard(0)),
+        mlp.down_proj.weight: ((64, 96), Shard(1)), model.embed_tokens.weight: ((256, 64), Shard(0)),
+        attention.q_norm.weight: ((16,), Replicate()), model.norm.weight: ((64,), Replicate()),
+    }
+    for parameter, (shape, placement) in expected.items():
+        assert isinstance(parameter, DTensor) and parameter.placements == (placement,), parameter.placements
+        assert tuple(parameter.to_local().shape) == shape, (parameter.to_local().shape, shape)
+    assert model.lm_head.weight is model.embed_tokens.weight  # still tied
+    assert all(isinstance(p, DTensor) for p in model.parameters())
+
+
+CASES = {name[len("case_"):]: function for name, function in globals().items() if name.startswith("case_")}
+
+
+def main() -> None:
+    dist.init_process_group("gloo")
+    torch.manual_seed(0)
+    only = sys.argv[2].split(",") if len(sys.argv) > 2 else list(CASES)
+    results = {}
+    for name in only:
+        try:
+            CASES[name]()
+            results[name] = "ok"
+        except Exception:  # noqa: BLE001 - reported per case; the ranks stay in step
+            results[name] = traceback.format_exc()
+        dist.barrier()
+    every_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(every_rank, results)
+    merged = {name: next((r[name] for r in every_rank if r[name] != "ok"), "ok") for name in results}
+    if dist.get_rank() == 0:
+        with open(sys.argv[1], "w") as f:
+            json.dump(merged, f, indent=1)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()
