@@ -47,6 +47,9 @@ def parallelize(model: nn.Module, parallel_cfg, mesh: DeviceMesh | None, device:
     tp = mesh["tp"].size() if mesh is not None else 1
     dp = mesh["dp"].size() if mesh is not None else 1
     if tp > 1:
+        if any("lora_" in name for name, _ in model.named_parameters()):
+            raise NotImplementedError("TP_SIZE > 1 with LoRA adapters: the TP plans cover plain Linear "
+                                      "layers only; use TP_SIZE=1 (FSDP or DDP) for fine-tuning")
         apply_tensor_parallel(model, mesh["tp"])
     if parallel_cfg.activation_checkpointing:
         apply_activation_checkpointing(model)

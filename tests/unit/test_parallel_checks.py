@@ -1,0 +1,76 @@
+"""python -m pytest tests/unit/test_parallel_checks.py  (one process, no process group: checks, AC, compile wrapping)"""
+
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from train.models import build_model, get_model_args, init_weights
+from train.parallel import ParallelSettingsError, build_mesh, check_parallel_settings, parallelize
+
+
+def settings(**overrides):
+    values = dict(tensor_parallel_size=1, pipeline_parallel_size=1, expert_parallel_size=1,
+                  data_parallel="ddp", activation_checkpointing=False, compile=False)
+    return SimpleNamespace(**{**values, **overrides})
+
+
+def test_checks_import_without_torch():
+    code = "import sys, train.parallel.checks; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "fsdp_zero2", "zero1"])
+def test_every_strategy_is_accepted(strategy):
+    check_parallel_settings(settings(data_parallel=strategy), get_model_args("tiny-qwen3"), world_size=8)
+
+
+@pytest.mark.parametrize("overrides, world_size, message", [
+    (dict(data_parallel="zero3"), 2, "parallel.data_parallel='zero3'"),
+    (dict(pipeline_parallel_size=2), 2, "pipeline parallelism is not supported; use PP_SIZE=1"),
+    (dict(expert_parallel_size=2), 2, "EP_SIZE=2"),
+    (dict(tensor_parallel_size=4), 4, "TP_SIZE=4 does not divide num_kv_heads=2"),  # tiny: 4 heads, 2 KV
+    (dict(tensor_parallel_size=2, data_parallel="ddp"), 4, "use fsdp or fsdp_zero2"),
+    (dict(tensor_parallel_size=2, data_parallel="zero1"), 4, "use fsdp or fsdp_zero2"),
+])
+def test_impossible_settings_are_named(overrides, world_size, message):
+    with pytest.raises(ParallelSettingsError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        check_parallel_settings(settings(**overrides), get_model_args("tiny-qwen3"), world_size)
+
+
+def test_tensor_parallel_alone_may_use_the_default_strategy():
+    # TP_SIZE = world size: data-parallel size 1, nothing for DDP to do.
+    check_parallel_settings(settings(tensor_parallel_size=2), get_model_args("tiny-qwen3"), world_size=2)
+
+
+def test_one_process_has_no_mesh():
+    assert build_mesh(1, 1) is None
+    with pytest.raises(ValueError, match="TP_SIZE=2 needs 2 processes"):
+        build_mesh(1, 2)
+
+
+def test_one_process_leaves_the_model_alone():
+    model = init_weights(build_model("debug-qwen3", device="cpu"), 0)
+    assert parallelize(model, settings(data_parallel="fsdp"), None, "cpu") is model
+
+
+def test_activation_checkpointing_keeps_names_outputs_and_gradients():
+    reference = init_weights(build_model("debug-llama3", device="cpu"), 0)
+    model = parallelize(init_weights(build_model("debug-llama3", device="cpu"), 0),
+                        settings(activation_checkpointing=True), None, "cpu")
+    assert any(name.endswith("_checkpoint_wrapped_module") for name, _ in model.named_modules())
+    assert list(model.state_dict()) == list(reference.state_dict())  # checkpoints keep HF names
+    tokens = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
+    for m in (reference, model):
+        m(tokens).float().logsumexp(-1).mean().backward()
+    for (name, p), (_, q) in zip(reference.named_parameters(), model.named_parameters()):
+        torch.testing.assert_close(q.grad, p.grad, msg=name)
+
+
+def test_compile_wraps_each_block_in_place():
+    # Only the wrapping: an inductor compile on CPU takes about a minute.
+    model = parallelize(init_weights(build_model("debug-qwen3", device="cpu"), 0), settings(compile=True), None, "cpu")
+    assert all(block._compiled_call_impl is not None for block in model.layers)
+    assert list(model.state_dict())[1].startswith("layers.0.")
