@@ -9,16 +9,21 @@ import json
 import os
 import sys
 import traceback
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from train.models import build_model, init_weights
 from train.optim import build_optimizer
-from train.parallel import build_mesh, build_zero_redundancy_optimizer, parallelize
+from train.parallel import (build_mesh, build_zero_redundancy_optimizer, parallelize,
+                            zero_redundancy_optimizer_state_dict)
 
 GLOBAL_BATCH, SEQ_LEN = 4, 16
 WRAPPER_NAMES = ("_checkpoint_wrapped_module.", "_orig_mod.")  # inside names; DDP adds "module." in front
@@ -124,6 +129,49 @@ def case_tp_gpt2():  # biases, LayerNorm, learned positions, GELU MLP
 
 def case_tp_llama2():  # untied lm_head, no q/k norm
     train_and_compare("debug-llama2", parallel_cfg(tensor_parallel_size=2))
+
+
+def case_zero1_checkpoint():
+    """A ZeRO-1 checkpoint (DCP, disjoint optimizer shares) resumes under DDP and under ZeRO-1."""
+    name, world, rank = "debug-qwen3", dist.get_world_size(), dist.get_rank()
+    directory = str(Path(sys.argv[1]).parent / "zero1_checkpoint")
+
+    def zero1_model():
+        model = parallelize(fresh_model(name), parallel_cfg(data_parallel="zero1"), build_mesh(world, 1), "cpu")
+        return model, build_zero_redundancy_optimizer(model, optim_cfg())
+
+    def step(model, optimizer, index):
+        tokens = batch(model.module.args.vocab_size, index)
+        loss_of(model, tokens[rank * 2:(rank + 1) * 2]).backward()
+        optimizer.step(), optimizer.zero_grad()
+
+    original, original_optimizer = zero1_model()
+    for index in range(2):
+        step(original, original_optimizer, index)
+    dcp.save({"model": get_model_state_dict(original),
+              "optimizer": zero_redundancy_optimizer_state_dict(original, original_optimizer)},
+             checkpoint_id=directory)
+
+    ddp = parallelize(fresh_model(name), parallel_cfg(data_parallel="ddp"), build_mesh(world, 1), "cpu")
+    ddp_optimizer = build_optimizer(ddp, optim_cfg())
+    model_state, optimizer_state = get_state_dict(ddp, ddp_optimizer)  # the trainer's resume
+    tensors = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(tensors, checkpoint_id=directory)
+    set_state_dict(ddp, ddp_optimizer, model_state_dict=tensors["model"], optim_state_dict=tensors["optimizer"])
+
+    resumed, resumed_optimizer = zero1_model()
+    tensors = {"model": get_model_state_dict(resumed),
+               "optimizer": zero_redundancy_optimizer_state_dict(resumed, resumed_optimizer)}
+    dcp.load(tensors, checkpoint_id=directory)
+    set_model_state_dict(resumed, tensors["model"])
+
+    for model, optimizer in ((original, original_optimizer), (ddp, ddp_optimizer), (resumed, resumed_optimizer)):
+        step(model, optimizer, 2)
+    expected = dict(original.named_parameters())
+    for model in (ddp, resumed):
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(p.detach(), expected[n].detach(), rtol=1e-5, atol=1e-6,
+                                       msg=lambda m, n=n: f"weight {n}: {m}")
 
 
 def case_fsdp_layout():

@@ -4,8 +4,8 @@ Two kinds of runs:
 - the real entrypoint (`torchrun -m train.pretrain parallel.data_parallel=...`): losses read
   from the run's JSONL metrics equal a single-process run with the same global batch;
 - tests/integration/parallel_worker.py: gradients, weights, DTensor placements and local
-  shapes against a single-device reference inside the same processes (ZeRO-1 lives there
-  until the trainer builds its optimizer).
+  shapes against a single-device reference inside the same processes; ZeRO-1 and its DCP
+  checkpoints live there until the trainer builds its optimizer with train.parallel.
 """
 
 import json
@@ -71,6 +71,14 @@ def test_two_processes_match_one(tmp_path, single_process, overrides):
 
 
 @pytest.mark.slow
+def test_four_processes_tp2_times_fsdp2_match_one(tmp_path, single_process):
+    """The 2-D mesh: TP inside pairs of ranks, FSDP2 across them (DTensors sharded on both)."""
+    parallel = pretrain(tmp_path, ["training.train_iters=3", "parallel.tensor_parallel_size=2",
+                                   "parallel.data_parallel=fsdp"], processes=4)
+    assert parallel == pytest.approx(single_process[:3], rel=1e-4)
+
+
+@pytest.mark.slow
 def test_checkpoint_saved_under_fsdp_resumes_under_ddp(tmp_path, single_process):
     """DCP reshards: FSDP's Shard(0) DTensors load into DDP's full tensors, optimizer moments too."""
     first = pretrain(tmp_path, ["training.train_iters=2", "parallel.data_parallel=fsdp"])
@@ -89,7 +97,7 @@ def run_worker(tmp_path: Path, cases: list[str]) -> dict[str, str]:
 
 
 LAYOUT_CASES = ["fsdp_layout", "tp_layout"]
-TRAINING_CASES = ["ddp", "zero1", "fsdp_activation_checkpointing", "tp_qwen3", "tp_gpt2", "tp_llama2"]
+TRAINING_CASES = ["ddp", "zero1", "zero1_checkpoint", "fsdp_activation_checkpointing", "tp_qwen3", "tp_gpt2", "tp_llama2"]
 
 
 @pytest.fixture(scope="module")

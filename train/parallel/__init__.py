@@ -18,6 +18,7 @@ _EXPORTS = {
     "apply_tensor_parallel": "tensor_parallel",
     "wants_zero_redundancy_optimizer": "data_parallel",
     "build_zero_redundancy_optimizer": "data_parallel",
+    "zero_redundancy_optimizer_state_dict": "data_parallel",
     "check_parallel_settings": "checks",
     "ParallelSettingsError": "checks",
 }

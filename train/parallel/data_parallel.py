@@ -39,6 +39,38 @@ def build_zero_redundancy_optimizer(model: nn.Module, optim_cfg, dp_mesh: Device
         process_group=dp_mesh.get_group() if dp_mesh is not None else None)
 
 
+def parameter_fqn(name: str) -> str:
+    """A parameter's checkpoint name: wrapper prefixes dropped, as get_state_dict does."""
+    return name.removeprefix("module.").replace("_checkpoint_wrapped_module.", "")
+
+
+def zero_redundancy_optimizer_state_dict(model: nn.Module, optimizer) -> dict:
+    """This rank's share of a ZeRO-1 AdamW state, in get_state_dict's layout (keys: parameter FQNs).
+
+        {"state": {fqn: {"step": (), "exp_avg": param shape, "exp_avg_sq": param shape}},
+         "param_groups": [{lr, betas, ..., "params": [fqn, ...]}]}   groups list every FQN
+
+    The ranks' "state" entries are disjoint: DCP merges them into one checkpoint that DDP/FSDP
+    runs load as usual. For a load, pass the dict to dcp.load: the tensors are the optimizer's
+    own and are filled in place (before the first step they are created as zeros, step 0,
+    which is what AdamW's first step would create).
+    """
+    names = {parameter: parameter_fqn(name) for name, parameter in model.named_parameters()}
+    local = optimizer.optim  # the AdamW over this rank's parameters only
+    state = {}
+    for group in local.param_groups:
+        for parameter in group["params"]:
+            if parameter not in local.state:
+                local.state[parameter] = {"step": torch.zeros((), dtype=torch.get_default_dtype()),
+                                          "exp_avg": torch.zeros_like(parameter),
+                                          "exp_avg_sq": torch.zeros_like(parameter)}
+            state[names[parameter]] = local.state[parameter]
+    groups = [{**{key: value for key, value in group.items() if key != "params"},
+               "params": [names[parameter] for parameter in group["params"]]}
+              for group in optimizer.param_groups]
+    return {"state": state, "param_groups": groups}
+
+
 def apply_ddp(model: nn.Module, dp_mesh: DeviceMesh, device: str) -> nn.Module:
     device_ids = [torch.device(device).index] if device.startswith("cuda") else None
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, process_group=dp_mesh.get_group())
