@@ -79,11 +79,15 @@ def test_four_processes_tp2_times_fsdp2_match_one(tmp_path, single_process):
 
 
 @pytest.mark.slow
-def test_checkpoint_saved_under_fsdp_resumes_under_ddp(tmp_path, single_process):
-    """DCP reshards: FSDP's Shard(0) DTensors load into DDP's full tensors, optimizer moments too."""
-    first = pretrain(tmp_path, ["training.train_iters=2", "parallel.data_parallel=fsdp"])
+@pytest.mark.parametrize("saved_with, resumed_with", [
+    ("parallel.data_parallel=fsdp", "parallel.data_parallel=ddp"),
+    ("parallel.tensor_parallel_size=2", "parallel.data_parallel=fsdp"),
+], ids=["fsdp-to-ddp", "tp2-to-fsdp"])
+def test_checkpoint_resumes_under_another_layout(tmp_path, single_process, saved_with, resumed_with):
+    """DCP reshards: Shard(0)/TP DTensors load into another layout, optimizer moments too."""
+    first = pretrain(tmp_path, ["training.train_iters=2", saved_with])
     assert first == pytest.approx(single_process[:2], rel=1e-4)
-    resumed = pretrain(tmp_path, ["training.train_iters=4", "parallel.data_parallel=ddp"])
+    resumed = pretrain(tmp_path, ["training.train_iters=4", resumed_with])
     assert resumed == pytest.approx(single_process, rel=1e-4)
 
 
