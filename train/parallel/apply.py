@@ -31,11 +31,13 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
     state dicts (and DCP's FQNs), so checkpoints keep the HF names.
     """
     for index, block in enumerate(model.layers):
+        # No dropout in these models: nothing random to replay, so no RNG state to stash.
         model.layers[index] = checkpoint_wrapper(block, preserve_rng_state=False)
 
 
 def apply_compile(model: nn.Module) -> None:
-    """Compiles each block in place (module names unchanged); all blocks share one graph."""
+    """Compiles each block in place (module names unchanged); the blocks, alike but for their
+    parameters (graph inputs), reuse one compiled graph instead of compiling the whole model."""
     for block in model.layers:
         block.compile()
 
