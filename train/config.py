@@ -105,7 +105,10 @@ class ParallelConfig:
 class CheckpointConfig:
     root: str = "runs"  # QAD_CHECKPOINT_ROOT: run directories live below
     save_interval: int = 100  # iterations
+    save_interval_s: float = 0.0  # also save when this much wall time passed since the last save (0: off)
     keep_last: int = 3
+    keep_every: int = 0  # iterations divisible by this are never purged (0: off)
+    async_save: bool = False  # dcp.async_save with CUDA; synchronous on CPU
     save_on_signal: bool = True  # SIGUSR2/SIGTERM: finish the iteration, save, stop
     requeue: bool = True  # ask the sbatch wrapper to `scontrol requeue` after a signal save
 

@@ -73,7 +73,12 @@ class Trainer:
                                    masked_cross_entropy(model(inputs), targets, mask))
         self.optimizer = build_optimizer(model, cfg.optim)
         self.state = TrainState()
-        self.checkpoints = CheckpointManager(self.plan.paths.checkpoints, cfg.checkpoint.keep_last)
+        self.checkpoints = CheckpointManager(
+            self.plan.paths.checkpoints, cfg.checkpoint.keep_last, keep_every=cfg.checkpoint.get("keep_every", 0),
+            save_interval_s=cfg.checkpoint.get("save_interval_s", 0.0),
+            async_save=cfg.checkpoint.get("async_save", False))
+        self.checkpoints.clean_leftovers()  # *.tmp of a save that was killed
+        self._saved_iteration = None  # the iteration this process last saved or resumed from
         self.metrics = MetricsLogger(self.plan.paths.metrics_log if cfg.logging.jsonl else None,
                                      self.plan.paths.tensorboard if cfg.logging.tensorboard else None,
                                      enabled=ctx.is_main)
@@ -82,8 +87,14 @@ class Trainer:
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict:
+        """trainer.pt. The LR schedule has no state of its own: the LR is a pure function of the
+        iteration (train/optim.py learning_rate); "scheduler" records its settings for reference."""
+        optim = self.cfg.optim
         return {"iteration": self.state.iteration, "consumed_samples": self.state.consumed_samples,
-                "skipped_iterations": self.state.skipped_iterations, "model_name": str(self.cfg.model.name)}
+                "skipped_iterations": self.state.skipped_iterations, "model_name": str(self.cfg.model.name),
+                "scheduler": {"schedule": str(optim.schedule), "lr": optim.lr, "min_lr": optim.min_lr,
+                              "warmup_iters": optim.warmup_iters, "train_iters": self.plan.train_iters,
+                              "last_lr": self.optimizer.param_groups[0]["lr"]}}
 
     def load_state_dict(self, state: dict) -> None:
         self.state = TrainState(state["iteration"], state["consumed_samples"], state["skipped_iterations"])
@@ -93,15 +104,29 @@ class Trainer:
         return {"model": model_state, "optimizer": optimizer_state}
 
     def save(self) -> None:
-        self.checkpoints.save(self.state.iteration, self.tensors(), self.state_dict())
+        """Saves the current iteration (once: a second call at the same iteration does nothing)."""
+        if self._saved_iteration == self.state.iteration:
+            return
+        from omegaconf import OmegaConf
+
+        config_yaml = OmegaConf.to_yaml(self.cfg, resolve=True) if self.ctx.is_main else None
+        self.checkpoints.save(self.state.iteration, self.tensors(), self.state_dict(), config_yaml)
+        self._saved_iteration = self.state.iteration
 
     def resume(self) -> None:
+        from train.checkpoint import CheckpointMismatch
+        from train.launch.job import fail
+
         iteration = self.plan.resume.iteration
         tensors = self.tensors()
-        trainer_state = self.checkpoints.load(iteration, tensors)
+        try:
+            trainer_state = self.checkpoints.load(iteration, tensors, model_name=str(self.cfg.model.name))
+        except CheckpointMismatch as error:
+            fail(str(error))
         set_state_dict(self.model, self.optimizer, model_state_dict=tensors["model"],
                        optim_state_dict=tensors["optimizer"])
         self.load_state_dict(trainer_state)
+        self._saved_iteration = self.state.iteration
         log.info("resumed from %s: iteration %d, %d samples consumed", self.checkpoints.path(iteration),
                  self.state.iteration, self.state.consumed_samples)
 
@@ -161,7 +186,7 @@ class Trainer:
                 self.metrics.log(self.state.iteration, {
                     "loss": loss, "lr": lr, "grad_norm": grad_norm, "iter_time_s": elapsed,
                     "tokens_per_s": tokens_per_iter / elapsed, "skipped": self.state.skipped_iterations})
-            if self.state.iteration % cfg.checkpoint.save_interval == 0:
+            if self.state.iteration % cfg.checkpoint.save_interval == 0 or self.checkpoints.time_to_save():
                 self.save()
             if self.stop.agreed():
                 reason = "signal"
@@ -174,6 +199,7 @@ class Trainer:
         else:
             if self.state.iteration % cfg.checkpoint.save_interval:
                 self.save()
+        self.checkpoints.finalize()  # an async save publishes before the process exits
         self.metrics.close()
         self.write_stop_file(reason)
         log.info("stopped at iteration %d: %s", self.state.iteration, reason)

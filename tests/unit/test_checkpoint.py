@@ -1,0 +1,174 @@
+"""python -m pytest tests/unit/test_checkpoint.py  (CheckpointManager in one process, no process group)"""
+
+import logging
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+import train.checkpoint as checkpoint_module
+from train.checkpoint import CheckpointManager, CheckpointMismatch, checkpoint_iterations
+from train.launch.rundir import TRACKER_FILE
+
+
+def model_and_optimizer(width: int = 8, seed: int = 0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.Linear(width, 2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randn(4, width)).sum().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+def tensors(model, optimizer) -> dict:
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optimizer": optimizer_state}
+
+
+def save(manager: CheckpointManager, iteration: int, model, optimizer, name: str = "tiny") -> None:
+    manager.save(iteration, tensors(model, optimizer), {"iteration": iteration, "model_name": name},
+                 config_yaml=f"model:\n  name: {name}\n")
+
+
+def test_round_trip_restores_tensors_rng_and_writes_the_layout(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=3)
+    model, optimizer = model_and_optimizer()
+    random.seed(5), np.random.seed(5), torch.manual_seed(5)
+    save(manager, 10, model, optimizer)
+    expected = (random.random(), np.random.rand(), torch.rand(1))
+    directory = tmp_path / "iter_0000010"
+    assert {p.name for p in directory.iterdir()} == {".metadata", "__0_0.distcp", "trainer.pt", "rng_rank0.pt",
+                                                    "config.yaml"}
+    assert (tmp_path / TRACKER_FILE).read_text() == "10\n"
+    trainer_state = torch.load(directory / "trainer.pt", weights_only=False)
+    assert trainer_state["world_size"] == 1 and trainer_state["model_shapes"]["0.weight"] == (8, 8)
+
+    other, other_optimizer = model_and_optimizer(seed=1)
+    state = tensors(other, other_optimizer)
+    loaded = manager.load(10, state, model_name="tiny")
+    set_state_dict(other, other_optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    assert loaded["iteration"] == 10
+    for a, b in zip(model.parameters(), other.parameters()):
+        assert torch.equal(a, b)
+    exp_avg = optimizer.state[next(iter(model.parameters()))]["exp_avg"]
+    assert torch.equal(exp_avg, other_optimizer.state[next(iter(other.parameters()))]["exp_avg"])
+    assert (random.random(), np.random.rand(), torch.rand(1)) == expected
+
+
+def test_a_save_that_fails_before_publishing_leaves_the_tracker_and_is_cleaned(tmp_path, monkeypatch):
+    manager = CheckpointManager(tmp_path, keep_last=3)
+    model, optimizer = model_and_optimizer()
+    save(manager, 2, model, optimizer)
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint_module.CheckpointManager, "_publish", crash)
+    with pytest.raises(OSError):
+        save(manager, 4, model, optimizer)
+    assert (tmp_path / TRACKER_FILE).read_text() == "2\n"
+    assert (tmp_path / "iter_0000004.tmp").is_dir() and not (tmp_path / "iter_0000004").exists()
+    monkeypatch.undo()
+    assert CheckpointManager(tmp_path, keep_last=3).clean_leftovers() == [tmp_path / "iter_0000004.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000002", TRACKER_FILE]
+
+
+def test_publish_refuses_an_incomplete_directory(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=3)
+    model, optimizer = model_and_optimizer()
+    save(manager, 2, model, optimizer)
+    temporary = tmp_path / "iter_0000004.tmp"
+    temporary.mkdir()
+    torch.save({"world_size": 2}, temporary / "trainer.pt")
+    with pytest.raises(RuntimeError, match="incomplete"):
+        manager._publish(4, temporary, tmp_path / "iter_0000004")
+    assert (tmp_path / TRACKER_FILE).read_text() == "2\n"
+
+
+@pytest.mark.parametrize("keep_last,keep_every,kept", [
+    (2, 0, [5, 6]),
+    (2, 2, [2, 4, 5, 6]),
+    (1, 3, [3, 6]),
+    (0, 0, [1, 2, 3, 4, 5, 6]),  # 0: keep everything
+])
+def test_retention_keeps_the_last_k_and_every_nth(tmp_path, keep_last, keep_every, kept):
+    manager = CheckpointManager(tmp_path, keep_last=keep_last, keep_every=keep_every)
+    model, optimizer = model_and_optimizer(width=2)
+    for iteration in range(1, 7):
+        save(manager, iteration, model, optimizer)
+    assert checkpoint_iterations(tmp_path) == kept
+
+
+def test_a_checkpoint_of_another_model_is_refused_before_loading(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=3)
+    model, optimizer = model_and_optimizer(width=8)
+    save(manager, 1, model, optimizer, name="tiny-qwen3")
+    other, other_optimizer = model_and_optimizer(width=16)
+    before = [p.clone() for p in other.parameters()]
+    with pytest.raises(CheckpointMismatch) as error:
+        manager.load(1, tensors(other, other_optimizer), model_name="tiny-llama3")
+    message = str(error.value)
+    assert "'tiny-qwen3'" in message and "'tiny-llama3'" in message
+    assert "model.0.weight: checkpoint [8, 8], model [16, 16]" in message
+    assert all(torch.equal(a, b) for a, b in zip(before, other.parameters()))  # nothing loaded
+
+
+def test_missing_and_extra_parameters_are_named(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=3)
+    model, optimizer = model_and_optimizer()
+    save(manager, 1, model, optimizer)
+    bigger = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2), torch.nn.Linear(2, 2))
+    with pytest.raises(CheckpointMismatch, match=r"missing from the checkpoint: model\.2\.bias, model\.2\.weight"):
+        manager.load(1, tensors(bigger, torch.optim.AdamW(bigger.parameters())), model_name="tiny")
+
+
+def test_missing_rng_file_of_a_new_rank_keeps_the_seeded_rng(tmp_path, caplog):
+    manager = CheckpointManager(tmp_path, keep_last=3)
+    model, optimizer = model_and_optimizer()
+    save(manager, 1, model, optimizer)
+    (tmp_path / "iter_0000001" / "rng_rank0.pt").unlink()  # as if saved by other ranks only
+    torch.manual_seed(99)
+    expected = torch.rand(1)
+    torch.manual_seed(99)
+    manager.load(1, tensors(model, optimizer))
+    assert torch.equal(torch.rand(1), expected)
+    assert "keeping the seeded RNG" in caplog.text
+
+
+def test_wall_time_trigger(tmp_path):
+    assert not CheckpointManager(tmp_path, keep_last=1).time_to_save()  # off by default
+    manager = CheckpointManager(tmp_path, keep_last=1, save_interval_s=30)
+    assert not manager.time_to_save()
+    manager.last_save_time -= 31
+    assert manager.time_to_save()
+    model, optimizer = model_and_optimizer(width=2)
+    save(manager, 1, model, optimizer)  # a save restarts the clock
+    assert not manager.time_to_save()
+
+
+def test_async_save_falls_back_to_sync_without_cuda(tmp_path, caplog):
+    if torch.cuda.is_available():
+        pytest.skip("CPU-only behaviour")
+    caplog.set_level(logging.INFO, logger="train")
+    manager = CheckpointManager(tmp_path, keep_last=3, async_save=True)
+    model, optimizer = model_and_optimizer(width=2)
+    save(manager, 1, model, optimizer)
+    save(manager, 2, model, optimizer)
+    assert (tmp_path / TRACKER_FILE).read_text() == "2\n"
+    assert caplog.text.count("saving synchronously") == 1
+
+
+def test_async_path_publishes_at_finalize(tmp_path, monkeypatch):
+    """The async code path (forced on CPU): nothing is published until the write finished."""
+    manager = CheckpointManager(tmp_path, keep_last=3, async_save=True)
+    monkeypatch.setattr(manager, "_use_async", lambda: True)
+    model, optimizer = model_and_optimizer(width=2)
+    save(manager, 1, model, optimizer)
+    assert not (tmp_path / TRACKER_FILE).exists()
+    save(manager, 2, model, optimizer)  # publishes 1 first
+    assert (tmp_path / TRACKER_FILE).read_text() == "1\n"
+    manager.finalize()
+    assert (tmp_path / TRACKER_FILE).read_text() == "2\n"
+    assert checkpoint_iterations(tmp_path) == [1, 2]
