@@ -81,8 +81,12 @@ class TrainingConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast, fp32 master weights)
     log_interval: int = 1
     log_params_norm: bool = False
-    eval_interval: int = 0  # 0: no evaluation
-    eval_iters: int = 2
+    eval_interval: int = 0  # 0: no evaluation; else val_loss/val_ppl every N iterations
+    eval_iters: int = 2  # micro-batches of the valid split per data-parallel rank
+    eval_only: bool = False  # load the latest checkpoint (or initial weights), evaluate, exit
+    # non-finite loss/grad norm: the step is skipped; this many in a row stop the job (0: never)
+    max_bad_iterations: int = 5
+    debug_nan_at_iteration: Optional[str] = None  # tests: "3" or "3-7": report a NaN loss there
     # seconds of wall time after which the job saves and stops cleanly (0: no budget)
     time_budget_s: float = 0.0
 
@@ -139,8 +143,8 @@ class LoraConfig:
 
 @dataclass
 class LoggingConfig:
-    tensorboard: bool = True
-    jsonl: bool = True
+    tensorboard: bool = True  # scalars in tensorboard/<model>/
+    jsonl: bool = True  # logs/<model>_<job>_<datetime>.jsonl (train/metrics.py lists the keys)
 
 
 @dataclass

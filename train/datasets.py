@@ -33,3 +33,22 @@ def build_train_dataset(cfg, ctx: JobContext, vocab_size: int):
     datasets = build_datasets(plan.blend_path, cfg.data.seq_length, {"train": samples}, seed=cfg.data.seed,
                               cache_dir=str(plan.paths.run_dir / "data_index"))
     return datasets["train"]
+
+
+EVAL_SEED_OFFSET = 7919  # the synthetic valid split: same generator, other sequences
+
+
+def build_eval_dataset(cfg, ctx: JobContext, vocab_size: int):
+    """The valid split for evaluation; None when the blend has no valid split."""
+    if cfg.data.source == "synthetic":
+        return SyntheticSequences(vocab_size, cfg.data.seq_length, cfg.data.seed + EVAL_SEED_OFFSET)
+    from train.data import build_datasets
+    from train.data.blend import load_blend
+
+    plan = ctx.plan
+    if "valid" not in load_blend(plan.blend_path).splits:
+        return None
+    samples = cfg.training.eval_iters * cfg.training.micro_batch_size * plan.data_parallel_size
+    datasets = build_datasets(plan.blend_path, cfg.data.seq_length, {"valid": samples}, seed=cfg.data.seed,
+                              cache_dir=str(plan.paths.run_dir / "data_index"))
+    return datasets.get("valid")

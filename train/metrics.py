@@ -1,11 +1,41 @@
-"""Metrics fan-out on rank 0: one console line, a JSONL run log, TensorBoard scalars."""
+"""Metrics fan-out on rank 0: one console line, a JSONL run log, TensorBoard scalars.
+
+JSONL (logs/<model>_<job>_<datetime>.jsonl): one JSON object per line, each with
+"iteration" and "time". Training records (every training.log_interval):
+
+    loss lr grad_norm [params_norm] iter_time_s tokens_per_s tokens_per_s_per_device
+    flops_per_token mfu memory_allocated_gb memory_peak_gb skipped train_iters
+
+Evaluation records (every training.eval_interval, and the one of an eval-only job):
+val_loss val_ppl (+ "eval_only": true). Values that do not exist on the device (MFU on
+a CPU, CUDA memory on a CPU) are null in the JSONL, "n/a" on the console, and absent
+from TensorBoard. On a CPU memory_peak_gb is the process's peak RSS (getrusage) and
+memory_allocated_gb is null.
+"""
 
 import json
 import logging
+import math
+import os
+import sys
 import time
 from pathlib import Path
 
+import torch
+
+from train import mfu as mfu_lib
+
 log = logging.getLogger("train")
+NOT_SCALARS = {"train_iters", "eval_only"}  # context fields: JSONL only
+GB = 1024**3
+
+
+def format_value(value) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
 
 
 class MetricsLogger:
@@ -18,21 +48,139 @@ class MetricsLogger:
 
             self.tensorboard = SummaryWriter(str(tensorboard_dir))
 
-    def log(self, iteration: int, metrics: dict[str, float]) -> None:
+    def log(self, iteration: int, metrics: dict) -> None:
         if not self.enabled:
             return
-        text = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+        text = " | ".join(f"{k} {format_value(v)}" for k, v in metrics.items() if k not in NOT_SCALARS)
         log.info("iter %d | %s", iteration, text)
-        if self.jsonl:
-            self.jsonl.write(json.dumps({"iteration": iteration, "time": time.time(), **metrics}) + "\n")
+        if self.jsonl and not self.jsonl.closed:
+            record = {"iteration": iteration, "time": time.time(), **metrics}
+            self.jsonl.write(json.dumps({k: json_safe(v) for k, v in record.items()}) + "\n")
             self.jsonl.flush()
         if self.tensorboard:
             for key, value in metrics.items():
-                if isinstance(value, (int, float)):
+                if key not in NOT_SCALARS and isinstance(value, (int, float)) and not isinstance(value, bool):
                     self.tensorboard.add_scalar(key, value, iteration)
+            self.tensorboard.flush()
 
     def close(self) -> None:
         if self.jsonl:
             self.jsonl.close()
         if self.tensorboard:
             self.tensorboard.close()
+
+
+def json_safe(value):
+    """NaN/inf are not JSON: they go into the log as the strings "nan", "inf", "-inf"."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+# ------------------------------------------------------------------ what is measured
+
+def memory_gb(device: str) -> tuple[float | None, float | None]:
+    """(allocated, peak) in GiB: CUDA allocator on a GPU; (None, peak RSS) on a CPU."""
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        dev = torch.device(device)
+        return torch.cuda.memory_allocated(dev) / GB, torch.cuda.max_memory_allocated(dev) / GB
+    try:
+        import resource
+
+        peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    except (ImportError, OSError):
+        return None, None
+    # Linux reports KiB, macOS bytes
+    return None, peak_kb * (1 if sys.platform == "darwin" else 1024) / GB
+
+
+@torch.no_grad()
+def params_norm(model: torch.nn.Module) -> float:
+    """L2 norm of all parameters. Sharded parameters (FSDP/TP DTensors) are gathered one at a
+    time, so every rank must call this (it does: the metrics are computed on every rank)."""
+    from torch.distributed.tensor import DTensor
+
+    squares = [(p.full_tensor() if isinstance(p, DTensor) else p).detach().float().pow(2).sum()
+               for p in model.parameters()]
+    return float(torch.stack(squares).sum().sqrt().item()) if squares else 0.0
+
+
+def iteration_metrics(trainer, loss: float, lr: float, grad_norm: float, elapsed: float) -> dict:
+    """The training record of one logged iteration (see the module docstring)."""
+    cfg, plan, ctx = trainer.cfg, trainer.plan, trainer.ctx
+    tokens = plan.global_batch_size * cfg.data.seq_length
+    tokens_per_s = tokens / elapsed if elapsed > 0 else 0.0
+    per_device = tokens_per_s / max(ctx.world_size, 1)
+    cache = trainer.__dict__.setdefault("_monitor_cache", {})
+    if "flops_per_token" not in cache:
+        cache["flops_per_token"] = mfu_lib.model_flops_per_token(trainer.model, cfg.data.seq_length)
+        cache["peak_flops"] = mfu_lib.device_peak_flops(ctx.device)
+    allocated, peak = memory_gb(ctx.device)
+    metrics = {"loss": loss, "lr": lr, "grad_norm": grad_norm}
+    if cfg.training.log_params_norm:
+        metrics["params_norm"] = params_norm(trainer.model)
+    metrics.update({
+        "iter_time_s": elapsed, "tokens_per_s": tokens_per_s, "tokens_per_s_per_device": per_device,
+        "flops_per_token": cache["flops_per_token"],
+        "mfu": mfu_lib.mfu(cache["flops_per_token"], per_device, cache["peak_flops"]),
+        "memory_allocated_gb": allocated, "memory_peak_gb": peak,
+        "skipped": trainer.state.skipped_iterations, "train_iters": plan.train_iters,
+    })
+    return metrics
+
+
+# ------------------------------------------------------------------ non-finite guard
+
+class NonFiniteStop(SystemExit):
+    """Raised on every rank after max_bad_iterations non-finite iterations in a row (exit 3)."""
+
+    EXIT_CODE = 3
+
+    def __init__(self, message: str):
+        super().__init__(self.EXIT_CODE)
+        self.message = message
+
+
+def is_bad(loss: float, grad_norm: float) -> bool:
+    return not (math.isfinite(loss) and math.isfinite(grad_norm))
+
+
+def debug_nan(trainer, loss: float) -> float:
+    """training.debug_nan_at_iteration=N[,M-K]: report a NaN loss at those iterations (tests)."""
+    spec = str(trainer.cfg.training.get("debug_nan_at_iteration") or "").strip()
+    if not spec:
+        return loss
+    from train.data.sampler import parse_iterations_to_skip
+
+    return float("nan") if trainer.state.iteration + 1 in set(parse_iterations_to_skip(spec)) else loss
+
+
+def check_bad_streak(trainer, bad: bool) -> None:
+    """Counts non-finite iterations in a row; after training.max_bad_iterations of them
+    stops the job without saving (the last good checkpoint stays the latest)."""
+    streak = trainer.__dict__.get("_bad_streak", 0) + 1 if bad else 0
+    trainer._bad_streak = streak
+    limit = trainer.cfg.training.get("max_bad_iterations", 5)
+    if bad and trainer.ctx.is_main:
+        log.warning("iteration %d: non-finite loss or grad norm, optimizer step skipped (%d in a row)",
+                    trainer.state.iteration + 1, streak)
+    if not limit or streak < limit:
+        return
+    last = trainer.checkpoints.latest_iteration()
+    good = f"iter_{last:07d}" if last is not None else "none (no checkpoint saved yet)"
+    message = (f"stopping: {streak} consecutive iterations with non-finite loss/grad norm "
+               f"(iterations {trainer.state.iteration + 2 - streak}-{trainer.state.iteration + 1}); "
+               f"last good checkpoint is {good}")
+    finalize = getattr(trainer.checkpoints, "finalize", None)
+    if finalize:  # an asynchronous save of a good iteration still publishes
+        finalize()
+    if trainer.ctx.is_main:
+        log.error(message)
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        path = os.environ.get("TRAIN_STOP_FILE")
+        if path:
+            with open(path, "w") as f:
+                json.dump({"reason": "non_finite", "iteration": trainer.state.iteration, "requeue": False,
+                           "signal": None, "message": message}, f)
+    trainer.metrics.close()
+    raise NonFiniteStop(message)

@@ -21,7 +21,8 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from train.checkpoint import CheckpointManager
 from train.data.sampler import MicroBatchSampler, parse_iterations_to_skip
 from train.launch.job import JobContext
-from train.metrics import MetricsLogger
+from train.evaluate import eval_only, maybe_evaluate
+from train.metrics import MetricsLogger, check_bad_streak, debug_nan, is_bad, iteration_metrics
 from train.optim import build_optimizer, learning_rate
 
 log = logging.getLogger("train")
@@ -160,6 +161,8 @@ class Trainer:
         if self.plan.resume.decision == "resume":
             self.resume()
         cfg, plan = self.cfg, self.plan
+        if cfg.training.eval_only:
+            return eval_only(self)
         accumulation = plan.global_batch_size // (cfg.training.micro_batch_size * plan.data_parallel_size)
         tokens_per_iter = plan.global_batch_size * cfg.data.seq_length
         batches = self.microbatches()
@@ -173,7 +176,10 @@ class Trainer:
             loss, grad_norm = self.train_step(batches, accumulation)
             if "first_step" not in self.ctx.timeline:
                 self.ctx.mark("first_step")
-            skip = (self.state.iteration + 1) in self.iterations_to_skip or not math.isfinite(loss)
+            loss = debug_nan(self, loss)
+            bad = is_bad(loss, grad_norm)  # same on every rank: loss all-reduced, grads synced
+            check_bad_streak(self, bad)  # raises NonFiniteStop (exit 3) after max_bad_iterations
+            skip = (self.state.iteration + 1) in self.iterations_to_skip or bad
             if skip:
                 self.state.skipped_iterations += 1
             else:
@@ -183,9 +189,8 @@ class Trainer:
             self.state.consumed_samples += plan.global_batch_size
             elapsed = time.time() - tick
             if self.state.iteration % cfg.training.log_interval == 0:
-                self.metrics.log(self.state.iteration, {
-                    "loss": loss, "lr": lr, "grad_norm": grad_norm, "iter_time_s": elapsed,
-                    "tokens_per_s": tokens_per_iter / elapsed, "skipped": self.state.skipped_iterations})
+                self.metrics.log(self.state.iteration, iteration_metrics(self, loss, lr, grad_norm, elapsed))
+            maybe_evaluate(self)  # every training.eval_interval iterations
             if self.state.iteration % cfg.checkpoint.save_interval == 0 or self.checkpoints.time_to_save():
                 self.save()
             if self.stop.agreed():

@@ -1,0 +1,104 @@
+"""Evaluation on the valid split: val_loss and val_ppl.
+
+Every training.eval_interval iterations (0: never) each data-parallel rank runs
+training.eval_iters micro-batches of the valid split (the same samples every time, so
+evaluations compare); the loss is the language-model cross entropy over the loss-masked
+tokens (also for QAD, whose training loss is the KD loss), summed over the micro-batches
+and all ranks, then divided by the token count: a token-weighted mean over the
+data-parallel ranks. val_ppl = exp(val_loss). Both go to the metrics sinks with the
+iteration they were taken at.
+
+Eval-only (training.eval_only=true / EVAL_ONLY=1): the trainer loads the latest
+checkpoint (the resume rule; otherwise the job started from its initial weights),
+evaluates once, logs {"val_loss", "val_ppl", "eval_only": true} and returns without an
+optimizer step or a checkpoint.
+"""
+
+import logging
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+log = logging.getLogger("train")
+
+
+def eval_batches(dataset, eval_iters: int, micro_batch_size: int, dp_rank: int, dp_size: int):
+    """The sample indices of each micro-batch of one rank: disjoint across ranks, fixed."""
+    for step in range(eval_iters):
+        first = (step * dp_size + dp_rank) * micro_batch_size
+        yield list(range(first, first + micro_batch_size))
+
+
+def eval_dataset(trainer):
+    """The valid split, built on first use (cached on the trainer); None without one."""
+    cache = trainer.__dict__.setdefault("_monitor_cache", {})
+    if "eval_dataset" not in cache:
+        from train.datasets import build_eval_dataset
+
+        inner = getattr(trainer.model, "module", trainer.model)
+        vocab_size = inner.args.vocab_size
+        cache["eval_dataset"] = build_eval_dataset(trainer.cfg, trainer.ctx, vocab_size)
+        if cache["eval_dataset"] is None:
+            log.warning("evaluation skipped: the datablend has no valid split")
+    return cache["eval_dataset"]
+
+
+@torch.no_grad()
+def evaluate(trainer) -> dict | None:
+    """{"val_loss", "val_ppl"} averaged over every data-parallel rank; None without a valid split."""
+    from train.trainer import to_batch
+
+    dataset = eval_dataset(trainer)
+    if dataset is None:
+        return None
+    cfg, ctx, model = trainer.cfg, trainer.ctx, trainer.model
+    mbs = cfg.training.micro_batch_size
+    model_parallel = cfg.parallel.tensor_parallel_size * cfg.parallel.pipeline_parallel_size
+    dp_size = trainer.plan.data_parallel_size
+    totals = torch.zeros(2, dtype=torch.float64)  # loss sum, token count
+    was_training = model.training
+    model.eval()
+    try:
+        for indices in eval_batches(dataset, cfg.training.eval_iters, mbs, ctx.rank // model_parallel, dp_size):
+            inputs, targets, mask = to_batch([dataset[i] for i in indices], ctx.device)
+            logits = model(inputs)
+            losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+            totals[0] += float((losses * mask.flatten()).sum())
+            totals[1] += float(mask.sum())
+    finally:
+        model.train(was_training)
+    if dist.is_initialized():
+        totals = totals.to(ctx.device) if ctx.device.startswith("cuda") else totals
+        dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+        totals = totals.cpu()
+    # tensor-parallel peers evaluated the same tokens: the ratio is unchanged by the duplication
+    loss = float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
+    ppl = math.exp(loss) if loss < 700 else float("inf")
+    return {"val_loss": loss, "val_ppl": ppl}
+
+
+def maybe_evaluate(trainer) -> dict | None:
+    """Evaluates and logs when the iteration is a multiple of training.eval_interval."""
+    interval = trainer.cfg.training.eval_interval
+    if not interval or trainer.state.iteration % interval:
+        return None
+    return evaluate_and_log(trainer)
+
+
+def evaluate_and_log(trainer, **extra) -> dict | None:
+    metrics = evaluate(trainer)
+    if metrics is not None:
+        trainer.metrics.log(trainer.state.iteration, {**metrics, **extra})
+    return metrics
+
+
+def eval_only(trainer) -> str:
+    """The eval-only job: one evaluation of the loaded weights, logged; no step, no save."""
+    log.info("eval-only: evaluating the weights at iteration %d (%s)", trainer.state.iteration,
+             trainer.plan.resume.decision)
+    evaluate_and_log(trainer, eval_only=True)
+    trainer.metrics.close()
+    log.info("stopped at iteration %d: eval_only", trainer.state.iteration)
+    return "eval_only"
