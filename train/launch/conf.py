@@ -92,15 +92,15 @@ CONF_VARIABLES: dict[str, ConfVariable] = {v.name: v for v in [
     _var("HF_TOKEN", None, "str", "HuggingFace token (secret: never logged)"),
     _var("REQUEUE", "checkpoint.requeue", "bool", "requeue the job after a signal-triggered save", default="1"),
     _var("DIST_TIMEOUT_S", "parallel.timeout_s", "int", "collective timeout in seconds", default="1800"),
+    _var("DP_SHARDING", "parallel.data_parallel", "str", "ddp | fsdp | fsdp_zero2 | zero1 (data-parallel strategy)"),
+    _var("ACTIVATION_CHECKPOINTING", "parallel.activation_checkpointing", "bool", "recompute each block's activations in backward"),
+    _var("COMPILE", "parallel.compile", "bool", "torch.compile each transformer block"),
     _var("TIME_BUDGET_S", "training.time_budget_s", "float", "stop cleanly after this many seconds"),
     # --- launcher-only: where the job runs ---
     _var("NNODES", None, "int", "nodes (manual multi-node; SLURM sets it otherwise)"),
     _var("NODE_RANK", None, "int", "this node's rank (manual multi-node)"),
     _var("MASTER_ADDR", None, "str", "rendezvous host (manual multi-node)"),
     _var("MASTER_PORT", None, "int", "rendezvous port (default: derived from the job id)"),
-    _var("DP_SHARDING", "parallel.data_parallel", "str", "ddp | fsdp | fsdp_zero2 | zero1 (data-parallel strategy)"),
-    _var("ACTIVATION_CHECKPOINTING", "parallel.activation_checkpointing", "bool", "recompute each block's activations in backward"),
-    _var("COMPILE", "parallel.compile", "bool", "torch.compile each transformer block"),
     # accepted for compatibility with the users' Megatron-LM scripts; unused here
     _var("MLM_DIR", None, "str", "Megatron-LM checkout (unused: the engine is train/)"),
     _var("MODELOPT_DIR", None, "str", "Model-Optimizer checkout (unused: pip package)"),
