@@ -2,7 +2,8 @@
 
     checkpoints/<model>/
     ├── iter_0000200/                 one complete checkpoint
-    │   ├── .metadata, __<r>_0.distcp DCP shards: model and optimizer (reshardable)
+    │   ├── .metadata, __<r>_<t>.distcp  DCP shards of rank r, writer thread t: model and
+    │   │                             optimizer (reshardable)
     │   ├── trainer.pt                iteration, consumed samples, scheduler, model name and
     │   │                             parameter shapes, world size (rank 0)
     │   ├── rng_rank<r>.pt            RNG states (python, numpy, torch, cuda) of every rank
@@ -110,8 +111,9 @@ def _slow_save_seconds(iteration: int) -> float:
 
 class CheckpointManager:
     def __init__(self, directory: Path, keep_last: int, keep_every: int = 0, save_interval_s: float = 0.0,
-                 async_save: bool = False):
+                 async_save: bool = False, write_threads: int = 2):
         self.directory = Path(directory)
+        self.write_threads = write_threads  # DCP writer threads per rank (files __<rank>_<thread>.distcp)
         self.keep_last = keep_last
         self.keep_every = keep_every
         self.save_interval_s = save_interval_s
@@ -167,16 +169,20 @@ class CheckpointManager:
                 (temporary / "config.yaml").write_text(config_yaml)
         self.last_save_time = time.time()
         if self._use_async():
-            future = dcp.async_save(tensors, checkpoint_id=str(temporary))
+            future = dcp.async_save(tensors, storage_writer=self._writer(temporary))
             self._pending = (future, iteration, temporary, final)
             return final
-        dcp.save(tensors, checkpoint_id=str(temporary))
+        dcp.save(tensors, storage_writer=self._writer(temporary))
         self._slow_for_tests(iteration)
         barrier()
         if rank() == 0:
             self._publish(iteration, temporary, final)
         barrier()
         return final
+
+    def _writer(self, temporary: Path) -> dcp.FileSystemWriter:
+        # sync_files (fsync of every file) stays on: a published checkpoint must survive a crash
+        return dcp.FileSystemWriter(str(temporary), sync_files=True, thread_count=self.write_threads)
 
     def _use_async(self) -> bool:
         if not self.async_save:
