@@ -63,6 +63,18 @@ def registry_candidates(name: str) -> list[str]:
     return [name] + ["-".join(parts[:n]) for n in range(len(parts), 0, -1)]
 
 
+def registry_args(cfg):
+    """The registry's ModelArgs for the model's name (or a dash-prefix of it), else None."""
+    from train.models.registry import get_model_args
+
+    for name in registry_candidates(str(cfg.model.name)):
+        try:
+            return get_model_args(name)
+        except ValueError:
+            continue
+    return None
+
+
 def model_facts(cfg) -> dict:
     """Experts of the model, from its HF config.json or the registry (None: unknown)."""
     hf_dir = cfg.model.get("hf_checkpoint")
@@ -70,14 +82,10 @@ def model_facts(cfg) -> dict:
         hf = json.loads((Path(hf_dir) / "config.json").read_text())
         return {"num_experts": int(hf.get("num_experts") or hf.get("num_local_experts") or 0),
                 "source": str(Path(hf_dir) / "config.json")}
-    from train.models.registry import get_model_args
-
-    for name in registry_candidates(str(cfg.model.name)):
-        try:
-            return {"num_experts": int(get_model_args(name).num_experts or 0), "source": f"registry:{name}"}
-        except ValueError:
-            continue
-    return {"num_experts": None, "source": None}
+    args = registry_args(cfg)
+    if args is None:
+        return {"num_experts": None, "source": None}
+    return {"num_experts": int(args.num_experts or 0), "source": f"registry:{args.name}"}
 
 
 def check_model_name(cfg, conf: str) -> None:
@@ -116,6 +124,13 @@ def check_parallel(cfg, world_size: int, conf: str) -> int:
         if data_parallel % ep:
             raise PlanError(f"{conf}: EP_SIZE={ep} does not divide the data-parallel size {data_parallel} "
                             f"({world_size} GPUs / TP_SIZE {tp} / PP_SIZE {pp}); add nodes or lower EP_SIZE")
+    if ep == 1:  # with EP_SIZE > 1 the checks above plan it; the engine refuses it until MoE lands
+        from train.parallel.checks import ParallelSettingsError, check_parallel_settings  # torch-free
+
+        try:
+            check_parallel_settings(cfg.parallel, registry_args(cfg), world_size)
+        except ParallelSettingsError as error:
+            raise PlanError(f"{conf}: {error}") from None
     return data_parallel
 
 
