@@ -104,15 +104,30 @@ def test_tp_times_pp_must_divide_the_gpus(tmp_path, env):
     assert conf in message and "TP_SIZE x PP_SIZE = 3 x 1 = 3" in message and "8 GPUs" in message
 
 
-def test_tp_and_pp_leave_the_data_parallel_size(tmp_path, env):
-    conf = write_conf(tmp_path, TINY_PRETRAIN + "export NUM_GPUS=8\nexport TP_SIZE=2\nexport PP_SIZE=2\n")
-    assert plan_from_conf("pretrain", conf, [], env)[0].data_parallel_size == 2
+def test_tp_leaves_the_data_parallel_size(tmp_path, env):
+    conf = write_conf(tmp_path, TINY_PRETRAIN + "export NUM_GPUS=8\nexport TP_SIZE=2\nexport DP_SHARDING=fsdp\n")
+    assert plan_from_conf("pretrain", conf, [], env)[0].data_parallel_size == 4
     plan = plan_from_conf("pretrain", conf, [], env, nnodes=3)[0]
-    assert plan.cluster.world_size == 24 and plan.data_parallel_size == 6
+    assert plan.cluster.world_size == 24 and plan.data_parallel_size == 12
+
+
+def test_pipeline_parallelism_is_refused_at_plan_time(tmp_path, env):
+    conf = write_conf(tmp_path, TINY_PRETRAIN + "export NUM_GPUS=8\nexport PP_SIZE=2\n")
+    with pytest.raises(PlanError, match="PP_SIZE=2: pipeline parallelism is not supported"):
+        plan_from_conf("pretrain", conf, [], env)
+
+
+def test_tp_with_ddp_and_tp_not_dividing_heads_are_refused(tmp_path, env):
+    conf = write_conf(tmp_path, TINY_PRETRAIN + "export NUM_GPUS=8\nexport TP_SIZE=2\n")
+    with pytest.raises(PlanError, match="does not compose with tensor parallelism"):
+        plan_from_conf("pretrain", conf, [], env)
+    conf = write_conf(tmp_path, TINY_PRETRAIN + "export NUM_GPUS=4\nexport TP_SIZE=4\nexport DP_SHARDING=fsdp\n")
+    with pytest.raises(PlanError, match="TP_SIZE=4 does not divide num_kv_heads=2 of model tiny-qwen3"):
+        plan_from_conf("pretrain", conf, [], env)
 
 
 def test_tp_times_pp_may_divide_several_nodes_only(tmp_path, env):
-    conf = write_conf(tmp_path, TINY_PRETRAIN + "export NUM_GPUS=2\nexport TP_SIZE=4\n")
+    conf = write_conf(tmp_path, TINY_PRETRAIN.replace("tiny-qwen3", "llama3-1.5b") + "export NUM_GPUS=2\nexport TP_SIZE=4\n")
     with pytest.raises(PlanError, match="does not divide the 2 GPUs"):
         plan_from_conf("pretrain", conf, [], env)
     assert plan_from_conf("pretrain", conf, [], env, nnodes=2)[0].data_parallel_size == 1
