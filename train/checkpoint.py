@@ -169,7 +169,8 @@ class CheckpointManager:
                 (temporary / "config.yaml").write_text(config_yaml)
         self.last_save_time = time.time()
         if self._use_async():
-            future = dcp.async_save(tensors, storage_writer=self._writer(temporary))
+            future = dcp.async_save(tensors, storage_writer=self._writer(temporary),
+                                    process_group=self._background_group())
             self._pending = (future, iteration, temporary, final)
             return final
         dcp.save(tensors, storage_writer=self._writer(temporary))
@@ -183,6 +184,15 @@ class CheckpointManager:
     def _writer(self, temporary: Path) -> dcp.FileSystemWriter:
         # sync_files (fsync of every file) stays on: a published checkpoint must survive a crash
         return dcp.FileSystemWriter(str(temporary), sync_files=True, thread_count=self.write_threads)
+
+    def _background_group(self):
+        """A gloo group of its own for the async save's collectives, so that they never interleave
+        with the training collectives on the default group (created once, by every rank)."""
+        if not dist.is_initialized():
+            return None
+        if getattr(self, "_group", None) is None:
+            self._group = dist.new_group(backend="gloo")
+        return self._group
 
     def _use_async(self) -> bool:
         if not self.async_save:

@@ -111,3 +111,25 @@ def test_time_budget_saves_and_stops(tmp_path):
     assert stop["reason"] == "time_budget" and 1 <= stop["iteration"] < 100000
     assert (checkpoints(tmp_path) / "latest_checkpointed_iteration.txt").read_text().strip() == str(stop["iteration"])
     assert max(losses(tmp_path, "20260101_000001")) == stop["iteration"]
+
+
+def test_sigterm_saves_the_current_iteration_and_the_next_job_continues_from_it(tmp_path):
+    stop_file = tmp_path / "stop.json"
+    env = {**job_env("20260101_000001"), "TRAIN_STOP_FILE": str(stop_file)}
+    process = subprocess.Popen([sys.executable, "-m", "train.pretrain", f"checkpoint.root={tmp_path}", *COMMON,
+                                "training.train_iters=100000", "checkpoint.save_interval=100000"], cwd=REPO,
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = []
+    for line in process.stdout:
+        output.append(line)
+        if "iter 2 |" in line:
+            process.send_signal(signal.SIGTERM)
+            break
+    output.extend(process.stdout)
+    assert process.wait(timeout=60) == 0, "".join(output)[-3000:]
+    stop = json.loads(stop_file.read_text())
+    assert stop["reason"] == "signal" and stop["signal"] == "SIGTERM" and stop["iteration"] >= 2
+    saved = int((checkpoints(tmp_path) / "latest_checkpointed_iteration.txt").read_text())
+    assert saved == stop["iteration"] == max(losses(tmp_path, "20260101_000001"))
+    pretrain(tmp_path, "20260101_000002", f"training.train_iters={saved + 1}", "checkpoint.save_interval=100000")
+    assert sorted(losses(tmp_path, "20260101_000002")) == [saved + 1]
