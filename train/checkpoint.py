@@ -111,7 +111,7 @@ def _slow_save_seconds(iteration: int) -> float:
 
 class CheckpointManager:
     def __init__(self, directory: Path, keep_last: int, keep_every: int = 0, save_interval_s: float = 0.0,
-                 async_save: bool = False, write_threads: int = 2):
+                 async_save: bool = False, write_threads: int = 4):
         self.directory = Path(directory)
         self.write_threads = write_threads  # DCP writer threads per rank (files __<rank>_<thread>.distcp)
         self.keep_last = keep_last

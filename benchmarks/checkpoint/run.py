@@ -66,7 +66,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params-m", type=int, default=80, help="model parameters, millions")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--write-threads", type=int, default=2, help="DCP writer threads (CheckpointManager default 2)")
+    parser.add_argument("--write-threads", type=int, default=4, help="DCP writer threads (CheckpointManager default 4)")
     parser.add_argument("--dir", default=str(Path(__file__).resolve().parents[2]),
                         help="parent of the temporary directory (same disk as the runs)")
     args = parser.parse_args()
