@@ -11,7 +11,9 @@ def build_optimizer(model: torch.nn.Module, optim_cfg) -> torch.optim.AdamW:
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     groups = [{"params": decay, "weight_decay": optim_cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    fused = bool(decay) and decay[0].is_cuda
+    # fused: one kernel for the whole update, on CUDA and (torch >= 2.4) on CPU, where the
+    # element-wise AdamW math is ~25% of a small model's step (benchmarks/train_throughput)
+    fused = bool(decay) and (decay[0].is_cuda or decay[0].device.type == "cpu")
     return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=(optim_cfg.beta1, optim_cfg.beta2),
                              eps=optim_cfg.eps, fused=fused)
 

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
+                                                     set_state_dict)
 
 from train.checkpoint import CheckpointManager
 from train.data.sampler import MicroBatchSampler, parse_iterations_to_skip
@@ -24,6 +25,8 @@ from train.launch.job import JobContext
 from train.evaluate import eval_only, maybe_evaluate
 from train.metrics import MetricsLogger, check_bad_streak, debug_nan, is_bad, iteration_metrics
 from train.optim import build_optimizer, learning_rate
+from train.parallel import (build_zero_redundancy_optimizer, wants_zero_redundancy_optimizer,
+                            zero_redundancy_optimizer_state_dict)
 
 log = logging.getLogger("train")
 STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)  # the sbatch wrappers ask for B:USR2@<grace>
@@ -72,7 +75,10 @@ class Trainer:
         self.plan = ctx.plan
         self.loss_fn = loss_fn or (lambda model, inputs, targets, mask:
                                    masked_cross_entropy(model(inputs), targets, mask))
-        self.optimizer = build_optimizer(model, cfg.optim)
+        # ZeRO-1 (parallel.data_parallel=zero1): AdamW state sharded over the data-parallel ranks
+        self.zero1 = wants_zero_redundancy_optimizer(cfg.parallel)
+        self.optimizer = (build_zero_redundancy_optimizer(model, cfg.optim) if self.zero1
+                          else build_optimizer(model, cfg.optim))
         self.state = TrainState()
         self.checkpoints = CheckpointManager(
             self.plan.paths.checkpoints, cfg.checkpoint.keep_last, keep_every=cfg.checkpoint.get("keep_every", 0),
@@ -101,6 +107,9 @@ class Trainer:
         self.state = TrainState(state["iteration"], state["consumed_samples"], state["skipped_iterations"])
 
     def tensors(self) -> dict:
+        if self.zero1:  # each rank's share, in get_state_dict's layout: DCP merges them
+            return {"model": get_model_state_dict(self.model),
+                    "optimizer": zero_redundancy_optimizer_state_dict(self.model, self.optimizer)}
         model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
         return {"model": model_state, "optimizer": optimizer_state}
 
@@ -124,8 +133,11 @@ class Trainer:
             trainer_state = self.checkpoints.load(iteration, tensors, model_name=str(self.cfg.model.name))
         except CheckpointMismatch as error:
             fail(str(error))
-        set_state_dict(self.model, self.optimizer, model_state_dict=tensors["model"],
-                       optim_state_dict=tensors["optimizer"])
+        if self.zero1:  # the optimizer's own tensors were filled in place by the load
+            set_model_state_dict(self.model, tensors["model"])
+        else:
+            set_state_dict(self.model, self.optimizer, model_state_dict=tensors["model"],
+                           optim_state_dict=tensors["optimizer"])
         self.load_state_dict(trainer_state)
         self._saved_iteration = self.state.iteration
         log.info("resumed from %s: iteration %d, %d samples consumed", self.checkpoints.path(iteration),

@@ -63,7 +63,8 @@ def single_process(tmp_path_factory) -> list[float]:
     ["parallel.data_parallel=fsdp"],
     ["parallel.data_parallel=fsdp_zero2"],
     ["parallel.tensor_parallel_size=2"],
-], ids=["ddp", "fsdp", "fsdp_zero2", "tp2"])
+    ["parallel.data_parallel=zero1"],
+], ids=["ddp", "fsdp", "fsdp_zero2", "tp2", "zero1"])
 def test_two_processes_match_one(tmp_path, single_process, overrides):
     parallel = pretrain(tmp_path, ["training.train_iters=3", *overrides])
     assert len(parallel) == 3
@@ -82,7 +83,8 @@ def test_four_processes_tp2_times_fsdp2_match_one(tmp_path, single_process):
 @pytest.mark.parametrize("saved_with, resumed_with", [
     ("parallel.data_parallel=fsdp", "parallel.data_parallel=ddp"),
     ("parallel.tensor_parallel_size=2", "parallel.data_parallel=fsdp"),
-], ids=["fsdp-to-ddp", "tp2-to-fsdp"])
+    ("parallel.data_parallel=zero1", "parallel.data_parallel=zero1"),
+], ids=["fsdp-to-ddp", "tp2-to-fsdp", "zero1-to-zero1"])
 def test_checkpoint_resumes_under_another_layout(tmp_path, single_process, saved_with, resumed_with):
     """DCP reshards: Shard(0)/TP DTensors load into another layout, optimizer moments too."""
     first = pretrain(tmp_path, ["training.train_iters=2", saved_with])
