@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywhere without installing
+from benchmarks.model_step.run import time_interleaved  # noqa: E402  same timing as the model benchmark
 
 
 def build_pair(args):
@@ -74,23 +74,6 @@ def hf_step(model, forward):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return step
-
-
-def median(values: list[float]) -> float:
-    return sorted(values)[len(values) // 2]
-
-
-def time_interleaved(steps: dict, batch, warmup: int, rounds: int) -> dict[str, float]:
-    for step in steps.values():
-        for _ in range(warmup):
-            step(batch)
-    seconds: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step(batch)
-            seconds[name].append(time.perf_counter() - start)
-    return {name: median(values) for name, values in seconds.items()}
 
 
 def profile(steps: dict, batch) -> None:
