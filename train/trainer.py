@@ -158,9 +158,13 @@ class Trainer:
     def train_step(self, batches, accumulation: int) -> tuple[float, float]:
         """Forward/backward over `accumulation` micro-batches, then one optimizer step."""
         total_loss = torch.zeros((), device=self.ctx.device)
+        # bf16: autocast the forward; parameters, gradients and AdamW state stay fp32 (master weights)
+        autocast = torch.autocast(torch.device(self.ctx.device).type, dtype=torch.bfloat16,
+                                  enabled=self.cfg.training.precision == "bf16")
         for _ in range(accumulation):
             inputs, targets, mask = next(batches)
-            loss = self.loss_fn(self.model, inputs, targets, mask) / accumulation
+            with autocast:
+                loss = self.loss_fn(self.model, inputs, targets, mask) / accumulation
             loss.backward()
             total_loss += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)

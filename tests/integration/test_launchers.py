@@ -202,3 +202,24 @@ def test_qad_and_finetune_jobs_start_from_the_hf_checkpoint(job, conf, run_name,
     assert "from_checkpoint at iteration 0" in result.stdout + result.stderr
     tracker = tmp_path / run_name / "checkpoints" / "tiny-qwen3" / "latest_checkpointed_iteration.txt"
     assert tracker.read_text().strip() == "2"
+
+
+def test_bf16_autocast_trains_with_fp32_master_weights(tmp_path):
+    """PRECISION=bf16: the forward runs in bf16 (losses differ from fp32), weights stay fp32."""
+    def losses(precision: str) -> list[float]:
+        root = tmp_path / precision
+        result = subprocess.run(["python", "-m", "train.pretrain", f"checkpoint.root={root}", "training.train_iters=3",
+                                 f"training.precision={precision}"], cwd=REPO, env=launcher_env(root),
+                                capture_output=True, text=True, timeout=180)
+        assert result.returncode == 0, result.stderr[-2000:]
+        jsonl = next(root.glob("*/logs/*.jsonl"))
+        return [json.loads(line)["loss"] for line in jsonl.read_text().splitlines()]
+
+    fp32, bf16 = losses("fp32"), losses("bf16")
+    assert all(abs(a - b) < 0.05 for a, b in zip(fp32, bf16)) and fp32 != bf16
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    metadata = dcp.FileSystemReader(str(next((tmp_path / "bf16").glob("*/checkpoints/*/iter_0000003")))).read_metadata()
+    dtypes = {m.properties.dtype for k, m in metadata.state_dict_metadata.items() if k.startswith("model.")}
+    assert dtypes == {torch.float32}  # the saved (master) weights
