@@ -223,3 +223,22 @@ def test_hf_config_with_mlp_only_layers_is_refused(tmp_path):
     config = hf_config(num_experts=4, num_experts_per_tok=2, mlp_only_layers=[0]).to_dict()
     with pytest.raises(ModelConfigError, match="mlp_only_layers"):
         args_from_hf_config(config, "hf:x")
+
+
+# -- quantization -------------------------------------------------------------------------------
+@pytest.mark.slow  # importing modelopt alone takes ~15 s on 2 busy cores
+def test_modelopt_defaults_leave_conv_ba_and_lm_head_unquantized():
+    """Our names are HF's, so modelopt's default exclusions (linear_attn.conv1d, in_proj_b*,
+    mlp.gate., mlp.shared_expert_gate., lm_head) apply as they do to Qwen3NextForCausalLM.
+    FP8 fake quant has a CPU path; NVFP4 uses the same exclusion list."""
+    import modelopt.torch.quantization as mtq
+
+    model = build_model("debug-qwen3-next", device="cpu")
+    ids = torch.randint(0, 512, (1, 16))
+    mtq.quantize(model, mtq.FP8_DEFAULT_CFG, forward_loop=lambda m: m(ids))
+    enabled = {name.removesuffix(".weight_quantizer") for name, module in model.named_modules()
+               if name.endswith("weight_quantizer") and module.is_enabled}
+    assert enabled == {"layers.0.linear_attn.in_proj_qkvz", "layers.0.linear_attn.out_proj",
+                       *(f"layers.1.self_attn.{p}_proj" for p in "qkvo"),
+                       *(f"layers.{i}.mlp.{p}_proj" for i in (0, 1) for p in ("gate", "up", "down"))}
+    assert torch.isfinite(model(ids)).all()
