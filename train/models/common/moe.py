@@ -22,16 +22,27 @@ from torch import nn
 from train.models.common.mlp import SwiGLU
 
 
-def _grouped_mm_dtype(x: torch.Tensor) -> torch.dtype | None:
-    """The dtype torch._grouped_mm would run in, or None when the loop must be used.
+def _grouped_mm():
+    """torch's grouped GEMM: F.grouped_mm (torch >= 2.10, SM80+) or torch._grouped_mm (SM90+)."""
+    if hasattr(F, "grouped_mm"):
+        return F.grouped_mm, (8, 0)
+    if hasattr(torch, "_grouped_mm"):
+        return torch._grouped_mm, (9, 0)
+    return None, None
 
-    The fused kernel is CUDA-only and bf16-only (Hopper+); under autocast the matmul runs
-    in the autocast dtype, as F.linear would.
+
+def _grouped_mm_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype the fused grouped GEMM would run in, or None when the loop must be used.
+
+    Used on CUDA in bf16 only (the dtype its kernels target); under autocast the matmul runs
+    in the autocast dtype, as F.linear would. CPU keeps the loop: torch 2.13's CPU kernel
+    fails in backward on stride-0 gradients, and CPU runs are tests.
     """
-    if not (x.is_cuda and hasattr(torch, "_grouped_mm")):
+    kernel, capability = _grouped_mm()
+    if kernel is None or not x.is_cuda:
         return None
     dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
-    if dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (9, 0):
+    if dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < capability:
         return None
     return dtype
 
@@ -45,7 +56,7 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, tokens_per_expert: tor
     if dtype is not None:
         # One kernel for all experts; offs are the end row of each group (int32, cumulative).
         offsets = torch.cumsum(tokens_per_expert, dim=0, dtype=torch.int32)
-        return torch._grouped_mm(x.to(dtype), weight.to(dtype).transpose(-2, -1), offs=offsets)
+        return _grouped_mm()[0](x.to(dtype), weight.to(dtype).transpose(-2, -1), offs=offsets)
     # CPU (tests) and fallback: one matmul per expert; .tolist() syncs, fine off the hot path.
     chunks = x.split(tokens_per_expert.tolist())
     return torch.cat([F.linear(chunk, weight[e]) for e, chunk in enumerate(chunks)])
