@@ -4,13 +4,12 @@ Each block is pre-norm like LLaMA, with zero-centred RMSNorms (scale 1 + weight)
 mixer chosen per layer by args.resolved_layer_types():
     'linear_attention' -> block.linear_attn  (common/gated_deltanet.GatedDeltaNet)
     'full_attention'   -> block.self_attn    (common/gated_attention.GatedAttention, partial RoPE)
-then a SwiGLU MLP, or, when num_experts > 0, routed experts plus a gated shared expert.
+then a SwiGLU MLP or, where args.is_moe_layer(i), routed experts plus a sigmoid-gated shared
+expert (common/moe.MoE).
 Module names equal HF Qwen3NextForCausalLM's without 'model.'.
 """
 
 from __future__ import annotations
-
-import importlib.util
 
 import torch
 from torch import nn
@@ -18,10 +17,10 @@ from torch import nn
 from train.models.common.gated_attention import GatedAttention
 from train.models.common.gated_deltanet import GatedDeltaNet
 from train.models.common.mlp import SwiGLU
+from train.models.common.moe import GroupedExperts, MoE
 from train.models.common.norms import ZeroCenteredRMSNorm
 from train.models.common.rope import rope_cache, rope_for_positions
 from train.models.common.transformer import CausalLM
-from train.models.errors import ModelConfigError
 
 
 class HybridBlock(nn.Module):
@@ -47,19 +46,6 @@ class HybridBlock(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-def _moe_block(args, factory: dict) -> nn.Module:
-    """Routed experts + sigmoid-gated shared expert from the shared MoE block (branch moe)."""
-    if importlib.util.find_spec("train.models.common.moe") is None:
-        raise ModelConfigError(
-            f"model {args.name!r}: num_experts={args.num_experts} needs the MoE block "
-            "train/models/common/moe.py, which this checkout does not have yet; use a dense "
-            "qwen3_next config (num_experts=0, e.g. tiny-qwen3-next)")
-    from train.models.common.moe import MoE  # noqa: F401  (wired in when the block lands)
-
-    raise ModelConfigError(f"model {args.name!r}: Qwen3-Next MoE layers are not wired to "
-                           "train/models/common/moe.py yet; use a dense qwen3_next config")
-
-
 class Qwen3Next(CausalLM):
     def __init__(self, args, *, attention_backend: str = "sdpa", device=None, dtype=None):
         super().__init__(args, attention_backend=attention_backend, device=device, dtype=dtype)
@@ -76,7 +62,12 @@ class Qwen3Next(CausalLM):
         else:
             mixer = GatedAttention(a.hidden_size, a.num_heads, a.num_kv_heads, a.head_dim, a.rotary_dim,
                                    norm_eps=a.norm_eps, backend=self.attention_backend, **factory)
-        mlp = _moe_block(a, factory) if a.num_experts else SwiGLU(a.hidden_size, a.intermediate_size, **factory)
+        if a.is_moe_layer(layer_index):  # routed experts + sigmoid-gated shared expert
+            mlp = MoE(a.hidden_size, a.num_experts, a.num_experts_per_token, a.moe_intermediate_size,
+                      normalize_top_k=a.norm_topk_prob,
+                      shared_expert_hidden_dim=a.shared_expert_intermediate_size, **factory)
+        else:
+            mlp = SwiGLU(a.hidden_size, a.intermediate_size, **factory)
         return HybridBlock(layer_type, ZeroCenteredRMSNorm(a.hidden_size, a.norm_eps, **factory), mixer,
                            ZeroCenteredRMSNorm(a.hidden_size, a.norm_eps, **factory), mlp)
 
@@ -112,6 +103,9 @@ class Qwen3Next(CausalLM):
                 module.init_parameters(generator, std)
             elif id(module) in owned:
                 continue
+            elif isinstance(module, GroupedExperts):
+                module.gate_up_proj.normal_(0.0, std, generator=generator)
+                module.down_proj.normal_(0.0, std, generator=generator)
             elif isinstance(module, ZeroCenteredRMSNorm):
                 module.reset_parameters()
             elif isinstance(module, (nn.Linear, nn.Embedding)) and not (

@@ -12,7 +12,8 @@ from typing import Any
 
 from train.models.errors import ModelConfigError, UnknownModelError
 
-FAMILIES = ("gpt2", "llama", "qwen3", "qwen3_next")
+FAMILIES = ("gpt2", "llama", "qwen3", "qwen3_moe", "qwen3_next")
+MOE_FAMILIES = ("qwen3_moe",)  # always sparse; qwen3_next is sparse when num_experts > 0
 LAYER_TYPES = ("linear_attention", "full_attention")  # qwen3_next token mixers (HF names)
 
 
@@ -21,7 +22,7 @@ class ModelArgs:
     """Shape of one decoder-only model. Frozen: derive variants with dataclasses.replace."""
 
     name: str
-    family: str  # 'gpt2' | 'llama' | 'qwen3'; MoE families are added next to these
+    family: str  # 'gpt2' | 'llama' | 'qwen3' | 'qwen3_moe'
     vocab_size: int
     hidden_size: int
     num_layers: int
@@ -39,7 +40,20 @@ class ModelArgs:
     init_std: float = 0.02  # std of the normal init (HF initializer_range)
     num_experts: int = 0  # 0 = dense; MoE families set experts and experts per token
     num_experts_per_token: int = 0
+    # -- Qwen3-MoE (HF Qwen3MoeConfig names); ignored by dense families -----------------------
+    moe_intermediate_size: int = 0  # width of one routed expert's gate/up projections
+    norm_topk_prob: bool = True  # renormalize the top-k router probabilities to sum to 1
+    router_aux_loss_coef: float = 0.001  # weight of the load-balancing loss added to the LM loss
+    decoder_sparse_step: int = 1  # layer i is MoE when (i + 1) % step == 0 ...
+    mlp_only_layers: tuple[int, ...] = ()  # ... and i is not listed here (those get a dense MLP)
+
+    def is_moe_layer(self, layer_index: int) -> bool:
+        """HF Qwen3MoeDecoderLayer's rule for a sparse (MoE) MLP at layer_index."""
+        return (self.num_experts > 0 and layer_index not in self.mlp_only_layers
+                and (layer_index + 1) % self.decoder_sparse_step == 0)
+
     # -- qwen3_next (hybrid Gated DeltaNet + gated full attention); ignored by other families --
+    # (its MoE layers, when num_experts > 0, use the Qwen3-MoE fields above plus a shared expert)
     # Per-layer mixer: an explicit tuple of LAYER_TYPES, or None for the interval rule
     # (layer i is full attention when (i + 1) % full_attention_interval == 0: three linear, one full).
     layer_types: tuple[str, ...] | None = None
@@ -50,8 +64,7 @@ class ModelArgs:
     linear_value_head_dim: int = 0
     linear_conv_kernel: int = 4  # depthwise causal conv over q, k, v before the delta rule
     partial_rotary_factor: float = 1.0  # RoPE on the first head_dim * factor channels (Next: 0.25)
-    moe_intermediate_size: int = 0  # width of each routed expert (num_experts > 0)
-    shared_expert_intermediate_size: int = 0  # 0: no shared expert; else a SwiGLU behind a sigmoid gate
+    shared_expert_intermediate_size: int = 0  # MoE layers: 0 no shared expert; else a SwiGLU behind a sigmoid gate
 
     def resolved_layer_types(self) -> list[str]:
         """qwen3_next: the mixer of each layer; every other family: all full attention."""
@@ -97,6 +110,10 @@ class ModelArgs:
                 "(supported: 'default', 'llama3')")
         if self.family == "qwen3_next":
             self._validate_qwen3_next(where)
+            if self.num_experts:
+                self._validate_moe(where)
+        elif self.family in MOE_FAMILIES:
+            self._validate_moe(where)
         elif self.num_experts:
             raise ModelConfigError(f"{where}: family {self.family!r} is dense; num_experts must be 0")
         return self
@@ -126,18 +143,32 @@ class ModelArgs:
         if self.rotary_dim % 2:
             raise ModelConfigError(f"{where}: RoPE needs an even rotary_dim = head_dim * partial_rotary_factor, "
                                    f"got {self.head_dim} * {self.partial_rotary_factor}")
-        if self.num_experts:
-            if not 0 < self.num_experts_per_token <= self.num_experts:
-                raise ModelConfigError(f"{where}: num_experts_per_token must be in 1..num_experts={self.num_experts}, "
-                                       f"got {self.num_experts_per_token}")
-            if self.moe_intermediate_size <= 0:
-                raise ModelConfigError(f"{where}: moe_intermediate_size must be positive with num_experts > 0")
+        if self.num_experts and self.shared_expert_intermediate_size <= 0:
+            raise ModelConfigError(f"{where}: qwen3_next MoE layers always have a shared expert (HF "
+                                   "Qwen3NextSparseMoeBlock); shared_expert_intermediate_size must be positive")
+
+    def _validate_moe(self, where: str) -> None:
+        if self.num_experts <= 0:
+            raise ModelConfigError(f"{where}: family {self.family!r} needs num_experts > 0, got {self.num_experts}")
+        if not 0 < self.num_experts_per_token <= self.num_experts:
+            raise ModelConfigError(f"{where}: num_experts_per_token={self.num_experts_per_token} must be in "
+                                   f"1..num_experts={self.num_experts}")
+        if self.moe_intermediate_size <= 0:
+            raise ModelConfigError(f"{where}: moe_intermediate_size must be positive, got {self.moe_intermediate_size}")
+        if self.decoder_sparse_step <= 0:
+            raise ModelConfigError(f"{where}: decoder_sparse_step must be positive, got {self.decoder_sparse_step}")
+        outside = [i for i in self.mlp_only_layers if not 0 <= i < self.num_layers]
+        if outside:
+            raise ModelConfigError(f"{where}: mlp_only_layers {outside} are outside 0..{self.num_layers - 1}")
+        if self.router_aux_loss_coef < 0:
+            raise ModelConfigError(f"{where}: router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
 
 
 _LLAMA2 = dict(family="llama", rope_theta=10_000.0, norm_eps=1e-5)
 _LLAMA3 = dict(family="llama", rope_theta=500_000.0, norm_eps=1e-5)
 _QWEN3 = dict(family="qwen3", rope_theta=1_000_000.0, norm_eps=1e-6)
 _GPT2 = dict(family="gpt2", tie_embeddings=True, norm_eps=1e-5)
+_QWEN3_MOE = dict(family="qwen3_moe", rope_theta=1_000_000.0, norm_eps=1e-6)
 
 # CPU test sizes: tiny-* a few MB (4 layers, GQA 4:2), debug-* the smallest that still
 # exercises every block (2 layers, hidden 64, vocab 512).
@@ -182,12 +213,22 @@ _MODELS = [
     ModelArgs(name="qwen3-8b", vocab_size=151936, hidden_size=4096, num_layers=36, num_heads=32,
               num_kv_heads=8, head_dim=128, intermediate_size=12288, max_seq_len=40960,
               tie_embeddings=False, **_QWEN3),
+    # https://huggingface.co/Qwen/Qwen3-30B-A3B/blob/main/config.json: 128 experts, top-8, every
+    # layer sparse (intermediate_size 6144 only matters for mlp_only_layers, none here).
+    ModelArgs(name="qwen3-30b-a3b", vocab_size=151936, hidden_size=2048, num_layers=48, num_heads=32,
+              num_kv_heads=4, head_dim=128, intermediate_size=6144, max_seq_len=40960,
+              tie_embeddings=False, num_experts=128, num_experts_per_token=8,
+              moe_intermediate_size=768, norm_topk_prob=True, router_aux_loss_coef=0.001, **_QWEN3_MOE),
 ]
 _MODELS += [model for size, shape in (("tiny", _TINY), ("debug", _DEBUG)) for model in (
     _small(f"{size}-qwen3", _QWEN3, shape, tie_embeddings=True),
     _small(f"{size}-llama2", _LLAMA2, shape),
     _small(f"{size}-llama3", _LLAMA3, shape),
     _small(f"{size}-gpt2", _GPT2, shape, num_kv_heads=shape["num_heads"]),
+    # 8 experts, top-2, expert width hidden/2; layer 0 dense (mlp_only_layers) so both MLP kinds run.
+    _small(f"{size}-qwen3-moe", _QWEN3_MOE, shape, num_experts=8, num_experts_per_token=2,
+           moe_intermediate_size=shape["hidden_size"] // 2, mlp_only_layers=(0,),
+           router_aux_loss_coef=0.01),
 )]
 
 # Qwen3-Next (seed 000): hybrid layers, head_dim 128, 2 KV heads, partial RoPE 0.25, theta 1e7 and
@@ -216,13 +257,16 @@ _MODELS += [
     ModelArgs(name="qwen3-next-5b", hidden_size=2560, num_layers=30, num_heads=20, num_experts=64,
               linear_num_key_heads=20, linear_num_value_heads=20, **_QWEN3_NEXT),  # interval 4: 7 full
 ]
-# Dense CPU twins (MoE waits for train/models/common/moe.py): 3 linear + 1 full, and 1 + 1.
+# CPU twins: tiny 3 linear + 1 full, debug 1 + 1; layer 0 dense, the others MoE (8 experts, top-2,
+# width hidden/2, shared expert of width hidden) so every block kind runs.
 _NEXT_SMALL = dict(family="qwen3_next", rope_theta=10_000_000.0, norm_eps=1e-6, partial_rotary_factor=0.25,
-                   tie_embeddings=True, linear_num_key_heads=2, linear_num_value_heads=4)
+                   tie_embeddings=True, linear_num_key_heads=2, linear_num_value_heads=4, num_experts=8,
+                   num_experts_per_token=2, mlp_only_layers=(0,), router_aux_loss_coef=0.01)
 _MODELS += [
-    _small("tiny-qwen3-next", _NEXT_SMALL, _TINY, linear_key_head_dim=32, linear_value_head_dim=32),
+    _small("tiny-qwen3-next", _NEXT_SMALL, _TINY, linear_key_head_dim=32, linear_value_head_dim=32,
+           moe_intermediate_size=64, shared_expert_intermediate_size=128),
     _small("debug-qwen3-next", _NEXT_SMALL, _DEBUG, linear_key_head_dim=16, linear_value_head_dim=16,
-           layer_types=(_LINEAR, _FULL)),
+           moe_intermediate_size=32, shared_expert_intermediate_size=64, layer_types=(_LINEAR, _FULL)),
 ]
 REGISTRY: dict[str, ModelArgs] = {args.name: args.validate() for args in _MODELS}
 
@@ -257,16 +301,25 @@ def count_parameters(args: ModelArgs) -> dict[str, int]:
         final_norm, positions = 2 * D, args.max_seq_len * D
     else:
         attention = D * (q_width + 2 * kv_width) + q_width * D
-        if args.family == "qwen3":
+        if args.family in ("qwen3", "qwen3_moe"):
             attention += 2 * args.head_dim  # per-head q_norm and k_norm weights
         mlp = 3 * D * F  # SwiGLU: gate, up, down
         per_layer = attention + mlp + 2 * D
         final_norm, positions = D, 0
     embedding = V * D
     lm_head = 0 if args.tie_embeddings else V * D
-    total = embedding + positions + args.num_layers * per_layer + final_norm + lm_head
+    layers = args.num_layers * per_layer
+    inactive = 0  # expert weights a token does not use
+    if args.family in MOE_FAMILIES:
+        # A sparse layer swaps the dense MLP for a router (E, D) and E SwiGLU experts of width
+        # moe_intermediate_size, of which num_experts_per_token run per token.
+        expert = 3 * D * args.moe_intermediate_size
+        sparse = sum(args.is_moe_layer(i) for i in range(args.num_layers))
+        layers += sparse * (args.num_experts * D + args.num_experts * expert - mlp)
+        inactive = sparse * (args.num_experts - args.num_experts_per_token) * expert
+    total = embedding + positions + layers + final_norm + lm_head
     non_embedding = total - embedding - positions - lm_head
-    return dict(total=total, non_embedding=non_embedding, active=total)
+    return dict(total=total, non_embedding=non_embedding, active=total - inactive)
 
 
 def _count_qwen3_next(args: ModelArgs) -> dict[str, int]:
@@ -282,19 +335,16 @@ def _count_qwen3_next(args: ModelArgs) -> dict[str, int]:
                     + value_dim * D)  # out_proj
     q_width, kv_width = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
     full_mixer = D * 2 * q_width + 2 * D * kv_width + q_width * D + 2 * args.head_dim  # q_proj is query+gate
-    if args.num_experts:
-        expert = 3 * D * args.moe_intermediate_size
-        shared = 3 * D * args.shared_expert_intermediate_size + D if args.shared_expert_intermediate_size else 0
-        mlp_total = D * args.num_experts + args.num_experts * expert + shared  # router, experts, shared + gate
-        mlp_active = mlp_total - (args.num_experts - args.num_experts_per_token) * expert
-    else:
-        mlp_total = mlp_active = 3 * D * args.intermediate_size
+    expert = 3 * D * args.moe_intermediate_size
+    shared = 3 * D * args.shared_expert_intermediate_size + D if args.shared_expert_intermediate_size else 0
+    sparse_mlp = D * args.num_experts + args.num_experts * expert + shared  # router, experts, shared + gate
+    sparse = sum(args.is_moe_layer(i) for i in range(args.num_layers))
+    mlps = sparse * sparse_mlp + (args.num_layers - sparse) * 3 * D * args.intermediate_size
+    inactive = sparse * (args.num_experts - args.num_experts_per_token) * expert  # idle experts per token
     mixers = sum(linear_mixer if kind == "linear_attention" else full_mixer for kind in args.resolved_layer_types())
     embedding, lm_head = V * D, (0 if args.tie_embeddings else V * D)
-    shared_part = embedding + lm_head + mixers + args.num_layers * 2 * D + D  # + block norms, final norm
-    total = shared_part + args.num_layers * mlp_total
-    return dict(total=total, non_embedding=total - embedding - lm_head,
-                active=shared_part + args.num_layers * mlp_active)
+    total = embedding + lm_head + mixers + mlps + args.num_layers * 2 * D + D  # + block norms, final norm
+    return dict(total=total, non_embedding=total - embedding - lm_head, active=total - inactive)
 
 
 def flops_per_token(args: ModelArgs, seq_len: int) -> float:
