@@ -26,16 +26,10 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 
 
 def block_plan(block: nn.Module) -> dict:
-    """The parallelize_module plan of one TransformerBlock (names as in HF; GPT-2 has no gate_proj).
-
-    A MoE MLP (router + grouped experts, no up_proj) is left out: it stays whole on every TP
-    rank (replicated below); splitting experts is expert parallelism's job.
-    """
+    """The parallelize_module plan of one TransformerBlock (names as in HF; GPT-2 has no gate_proj)."""
     plan = {"self_attn.q_proj": ColwiseParallel(), "self_attn.k_proj": ColwiseParallel(),
-            "self_attn.v_proj": ColwiseParallel(), "self_attn.o_proj": RowwiseParallel()}
-    if not hasattr(block.mlp, "up_proj"):
-        return plan
-    plan.update({"mlp.up_proj": ColwiseParallel(), "mlp.down_proj": RowwiseParallel()})
+            "self_attn.v_proj": ColwiseParallel(), "self_attn.o_proj": RowwiseParallel(),
+            "mlp.up_proj": ColwiseParallel(), "mlp.down_proj": RowwiseParallel()}
     if hasattr(block.mlp, "gate_proj"):
         plan["mlp.gate_proj"] = ColwiseParallel()
     return plan
@@ -55,12 +49,6 @@ def _local_to_dtensor(placement, module, inputs, mesh):
 
 def _dtensor_to_local(module, output, mesh):
     return output.to_local() if isinstance(output, DTensor) else output
-
-
-def _first_input_to_dtensor(module, inputs, mesh):
-    # GroupedExperts(x (N, D), tokens_per_expert (E,)): only x becomes a Replicate DTensor; the
-    # counts stay a plain tensor (they size the per-expert split on the host).
-    return (DTensor.from_local(inputs[0], mesh, [Replicate()], run_check=False), *inputs[1:])
 
 
 def replicate_module(module: nn.Module, mesh: DeviceMesh, input_placement=Replicate()) -> None:
@@ -86,9 +74,6 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
         if attention.q_norm is not None:  # (B, T, heads/TP, hd): local heads, dim 2
             replicate_module(attention.q_norm, tp_mesh, Shard(2))
             replicate_module(attention.k_norm, tp_mesh, Shard(2))
-        experts = getattr(block.mlp, "experts", None)
-        if experts is not None:  # MoE: whole router and experts on every TP rank (router: below)
-            distribute_module(experts, tp_mesh, input_fn=_first_input_to_dtensor, output_fn=_dtensor_to_local)
     # Whatever is still a plain parameter: norms, GPT-2's learned positions.
     for module in model.modules():
         if any(not isinstance(p, DTensor) for p in module.parameters(recurse=False)):
