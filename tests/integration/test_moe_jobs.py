@@ -73,3 +73,4 @@ def test_moe_qad_job_from_hf_checkpoints(tmp_path):
     assert "from_checkpoint at iteration 0" in result.stdout + result.stderr
     run = tmp_path / "tiny-qwen3-moe-Teacher-tiny-qwen3-moe-Data-synthetic-lr0.0001"
     assert (run / "checkpoints/tiny-qwen3-moe/latest_checkpointed_iteration.txt").read_text().strip() == "2"
+

@@ -68,9 +68,9 @@ def args_from_hf_config(config: dict[str, Any], name: str) -> ModelArgs:
         raise ModelConfigError(f"{name}: hidden_act {config['hidden_act']!r} is not supported (silu only)")
     hidden, heads = config["hidden_size"], config["num_attention_heads"]
     theta, scaling = _rope_settings(config, 10_000.0 if family == "llama" else 1_000_000.0)
-    extra = _moe_args_from_hf(config, name) if family == "qwen3_moe" else {}
+    extra = _moe_args_from_hf(config) if family == "qwen3_moe" else {}
     if family == "qwen3_next":
-        extra = _qwen3_next_fields(config, name)
+        extra = _qwen3_next_fields(config)
     return ModelArgs(
         name=name, family=family, vocab_size=config["vocab_size"], hidden_size=hidden,
         num_layers=config["num_hidden_layers"], num_heads=heads,
@@ -83,11 +83,9 @@ def args_from_hf_config(config: dict[str, Any], name: str) -> ModelArgs:
         init_std=config.get("initializer_range", 0.02), **extra).validate()
 
 
-def _moe_args_from_hf(config: dict[str, Any], name: str) -> dict[str, Any]:
-    # Defaults are Qwen3MoeConfig's (transformers 5), used when a key is absent.
-    if config.get("sliding_window") and config.get("use_sliding_window"):
-        raise ModelConfigError(f"{name}: use_sliding_window=true is not supported for qwen3_moe")
-    # transformers 5 writes num_local_experts (num_experts is its attribute alias), 4.x num_experts.
+def _moe_args_from_hf(config: dict[str, Any]) -> dict[str, Any]:
+    # Defaults are Qwen3MoeConfig's (transformers 5), used when a key is absent. transformers 5
+    # writes num_local_experts (num_experts is its attribute alias), 4.x and the Hub num_experts.
     return dict(num_experts=config.get("num_experts", config.get("num_local_experts", 128)),
                 num_experts_per_token=config.get("num_experts_per_tok", 8),
                 moe_intermediate_size=config.get("moe_intermediate_size", 768),
@@ -97,7 +95,7 @@ def _moe_args_from_hf(config: dict[str, Any], name: str) -> dict[str, Any]:
                 mlp_only_layers=tuple(config.get("mlp_only_layers") or ()))
 
 
-def _qwen3_next_fields(config: dict[str, Any], name: str) -> dict[str, Any]:
+def _qwen3_next_fields(config: dict[str, Any]) -> dict[str, Any]:
     """The qwen3_next block of ModelArgs from a Qwen3NextConfig dict (absent keys: its defaults)."""
     rope = config.get("rope_parameters") or {}
     layer_types = config.get("layer_types")
