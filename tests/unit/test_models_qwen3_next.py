@@ -234,6 +234,9 @@ def test_modelopt_defaults_leave_conv_ba_router_gates_and_lm_head_unquantized():
     FP8 fake quant has a CPU path; NVFP4 uses the same exclusion list."""
     import modelopt.torch.quantization as mtq
 
+    from train.quant import register_grouped_experts
+
+    register_grouped_experts()  # before quantize: else modelopt's own fused-experts wrapper takes the class
     model = build_model("debug-qwen3-next", device="cpu")  # layer 0: DeltaNet + MLP, 1: attention + MoE
     ids = torch.randint(0, 512, (1, 16))
     mtq.quantize(model, mtq.FP8_DEFAULT_CFG, forward_loop=lambda m: m(ids))
@@ -247,5 +250,7 @@ def test_modelopt_defaults_leave_conv_ba_router_gates_and_lm_head_unquantized():
     for excluded in ("layers.0.linear_attn.in_proj_ba", "layers.0.linear_attn.conv1d", "layers.1.mlp.gate.",
                      "layers.1.mlp.shared_expert_gate", "lm_head"):
         assert not any(on for name, on in state.items() if name.startswith(excluded)), excluded
-    assert state["layers.1.mlp.experts.gate_up_proj_input_quantizer"]  # routed experts are quantized
+    for name in ("gate_up_proj_input_quantizer", "gate_up_proj_weight_quantizer",
+                 "down_proj_input_quantizer", "down_proj_weight_quantizer"):  # routed experts are quantized
+        assert state[f"layers.1.mlp.experts.{name}"], name
     assert torch.isfinite(model(ids)).all()

@@ -115,12 +115,17 @@ def chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g:
     intra = (q @ k.transpose(-1, -2)) * decay  # (B, H, N, C, C), causal
     q_decayed = q * G.exp()[..., None]  # reads the chunk's start state
     k_to_end = k * (G[..., -1:] - G).exp()[..., None]  # decay from step j to the chunk's end
+    chunk_decay = G[..., -1, None, None].exp()  # (B, H, N, 1, 1): decay over a whole chunk
+    # unbind once: indexing [:, :, n] in the loop would make backward allocate a full-size
+    # gradient per chunk (quadratic in T); unbind's backward stacks the pieces once.
+    per_chunk = zip(*(x.unbind(dim=2) for x in (write_from_v, write_per_state, q_decayed, intra, k_to_end,
+                                                 chunk_decay)))
     state = q.new_zeros(batch, heads, dk, dv)
     outputs = []
-    for n in range(chunks):
-        write = write_from_v[:, :, n] - write_per_state[:, :, n] @ state  # U: (B, H, C, dv)
-        outputs.append(q_decayed[:, :, n] @ state + intra[:, :, n] @ write)  # (B, H, C, dv)
-        state = state * G[:, :, n, -1, None, None].exp() + k_to_end[:, :, n].transpose(-1, -2) @ write
+    for from_v, per_state, q_n, intra_n, k_n, decay_n in per_chunk:
+        write = from_v - per_state @ state  # U: (B, H, C, dv)
+        outputs.append(q_n @ state + intra_n @ write)  # (B, H, C, dv)
+        state = state * decay_n + k_n.transpose(-1, -2) @ write
     out = torch.stack(outputs, dim=2).reshape(batch, heads, chunks * chunk_size, dv)[:, :, :seq_len]
     return out.transpose(1, 2).to(out_dtype)  # (B, T, H, dv)
 
