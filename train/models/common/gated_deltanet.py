@@ -183,7 +183,8 @@ class GatedDeltaNet(nn.Module):
         """(B, T, C) -> silu(causal depthwise conv) (B, T, C)."""
         kernel = causal_conv1d_kernel() if self.kernel == "auto" and mixed.is_cuda else None
         if kernel is not None:
-            out = kernel(mixed.transpose(1, 2), self.conv1d.weight.squeeze(1), None, activation="silu")
+            weight = self.conv1d.weight.squeeze(1).to(mixed.dtype)  # (C, K); autocast leaves custom ops alone
+            out = kernel(mixed.transpose(1, 2), weight, None, activation="silu")
             return out.transpose(1, 2)
         seq_len = mixed.shape[1]
         return F.silu(self.conv1d(mixed.transpose(1, 2))[..., :seq_len]).transpose(1, 2)
