@@ -101,7 +101,8 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--forward-only", action="store_true", help="inference: no autograd graph")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads per candidate")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads per candidate (1: on a shared 2-core machine 2 threads oversubscribe)")
     parser.add_argument("--only", default=",".join(CANDIDATES), help="comma-separated candidates")
     parser.add_argument("--worker", choices=CANDIDATES, help=argparse.SUPPRESS)
     options = parser.parse_args()

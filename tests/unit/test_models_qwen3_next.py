@@ -254,3 +254,15 @@ def test_modelopt_defaults_leave_conv_ba_router_gates_and_lm_head_unquantized():
                  "down_proj_input_quantizer", "down_proj_weight_quantizer"):  # routed experts are quantized
         assert state[f"layers.1.mlp.experts.{name}"], name
     assert torch.isfinite(model(ids)).all()
+
+
+def test_tensor_parallel_is_refused_before_the_job():
+    from types import SimpleNamespace
+
+    from train.parallel.checks import ParallelSettingsError, check_parallel_settings
+
+    parallel = SimpleNamespace(data_parallel="fsdp", pipeline_parallel_size=1, expert_parallel_size=1,
+                               tensor_parallel_size=2)
+    with pytest.raises(ParallelSettingsError, match="TP_SIZE=2: tensor parallelism is not implemented for the "
+                                                    "qwen3_next family"):
+        check_parallel_settings(parallel, get_model_args("tiny-qwen3-next"), world_size=2)
