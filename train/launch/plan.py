@@ -115,22 +115,14 @@ def check_parallel(cfg, world_size: int, conf: str) -> int:
         raise PlanError(f"{conf}: TP_SIZE x PP_SIZE = {tp} x {pp} = {tp * pp} does not divide the "
                         f"{world_size} GPUs of the job (nodes x NUM_GPUS)")
     data_parallel = world_size // (tp * pp)
-    if ep > 1:
-        experts = model_facts(cfg)["num_experts"]
-        if experts == 0:
-            raise PlanError(f"{conf}: EP_SIZE={ep} but model {cfg.model.name} is dense (no experts)")
-        if experts and experts % ep:
-            raise PlanError(f"{conf}: EP_SIZE={ep} does not divide the {experts} experts of {cfg.model.name}")
-        if data_parallel % ep:
-            raise PlanError(f"{conf}: EP_SIZE={ep} does not divide the data-parallel size {data_parallel} "
-                            f"({world_size} GPUs / TP_SIZE {tp} / PP_SIZE {pp}); add nodes or lower EP_SIZE")
-    if ep == 1:  # with EP_SIZE > 1 the checks above plan it; the engine refuses it until MoE lands
-        from train.parallel.checks import ParallelSettingsError, check_parallel_settings  # torch-free
+    from train.parallel.checks import ParallelSettingsError, check_parallel_settings  # torch-free
 
-        try:
-            check_parallel_settings(cfg.parallel, registry_args(cfg), world_size)
-        except ParallelSettingsError as error:
-            raise PlanError(f"{conf}: {error}") from None
+    # Experts from the HF config.json when there is one, else the registry (None: unknown).
+    experts = model_facts(cfg)["num_experts"] if ep > 1 else None
+    try:
+        check_parallel_settings(cfg.parallel, registry_args(cfg), world_size, num_experts=experts)
+    except ParallelSettingsError as error:
+        raise PlanError(f"{conf}: {error}") from None
     return data_parallel
 
 
@@ -273,6 +265,14 @@ def plan_from_conf(job: str, config: str, user_overrides: list[str], env: dict[s
     except Exception as error:  # Hydra's message names the bad key or value
         raise PlanError(f"{path}: the config does not compose: {error}") from None
     plan = build_plan(job, cfg, env, str(path), cluster, strict_paths)
+    from train.parallel.checks import ParallelSettingsError, check_engine_support  # torch-free
+
+    try:  # a valid plan this engine cannot run yet (TP with EP): refused, listed by --dry-run
+        check_engine_support(cfg.parallel)
+    except ParallelSettingsError as error:
+        if strict_paths:
+            raise PlanError(f"{path}: {error}") from None
+        warnings.append(f"{path}: {error} (planned; a real start stops here)")
     plan.node_commands = [node_command(job, cluster, rank, overrides) for rank in range(cluster.nnodes)]
     return plan, overrides, warnings
 
