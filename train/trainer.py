@@ -69,12 +69,23 @@ def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torc
     return (losses * mask.flatten()).sum() / mask.sum().clamp(min=1)
 
 
+def auxiliary_loss(model: torch.nn.Module) -> torch.Tensor:
+    """The model's extra loss terms for its last forward (MoE load balancing, coefficient
+    included; zero for dense models), looked up through a DDP wrapper."""
+    inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    return inner.auxiliary_loss()
+
+
+def language_model_loss(model, inputs, targets, mask) -> torch.Tensor:
+    """The default training loss: masked next-token cross entropy plus auxiliary_loss."""
+    return masked_cross_entropy(model(inputs), targets, mask) + auxiliary_loss(model)
+
+
 class Trainer:
     def __init__(self, cfg, ctx: JobContext, model: torch.nn.Module, dataset, loss_fn=None):
         self.cfg, self.ctx, self.model, self.dataset = cfg, ctx, model, dataset
         self.plan = ctx.plan
-        self.loss_fn = loss_fn or (lambda model, inputs, targets, mask:
-                                   masked_cross_entropy(model(inputs), targets, mask))
+        self.loss_fn = loss_fn or language_model_loss
         # ZeRO-1 (parallel.data_parallel=zero1): AdamW state sharded over the data-parallel ranks
         self.zero1 = wants_zero_redundancy_optimizer(cfg.parallel)
         self.optimizer = (build_zero_redundancy_optimizer(model, cfg.optim) if self.zero1
