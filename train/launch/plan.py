@@ -203,6 +203,7 @@ class JobPlan:
     model_facts: dict
     path_problems: list[str] = field(default_factory=list)
     node_commands: list[list[str]] = field(default_factory=list)
+    parallel: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return {
@@ -212,6 +213,7 @@ class JobPlan:
             "resume": self.resume.as_dict(), "blend_path": self.blend_path,
             "train_samples": self.train_samples, "train_iters": self.train_iters,
             "global_batch_size": self.global_batch_size, "model": self.model_facts,
+            "parallel": self.parallel,
             "path_problems": self.path_problems,
             "node_commands": [shlex.join(c) for c in self.node_commands],
         }
@@ -240,8 +242,24 @@ def build_plan(job: str, cfg, env: dict[str, str], conf: str, cluster: cluster_l
         resume = resume_state(paths.checkpoints, cfg.model.get("hf_checkpoint"))
     except ResumeError as error:
         raise PlanError(f"{conf}: {error}") from None
+    facts = model_facts(cfg)
     return JobPlan(job, conf, cluster, paths, resume, data_parallel, gbs, iters, samples, blend,
-                   model_facts(cfg), problems)
+                   facts, problems, parallel=parallel_layout(cfg, data_parallel, facts["num_experts"]))
+
+
+def parallel_layout(cfg, data_parallel: int, num_experts: int | None) -> dict:
+    """How the ranks split: TP inside a node, EP over data-parallel ranks (Megatron's layout).
+
+    expert_data_parallel: ranks holding the same experts (dp / EP); experts_per_rank: E / EP.
+    """
+    parallel = cfg.parallel
+    ep = parallel.expert_parallel_size
+    layout = {"tensor_parallel": parallel.tensor_parallel_size, "pipeline_parallel": parallel.pipeline_parallel_size,
+              "data_parallel": data_parallel, "data_parallel_strategy": str(parallel.data_parallel),
+              "expert_parallel": ep}
+    if num_experts:
+        layout.update(expert_data_parallel=data_parallel // ep, experts_per_rank=num_experts // ep)
+    return layout
 
 
 def node_command(job: str, cluster: cluster_lib.ClusterEnv, node_rank: int, overrides: list[str]) -> list[str]:

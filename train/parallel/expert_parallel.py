@@ -30,6 +30,7 @@ group's losses, so the data-parallel mean is: sum over the edp group, divide by 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -127,10 +128,12 @@ def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, edp_mesh: Devic
             setattr(experts, name, nn.Parameter(local, requires_grad=parameter.requires_grad))
             names.add(state_dict_name(f"{layer_name}.experts.{name}"))
         experts.num_experts = moe.num_experts // ep
-        run_local = experts.forward  # the class's forward over local experts
 
-        def forward(rows, tokens_per_expert, run_local=run_local):
-            return dispatch_and_combine(rows, tokens_per_expert, run_local, group)
+        def forward(rows, tokens_per_expert, experts=experts):
+            # the class's forward over the local experts, looked up per call: quantization
+            # (modelopt) may swap the class after this
+            local = functools.partial(type(experts).forward, experts)
+            return dispatch_and_combine(rows, tokens_per_expert, local, group)
 
         experts.forward = forward  # module names and state-dict keys unchanged
     model.expert_parallel = ExpertParallelState(ep_mesh, edp_mesh, data_parallel_size, names)
