@@ -1,9 +1,9 @@
 """torchrun --nproc-per-node=2 tests/integration/expert_parallel_worker.py RESULTS.json [CASES]
-(driven by test_expert_parallel.py)
+(driven by test_expert_parallel.py; the ep2_* cases also run on 4 processes: EP 2 x 2 replicas)
 
 Every rank builds debug-qwen3-moe twice from one seed: a single-device reference (EP 1) that
 sees the whole global batch, and a copy under EP 2 (train.parallel.parallelize) that sees this
-rank's half. Rank 0 writes {case: "ok" | the first failing rank's traceback} to RESULTS.json.
+rank's share. Rank 0 writes {case: "ok" | the first failing rank's traceback} to RESULTS.json.
 """
 
 import json
@@ -25,7 +25,7 @@ from train.optim import build_optimizer
 from train.parallel import build_mesh, clip_gradients, expert_checkpoint_view, local_view, parallelize
 
 MODEL = "debug-qwen3-moe"  # 2 layers (layer 1 MoE: 8 experts, top-2), hidden 64, vocab 512
-GLOBAL_BATCH, SEQ_LEN, MAX_NORM = 4, 16, 0.5
+GLOBAL_BATCH, SEQ_LEN, MAX_NORM, EP = 4, 16, 0.5, 2
 WRAPPERS = ("_checkpoint_wrapped_module.", "_orig_mod.")
 
 
@@ -60,8 +60,8 @@ def full(tensor: torch.Tensor) -> torch.Tensor:
 
 def expected_share(reference: torch.Tensor, name: str) -> torch.Tensor:
     """The reference tensor, or this rank's experts of it (E/EP rows of an expert weight)."""
-    if ".experts." in name:
-        return reference.chunk(dist.get_world_size())[dist.get_rank()]
+    if ".experts." in name:  # EP rank = data-parallel rank % EP (mesh.py)
+        return reference.chunk(EP)[dist.get_rank() % EP]
     return reference
 
 

@@ -21,7 +21,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from train.parallel.checks import check_engine_support, check_parallel_settings
 from train.parallel.data_parallel import apply_ddp, apply_fsdp
 from train.parallel.expert_parallel import apply_expert_parallel, expert_parameters
-from train.parallel.mesh import build_mesh
+from train.parallel.mesh import build_mesh, data_parallel_mesh
 from train.parallel.tensor_parallel import apply_tensor_parallel
 
 log = logging.getLogger("train")
@@ -51,7 +51,8 @@ def parallelize(model: nn.Module, parallel_cfg, mesh: DeviceMesh | None, device:
     check_parallel_settings(parallel_cfg, getattr(model, "args", None), world_size)
     check_engine_support(parallel_cfg)
     tp = mesh["tp"].size() if mesh is not None else 1
-    dp = mesh["dp"].size() if mesh is not None else 1
+    dp_mesh = data_parallel_mesh(mesh) if mesh is not None else None
+    dp = dp_mesh.size() if mesh is not None else 1
     ep = parallel_cfg.expert_parallel_size
     if tp > 1:
         if any("lora_" in name for name, _ in model.named_parameters()):
@@ -69,9 +70,9 @@ def parallelize(model: nn.Module, parallel_cfg, mesh: DeviceMesh | None, device:
     strategy = parallel_cfg.data_parallel
     if dp > 1:
         if strategy in ("fsdp", "fsdp_zero2"):
-            model = apply_fsdp(model, mesh["dp"], reshard_after_forward=strategy == "fsdp", ignored=experts)
+            model = apply_fsdp(model, dp_mesh, reshard_after_forward=strategy == "fsdp", ignored=experts)
         else:  # ddp, zero1 (the optimizer shards its state: data_parallel.py)
-            model = apply_ddp(model, mesh["dp"], device, ignored=experts)
+            model = apply_ddp(model, dp_mesh, device, ignored=experts)
     log.info("parallelism: dp %d (%s) x tp %d x ep %d; activation checkpointing %s, compile %s", dp, strategy,
              tp, ep,
              "on" if parallel_cfg.activation_checkpointing else "off", "on" if parallel_cfg.compile else "off")

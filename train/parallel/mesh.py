@@ -30,5 +30,12 @@ def build_mesh(world_size: int, tp: int, device_type: str = "cpu", ep: int = 1) 
     if dp % ep:
         raise ValueError(f"EP_SIZE={ep} does not divide the data-parallel size {dp}")
     mesh = init_device_mesh(device_type, (dp // ep, ep, tp), mesh_dim_names=("edp", "ep", "tp"))
-    mesh["edp", "ep"]._flatten("dp")  # reachable as mesh["dp"] from now on
+    data_parallel_mesh(mesh)  # creates the flattened "dp" group now, on every rank alike
     return mesh
+
+
+def data_parallel_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """The 1-D "dp" mesh: a dimension of (dp, tp), or (edp, ep) flattened (made once, then cached)."""
+    if "ep" in mesh.mesh_dim_names:
+        return mesh["edp", "ep"]._flatten("dp")
+    return mesh["dp"]
