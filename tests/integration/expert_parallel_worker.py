@@ -58,10 +58,10 @@ def full(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
-def expected_share(reference: torch.Tensor, name: str) -> torch.Tensor:
+def expected_share(reference: torch.Tensor, name: str, ep: int = EP, tp: int = 1) -> torch.Tensor:
     """The reference tensor, or this rank's experts of it (E/EP rows of an expert weight)."""
-    if ".experts." in name:  # EP rank = data-parallel rank % EP (mesh.py)
-        return reference.chunk(EP)[dist.get_rank() % EP]
+    if ".experts." in name:  # EP rank = data-parallel rank % EP, data-parallel rank = rank // TP (mesh.py)
+        return reference.chunk(ep)[dist.get_rank() // tp % ep]
     return reference
 
 
@@ -74,38 +74,41 @@ def train_and_compare(cfg, steps: int = 3) -> None:
     """EP 2 (+ DDP or FSDP over the same 2 ranks) against the reference: logits, loss, every
     gradient (router and experts included) after clipping, the gradient norm, and the weights."""
     world, rank = dist.get_world_size(), dist.get_rank()
+    ep, tp = cfg.expert_parallel_size, cfg.tensor_parallel_size
     reference = fresh_model()
     reference_optimizer = build_optimizer(reference, optim_cfg())
-    model = parallelize(fresh_model(), cfg, build_mesh(world, 1, ep=cfg.expert_parallel_size), "cpu")
+    model = parallelize(fresh_model(), cfg, build_mesh(world, tp, ep=ep), "cpu")
     optimizer = build_optimizer(model, optim_cfg())
     experts = [n for n, p in model.named_parameters() if ".experts." in n]
-    assert experts and all(p.shape[0] == 4 for n, p in model.named_parameters() if n in experts), experts
-    share = GLOBAL_BATCH // world
+    assert experts and all(p.shape[0] == 8 // ep for n, p in model.named_parameters() if n in experts), experts
+    dp_rank = rank // tp
+    share = GLOBAL_BATCH // (world // tp)
     for step in range(steps):
         tokens = batch(step)
         reference_loss, reference_logits = loss_and_logits(reference, tokens)
         reference_loss.backward()
         reference_norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), MAX_NORM)
-        mine = tokens[rank * share:(rank + 1) * share]
+        mine = tokens[dp_rank * share:(dp_rank + 1) * share]
         loss, logits = loss_and_logits(model, mine)
-        torch.testing.assert_close(logits, reference_logits[rank * share:(rank + 1) * share], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(logits, reference_logits[dp_rank * share:(dp_rank + 1) * share], rtol=1e-4,
+                                   atol=1e-5)
         loss.backward()
         norm = clip_gradients(model, MAX_NORM)
         torch.testing.assert_close(norm, reference_norm, rtol=1e-4, atol=1e-6)
         loss = loss.detach().clone()
-        dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+        dist.all_reduce(loss, op=dist.ReduceOp.AVG)  # TP ranks hold the same loss
         torch.testing.assert_close(loss, reference_loss.detach(), rtol=1e-5, atol=1e-6)
         reference_grads = {n: p.grad for n, p in reference.named_parameters()}
         for n, p in model.named_parameters():
             name = clean(n)
-            torch.testing.assert_close(full(p.grad), expected_share(reference_grads[name], name), rtol=1e-3,
+            torch.testing.assert_close(full(p.grad), expected_share(reference_grads[name], name, ep, tp), rtol=1e-3,
                                        atol=1e-6, msg=lambda m, n=name: f"step {step} grad {n}: {m}")
         reference_optimizer.step(), reference_optimizer.zero_grad()
         optimizer.step(), optimizer.zero_grad()
     reference_params = dict(reference.named_parameters())
     for n, p in model.named_parameters():
         name = clean(n)
-        torch.testing.assert_close(full(p.detach()), expected_share(reference_params[name].detach(), name),
+        torch.testing.assert_close(full(p.detach()), expected_share(reference_params[name].detach(), name, ep, tp),
                                    rtol=1e-3, atol=1e-5, msg=lambda m, n=name: f"weight {n}: {m}")
 
 
@@ -115,6 +118,16 @@ def case_ep2_ddp():
 
 def case_ep2_fsdp_activation_checkpointing():
     train_and_compare(parallel_cfg(data_parallel="fsdp", activation_checkpointing=True))
+
+
+def case_tp2_ep1():
+    """TP on a MoE model: attention split, the MoE replicated on both TP ranks."""
+    train_and_compare(parallel_cfg(tensor_parallel_size=2, expert_parallel_size=1))
+
+
+def case_tp2_ep2_fsdp():
+    """4 processes: TP pairs, EP across them (Megatron's layout), FSDP2 over the 2 dp ranks."""
+    train_and_compare(parallel_cfg(tensor_parallel_size=2, data_parallel="fsdp"))
 
 
 def case_every_rank_same_tokens():

@@ -1,9 +1,10 @@
 """python -m pytest tests/integration/test_expert_parallel.py  (torchrun, 2 processes, gloo)
 
-EP 2 against EP 1 on debug-qwen3-moe / tiny-qwen3-moe:
+EP 2 against EP 1 on debug-qwen3-moe:
 - tests/integration/expert_parallel_worker.py: logits, loss, gradients (router and experts),
   gradient norm and weights after AdamW steps equal a single-device reference; DCP checkpoints
-  of EP 2 load into EP 1 and EP 2;
+  of EP 2 load into EP 1 and EP 2; TP 2 on a MoE model; 4 processes (slow): EP 2 x 2 replicas,
+  TP 2 x EP 2 with FSDP2;
 - the real entrypoint: `torchrun -m train.pretrain parallel.expert_parallel_size=2` gives the
   losses of one process, saves, resumes under EP 2, and its checkpoint resumes under EP 1.
 """
@@ -19,7 +20,9 @@ from tests.integration.test_parallel import clean_env, losses
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = REPO / "tests" / "integration" / "expert_parallel_worker.py"
-CASES = ["ep2_ddp", "ep2_fsdp_activation_checkpointing", "every_rank_same_tokens", "checkpoint_ep2_to_ep1_and_ep2"]
+CASES = ["ep2_ddp", "ep2_fsdp_activation_checkpointing", "every_rank_same_tokens", "checkpoint_ep2_to_ep1_and_ep2",
+         "tp2_ep1"]
+FOUR_PROCESS_CASES = ["ep2_ddp", "ep2_fsdp_activation_checkpointing", "tp2_ep2_fsdp"]
 
 
 def run_worker(directory: Path, processes: int, cases: list[str]) -> dict:
@@ -43,10 +46,11 @@ def test_expert_parallel_matches_one_device(worker_results, case):
 
 
 @pytest.mark.slow
-def test_four_processes_ep2_times_two_replicas(tmp_path):
-    """dp 4 = 2 EP groups: expert gradients are also summed over the ranks holding the same experts."""
-    results = run_worker(tmp_path, 4, ["ep2_ddp", "ep2_fsdp_activation_checkpointing"])
-    assert results == {"ep2_ddp": "ok", "ep2_fsdp_activation_checkpointing": "ok"}, results
+def test_four_processes(tmp_path):
+    """dp 4 = 2 EP groups (expert gradients also summed over the ranks holding the same experts);
+    TP 2 x EP 2 with FSDP2 (the qwen3-30b-a3b layout in small)."""
+    results = run_worker(tmp_path, 4, FOUR_PROCESS_CASES)
+    assert results == {case: "ok" for case in FOUR_PROCESS_CASES}, results
 
 
 # ----------------------------------------------------------------- the real entrypoint

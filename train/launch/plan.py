@@ -285,7 +285,7 @@ def plan_from_conf(job: str, config: str, user_overrides: list[str], env: dict[s
     plan = build_plan(job, cfg, env, str(path), cluster, strict_paths)
     from train.parallel.checks import ParallelSettingsError, check_engine_support  # torch-free
 
-    try:  # a valid plan this engine cannot run yet (TP with EP): refused, listed by --dry-run
+    try:  # a valid plan this engine cannot run (EP with ZeRO-1): refused, listed by --dry-run
         check_engine_support(cfg.parallel)
     except ParallelSettingsError as error:
         if strict_paths:

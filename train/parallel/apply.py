@@ -2,8 +2,8 @@
 
     python -m pytest tests/integration/test_parallel.py
 
-1. tensor parallelism (TP_SIZE > 1): DTensor plans, tensor_parallel.py
-   or expert parallelism (EP_SIZE > 1): experts split over "ep", all-to-all, expert_parallel.py
+1. tensor parallelism (TP_SIZE > 1): DTensor plans, tensor_parallel.py (MoE layers replicated),
+   then expert parallelism (EP_SIZE > 1): experts split over "ep", all-to-all, expert_parallel.py
 2. activation checkpointing per block (parallel.activation_checkpointing): recompute in backward
 3. torch.compile per block (parallel.compile): after AC so the recomputation is compiled too
 4. data parallelism over "dp" (parallel.data_parallel): ddp | fsdp | fsdp_zero2 | zero1;

@@ -73,9 +73,7 @@ def check_expert_parallel(parallel_cfg, model_args=None, world_size: int | None 
 
 def check_engine_support(parallel_cfg) -> None:
     """Combinations a plan accepts (Megatron runs them) that this engine refuses at start."""
-    ep, tp = parallel_cfg.expert_parallel_size, parallel_cfg.tensor_parallel_size
-    if ep > 1 and tp > 1:
-        raise ParallelSettingsError(f"TP_SIZE={tp} with EP_SIZE={ep}: this engine does not combine tensor and "
-                                    "expert parallelism yet; use TP_SIZE=1 (FSDP shards the rest) or EP_SIZE=1")
+    ep = parallel_cfg.expert_parallel_size
     if ep > 1 and parallel_cfg.data_parallel == "zero1":
+        # ZeroRedundancyOptimizer would broadcast each rank's local experts over all dp ranks
         raise ParallelSettingsError(f"EP_SIZE={ep} with parallel.data_parallel='zero1': use ddp, fsdp or fsdp_zero2")

@@ -10,6 +10,8 @@ dp = world / TP and EP ranks per group, the mesh is (edp, ep) = (dp / EP, EP), f
                rank j of the group experts [j * E/EP, (j+1) * E/EP)
     edp group  the dp / EP ranks holding the same experts (expert data parallelism)
 Routers, attention, norms, embeddings, shared experts: DDP or FSDP2 over all dp ranks.
+With TP (mesh (edp, ep, tp)): attention is TP-split, each TP rank runs the whole MoE layer on
+the same tokens, and the EP group is the ranks with the same TP index (expert TP size 1).
 Expert weights: plain local tensors (E/EP, ...) in the module (the MoE code needs no DTensor),
 kept out of DDP/FSDP; their gradients are finished here (reduce_expert_gradients) and they
 become DTensors Shard(0) over "ep" only inside checkpoints, so DCP reshards them to any EP size.
@@ -175,17 +177,23 @@ def _squared_norm(gradients: list[torch.Tensor]) -> torch.Tensor:
 
 
 def clip_gradients(model: nn.Module, max_norm: float) -> torch.Tensor:
-    """torch's clip_grad_norm_ for any model; with EP, first reduce_expert_gradients, and the
-    norm counts each expert once (squared norms of the local experts summed over the EP group)."""
+    """torch's clip_grad_norm_, unless the experts are a tensor kind of their own (EP, or TP where
+    the rest are DTensors): then expert gradients are finished (reduce_expert_gradients) and the
+    norm adds the experts' squared norm (summed over the EP group: each expert counted once)."""
+    from train.optim import expert_parameter_ids
+
     state = expert_parallel_state(model)
-    if state is None:
+    experts = expert_parameter_ids(model)
+    parameters = [p for p in model.parameters() if p.grad is not None]
+    dense = [p.grad for p in parameters if id(p) not in experts]
+    local = [p.grad for p in parameters if id(p) in experts]
+    mixed = any(isinstance(g, DTensor) for g in dense) != any(isinstance(g, DTensor) for g in local)
+    if state is None and not (local and mixed):
         return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     reduce_expert_gradients(model)
-    experts = {id(p) for p in expert_parameters(model)}
-    dense = [p.grad for p in model.parameters() if p.grad is not None and id(p) not in experts]
-    local = [p.grad for p in model.parameters() if p.grad is not None and id(p) in experts]
     expert_square = _squared_norm(local)
-    dist.all_reduce(expert_square, group=state.ep_mesh.get_group())
+    if state is not None:
+        dist.all_reduce(expert_square, group=state.ep_mesh.get_group())
     total = (_squared_norm(dense).to(expert_square.device) + expert_square).sqrt()
     if math.isfinite(total.item()):
         scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
