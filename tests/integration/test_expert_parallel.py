@@ -86,6 +86,7 @@ def ep2_first_half(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow  # 3 launches, ~40 s on 2 cores
 def test_ep2_pretraining_saves_and_resumes(ep2_first_half, one_process, tmp_path):
     root = tmp_path / "runs"
     import shutil
