@@ -68,7 +68,7 @@ def args_from_hf_config(config: dict[str, Any], name: str) -> ModelArgs:
         raise ModelConfigError(f"{name}: hidden_act {config['hidden_act']!r} is not supported (silu only)")
     hidden, heads = config["hidden_size"], config["num_attention_heads"]
     theta, scaling = _rope_settings(config, 10_000.0 if family == "llama" else 1_000_000.0)
-    moe = _moe_args_from_hf(config, name) if family == "qwen3_moe" else {}
+    moe = _moe_args_from_hf(config) if family == "qwen3_moe" else {}
     return ModelArgs(
         name=name, family=family, vocab_size=config["vocab_size"], hidden_size=hidden,
         num_layers=config["num_hidden_layers"], num_heads=heads,
@@ -81,11 +81,9 @@ def args_from_hf_config(config: dict[str, Any], name: str) -> ModelArgs:
         init_std=config.get("initializer_range", 0.02), **moe).validate()
 
 
-def _moe_args_from_hf(config: dict[str, Any], name: str) -> dict[str, Any]:
-    # Defaults are Qwen3MoeConfig's (transformers 5), used when a key is absent.
-    if config.get("sliding_window") and config.get("use_sliding_window"):
-        raise ModelConfigError(f"{name}: use_sliding_window=true is not supported for qwen3_moe")
-    # transformers 5 writes num_local_experts (num_experts is its attribute alias), 4.x num_experts.
+def _moe_args_from_hf(config: dict[str, Any]) -> dict[str, Any]:
+    # Defaults are Qwen3MoeConfig's (transformers 5), used when a key is absent. transformers 5
+    # writes num_local_experts (num_experts is its attribute alias), 4.x and the Hub num_experts.
     return dict(num_experts=config.get("num_experts", config.get("num_local_experts", 128)),
                 num_experts_per_token=config.get("num_experts_per_tok", 8),
                 moe_intermediate_size=config.get("moe_intermediate_size", 768),
