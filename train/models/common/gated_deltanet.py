@@ -72,15 +72,16 @@ def recurrent_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     """
     out_dtype = v.dtype
     q, k, v, g, beta = _prepare(q, k, v, g, beta)
-    batch, heads, seq_len, dk = k.shape
+    batch, heads, _, dk = k.shape
     state = q.new_zeros(batch, heads, dk, v.shape[-1])  # (B, H, dk, dv)
     outputs = []
-    for t in range(seq_len):
-        state = state * g[:, :, t, None, None].exp()
-        remembered = torch.einsum("bhkv,bhk->bhv", state, k[:, :, t])  # S^T k: (B, H, dv)
-        write = beta[:, :, t, None] * (v[:, :, t] - remembered)  # u_t: (B, H, dv)
-        state = state + k[:, :, t, :, None] * write[:, :, None, :]
-        outputs.append(torch.einsum("bhkv,bhk->bhv", state, q[:, :, t]))
+    steps = zip(*(x.unbind(dim=2) for x in (q, k, v, g.exp(), beta)))  # per token; see chunk_gated_delta_rule
+    for q_t, k_t, v_t, decay_t, beta_t in steps:
+        state = state * decay_t[..., None, None]
+        remembered = torch.einsum("bhkv,bhk->bhv", state, k_t)  # S^T k: (B, H, dv)
+        write = beta_t[..., None] * (v_t - remembered)  # u_t: (B, H, dv)
+        state = state + k_t[..., :, None] * write[..., None, :]
+        outputs.append(torch.einsum("bhkv,bhk->bhv", state, q_t))
     return torch.stack(outputs, dim=2).transpose(1, 2).to(out_dtype)  # (B, T, H, dv)
 
 
