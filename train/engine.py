@@ -27,19 +27,25 @@ def build_job_model(cfg, ctx):
     return model
 
 
-def apply_lora(model, lora_cfg):
-    """peft LoRA adapters on the named linear layers; the base weights freeze."""
-    from peft import LoraConfig, inject_adapter_in_model
+def calibration_batches(dataset, count: int, micro_batch_size: int, device: str) -> list[torch.Tensor]:
+    """The first `count` micro-batches of the training set as token ids (B, T): quantizer calibration."""
+    from train.trainer import to_batch
 
-    targets = [name.strip() for name in str(lora_cfg.target_modules).split(",") if name.strip()]
-    config = LoraConfig(r=lora_cfg.rank, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
-                        target_modules=targets)
-    model = inject_adapter_in_model(config, model)
-    for name, parameter in model.named_parameters():
-        parameter.requires_grad = "lora_" in name
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info("LoRA rank %d on %s: %d trainable parameters", lora_cfg.rank, ",".join(targets), trainable)
-    return model
+    return [to_batch([dataset[i] for i in range(step * micro_batch_size, (step + 1) * micro_batch_size)], device)[0]
+            for step in range(count)]
+
+
+def add_adapters(model, cfg, ctx, dataset):
+    """Fine-tuning: fake-quantize the base when lora.quantized_base names a recipe (calibrated
+    on the first quant.calibration_batches training micro-batches), then the LoRA adapters."""
+    from train.lora import apply_lora, apply_quantized_base
+
+    recipe = cfg.lora.get("quantized_base")
+    if recipe and str(recipe) != "none":
+        batches = calibration_batches(dataset, cfg.quant.calibration_batches, cfg.training.micro_batch_size,
+                                      ctx.device)
+        model = apply_quantized_base(model, str(recipe), batches)
+    return apply_lora(model, cfg.lora)
 
 
 def run_job(job: str, cfg, loss_fn=None) -> str:
@@ -50,11 +56,13 @@ def run_job(job: str, cfg, loss_fn=None) -> str:
     model = build_job_model(cfg, ctx)
     vocab_size = model.args.vocab_size
     if job == "finetune":
-        model = apply_lora(model, cfg.lora)
+        dataset = build_train_dataset(cfg, ctx, vocab_size)
+        model = add_adapters(model, cfg, ctx, dataset)
     model = parallelize(model, cfg.parallel, build_mesh(ctx.world_size, cfg.parallel.tensor_parallel_size,
                                                          torch.device(ctx.device).type), ctx.device)
     ctx.mark("model_built")
-    dataset = build_train_dataset(cfg, ctx, vocab_size)
+    if job != "finetune":
+        dataset = build_train_dataset(cfg, ctx, vocab_size)
     trainer = Trainer(cfg, ctx, model, dataset, loss_fn)
     reason = trainer.train()
     # DDP's reducer must go before the process group, and every rank must get here first:

@@ -139,6 +139,7 @@ PATH_FIELDS = {  # config key -> (conf variable, must be a directory)
     "distill.teacher_checkpoint": ("TEACHER_CKPT", True),
     "distill.teacher_model_config": ("TEACHER_MODEL_CONFIG", False),
     "distill.kd_config_path": ("KD_CFG_PATH", False),
+    "validate.val_set": ("VAL_SET", False),
 }
 
 
