@@ -190,3 +190,32 @@ def test_lora_confs_follow_seed_002(conf):
     assert overrides["mode"] == "train" and overrides["training.early_stop_patience"] > 0
     assert overrides["lora.target_modules"] == "q_proj,k_proj,v_proj,o_proj"
     assert overrides["lora.quantized_base"] == "nvfp4"
+
+
+@pytest.mark.parametrize("recipe", ["nvfp4", "fp8"])
+def test_lora_on_a_quantized_base_keeps_the_adapters_unquantized(recipe):
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    from train.lora import apply_quantized_base
+
+    model = tiny_model()
+    tokens = torch.randint(0, model.args.vocab_size, (2, 16))
+    full_precision = model(tokens)
+    model = apply_quantized_base(model, recipe, [tokens[:1], tokens[1:]])
+    quantized = model(tokens)
+    assert (quantized - full_precision).abs().max() > 1e-4  # the base really is fake-quantized
+    model = apply_lora(model, lora_cfg())
+    torch.testing.assert_close(model(tokens), quantized)  # lora_B = 0
+    q_proj = model.layers[0].self_attn.q_proj
+    assert q_proj.base_layer.weight_quantizer.is_enabled and q_proj.base_layer.input_quantizer.is_enabled
+    in_adapters = [name for name, m in model.named_modules() if "lora_" in name and isinstance(m, TensorQuantizer)]
+    assert not [name for name in in_adapters if model.get_submodule(name).is_enabled]
+    assert type(q_proj.lora_A["default"]) is torch.nn.Linear  # a plain Linear: no quantizer at all
+    # gradients reach the adapters only; the adapter path adds full-precision x @ A^T @ B^T
+    randomize_adapters(model)
+    model.eval()
+    model(tokens).square().mean().backward()
+    assert all((p.grad is not None) == ("lora_" in n) for n, p in model.named_parameters())
+    x = torch.randn(3, q_proj.in_features)
+    delta = q_proj.lora_B["default"](q_proj.lora_A["default"](x)) * q_proj.scaling["default"]
+    torch.testing.assert_close(q_proj(x), q_proj.base_layer(x) + delta)
