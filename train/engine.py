@@ -5,7 +5,7 @@ import logging
 import torch
 
 from train.datasets import build_train_dataset
-from train.launch.job import start_job
+from train.launch.job import fail, start_job
 from train.parallel import build_mesh, parallelize
 
 log = logging.getLogger("train")
@@ -27,25 +27,26 @@ def build_job_model(cfg, ctx):
     return model
 
 
-def calibration_batches(dataset, count: int, micro_batch_size: int, device: str) -> list[torch.Tensor]:
-    """The first `count` micro-batches of the training set as token ids (B, T): quantizer calibration."""
-    from train.trainer import to_batch
-
-    return [to_batch([dataset[i] for i in range(step * micro_batch_size, (step + 1) * micro_batch_size)], device)[0]
-            for step in range(count)]
-
-
 def add_adapters(model, cfg, ctx, dataset):
-    """Fine-tuning: fake-quantize the base when lora.quantized_base names a recipe (calibrated
-    on the first quant.calibration_batches training micro-batches), then the LoRA adapters."""
-    from train.lora import apply_lora, apply_quantized_base
+    """Fine-tuning: the base fake-quantized when lora.quantized_base names a recipe, then the LoRA
+    adapters. Returns (model, quantizer record for each checkpoint or None).
 
-    recipe = cfg.lora.get("quantized_base")
-    if recipe and str(recipe) != "none":
-        batches = calibration_batches(dataset, cfg.quant.calibration_batches, cfg.training.micro_batch_size,
-                                      ctx.device)
-        model = apply_quantized_base(model, str(recipe), batches)
-    return apply_lora(model, cfg.lora)
+    The base is quantized exactly as a QAD student (train/quant/student.py): calibrated on the
+    first quant.calibration_batches training micro-batches in a fresh run, its quantizers
+    restored from the checkpoint on resume (and in validate mode), where a recipe other than
+    the checkpoint's is refused. The adapters go in afterwards, unquantized."""
+    from types import SimpleNamespace
+
+    from train.lora import apply_lora, quantized_base_recipe
+    from train.quant.student import prepare_student
+
+    resume_dir = ctx.plan.resume.path if ctx.plan.resume.decision == "resume" else None
+    # prepare_student reads quant.recipe: here it is lora.quantized_base ("none" without one)
+    view = SimpleNamespace(quant=SimpleNamespace(recipe=quantized_base_recipe(cfg.lora),
+                                                 calibration_batches=cfg.quant.calibration_batches),
+                           training=SimpleNamespace(micro_batch_size=cfg.training.micro_batch_size))
+    model, record = prepare_student(model, view, resume_dir, dataset)
+    return apply_lora(model, cfg.lora), record
 
 
 def run_job(job: str, cfg, loss_fn=None) -> str:
@@ -55,15 +56,31 @@ def run_job(job: str, cfg, loss_fn=None) -> str:
     torch.manual_seed(cfg.training.seed + ctx.rank)
     model = build_job_model(cfg, ctx)
     vocab_size = model.args.vocab_size
+    dataset = build_train_dataset(cfg, ctx, vocab_size)
+    checkpoint_files = {}  # extra files in every checkpoint: {name: picklable object}
     if job == "finetune":
-        dataset = build_train_dataset(cfg, ctx, vocab_size)
-        model = add_adapters(model, cfg, ctx, dataset)
+        try:
+            model, record = add_adapters(model, cfg, ctx, dataset)
+        except ValueError as error:
+            fail(str(error))
+        if record is not None:
+            from train.quant.student import QUANTIZER_STATE_FILE
+
+            checkpoint_files[QUANTIZER_STATE_FILE] = record
+    if job == "qad":  # fake-quantize the single-device student; calibration or resumed quantizers
+        from train.quant.student import QUANTIZER_STATE_FILE, prepare_student
+
+        resume_dir = ctx.plan.resume.path if ctx.plan.resume.decision == "resume" else None
+        try:
+            model, record = prepare_student(model, cfg, resume_dir, dataset)
+        except ValueError as error:
+            fail(str(error))
+        if record is not None:
+            checkpoint_files[QUANTIZER_STATE_FILE] = record
     model = parallelize(model, cfg.parallel, build_mesh(ctx.world_size, cfg.parallel.tensor_parallel_size,
                                                          torch.device(ctx.device).type), ctx.device)
     ctx.mark("model_built")
-    if job != "finetune":
-        dataset = build_train_dataset(cfg, ctx, vocab_size)
-    trainer = Trainer(cfg, ctx, model, dataset, loss_fn)
+    trainer = Trainer(cfg, ctx, model, dataset, loss_fn, checkpoint_files=checkpoint_files)
     reason = trainer.train()
     # DDP's reducer must go before the process group, and every rank must get here first:
     # otherwise a rank can hang in gloo's teardown after its peers have exited.

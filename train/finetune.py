@@ -17,7 +17,7 @@ MODES = ("train", "validate")
 
 @hydra.main(config_path="../configs", config_name="finetune", version_base=None)
 def main(cfg) -> None:
-    from train.lora import check_lora_config
+    from train.lora import check_lora_config, check_quantized_base
     from train.validate import LabeledSetError, check_validate_inputs, run_validate
 
     mode = str(cfg.mode)
@@ -25,6 +25,7 @@ def main(cfg) -> None:
         fail(f"mode (MODE) = {mode!r} is not one of {', '.join(MODES)}")
     try:  # bad input fails here, before any model is built
         check_lora_config(cfg.lora)
+        check_quantized_base(cfg.lora)
         inputs = check_validate_inputs(cfg) if mode == "validate" else None
     except (ValueError, LabeledSetError) as error:
         fail(str(error))

@@ -10,9 +10,12 @@
   Linear back: our CausalLM again, with the state-dict keys it had before apply_lora
   (save_hf and train.export take it as is).
 - apply_quantized_base(model, recipe, calibration_batches): fake-quantizes the frozen base with
-  train.quant.quantize_model before the adapters go in; the adapters added afterwards are plain
-  Linear layers, and disable_lora_quantizers() switches off any quantizer that a later
-  conversion might have put on them, so the LoRA path stays in full precision.
+  train.quant.quantize_model before the adapters go in (the job does it through
+  train.quant.student.prepare_student, in train/engine.py add_adapters, so that a resumed or
+  validating job restores the checkpoint's quantizers instead of calibrating again); the
+  adapters added afterwards are plain Linear layers, and disable_lora_quantizers() switches off
+  any quantizer that a later conversion might have put on them, so the LoRA path stays in full
+  precision.
 """
 
 from __future__ import annotations
@@ -107,9 +110,27 @@ def disable_lora_quantizers(model: nn.Module) -> int:
     return disabled
 
 
+def quantized_base_recipe(lora_cfg) -> str:
+    """lora.quantized_base as a quant recipe name: "none" when unset."""
+    recipe = lora_cfg.get("quantized_base") if hasattr(lora_cfg, "get") else getattr(lora_cfg, "quantized_base", None)
+    return str(recipe) if recipe else "none"
+
+
+def check_quantized_base(lora_cfg) -> None:
+    """ValueError naming the key for a recipe train.quant does not know (before any model is built)."""
+    from train.quant.recipes import RECIPES
+
+    recipe = quantized_base_recipe(lora_cfg)
+    if recipe != "none" and recipe not in RECIPES:
+        raise ValueError(f"lora.quantized_base (QUANT_RECIPE) = {recipe!r}: unknown quantization recipe; "
+                         f"known: {', '.join(RECIPES)}, none")
+
+
 def apply_quantized_base(model: nn.Module, recipe: str, calibration_batches: list[torch.Tensor]) -> nn.Module:
     """Fake-quantizes the (still adapter-free) base with the quant recipe, calibrating amax on
-    `calibration_batches` (token ids (B, T) each); the caller adds the adapters afterwards."""
+    `calibration_batches` (token ids (B, T) each); the caller adds the adapters afterwards.
+    (The fine-tuning job goes through train.quant.student.prepare_student, which also restores
+    the quantizers of a checkpoint; this is the same quantization for a model in hand.)"""
     from train.quant import quantize_model
 
     model = quantize_model(model, recipe, calibration_batches)

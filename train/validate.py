@@ -3,8 +3,8 @@
     python -m train.finetune mode=validate validate.val_set=labeled.jsonl [...]
     bash launchers/finetune.sh --config C -- mode=validate      (or MODE=validate VAL_SET=... in C)
 
-The job builds the base (BASE_CKPT), quantizes it if lora.quantized_base says so, adds the
-adapters, loads the latest checkpoint of the run directory (the same run directory as the
+The job builds the base (BASE_CKPT), restores the checkpoint's quantizers if it was trained
+on a quantized base (lora.quantized_base must match), adds the adapters, loads the latest checkpoint of the run directory (the same run directory as the
 training job: same conf), then
 1. val loss: train/evaluate.py's val_loss / val_ppl on the valid split (all ranks together);
 2. labeled set: each rank takes records rank, rank + W, rank + 2W, ...; every prompt is
@@ -176,9 +176,6 @@ def load_latest_lora_checkpoint(model, ctx, cfg) -> int:
     from train.launch.job import fail
 
     plan = ctx.plan
-    if plan.resume.decision != "resume":
-        fail(f"mode=validate: no checkpoint in {plan.paths.checkpoints} (run mode=train with the same conf "
-             "first, or point checkpoint.root at the training run's root)")
     tensors = {"model": get_model_state_dict(model)}
     try:
         CheckpointManager(plan.paths.checkpoints, keep_last=0).load(plan.resume.iteration, tensors,
@@ -196,16 +193,19 @@ def run_validate(cfg, records: list[dict], tokenizer) -> dict | None:
     from types import SimpleNamespace
 
     from train.engine import add_adapters, build_job_model
-    from train.datasets import build_train_dataset
     from train.evaluate import evaluate
-    from train.launch.job import start_job
+    from train.launch.job import fail, start_job
     from train.metrics import MetricsLogger
 
     ctx = start_job("finetune", cfg)
+    if ctx.plan.resume.decision != "resume":
+        fail(f"mode=validate: no checkpoint in {ctx.plan.paths.checkpoints} (run mode=train with the same conf "
+             "first, or point checkpoint.root at the training run's root)")
     torch.manual_seed(cfg.training.seed + ctx.rank)
-    model = build_job_model(cfg, ctx)
-    dataset = build_train_dataset(cfg, ctx, model.args.vocab_size) if cfg.lora.get("quantized_base") else None
-    model = add_adapters(model, cfg, ctx, dataset)
+    try:  # a quantized base gets the checkpoint's quantizers back (no calibration, no dataset)
+        model, _ = add_adapters(build_job_model(cfg, ctx), cfg, ctx, dataset=None)
+    except ValueError as error:
+        fail(str(error))
     iteration = load_latest_lora_checkpoint(model, ctx, cfg)
     model.eval()
     # val loss: evaluate() takes a trainer; it reads cfg, ctx, model, plan and caches the dataset on it

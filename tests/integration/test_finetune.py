@@ -134,15 +134,17 @@ def test_bad_input_fails_before_any_model_is_built(tmp_path, base, labeled_set):
 
 @pytest.mark.slow
 def test_lora_on_a_quantized_base_trains_and_validates(tmp_path, base, labeled_set):
-    """nvfp4 (CPU backend) base: the checkpoint holds the calibrated amax; validate restores it."""
+    """nvfp4 (CPU backend) base: the checkpoint holds the calibrated amax and the quantizer state;
+    validate restores both (no calibration)."""
     root = tmp_path / "runs"
     common = ("lora.quantized_base=nvfp4", "quant.calibration_batches=1")
     trained = finetune(root, base, *common, "training.train_iters=2", procs=1)
     assert trained.returncode == 0, output(trained)
-    assert "LoRA base quantized with recipe nvfp4" in trained.stdout
+    assert "quantized with recipe nvfp4" in trained.stdout
     validated = finetune(root, base, *common, "mode=validate", f"validate.val_set={labeled_set}",
                          "validate.max_new_tokens=2", procs=1)
     assert validated.returncode == 0, output(validated)
+    assert "quantizer state (nvfp4) restored" in validated.stdout  # not calibrated again
     summary = json.loads(next((root / RUN / "logs").glob("*.summary.json")).read_text())
     assert summary["iteration"] == 2 and summary["total"] == 5 and 0 < summary["val_loss"] < 20
     import torch.distributed.checkpoint as dcp
@@ -151,3 +153,4 @@ def test_lora_on_a_quantized_base_trains_and_validates(tmp_path, base, labeled_s
     keys = list(metadata.state_dict_metadata)
     assert any(k.endswith("q_proj.base_layer.weight_quantizer._amax") for k in keys)
     assert not any("lora_" in k and "quantizer" in k for k in keys)
+    assert (root / RUN / "checkpoints/tiny-qwen3/iter_0000002/quantizer_state.pt").is_file()
