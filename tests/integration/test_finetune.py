@@ -11,6 +11,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 RUN = "tiny-qwen3-Data-synthetic-lr0.0002"
+EARLY_RUN = "tiny-qwen3-Data-synthetic-lr0.02"  # a high LR: the adapters move the logits (export test)
 # 5 records, 2 categories; "category" left out once (it defaults to the label)
 LABELED = [("Is a lemon a fruit or a colour?", "fruit", "food"), ("Is blue a fruit or a colour?", "colour", "paint"),
            ("Is an apple a fruit or a colour?", "fruit", "food"), ("Is red a fruit or a colour?", "colour", "paint"),
@@ -59,7 +60,8 @@ def early_stopped(tmp_path_factory, base):
     """20 iterations asked; min_delta 100: only the first evaluation improves, patience 2 stops at 6."""
     root = tmp_path_factory.mktemp("runs")
     stop_file = root / "stop.json"
-    result = finetune(root, base, "training.train_iters=20", "training.eval_interval=2", "training.eval_iters=2",
+    result = finetune(root, base, "optim.lr=0.02", "optim.warmup_iters=0",
+                      "training.train_iters=20", "training.eval_interval=2", "training.eval_iters=2",
                       "training.early_stop_patience=2", "training.early_stop_min_delta=100",
                       "checkpoint.save_interval=100", "checkpoint.keep_last=1",
                       env_extra={"TRAIN_STOP_FILE": str(stop_file), "RUN_DATETIME": "20260101_000001"})
@@ -71,15 +73,15 @@ def test_early_stopping_keeps_the_best_checkpoint_and_does_not_requeue(early_sto
     root, result, stop_file = early_stopped
     assert result.returncode == 0, output(result)
     assert "stopped at iteration 6: early_stop" in result.stdout
-    checkpoints = root / RUN / "checkpoints" / "tiny-qwen3"
+    checkpoints = root / EARLY_RUN / "checkpoints" / "tiny-qwen3"
     # keep_last=1 would leave only 6; the best (2) is protected from rotation
     assert sorted(p.name for p in checkpoints.glob("iter_*")) == ["iter_0000002", "iter_0000006"]
     assert json.loads(stop_file.read_text()) == {"reason": "early_stop", "iteration": 6, "requeue": False,
                                                  "signal": None}
-    records = [json.loads(line) for line in next((root / RUN / "logs").glob("*.jsonl")).read_text().splitlines()]
+    records = [json.loads(line) for line in next((root / EARLY_RUN / "logs").glob("*.jsonl")).read_text().splitlines()]
     assert [r["iteration"] for r in records if "val_loss" in r] == [2, 4, 6]
     # a job started again on the same run resumes, sees it already stopped, and does nothing
-    again = finetune(root, base, "training.train_iters=20", "training.eval_interval=2",
+    again = finetune(root, base, "optim.lr=0.02", "training.train_iters=20", "training.eval_interval=2",
                      "training.early_stop_patience=2", "training.early_stop_min_delta=100", procs=1)
     assert again.returncode == 0, output(again)
     assert "this run already stopped" in again.stdout and "stopped at iteration" not in again.stdout
@@ -93,11 +95,12 @@ def test_validate_on_two_ranks_equals_one(early_stopped, base, labeled_set):
     common = ("mode=validate", f"validate.val_set={labeled_set}", "validate.max_new_tokens=6",
               "validate.batch_size=2")
     # the same valid samples: 2 ranks x 2 micro-batches, 1 rank x 4 (train/evaluate.py eval_batches)
-    two = finetune(root, base, *common, "training.eval_iters=2", env_extra={"RUN_DATETIME": "20260101_000002"})
-    one = finetune(root, base, *common, "training.eval_iters=4", procs=1,
+    two = finetune(root, base, *common, "optim.lr=0.02", "training.eval_iters=2",
+                   env_extra={"RUN_DATETIME": "20260101_000002"})
+    one = finetune(root, base, *common, "optim.lr=0.02", "training.eval_iters=4", procs=1,
                    env_extra={"RUN_DATETIME": "20260101_000003"})
     assert two.returncode == 0 and one.returncode == 0, output(two) + output(one)
-    logs = root / RUN / "logs"
+    logs = root / EARLY_RUN / "logs"
     summaries, predictions = [], []
     for stamp in ("20260101_000002", "20260101_000003"):
         summaries.append(json.loads((logs / f"tiny-qwen3_validate_{stamp}.summary.json").read_text()))
@@ -154,3 +157,38 @@ def test_lora_on_a_quantized_base_trains_and_validates(tmp_path, base, labeled_s
     assert any(k.endswith("q_proj.base_layer.weight_quantizer._amax") for k in keys)
     assert not any("lora_" in k and "quantizer" in k for k in keys)
     assert (root / RUN / "checkpoints/tiny-qwen3/iter_0000002/quantizer_state.pt").is_file()
+
+
+@pytest.mark.slow
+def test_finetune_run_exports_to_hf_with_the_adapted_logits(early_stopped, base, tmp_path):
+    """python -m train.export RUN_DIR --format hf: the adapters merged into bf16 weights that
+    transformers loads; its logits are those of base + LoRA loaded from the same checkpoint."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from transformers import AutoModelForCausalLM
+
+    from train.lora import apply_lora
+    from train.models import load_hf
+
+    root, trained, _ = early_stopped
+    assert trained.returncode == 0, output(trained)
+    out = tmp_path / "exported"
+    exported = subprocess.run([sys.executable, "-m", "train.export", str(root / EARLY_RUN), "--format", "hf",
+                               "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert exported.returncode == 0, output(exported)
+    tokens = torch.randint(0, 400, (2, 24), generator=torch.Generator().manual_seed(0))
+    model = load_hf(base).eval()
+    with torch.no_grad():
+        base_logits = model(tokens)
+    from types import SimpleNamespace
+
+    model = apply_lora(model, SimpleNamespace(rank=4, alpha=8.0, dropout=0.05, target_modules="q_proj,k_proj,v_proj,o_proj"))
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=str(root / EARLY_RUN / "checkpoints/tiny-qwen3/iter_0000006"))
+    model.load_state_dict(state["model"])
+    with torch.no_grad():
+        adapted = model.eval()(tokens)
+        hf_logits = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()(tokens).logits
+    moved = (adapted - base_logits).abs().max().item()
+    error = (hf_logits - adapted).abs().max().item()
+    assert error < 0.1 * moved, (error, moved)  # bf16 rounding only; the adapters' effect is 10x larger
