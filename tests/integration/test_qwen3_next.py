@@ -68,6 +68,7 @@ def test_qad_with_tiny_qwen3_next_student_and_teacher(tmp_path):
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     assert "from_checkpoint at iteration 0" in output
+    assert "quantized with recipe nvfp4" in output  # the student is fake-quantized (CPU NVFP4 backend)
     run = tmp_path / "runs" / "tiny-qwen3-next-Teacher-tiny-qwen3-next-Data-synthetic-lr0.0001"
     tracker = run / "checkpoints" / "tiny-qwen3-next" / "latest_checkpointed_iteration.txt"
     assert tracker.read_text().strip() == "4"
