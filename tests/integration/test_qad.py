@@ -1,4 +1,4 @@
-"""python -m pytest tests/integration/test_qad.py  (QAD jobs: quantized student, exact resume, FSDP; torchrun, gloo, CPU)
+"""python -m pytest tests/integration/test_qad.py  (QAD: quantized student, exact resume, FSDP; torchrun, gloo)
 
 The QAD twin of test_resume.py: a run of 2N iterations and a run stopped at N then resumed
 to 2N log the same losses bitwise; the resumed run restores the quantizers from the

@@ -54,7 +54,8 @@ def prepare_student(model: torch.nn.Module, cfg, resume_dir: str | None, dataset
 
     recipe = str(cfg.quant.recipe)
     if recipe != NO_QUANTIZATION and cfg.parallel.tensor_parallel_size > 1:
-        raise ValueError(f"TP_SIZE={cfg.parallel.tensor_parallel_size} with a quantized student (QUANT_RECIPE={recipe}) "
+        raise ValueError(f"TP_SIZE={cfg.parallel.tensor_parallel_size} with a quantized student "
+                         f"(QUANT_RECIPE={recipe}) "
                          "is not supported yet (the TP plans split plain Linear layers, not modelopt's "
                          "QuantLinear): use TP_SIZE=1 with DP_SHARDING=fsdp")
     saved = load_quantizer_state(resume_dir) if resume_dir else None
