@@ -12,7 +12,7 @@ import torch
 import train.config  # noqa: F401  registers the schemas
 from train.distill.losses import kd_loss
 from train.engine import run_job
-from train.trainer import masked_cross_entropy
+from train.trainer import auxiliary_loss, masked_cross_entropy
 
 
 def build_teacher(cfg) -> torch.nn.Module:
@@ -27,7 +27,8 @@ def build_teacher(cfg) -> torch.nn.Module:
     teacher = load_hf(cfg.distill.teacher_checkpoint).to(device).eval()
     teacher.requires_grad_(False)
     world_size = dist.get_world_size() if dist.is_initialized() else 1
-    mesh = build_mesh(world_size, cfg.parallel.tensor_parallel_size, torch.device(device).type)
+    mesh = build_mesh(world_size, cfg.parallel.tensor_parallel_size, torch.device(device).type,
+                      cfg.parallel.expert_parallel_size)
     teacher = parallelize_frozen(teacher, cfg.parallel, mesh)
     sharded = any(isinstance(p, torch.distributed.tensor.DTensor) for p in teacher.parameters())
     logging.getLogger("train").info("teacher %s: frozen, eval mode, %s", cfg.distill.teacher_checkpoint,
@@ -48,7 +49,7 @@ def main(cfg) -> None:
         loss = kd_loss(logits, teacher_logits, mask, cfg.distill.temperature)
         if cfg.distill.lm_loss_weight:
             loss = loss + cfg.distill.lm_loss_weight * masked_cross_entropy(logits, targets, mask)
-        return loss
+        return loss + auxiliary_loss(student)  # MoE students: load balancing (zero when dense)
 
     run_job("qad", cfg, distill_loss)
 
