@@ -125,7 +125,7 @@ class DistillConfig:
     kd_config_path: Optional[str] = None  # KD_CFG_PATH: YAML merged into these keys (train/distill/kd_config.py)
     temperature: float = 1.0
     lm_loss_weight: float = 0.0
-    chunk_size: int = 1024  # token positions per chunk of the KD loss: bounds its (chunk, vocab) fp32 logits
+    chunk_size: int = 512  # token positions per chunk of the KD loss: bounds its (chunk, vocab) fp32 logits
     tokenizer_vocab_size: Optional[int] = None  # real tokens; lets vocabularies differ by padding only
 
 

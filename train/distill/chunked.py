@@ -61,21 +61,25 @@ class ChunkedDistillLoss(torch.autograd.Function):
                 if not bool(m.any()):
                     continue  # masked-out chunk: no loss, no gradient
                 h = hidden[rows].to(dtype)  # (C, D)
-                student = (h @ w_s.T).float()  # (C, V)
+                student = (h @ w_s.T).float()  # zs (C, V)
                 teacher = (teacher_hidden[rows].to(dtype) @ w_t.T).float()
-                teacher = F.log_softmax(teacher.div_(temperature), dim=-1)  # lt
-                log_student = F.log_softmax(student / temperature, dim=-1)  # ls
-                teacher_probs = teacher.exp()  # pt
-                kl = (teacher_probs * (teacher - log_student)).sum(-1)  # (C,)
+                log_teacher = F.log_softmax(teacher.div_(temperature) if temperature != 1 else teacher, dim=-1)
+                del teacher
+                log_student = F.log_softmax(student / temperature if temperature != 1 else student, dim=-1)
+                teacher_probs = log_teacher.exp()  # pt
+                # KL = sum_v pt (lt - ls), as two batched dot products: no (C, V) temporary
+                kl = (teacher_probs[:, None, :] @ log_teacher[:, :, None]
+                      - teacher_probs[:, None, :] @ log_student[:, :, None]).flatten()  # (C,)
                 total += temperature**2 * (kl * m).sum()
-                # d(T^2 KL)/dzs = T (softmax(zs / T) - pt); reuse the buffers in place
+                del log_teacher
+                # d(T^2 KL)/dzs = T (softmax(zs / T) - pt), in the buffer of ls
                 grad = log_student.exp_().sub_(teacher_probs).mul_(temperature)  # (C, V)
-                del teacher, teacher_probs, kl
-                if lm_loss_weight:
-                    picked = student.gather(1, targets[rows, None]).squeeze(1)  # (C,)
-                    probs = F.softmax(student, dim=-1)
-                    total += lm_loss_weight * ((torch.logsumexp(student, -1) - picked) * m).sum()
-                    probs.scatter_add_(1, targets[rows, None], torch.full_like(picked[:, None], -1.0))
+                del teacher_probs, log_student
+                if lm_loss_weight:  # CE = -log_softmax(zs)[target]; dCE/dzs = softmax(zs) - onehot
+                    probs = F.log_softmax(student, dim=-1)
+                    picked = probs.gather(1, targets[rows, None]).squeeze(1)  # (C,)
+                    total += lm_loss_weight * (-picked * m).sum()
+                    probs.exp_().scatter_add_(1, targets[rows, None], torch.full_like(picked[:, None], -1.0))
                     grad.add_(probs, alpha=lm_loss_weight)
                     del probs
                 del student
@@ -102,7 +106,7 @@ class ChunkedDistillLoss(torch.autograd.Function):
 
 def chunked_distill_loss(hidden: torch.Tensor, weight: torch.Tensor, teacher_hidden: torch.Tensor,
                          teacher_weight: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, *,
-                         temperature: float = 1.0, lm_loss_weight: float = 0.0, chunk_size: int = 1024,
+                         temperature: float = 1.0, lm_loss_weight: float = 0.0, chunk_size: int = 512,
                          vocab: int | None = None) -> torch.Tensor:
     """T^2 KL(teacher || student) + lm_loss_weight x CE, means over the mask, chunk by chunk.
 

@@ -54,4 +54,4 @@ def distill_loss(student: torch.nn.Module, teacher: torch.nn.Module, inputs: tor
         return full_logits_loss(inner.output_logits(hidden), teacher_logits, targets, mask, distill_cfg, vocab)
     return chunked_distill_loss(hidden, weight, teacher_hidden, teacher.lm_head.weight, targets, mask,
                                 temperature=distill_cfg.temperature, lm_loss_weight=distill_cfg.lm_loss_weight,
-                                chunk_size=getattr(distill_cfg, "chunk_size", 1024), vocab=vocab)
+                                chunk_size=getattr(distill_cfg, "chunk_size", 512), vocab=vocab)
