@@ -7,6 +7,7 @@
     │   ├── trainer.pt                iteration, consumed samples, scheduler, model name and
     │   │                             parameter shapes, world size (rank 0)
     │   ├── rng_rank<r>.pt            RNG states (python, numpy, torch, cuda) of every rank
+    │   ├── quantizer_state.pt        QAD: how the student was quantized (train/quant/student.py)
     │   └── config.yaml               the resolved config of the run that saved it
     └── latest_checkpointed_iteration.txt   the iteration, written last
 
@@ -152,8 +153,10 @@ class CheckpointManager:
         return removed
 
     # ------------------------------------------------------------ save
-    def save(self, iteration: int, tensors: dict, trainer_state: dict, config_yaml: str | None = None) -> Path:
-        """tensors: model/optimizer state (DCP, sharded); trainer_state: small picklable dict."""
+    def save(self, iteration: int, tensors: dict, trainer_state: dict, config_yaml: str | None = None,
+             files: dict | None = None) -> Path:
+        """tensors: model/optimizer state (DCP, sharded); trainer_state: small picklable dict;
+        files: {file name: picklable object} that rank 0 writes with torch.save (checked at publish)."""
         self.finalize()  # an earlier async save publishes first
         final, temporary = self.path(iteration), self.directory / f"{checkpoint_dir_name(iteration)}.tmp"
         if rank() == 0:
@@ -163,7 +166,10 @@ class CheckpointManager:
         torch.save(rng_state(), temporary / f"rng_rank{rank()}.pt")
         if rank() == 0:
             trainer_state = {**trainer_state, "world_size": world_size(),
-                             "model_shapes": tensor_shapes(tensors.get("model", {}))}
+                             "model_shapes": tensor_shapes(tensors.get("model", {})),
+                             "extra_files": sorted(files or {})}
+            for name, value in (files or {}).items():
+                torch.save(value, temporary / name)
             torch.save(trainer_state, temporary / "trainer.pt")
             if config_yaml is not None:
                 (temporary / "config.yaml").write_text(config_yaml)
@@ -227,8 +233,9 @@ class CheckpointManager:
             time.sleep(seconds)
 
     def _publish(self, iteration: int, temporary: Path, final: Path) -> None:
-        saved_world = torch.load(temporary / "trainer.pt", weights_only=False).get("world_size", world_size())
-        expected = [".metadata", "trainer.pt"] + [f"rng_rank{r}.pt" for r in range(saved_world)]
+        saved = torch.load(temporary / "trainer.pt", weights_only=False)
+        expected = [".metadata", "trainer.pt"] + [f"rng_rank{r}.pt" for r in range(saved.get("world_size", world_size()))]
+        expected += saved.get("extra_files", [])
         missing = [name for name in expected if not (temporary / name).is_file()]
         if missing:
             raise RuntimeError(f"checkpoint {temporary} is incomplete: missing {missing}")

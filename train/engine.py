@@ -5,7 +5,7 @@ import logging
 import torch
 
 from train.datasets import build_train_dataset
-from train.launch.job import start_job
+from train.launch.job import fail, start_job
 from train.parallel import build_mesh, parallelize
 
 log = logging.getLogger("train")
@@ -49,13 +49,24 @@ def run_job(job: str, cfg, loss_fn=None) -> str:
     torch.manual_seed(cfg.training.seed + ctx.rank)
     model = build_job_model(cfg, ctx)
     vocab_size = model.args.vocab_size
+    dataset = build_train_dataset(cfg, ctx, vocab_size)
+    checkpoint_files = {}  # extra files in every checkpoint: {name: picklable object}
     if job == "finetune":
         model = apply_lora(model, cfg.lora)
+    if job == "qad":  # fake-quantize the single-device student; calibration or resumed quantizers
+        from train.quant.student import QUANTIZER_STATE_FILE, prepare_student
+
+        resume_dir = ctx.plan.resume.path if ctx.plan.resume.decision == "resume" else None
+        try:
+            model, record = prepare_student(model, cfg, resume_dir, dataset)
+        except ValueError as error:
+            fail(str(error))
+        if record is not None:
+            checkpoint_files[QUANTIZER_STATE_FILE] = record
     model = parallelize(model, cfg.parallel, build_mesh(ctx.world_size, cfg.parallel.tensor_parallel_size,
                                                          torch.device(ctx.device).type), ctx.device)
     ctx.mark("model_built")
-    dataset = build_train_dataset(cfg, ctx, vocab_size)
-    trainer = Trainer(cfg, ctx, model, dataset, loss_fn)
+    trainer = Trainer(cfg, ctx, model, dataset, loss_fn, checkpoint_files=checkpoint_files)
     reason = trainer.train()
     # DDP's reducer must go before the process group, and every rank must get here first:
     # otherwise a rank can hang in gloo's teardown after its peers have exited.

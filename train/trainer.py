@@ -70,8 +70,10 @@ def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torc
 
 
 class Trainer:
-    def __init__(self, cfg, ctx: JobContext, model: torch.nn.Module, dataset, loss_fn=None):
+    def __init__(self, cfg, ctx: JobContext, model: torch.nn.Module, dataset, loss_fn=None,
+                 checkpoint_files: dict | None = None):
         self.cfg, self.ctx, self.model, self.dataset = cfg, ctx, model, dataset
+        self.checkpoint_files = checkpoint_files or {}  # {file name: object} saved by rank 0 in each checkpoint
         self.plan = ctx.plan
         self.loss_fn = loss_fn or (lambda model, inputs, targets, mask:
                                    masked_cross_entropy(model(inputs), targets, mask))
@@ -120,7 +122,8 @@ class Trainer:
         from omegaconf import OmegaConf
 
         config_yaml = OmegaConf.to_yaml(self.cfg, resolve=True) if self.ctx.is_main else None
-        self.checkpoints.save(self.state.iteration, self.tensors(), self.state_dict(), config_yaml)
+        self.checkpoints.save(self.state.iteration, self.tensors(), self.state_dict(), config_yaml,
+                              files=self.checkpoint_files)
         self._saved_iteration = self.state.iteration
 
     def resume(self) -> None:

@@ -75,3 +75,16 @@ def apply_data_parallel(model: nn.Module, parallel_cfg, device: str) -> nn.Modul
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     mesh = build_mesh(world_size, parallel_cfg.tensor_parallel_size, torch.device(device).type)
     return parallelize(model, parallel_cfg, mesh, device)
+
+
+def parallelize_frozen(model: nn.Module, parallel_cfg, mesh: DeviceMesh | None) -> nn.Module:
+    """A frozen model (the QAD teacher) laid out like the student: the same TP split, and FSDP2
+    sharding when the student uses FSDP (the teacher's weights then cost 1/dp per rank). Under
+    ddp/zero1 it stays replicated: DDP has nothing to do for a model without gradients."""
+    tp = mesh["tp"].size() if mesh is not None else 1
+    dp = mesh["dp"].size() if mesh is not None else 1
+    if tp > 1:
+        apply_tensor_parallel(model, mesh["tp"])
+    if dp > 1 and parallel_cfg.data_parallel in ("fsdp", "fsdp_zero2"):
+        model = apply_fsdp(model, mesh["dp"], reshard_after_forward=True)  # no backward: free at once
+    return model
