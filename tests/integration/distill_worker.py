@@ -20,7 +20,7 @@ from parallel_worker import clean, fresh_model, full, optim_cfg, parallel_cfg  #
 from train.distill.loss import distill_loss
 from train.models import init_weights
 from train.optim import build_optimizer
-from train.parallel import build_mesh, parallelize
+from train.parallel import build_mesh, parallelize, parallelize_frozen
 
 GLOBAL_BATCH, SEQ_LEN = 4, 16
 DISTILL = SimpleNamespace(temperature=2.0, lm_loss_weight=0.5, chunk_size=24)  # chunks cross sequences
@@ -40,6 +40,9 @@ def distill_and_compare(name: str, cfg, expect_chunked: bool, steps: int = 2) ->
     reference = fresh_model(name)
     reference_optimizer = build_optimizer(reference, optim_cfg())
     model = parallelize(fresh_model(name), cfg, build_mesh(world, cfg.tensor_parallel_size), "cpu")
+    # the job's teacher: laid out like the student (FSDP2-sharded under fsdp, TP-split under TP)
+    parallel_teacher = parallelize_frozen(init_weights(fresh_model(name), 99).requires_grad_(False), cfg,
+                                          build_mesh(world, cfg.tensor_parallel_size))
     optimizer = build_optimizer(model, optim_cfg())
     dp, dp_rank = world // cfg.tensor_parallel_size, rank // cfg.tensor_parallel_size
     share = GLOBAL_BATCH // dp
@@ -48,7 +51,7 @@ def distill_and_compare(name: str, cfg, expect_chunked: bool, steps: int = 2) ->
         reference_loss = distill_loss(reference, teacher, inputs, targets, mask, DISTILL)
         reference_loss.backward()
         mine = slice(dp_rank * share, (dp_rank + 1) * share)
-        loss = distill_loss(model, teacher, inputs[mine], targets[mine], mask[mine], DISTILL)
+        loss = distill_loss(model, parallel_teacher, inputs[mine], targets[mine], mask[mine], DISTILL)
         chunked = loss.grad_fn.name().startswith("ChunkedDistillLoss")
         assert chunked == expect_chunked, f"chunked path used: {chunked}, expected {expect_chunked}"
         loss.backward()

@@ -4,9 +4,10 @@
 
 The student runs through its wrapper (DDP / FSDP2) with return_hidden=True, so every
 parallel hook fires as in a normal forward; its lm_head weight is read after that forward
-(FSDP2 leaves the root module's parameters unsharded until backward, so the weight is the
-full (V, D) tensor and its gradient reaches FSDP's reduce-scatter). The teacher's final
-hidden states come under no_grad. Then train.distill.chunked computes KL + LM term chunk by
+(FSDP2 leaves the root module's parameters unsharded after forward, so the weight is the
+full (V, D) tensor and its gradient reaches FSDP's reduce-scatter). The teacher (frozen,
+laid out like the student by train/qad.py: FSDP2-sharded or TP-split) runs the same way
+under no_grad. Then train.distill.chunked computes KL + LM term chunk by
 chunk. Full-logits fallback (train.distill.losses.kd_loss) where the chunked path does not
 apply: a tensor-parallel lm_head (vocab-sharded DTensor) or an lm_head with enabled quantizers.
 """
@@ -45,13 +46,14 @@ def distill_loss(student: torch.nn.Module, teacher: torch.nn.Module, inputs: tor
     first `vocab` logits (train.distill.kd_config.resolve_vocab); None: all of them."""
     inner = getattr(student, "module", student)  # DDP keeps the model in .module; FSDP2 in place
     hidden = student(inputs, return_hidden=True)  # (B, T, D)
-    with torch.no_grad():
-        teacher_hidden = teacher.hidden_states(inputs)  # (B, T, D_teacher)
+    with torch.no_grad():  # the teacher may be FSDP2-sharded or TP-split like the student: its forward too
+        teacher_hidden = teacher(inputs, return_hidden=True)  # (B, T, D_teacher)
     weight = inner.lm_head.weight  # read after the forward: FSDP2 has unsharded it
-    if isinstance(weight, DTensor) or _lm_head_quantized(inner.lm_head):
+    teacher_weight = getattr(teacher, "module", teacher).lm_head.weight
+    if isinstance(weight, DTensor) or isinstance(teacher_weight, DTensor) or _lm_head_quantized(inner.lm_head):
         with torch.no_grad():
             teacher_logits = teacher.output_logits(teacher_hidden)
         return full_logits_loss(inner.output_logits(hidden), teacher_logits, targets, mask, distill_cfg, vocab)
-    return chunked_distill_loss(hidden, weight, teacher_hidden, teacher.lm_head.weight, targets, mask,
+    return chunked_distill_loss(hidden, weight, teacher_hidden, teacher_weight, targets, mask,
                                 temperature=distill_cfg.temperature, lm_loss_weight=distill_cfg.lm_loss_weight,
                                 chunk_size=getattr(distill_cfg, "chunk_size", 512), vocab=vocab)
