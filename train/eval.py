@@ -1,4 +1,4 @@
-"""python -m train.eval --student HF_DIR --teacher HF_DIR --data BLEND [--quant RECIPE]: student vs teacher.
+"""python -m train.eval --student RUN_DIR|HF_DIR --teacher HF_DIR --data BLEND [--quant RECIPE]: student vs teacher.
 
 Prints, for the teacher and the student, on the first --batches x --batch-size sequences of
 the blend's --split (valid by default; the same ones for both models):
@@ -12,9 +12,11 @@ as a Markdown table, then one JSON line ({"teacher": {...}, "student": {...}, "s
 --json FILE writes the same JSON. --quant nvfp4 (nvfp4_mlp_only, fp8) evaluates the PTQ
 student: the student's weights fake-quantized by train.quant.quantize_model after
 --calibration-batches batches of the train split (modelopt's max calibration), no training.
-The student of a finished QAD job is an HF directory too (the job's export); evaluating the
-latest checkpoint of a run in place is the job's own eval-only mode
-(`-- training.eval_only=true`, val_loss/val_ppl in its metrics log).
+--student RUN_DIR (a directory with checkpoints/<model>/latest_checkpointed_iteration.txt, e.g.
+the QAD run's) evaluates that run's latest checkpoint: the model from its config.yaml
+(model.hf_checkpoint or the registry name), its quantizers re-created from quantizer_state.pt
+(train/quant/student.py: the QAD student as it trained, calibrated amax included), then the
+weights from the DCP checkpoint.
 
 Bad input (missing directory, blend, split, unknown recipe, vocabularies the KD rule refuses)
 is one `error:` line and exit 2 before any model is loaded where possible. Logits are made in
@@ -112,7 +114,7 @@ def format_table(results: dict) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m train.eval", description=__doc__.split("\n")[0])
-    parser.add_argument("--student", required=True, help="HF directory of the student")
+    parser.add_argument("--student", required=True, help="HF directory, or a run directory (its latest checkpoint)")
     parser.add_argument("--teacher", required=True, help="HF directory of the teacher")
     parser.add_argument("--data", required=True, help="datablend JSON ({'train': [...], 'valid': [...]})")
     parser.add_argument("--split", default="valid", help="split to evaluate on (default valid)")
@@ -131,13 +133,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def check_inputs(args) -> int | None:
+def check_inputs(args, student_is_run: bool = False) -> int | None:
     """Cheap checks before any model is loaded; returns the KD vocabulary rule's result."""
     from train.distill.kd_config import hf_vocab_size, resolve_vocab, tokenizer_size
 
     for flag, directory in (("--student", args.student), ("--teacher", args.teacher)):
+        if flag == "--student" and student_is_run:
+            continue
         if not (Path(directory) / "config.json").is_file():
-            raise ValueError(f"{flag} {directory}: not an HF checkpoint directory (no config.json)")
+            raise ValueError(f"{flag} {directory}: neither an HF checkpoint directory (config.json) nor a run "
+                             "directory (checkpoints/<model>/latest_checkpointed_iteration.txt)"
+                             if flag == "--student" else f"{flag} {directory}: not an HF checkpoint directory "
+                             "(no config.json)")
     if not Path(args.data).is_file():
         raise ValueError(f"--data {args.data}: datablend file does not exist")
     if args.quant is not None:
@@ -145,20 +152,65 @@ def check_inputs(args) -> int | None:
 
         if args.quant not in RECIPES:
             raise ValueError(f"--quant {args.quant}: unknown recipe (known: {', '.join(RECIPES)})")
+    if student_is_run:
+        return None  # the QAD job applied the vocabulary rule to this student at its start
     student_vocab, teacher_vocab = hf_vocab_size(args.student), hf_vocab_size(args.teacher)
     if student_vocab == teacher_vocab:
         return None
     return resolve_vocab(student_vocab, teacher_vocab, tokenizer_size(args.teacher) or tokenizer_size(args.student))
 
 
+def latest_checkpoint(run_dir: str) -> Path | None:
+    """RUN_DIR/checkpoints/<model>/iter_XXXXXXX of the tracker file; None if run_dir is not a run."""
+    from train.launch.rundir import TRACKER_FILE, checkpoint_dir_name, read_tracker
+
+    trackers = sorted(Path(run_dir).glob(f"checkpoints/*/{TRACKER_FILE}"))
+    if not trackers:
+        return None
+    if len(trackers) > 1:
+        raise ValueError(f"--student {run_dir}: several models' checkpoints ({', '.join(str(t.parent) for t in trackers)})")
+    return trackers[0].parent / checkpoint_dir_name(read_tracker(trackers[0].parent))
+
+
+def load_run_student(checkpoint: Path, device) -> torch.nn.Module:
+    """The model of a run's checkpoint: architecture from its config, quantizers, then the DCP weights."""
+    import torch.distributed.checkpoint as dcp
+    from omegaconf import OmegaConf
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    from train.models import build_model, load_hf
+    from train.quant.student import load_quantizer_state
+
+    cfg = OmegaConf.load(checkpoint / "config.yaml")
+    if cfg.model.get("hf_checkpoint"):
+        model = load_hf(cfg.model.hf_checkpoint)
+    else:
+        model = build_model(str(cfg.model.name), device="cpu")
+    saved = load_quantizer_state(checkpoint)
+    if saved:
+        from train.quant.recipes import restore_quantizer_state
+
+        model = restore_quantizer_state(model, saved["modelopt_state"])
+    state = {"model": get_model_state_dict(model)}
+    dcp.load(state, checkpoint_id=str(checkpoint))
+    set_model_state_dict(model, state["model"])
+    return model.to(device)
+
+
 def run(args) -> dict:
     from train.models import load_hf
 
-    vocab = check_inputs(args)
+    checkpoint = latest_checkpoint(args.student)
+    vocab = check_inputs(args, student_is_run=checkpoint is not None)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     batches = blend_batches(args.data, args.split, args.seq_length, args.batch_size, args.batches, args.seed, device)
     teacher = load_hf(args.teacher).to(device).eval().requires_grad_(False)
-    student = load_hf(args.student).to(device).eval().requires_grad_(False)
+    student = load_run_student(checkpoint, device) if checkpoint else load_hf(args.student).to(device)
+    student.eval().requires_grad_(False)
+    if vocab is None and student.args.vocab_size != teacher.args.vocab_size:  # a run's student
+        from train.distill.kd_config import resolve_vocab, tokenizer_size
+
+        vocab = resolve_vocab(student.args.vocab_size, teacher.args.vocab_size, tokenizer_size(args.teacher))
     if args.quant is not None:
         from train.quant.recipes import quantize_model
 

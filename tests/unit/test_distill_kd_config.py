@@ -87,3 +87,19 @@ def test_qad_refuses_bad_kd_config_and_vocab_at_start(tmp_path):
     mismatch = subprocess.run(base, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert mismatch.returncode == 2 and "student has 128 logits, teacher 120" in mismatch.stderr, mismatch.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_launch_plan_refuses_a_bad_kd_file(tmp_path):
+    """The plan (launchers, sbatch wrappers, train.submit) checks the file before a job starts."""
+    from train.launch.plan import PlanError, plan_from_conf
+
+    (tmp_path / "ckpt").mkdir()
+    kd = write(tmp_path, "temprature: 2\n")
+    conf = tmp_path / "qad.conf"
+    conf.write_text(f"export STUDENT_MODEL=tiny-qwen3\nexport TEACHER_MODEL=tiny-qwen3\nexport STUDENT_CKPT={tmp_path}/ckpt\n"
+                    f"export TEACHER_CKPT={tmp_path}/ckpt\nexport TP_SIZE=1\nexport MBS=2\nexport NUM_GPUS=2\n"
+                    f"export DATASET_NAME=synthetic\nexport TRAIN_ITERS=5\nexport KD_CFG_PATH={kd}\n")
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "QAD_CHECKPOINT_ROOT": str(tmp_path / "runs")}
+    with pytest.raises(PlanError) as error:
+        plan_from_conf("qad", str(conf), [], env)
+    assert f"KD_CFG_PATH {kd}: unknown key 'temprature'" in str(error.value)

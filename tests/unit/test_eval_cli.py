@@ -88,6 +88,6 @@ def test_cli_student_equal_to_teacher(tmp_path):
 
 def test_cli_errors(tmp_path):
     missing = run_eval("--student", tmp_path / "nope", "--teacher", tmp_path, "--data", tmp_path / "b.json")
-    assert missing.returncode == 2 and f"error: --student {tmp_path / 'nope'}: not an HF checkpoint" in missing.stderr
+    assert missing.returncode == 2 and f"error: --student {tmp_path / 'nope'}: neither an HF checkpoint directory" in missing.stderr
     bad = run_eval("--student", tmp_path, "--teacher", tmp_path, "--data", "x.json", "--batches", 0)
     assert bad.returncode == 2 and "--batches must be >= 1" in bad.stderr
