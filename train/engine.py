@@ -63,8 +63,9 @@ def run_job(job: str, cfg, loss_fn=None) -> str:
             fail(str(error))
         if record is not None:
             checkpoint_files[QUANTIZER_STATE_FILE] = record
-    model = parallelize(model, cfg.parallel, build_mesh(ctx.world_size, cfg.parallel.tensor_parallel_size,
-                                                         torch.device(ctx.device).type), ctx.device)
+    mesh = build_mesh(ctx.world_size, cfg.parallel.tensor_parallel_size, torch.device(ctx.device).type,
+                      cfg.parallel.expert_parallel_size)
+    model = parallelize(model, cfg.parallel, mesh, ctx.device)
     ctx.mark("model_built")
     trainer = Trainer(cfg, ctx, model, dataset, loss_fn, checkpoint_files=checkpoint_files)
     reason = trainer.train()

@@ -11,11 +11,26 @@ def build_optimizer(model: torch.nn.Module, optim_cfg) -> torch.optim.AdamW:
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     groups = [{"params": decay, "weight_decay": optim_cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
+    experts = expert_parameter_ids(model)
+    if experts:
+        # MoE: routed experts in a group of their own, whatever EP_SIZE (same groups in every
+        # checkpoint). Under EP they are plain local tensors while FSDP makes the rest DTensors,
+        # and one fused/foreach AdamW call cannot mix the two kinds.
+        groups[0]["params"] = [p for p in decay if id(p) not in experts]
+        groups.append({"params": [p for p in decay if id(p) in experts], "weight_decay": optim_cfg.weight_decay})
     # fused: one kernel for the whole update, on CUDA and (torch >= 2.4) on CPU, where the
     # element-wise AdamW math is ~25% of a small model's step (benchmarks/train_throughput)
     fused = bool(decay) and (decay[0].is_cuda or decay[0].device.type == "cpu")
     return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=(optim_cfg.beta1, optim_cfg.beta2),
                              eps=optim_cfg.eps, fused=fused)
+
+
+def expert_parameter_ids(model: torch.nn.Module) -> set[int]:
+    """ids of the routed experts' weights (GroupedExperts of MoE layers); empty for dense models."""
+    from train.models.common.moe import GroupedExperts
+
+    return {id(p) for module in model.modules() if isinstance(module, GroupedExperts)
+            for p in module.parameters(recurse=False)}
 
 
 def learning_rate(iteration: int, total_iters: int, optim_cfg) -> float:

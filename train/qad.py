@@ -13,6 +13,7 @@ import train.config  # noqa: F401  registers the schemas
 from train.distill.kd_config import KDConfigError, check_distill_config
 from train.distill.loss import distill_loss
 from train.engine import run_job
+from train.trainer import auxiliary_loss
 
 
 def build_teacher(cfg) -> torch.nn.Module:
@@ -48,7 +49,8 @@ def main(cfg) -> None:
     def loss_fn(student, inputs, targets, mask):
         nonlocal teacher
         teacher = teacher or build_teacher(cfg)
-        return distill_loss(student, teacher, inputs, targets, mask, cfg.distill, vocab)
+        loss = distill_loss(student, teacher, inputs, targets, mask, cfg.distill, vocab)
+        return loss + auxiliary_loss(student)  # MoE students: load balancing (zero when dense)
 
     run_job("qad", cfg, loss_fn)
 

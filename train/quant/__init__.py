@@ -14,6 +14,7 @@ __all__ = [
     "quantize_model",
     "quantizer_state",
     "restore_quantizer_state",
+    "register_grouped_experts",
 ]
 
 _WHERE = {
@@ -26,6 +27,7 @@ _WHERE = {
     "quantize_model": ".recipes",
     "quantizer_state": ".recipes",
     "restore_quantizer_state": ".recipes",
+    "register_grouped_experts": ".experts",
 }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from train.models.common.moe import MoE, combined_aux_loss
 from train.models.registry import ModelArgs
 
 
@@ -85,3 +86,13 @@ class CausalLM(nn.Module):
         through the wrapper's forward (DDP, FSDP2 hooks), for losses computed in chunks."""
         hidden = self.hidden_states(input_ids, position_ids)
         return hidden if return_hidden else self.output_logits(hidden)
+
+    def auxiliary_loss(self) -> torch.Tensor:
+        """Loss terms to add to the task loss for the last forward: the MoE load-balancing
+        loss times args.router_aux_loss_coef (HF's aux_loss * coef), a scalar zero for dense
+        models (and for MoE models before any forward)."""
+        device = self.embed_tokens.weight.device
+        aux = combined_aux_loss([m for m in self.modules() if isinstance(m, MoE)])
+        if aux is None:
+            return torch.zeros((), device=device)
+        return self.args.router_aux_loss_coef * aux
