@@ -23,6 +23,7 @@ def results(tmp_path_factory):
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow  # one torchrun of 3 cases: ~70 s here
 @pytest.mark.parametrize("case", CASES)
 def test_distill_loss_matches_one_device(results, case):
     """2 AdamW steps on the KD loss: loss, gradients and weights equal the single-device student's."""

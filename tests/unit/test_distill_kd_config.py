@@ -75,6 +75,7 @@ def test_check_distill_config_merges_and_checks(tmp_path):
     assert cfg.distill.temperature == 3.0 and cfg.distill.tokenizer_vocab_size == 100
 
 
+@pytest.mark.slow  # two python -m startups: ~40 s on 2 busy cores
 def test_qad_refuses_bad_kd_config_and_vocab_at_start(tmp_path):
     """python -m train.qad: one error line, exit 2, before any model, process group or run dir."""
     cfg = job_cfg(tmp_path, 128, 120, "temperature: -1\n")

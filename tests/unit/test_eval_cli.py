@@ -68,6 +68,7 @@ def run_eval(*args):
                           text=True, timeout=300)
 
 
+@pytest.mark.slow  # HF save, blend, python -m train.eval: ~25 s on 2 busy cores
 def test_cli_student_equal_to_teacher(tmp_path):
     from train.models import build_model, init_weights, save_hf
 
