@@ -31,7 +31,8 @@ the write has finished, at the next save or at the end of training. Without CUDA
 save is synchronous (logged once).
 
 Retention: the last `keep_last` checkpoints, plus every iteration divisible by
-`keep_every` (when > 0), are kept; the rest are removed after each publish.
+`keep_every` (when > 0), plus the iterations in `protected` (early stopping's best), are
+kept; the rest are removed after each publish.
 """
 
 import logging
@@ -117,6 +118,7 @@ class CheckpointManager:
         self.write_threads = write_threads  # DCP writer threads per rank (files __<rank>_<thread>.distcp)
         self.keep_last = keep_last
         self.keep_every = keep_every
+        self.protected: set[int] = set()  # never purged (early stopping's best checkpoint)
         self.save_interval_s = save_interval_s
         self.async_save = async_save
         self.last_save_time = time.time()
@@ -254,7 +256,8 @@ class CheckpointManager:
         if self.keep_last <= 0:
             return []
         return [old for old in iterations[:-self.keep_last]
-                if old != keep and not (self.keep_every > 0 and old % self.keep_every == 0)]
+                if old != keep and old not in self.protected
+                and not (self.keep_every > 0 and old % self.keep_every == 0)]
 
     def _purge(self, keep: int) -> None:
         for old in self.purgeable(checkpoint_iterations(self.directory), keep):

@@ -127,12 +127,19 @@ def check_parallel(cfg, world_size: int, conf: str) -> int:
 
 
 def check_quant(cfg, job: str, conf: str) -> None:
-    """QAD: the quantization recipe is one we know (QUANT_RECIPE / quant.recipe)."""
-    if job != "qad":
+    """QAD: the quantization recipe is one we know (QUANT_RECIPE / quant.recipe); fine-tuning:
+    the base's recipe (QUANT_RECIPE / lora.quantized_base)."""
+    if job not in ("qad", "finetune"):
         return
     from train.quant.recipes import RECIPES  # torch-free
 
     known = [*RECIPES, "none"]
+    if job == "finetune":
+        recipe = cfg.lora.get("quantized_base")
+        if recipe and str(recipe) not in known:
+            raise PlanError(f"{conf}: QUANT_RECIPE: unknown quantization recipe {recipe!r} "
+                            f"(lora.quantized_base); known: {', '.join(known)}")
+        return
     if str(cfg.quant.recipe) not in known:
         raise PlanError(f"{conf}: QUANT_RECIPE: unknown quantization recipe {cfg.quant.recipe!r} "
                         f"(quant.recipe); known: {', '.join(known)}")
@@ -145,6 +152,7 @@ PATH_FIELDS = {  # config key -> (conf variable, must be a directory)
     "distill.teacher_checkpoint": ("TEACHER_CKPT", True),
     "distill.teacher_model_config": ("TEACHER_MODEL_CONFIG", False),
     "distill.kd_config_path": ("KD_CFG_PATH", False),
+    "validate.val_set": ("VAL_SET", False),
 }
 
 
