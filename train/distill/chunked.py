@@ -119,6 +119,8 @@ def chunked_distill_loss(hidden: torch.Tensor, weight: torch.Tensor, teacher_hid
                          f"({teacher_weight.shape[0]}) vocabulary")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if not torch.is_grad_enabled():  # no backward will come: skip the gradient work in forward
+        hidden, weight = hidden.detach(), weight.detach()
     return ChunkedDistillLoss.apply(hidden.flatten(0, -2), weight, teacher_hidden.flatten(0, -2).detach(),
                                     teacher_weight.detach(), targets.flatten(), mask.flatten(),
                                     float(temperature), float(lm_loss_weight), int(chunk_size), vocab)
