@@ -236,7 +236,8 @@ class CheckpointManager:
 
     def _publish(self, iteration: int, temporary: Path, final: Path) -> None:
         saved = torch.load(temporary / "trainer.pt", weights_only=False)
-        expected = [".metadata", "trainer.pt"] + [f"rng_rank{r}.pt" for r in range(saved.get("world_size", world_size()))]
+        ranks = range(saved.get("world_size", world_size()))
+        expected = [".metadata", "trainer.pt"] + [f"rng_rank{r}.pt" for r in ranks]
         expected += saved.get("extra_files", [])
         missing = [name for name in expected if not (temporary / name).is_file()]
         if missing:

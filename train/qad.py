@@ -28,7 +28,8 @@ def build_teacher(cfg) -> torch.nn.Module:
     teacher = load_hf(cfg.distill.teacher_checkpoint).to(device).eval()
     teacher.requires_grad_(False)
     world_size = dist.get_world_size() if dist.is_initialized() else 1
-    mesh = build_mesh(world_size, cfg.parallel.tensor_parallel_size, torch.device(device).type)
+    mesh = build_mesh(world_size, cfg.parallel.tensor_parallel_size, torch.device(device).type,
+                      cfg.parallel.expert_parallel_size)
     teacher = parallelize_frozen(teacher, cfg.parallel, mesh)
     sharded = any(isinstance(p, torch.distributed.tensor.DTensor) for p in teacher.parameters())
     logging.getLogger("train").info("teacher %s: frozen, eval mode, %s", cfg.distill.teacher_checkpoint,

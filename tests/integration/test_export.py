@@ -1,4 +1,4 @@
-"""python -m pytest tests/integration/test_export.py  (python -m train.export: bf16 HF and NVFP4 HF from run dirs, CPU)"""
+"""python -m pytest tests/integration/test_export.py  (python -m train.export: bf16 HF and NVFP4 HF, CPU)"""
 
 import os
 import subprocess

@@ -1,4 +1,4 @@
-"""python -m pytest tests/integration/test_qad.py  (QAD jobs: quantized student, exact resume, FSDP; torchrun, gloo, CPU)
+"""python -m pytest tests/integration/test_qad.py  (QAD: quantized student, exact resume, FSDP; torchrun, gloo)
 
 The QAD twin of test_resume.py: a run of 2N iterations and a run stopped at N then resumed
 to 2N log the same losses bitwise; the resumed run restores the quantizers from the
@@ -116,3 +116,24 @@ def test_unknown_recipe_is_refused_before_the_job_starts(tmp_path, models):
     assert "QUANT_RECIPE: unknown quantization recipe 'nvfp5'" in result.stderr
     assert "nvfp4, nvfp4_mlp_only, fp8, none" in result.stderr
     assert not (tmp_path / RUN).exists()  # no run directory
+
+
+@pytest.mark.slow
+def test_qad_moe_student_with_expert_parallelism_quantizes_the_experts(tmp_path):
+    """tiny-qwen3-moe, EP 2 x FSDP2 on 2 processes: the grouped experts get quantizers (their amax
+    is in the checkpoint) and the teacher is split like the student."""
+    from train.models import build_model, init_weights, save_hf
+
+    models = tmp_path / "models"
+    save_hf(init_weights(build_model("tiny-qwen3-moe", device="cpu"), 1), models / "student")
+    save_hf(init_weights(build_model("tiny-qwen3-moe", device="cpu"), 2), models / "teacher")
+    result = qad(tmp_path, models, "20260101_000001", "model.name=tiny-qwen3-moe",
+                 "distill.teacher_model=tiny-qwen3-moe", "training.train_iters=2", "checkpoint.save_interval=2", "parallel.expert_parallel_size=2",
+                 "parallel.data_parallel=fsdp", procs=2)
+    output = result.stdout + result.stderr
+    assert "x ep 2" in output and "sharded like the student" in output
+    run = tmp_path / "tiny-qwen3-moe-Teacher-tiny-qwen3-moe-Data-synthetic-lr0.0001"
+    final = run / "checkpoints" / "tiny-qwen3-moe" / "iter_0000002"
+    keys = dcp_keys(final)
+    assert "model.layers.1.mlp.experts.gate_up_proj_weight_quantizer._amax" in keys
+    assert "model.layers.1.mlp.experts.down_proj_input_quantizer._amax" in keys

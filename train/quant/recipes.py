@@ -48,6 +48,18 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return parameter.device if parameter is not None else torch.device("cpu")
 
 
+def register_modules(model: torch.nn.Module) -> None:
+    """What modelopt needs to know before it converts `model`: our CPU NVFP4 kernel (modelopt's
+    is CUDA-only; same numerics) and the QuantModule of our grouped MoE experts."""
+    from train.quant.experts import register_grouped_experts
+
+    if model_device(model).type == "cpu":
+        from train.quant.backend import register_cpu_nvfp4_backend
+
+        register_cpu_nvfp4_backend()
+    register_grouped_experts()
+
+
 def quantizer_counts(model: torch.nn.Module) -> tuple[int, int]:
     """(enabled, disabled) TensorQuantizers in the model."""
     from modelopt.torch.quantization.nn import TensorQuantizer
@@ -70,10 +82,7 @@ def quantize_model(model: torch.nn.Module, recipe: str,
     import torch
 
     device = model_device(model)
-    if device.type == "cpu":  # modelopt's NVFP4 kernel is CUDA-only; ours has the same numerics
-        from train.quant.backend import register_cpu_nvfp4_backend
-
-        register_cpu_nvfp4_backend()
+    register_modules(model)
     batches = list(calibration_batches or [])
 
     def forward_loop(module: torch.nn.Module) -> None:
@@ -106,8 +115,5 @@ def restore_quantizer_state(model: torch.nn.Module, state: dict) -> torch.nn.Mod
     values, filled when the model's state dict is loaded). No calibration runs."""
     import modelopt.torch.opt as mto
 
-    if model_device(model).type == "cpu":
-        from train.quant.backend import register_cpu_nvfp4_backend
-
-        register_cpu_nvfp4_backend()
+    register_modules(model)
     return mto.restore_from_modelopt_state(model, state)
