@@ -6,21 +6,17 @@ AdamW steps equal a single-device student that sees the whole batch. The teacher
 plain single-device model on every rank. Rank 0 writes {case: "ok" | traceback}.
 """
 
-import json
-import os
-import sys
-import traceback
 from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 
 from parallel_worker import clean, fresh_model, full, optim_cfg, parallel_cfg  # same folder
 from train.distill.loss import distill_loss
 from train.models import init_weights
 from train.optim import build_optimizer
 from train.parallel import build_mesh, parallelize, parallelize_frozen
+from worker_cases import cases_of, run_cases
 
 GLOBAL_BATCH, SEQ_LEN = 4, 16
 DISTILL = SimpleNamespace(temperature=2.0, lm_loss_weight=0.5, chunk_size=24)  # chunks cross sequences
@@ -82,30 +78,5 @@ def case_tp():  # vocab-sharded lm_head: the full-logits fallback
     distill_and_compare("debug-qwen3", parallel_cfg(tensor_parallel_size=2), expect_chunked=False)
 
 
-CASES = {name[len("case_"):]: function for name, function in globals().items() if name.startswith("case_")}
-
-
-def main() -> None:
-    dist.init_process_group("gloo")
-    torch.manual_seed(0)
-    only = sys.argv[2].split(",") if len(sys.argv) > 2 else list(CASES)
-    results = {}
-    for name in only:
-        try:
-            CASES[name]()
-            results[name] = "ok"
-        except Exception:  # noqa: BLE001 - reported per case; the ranks stay in step
-            results[name] = traceback.format_exc()
-        dist.barrier()
-    every_rank = [None] * dist.get_world_size()
-    dist.all_gather_object(every_rank, results)
-    merged = {name: next((r[name] for r in every_rank if r[name] != "ok"), "ok") for name in results}
-    if dist.get_rank() == 0:
-        with open(sys.argv[1], "w") as f:
-            json.dump(merged, f, indent=1)
-    dist.destroy_process_group()
-
-
 if __name__ == "__main__":
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    main()
+    run_cases(cases_of(globals()))
