@@ -24,7 +24,7 @@ from train.data.sampler import MicroBatchSampler, parse_iterations_to_skip
 from train.launch.job import JobContext
 from train.evaluate import eval_only, maybe_evaluate
 from train.metrics import MetricsLogger, check_bad_streak, debug_nan, is_bad, iteration_metrics
-from train.optim import build_optimizer, learning_rate
+from train.optim import build_optimizer, clip_gradients, learning_rate
 from train.parallel import (build_zero_redundancy_optimizer, wants_zero_redundancy_optimizer,
                             zero_redundancy_optimizer_state_dict)
 
@@ -167,7 +167,7 @@ class Trainer:
                 loss = self.loss_fn(self.model, inputs, targets, mask) / accumulation
             loss.backward()
             total_loss += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        grad_norm = clip_gradients(self.model, self.optimizer, self.cfg.optim.grad_clip)  # may defer to step()
         if dist.is_initialized():
             dist.all_reduce(total_loss, op=dist.ReduceOp.AVG)
         return total_loss.item(), grad_norm.item()
