@@ -51,8 +51,9 @@ def run_job(job: str, cfg, loss_fn=None) -> str:
     vocab_size = model.args.vocab_size
     if job == "finetune":
         model = apply_lora(model, cfg.lora)
-    model = parallelize(model, cfg.parallel, build_mesh(ctx.world_size, cfg.parallel.tensor_parallel_size,
-                                                         torch.device(ctx.device).type), ctx.device)
+    mesh = build_mesh(ctx.world_size, cfg.parallel.tensor_parallel_size, torch.device(ctx.device).type,
+                      cfg.parallel.expert_parallel_size)
+    model = parallelize(model, cfg.parallel, mesh, ctx.device)
     ctx.mark("model_built")
     dataset = build_train_dataset(cfg, ctx, vocab_size)
     trainer = Trainer(cfg, ctx, model, dataset, loss_fn)

@@ -9,7 +9,7 @@ import torch
 import train.config  # noqa: F401  registers the schemas
 from train.distill.losses import kd_loss
 from train.engine import run_job
-from train.trainer import masked_cross_entropy
+from train.trainer import auxiliary_loss, masked_cross_entropy
 
 
 def build_teacher(cfg) -> torch.nn.Module:
@@ -34,7 +34,7 @@ def main(cfg) -> None:
         loss = kd_loss(logits, teacher_logits, mask, cfg.distill.temperature)
         if cfg.distill.lm_loss_weight:
             loss = loss + cfg.distill.lm_loss_weight * masked_cross_entropy(logits, targets, mask)
-        return loss
+        return loss + auxiliary_loss(student)  # MoE students: load balancing (zero when dense)
 
     run_job("qad", cfg, distill_loss)
 

@@ -24,9 +24,9 @@ from train.data.sampler import MicroBatchSampler, parse_iterations_to_skip
 from train.launch.job import JobContext
 from train.evaluate import eval_only, maybe_evaluate
 from train.metrics import MetricsLogger, check_bad_streak, debug_nan, is_bad, iteration_metrics
-from train.optim import build_optimizer, clip_gradients, learning_rate
-from train.parallel import (build_zero_redundancy_optimizer, wants_zero_redundancy_optimizer,
-                            zero_redundancy_optimizer_state_dict)
+from train.optim import build_optimizer, fold_clipping_into_step, learning_rate
+from train.parallel import (build_zero_redundancy_optimizer, clip_gradients, expert_checkpoint_view, local_view,
+                            wants_zero_redundancy_optimizer, zero_redundancy_optimizer_state_dict)
 
 log = logging.getLogger("train")
 STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)  # the sbatch wrappers ask for B:USR2@<grace>
@@ -69,12 +69,23 @@ def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torc
     return (losses * mask.flatten()).sum() / mask.sum().clamp(min=1)
 
 
+def auxiliary_loss(model: torch.nn.Module) -> torch.Tensor:
+    """The model's extra loss terms for its last forward (MoE load balancing, coefficient
+    included; zero for dense models), looked up through a DDP wrapper."""
+    inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    return inner.auxiliary_loss()
+
+
+def language_model_loss(model, inputs, targets, mask) -> torch.Tensor:
+    """The default training loss: masked next-token cross entropy plus auxiliary_loss."""
+    return masked_cross_entropy(model(inputs), targets, mask) + auxiliary_loss(model)
+
+
 class Trainer:
     def __init__(self, cfg, ctx: JobContext, model: torch.nn.Module, dataset, loss_fn=None):
         self.cfg, self.ctx, self.model, self.dataset = cfg, ctx, model, dataset
         self.plan = ctx.plan
-        self.loss_fn = loss_fn or (lambda model, inputs, targets, mask:
-                                   masked_cross_entropy(model(inputs), targets, mask))
+        self.loss_fn = loss_fn or language_model_loss
         # ZeRO-1 (parallel.data_parallel=zero1): AdamW state sharded over the data-parallel ranks
         self.zero1 = wants_zero_redundancy_optimizer(cfg.parallel)
         self.optimizer = (build_zero_redundancy_optimizer(model, cfg.optim) if self.zero1
@@ -111,7 +122,8 @@ class Trainer:
             return {"model": get_model_state_dict(self.model),
                     "optimizer": zero_redundancy_optimizer_state_dict(self.model, self.optimizer)}
         model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
-        return {"model": model_state, "optimizer": optimizer_state}
+        # EP: local experts (and their moments) as DTensors of the global shape, so DCP reshards them
+        return expert_checkpoint_view(self.model, {"model": model_state, "optimizer": optimizer_state})
 
     def save(self) -> None:
         """Saves the current iteration (once: a second call at the same iteration does nothing)."""
@@ -136,6 +148,7 @@ class Trainer:
         if self.zero1:  # the optimizer's own tensors were filled in place by the load
             set_model_state_dict(self.model, tensors["model"])
         else:
+            tensors = local_view(tensors)  # EP: back to the local experts
             set_state_dict(self.model, self.optimizer, model_state_dict=tensors["model"],
                            optim_state_dict=tensors["optimizer"])
         self.load_state_dict(trainer_state)
@@ -167,7 +180,11 @@ class Trainer:
                 loss = self.loss_fn(self.model, inputs, targets, mask) / accumulation
             loss.backward()
             total_loss += loss.detach()
-        grad_norm = clip_gradients(self.model, self.optimizer, self.cfg.optim.grad_clip)  # may defer to step()
+        # fused AdamW: the clipping factor goes into the next optimizer.step() (train/optim.py)
+        grad_norm = fold_clipping_into_step(self.model, self.optimizer, self.cfg.optim.grad_clip)
+        if grad_norm is None:
+            # clip_grad_norm_; under EP it first finishes the expert gradients (train/parallel/expert_parallel.py)
+            grad_norm = clip_gradients(self.model, self.cfg.optim.grad_clip)
         if dist.is_initialized():
             dist.all_reduce(total_loss, op=dist.ReduceOp.AVG)
         return total_loss.item(), grad_norm.item()

@@ -145,10 +145,82 @@ def test_shipped_moe_conf_needs_its_four_nodes(tmp_path, env):
     with pytest.raises(PlanError) as error:  # 8 GPUs / TP 4 = data-parallel 2, not divisible by EP 8
         plan_from_conf("qad", conf, [], env, strict_paths=False)
     assert "EP_SIZE=8 does not divide the data-parallel size 2" in str(error.value)
-    plan = plan_from_conf("qad", conf, [], env, nnodes=4, strict_paths=False)[0]
+    plan, _, warnings = plan_from_conf("qad", conf, [], env, nnodes=4, strict_paths=False)
     assert plan.cluster.world_size == 32 and plan.data_parallel_size == 8
     assert plan.paths.run_name == ("Qwen3-30B-A3B-Thinking-2507-Teacher-Qwen3-30B-A3B-Thinking-2507-"
                                    "Data-combined_cot_chat-lr1e-6")
+    # TP 4 inside a node; the 8 data-parallel ranks form one EP group of 16 experts each
+    assert plan.model_facts == {"num_experts": 128, "source": "registry:qwen3-30b-a3b"}
+    assert plan.parallel == {"tensor_parallel": 4, "pipeline_parallel": 1, "data_parallel": 8,
+                             "data_parallel_strategy": "fsdp", "expert_parallel": 8,
+                             "expert_data_parallel": 1, "experts_per_rank": 16}
+    assert not [w for w in warnings if "EP_SIZE" in w], warnings
+
+
+TINY_MOE_PRETRAIN = TINY_PRETRAIN.replace("tiny-qwen3", "tiny-qwen3-moe")  # 8 experts
+
+
+@pytest.mark.parametrize("launcher, extra_env", [
+    ("launchers/qad.sh", {"NNODES": "4", "NODE_RANK": "0", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}),
+    ("slurm/qad.sh", {"SLURM_JOB_ID": "4242", "SLURM_NNODES": "4", "SLURM_JOB_NODELIST": "localhost",
+                      "SLURM_NODEID": "0"}),  # what `sbatch --nodes=4` gives the batch script
+], ids=["nnodes", "sbatch"])
+def test_shipped_moe_conf_dry_run_through_the_launchers(launcher, extra_env, tmp_path):
+    env = {**cli_env(tmp_path), "MODELS_ROOT": str(tmp_path / "no-models"), "TRAIN_REPO": str(REPO), **extra_env}
+    result = subprocess.run(["bash", str(REPO / launcher), "--config", "qwen3-30b-a3b-thinking-2507-moe",
+                             "--dry-run"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["world_size"] == 32 and plan["data_parallel_size"] == 8 and len(plan["node_commands"]) == 4
+    assert plan["parallel"]["expert_parallel"] == 8 and plan["parallel"]["experts_per_rank"] == 16
+    assert "parallel.expert_parallel_size=8" in plan["node_commands"][0]
+    assert "EP_SIZE" not in result.stderr, result.stderr
+
+
+def test_ep_must_divide_the_experts_of_a_registry_moe(tmp_path, env):
+    conf = write_conf(tmp_path, TINY_MOE_PRETRAIN + "export NUM_GPUS=6\nexport EP_SIZE=3\n")
+    with pytest.raises(PlanError, match="EP_SIZE=3 does not divide the 8 experts of model tiny-qwen3-moe"):
+        plan_from_conf("pretrain", conf, [], env)
+
+
+def test_ep_must_divide_the_data_parallel_size(tmp_path, env):
+    conf = write_conf(tmp_path, TINY_MOE_PRETRAIN + "export NUM_GPUS=2\nexport EP_SIZE=4\n")
+    with pytest.raises(PlanError, match=r"EP_SIZE=4 does not divide the data-parallel size 2 \(2 GPUs"):
+        plan_from_conf("pretrain", conf, [], env)
+    plan = plan_from_conf("pretrain", conf, [], env, nnodes=2)[0]  # 4 GPUs: one EP group of 4
+    assert plan.parallel["experts_per_rank"] == 2 and plan.parallel["expert_data_parallel"] == 1
+
+
+def test_ep_on_a_moe_plans_with_the_expert_layout(tmp_path, env):
+    conf = write_conf(tmp_path, TINY_MOE_PRETRAIN + "export NUM_GPUS=8\nexport EP_SIZE=2\n")
+    plan, _, warnings = plan_from_conf("pretrain", conf, [], env)
+    assert plan.parallel == {"tensor_parallel": 1, "pipeline_parallel": 1, "data_parallel": 8,
+                             "data_parallel_strategy": "ddp", "expert_parallel": 2,
+                             "expert_data_parallel": 4, "experts_per_rank": 4}
+    assert warnings == []
+
+
+def test_ep_keeps_the_other_parallel_checks(tmp_path, env):
+    """EP > 1 once skipped the strategy checks: TP with DDP must still be refused."""
+    conf = write_conf(tmp_path, TINY_MOE_PRETRAIN + "export NUM_GPUS=8\nexport TP_SIZE=2\nexport EP_SIZE=2\n")
+    with pytest.raises(PlanError, match="does not compose with tensor parallelism"):
+        plan_from_conf("pretrain", conf, [], env)
+
+
+def test_ep_with_zero1_is_planned_by_a_dry_run_and_refused_by_a_real_start(tmp_path, env):
+    conf = write_conf(tmp_path, TINY_MOE_PRETRAIN + "export NUM_GPUS=4\nexport EP_SIZE=2\nexport DP_SHARDING=zero1\n")
+    plan, _, warnings = plan_from_conf("pretrain", conf, [], env, strict_paths=False)
+    assert plan.parallel["expert_parallel"] == 2 and any("EP_SIZE=2 with parallel.data_parallel='zero1'" in w
+                                                         for w in warnings), warnings
+    with pytest.raises(PlanError, match=f"{conf}: EP_SIZE=2 with parallel.data_parallel='zero1'"):
+        plan_from_conf("pretrain", conf, [], env)
+
+
+def test_tp_with_ep_plans(tmp_path, env):
+    conf = write_conf(tmp_path, TINY_MOE_PRETRAIN + "export NUM_GPUS=4\nexport TP_SIZE=2\nexport EP_SIZE=2\n"
+                                                   "export DP_SHARDING=fsdp\n")
+    plan, _, warnings = plan_from_conf("pretrain", conf, [], env)
+    assert plan.parallel["expert_parallel"] == 2 and plan.parallel["data_parallel"] == 2 and warnings == []
 
 
 def test_ep_on_a_dense_registry_model(tmp_path, env):

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from train.models import build_model, get_model_args, init_weights
-from train.parallel import ParallelSettingsError, build_mesh, check_parallel_settings, parallelize
+from train.parallel import (ParallelSettingsError, build_mesh, check_engine_support, check_parallel_settings,
+                            parallelize)
 
 
 def settings(**overrides):
@@ -30,7 +31,6 @@ def test_every_strategy_is_accepted(strategy):
 @pytest.mark.parametrize("overrides, world_size, message", [
     (dict(data_parallel="zero3"), 2, "parallel.data_parallel='zero3'"),
     (dict(pipeline_parallel_size=2), 2, "pipeline parallelism is not supported; use PP_SIZE=1"),
-    (dict(expert_parallel_size=2), 2, "EP_SIZE=2"),
     (dict(tensor_parallel_size=4), 4, "TP_SIZE=4 does not divide num_kv_heads=2"),  # tiny: 4 heads, 2 KV
     (dict(tensor_parallel_size=2, data_parallel="ddp"), 4, "use fsdp or fsdp_zero2"),
     (dict(tensor_parallel_size=2, data_parallel="zero1"), 4, "use fsdp or fsdp_zero2"),
@@ -38,6 +38,38 @@ def test_every_strategy_is_accepted(strategy):
 def test_impossible_settings_are_named(overrides, world_size, message):
     with pytest.raises(ParallelSettingsError, match=message.replace("(", r"\(").replace("[", r"\[")):
         check_parallel_settings(settings(**overrides), get_model_args("tiny-qwen3"), world_size)
+
+
+@pytest.mark.parametrize("overrides, world_size, message", [
+    (dict(expert_parallel_size=2), 2, "EP_SIZE=2 but model tiny-qwen3 is dense"),
+    (dict(expert_parallel_size=3), 6, "EP_SIZE=3 does not divide the 8 experts of model tiny-qwen3-moe"),
+    (dict(expert_parallel_size=4), 2, "EP_SIZE=4 does not divide the data-parallel size 2"),
+    (dict(expert_parallel_size=2, tensor_parallel_size=2, data_parallel="fsdp"), 2,
+     "EP_SIZE=2 does not divide the data-parallel size 1"),
+])
+def test_expert_parallel_checks(overrides, world_size, message):
+    model = "tiny-qwen3" if "dense" in message else "tiny-qwen3-moe"
+    with pytest.raises(ParallelSettingsError, match=message):
+        check_parallel_settings(settings(**overrides), get_model_args(model), world_size)
+
+
+def test_expert_parallel_accepted_and_experts_from_a_config_json():
+    check_parallel_settings(settings(expert_parallel_size=8), get_model_args("tiny-qwen3-moe"), world_size=16)
+    check_parallel_settings(settings(expert_parallel_size=4), None, world_size=8, num_experts=128)
+    with pytest.raises(ParallelSettingsError, match="EP_SIZE=4 does not divide the 6 experts of the model"):
+        check_parallel_settings(settings(expert_parallel_size=4), None, world_size=8, num_experts=6)
+
+
+def test_engine_refuses_what_it_cannot_run():
+    check_engine_support(settings(expert_parallel_size=2))
+    check_engine_support(settings(expert_parallel_size=2, tensor_parallel_size=2, data_parallel="fsdp"))
+    with pytest.raises(ParallelSettingsError, match="EP_SIZE=2 with parallel.data_parallel='zero1'"):
+        check_engine_support(settings(expert_parallel_size=2, data_parallel="zero1"))
+
+
+def test_expert_parallel_needs_processes():
+    with pytest.raises(ValueError, match="TP_SIZE=1 x EP_SIZE=2 needs 2 processes"):
+        build_mesh(1, 1, ep=2)
 
 
 def test_tensor_parallel_alone_may_use_the_default_strategy():

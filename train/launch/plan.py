@@ -115,22 +115,14 @@ def check_parallel(cfg, world_size: int, conf: str) -> int:
         raise PlanError(f"{conf}: TP_SIZE x PP_SIZE = {tp} x {pp} = {tp * pp} does not divide the "
                         f"{world_size} GPUs of the job (nodes x NUM_GPUS)")
     data_parallel = world_size // (tp * pp)
-    if ep > 1:
-        experts = model_facts(cfg)["num_experts"]
-        if experts == 0:
-            raise PlanError(f"{conf}: EP_SIZE={ep} but model {cfg.model.name} is dense (no experts)")
-        if experts and experts % ep:
-            raise PlanError(f"{conf}: EP_SIZE={ep} does not divide the {experts} experts of {cfg.model.name}")
-        if data_parallel % ep:
-            raise PlanError(f"{conf}: EP_SIZE={ep} does not divide the data-parallel size {data_parallel} "
-                            f"({world_size} GPUs / TP_SIZE {tp} / PP_SIZE {pp}); add nodes or lower EP_SIZE")
-    if ep == 1:  # with EP_SIZE > 1 the checks above plan it; the engine refuses it until MoE lands
-        from train.parallel.checks import ParallelSettingsError, check_parallel_settings  # torch-free
+    from train.parallel.checks import ParallelSettingsError, check_parallel_settings  # torch-free
 
-        try:
-            check_parallel_settings(cfg.parallel, registry_args(cfg), world_size)
-        except ParallelSettingsError as error:
-            raise PlanError(f"{conf}: {error}") from None
+    # Experts from the HF config.json when there is one, else the registry (None: unknown).
+    experts = model_facts(cfg)["num_experts"] if ep > 1 else None
+    try:
+        check_parallel_settings(cfg.parallel, registry_args(cfg), world_size, num_experts=experts)
+    except ParallelSettingsError as error:
+        raise PlanError(f"{conf}: {error}") from None
     return data_parallel
 
 
@@ -211,6 +203,7 @@ class JobPlan:
     model_facts: dict
     path_problems: list[str] = field(default_factory=list)
     node_commands: list[list[str]] = field(default_factory=list)
+    parallel: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return {
@@ -220,6 +213,7 @@ class JobPlan:
             "resume": self.resume.as_dict(), "blend_path": self.blend_path,
             "train_samples": self.train_samples, "train_iters": self.train_iters,
             "global_batch_size": self.global_batch_size, "model": self.model_facts,
+            "parallel": self.parallel,
             "path_problems": self.path_problems,
             "node_commands": [shlex.join(c) for c in self.node_commands],
         }
@@ -248,8 +242,24 @@ def build_plan(job: str, cfg, env: dict[str, str], conf: str, cluster: cluster_l
         resume = resume_state(paths.checkpoints, cfg.model.get("hf_checkpoint"))
     except ResumeError as error:
         raise PlanError(f"{conf}: {error}") from None
+    facts = model_facts(cfg)
     return JobPlan(job, conf, cluster, paths, resume, data_parallel, gbs, iters, samples, blend,
-                   model_facts(cfg), problems)
+                   facts, problems, parallel=parallel_layout(cfg, data_parallel, facts["num_experts"]))
+
+
+def parallel_layout(cfg, data_parallel: int, num_experts: int | None) -> dict:
+    """How the ranks split: TP inside a node, EP over data-parallel ranks (Megatron's layout).
+
+    expert_data_parallel: ranks holding the same experts (dp / EP); experts_per_rank: E / EP.
+    """
+    parallel = cfg.parallel
+    ep = parallel.expert_parallel_size
+    layout = {"tensor_parallel": parallel.tensor_parallel_size, "pipeline_parallel": parallel.pipeline_parallel_size,
+              "data_parallel": data_parallel, "data_parallel_strategy": str(parallel.data_parallel),
+              "expert_parallel": ep}
+    if num_experts:
+        layout.update(expert_data_parallel=data_parallel // ep, experts_per_rank=num_experts // ep)
+    return layout
 
 
 def node_command(job: str, cluster: cluster_lib.ClusterEnv, node_rank: int, overrides: list[str]) -> list[str]:
@@ -273,6 +283,14 @@ def plan_from_conf(job: str, config: str, user_overrides: list[str], env: dict[s
     except Exception as error:  # Hydra's message names the bad key or value
         raise PlanError(f"{path}: the config does not compose: {error}") from None
     plan = build_plan(job, cfg, env, str(path), cluster, strict_paths)
+    from train.parallel.checks import ParallelSettingsError, check_engine_support  # torch-free
+
+    try:  # a valid plan this engine cannot run (EP with ZeRO-1): refused, listed by --dry-run
+        check_engine_support(cfg.parallel)
+    except ParallelSettingsError as error:
+        if strict_paths:
+            raise PlanError(f"{path}: {error}") from None
+        warnings.append(f"{path}: {error} (planned; a real start stops here)")
     plan.node_commands = [node_command(job, cluster, rank, overrides) for rank in range(cluster.nnodes)]
     return plan, overrides, warnings
 

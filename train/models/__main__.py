@@ -17,10 +17,17 @@ def _billions(n: float) -> str:
     return f"{n / 1e9:.3f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
 
 
+def _experts(args) -> str:
+    """'128 top-8 x768' (routed experts, experts per token, expert width); '-' for dense."""
+    if not args.num_experts:
+        return "-"
+    return f"{args.num_experts} top-{args.num_experts_per_token} x{args.moe_intermediate_size}"
+
+
 def list_table(seq_len: int | None = None) -> str:
     """Markdown table of every registered model (FLOPs at seq_len, default each model's max_seq_len capped at 2048)."""
     header = ["name", "family", "total", "non-embedding", "active", "GFLOPs/token", "seq", "layers",
-              "heads", "kv heads", "head dim", "hidden", "ffn", "vocab", "tied"]
+              "heads", "kv heads", "head dim", "hidden", "ffn", "experts", "vocab", "tied"]
     rows = []
     for name, args in REGISTRY.items():
         seq = seq_len or min(args.max_seq_len, 2048)
@@ -28,7 +35,7 @@ def list_table(seq_len: int | None = None) -> str:
         rows.append([name, args.family, _billions(counts["total"]), _billions(counts["non_embedding"]),
                      _billions(counts["active"]), f"{flops_per_token(args, seq) / 1e9:.4g}", str(seq),
                      str(args.num_layers), str(args.num_heads), str(args.num_kv_heads), str(args.head_dim),
-                     str(args.hidden_size), str(args.intermediate_size), str(args.vocab_size),
+                     str(args.hidden_size), str(args.intermediate_size), _experts(args), str(args.vocab_size),
                      "yes" if args.tie_embeddings else "no"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -61,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{key:22s} {value}")
         for key, value in params.items():
             print(f"parameters.{key:11s} {value:,} ({_billions(value)})")
-        print("flops formula          6*(N_non_embedding + V*D lm_head) + 12*L*H*Q*T (PaLM, fwd+bwd)")
+        print("flops formula          6*(N_non_embedding + V*D lm_head) + 12*L*H*Q*T (PaLM, fwd+bwd)"
+              + ("; N counts active experts only" if details["num_experts"] else ""))
     return 0
 
 

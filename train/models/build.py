@@ -13,8 +13,9 @@ def model_class(family: str) -> type[CausalLM]:
     from train.models.gpt2 import GPT2
     from train.models.llama import Llama
     from train.models.qwen3 import Qwen3
+    from train.models.qwen3_moe import Qwen3Moe
 
-    return {"gpt2": GPT2, "llama": Llama, "qwen3": Qwen3}[family]
+    return {"gpt2": GPT2, "llama": Llama, "qwen3": Qwen3, "qwen3_moe": Qwen3Moe}[family]
 
 
 def build_model(args_or_name: ModelArgs | str, *, device: str | torch.device = "meta",

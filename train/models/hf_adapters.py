@@ -14,8 +14,10 @@ import torch
 from train.models.errors import ModelConfigError
 from train.models.registry import ModelArgs
 
-SUPPORTED_MODEL_TYPES = {"gpt2": "gpt2", "llama": "llama", "qwen3": "qwen3"}  # HF model_type -> family
-HF_ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+SUPPORTED_MODEL_TYPES = {"gpt2": "gpt2", "llama": "llama", "qwen3": "qwen3",  # HF model_type -> family
+                         "qwen3_moe": "qwen3_moe"}
+HF_ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                    "qwen3_moe": "Qwen3MoeForCausalLM"}
 
 # Keys some HF checkpoints carry that are buffers, not weights.
 IGNORED_HF_KEYS = re.compile(r"(\.attn\.(masked_)?bias$)|(rotary_emb\.inv_freq$)")
@@ -65,7 +67,8 @@ def args_from_hf_config(config: dict[str, Any], name: str) -> ModelArgs:
     if config.get("hidden_act", "silu") != "silu":
         raise ModelConfigError(f"{name}: hidden_act {config['hidden_act']!r} is not supported (silu only)")
     hidden, heads = config["hidden_size"], config["num_attention_heads"]
-    theta, scaling = _rope_settings(config, 1_000_000.0 if family == "qwen3" else 10_000.0)
+    theta, scaling = _rope_settings(config, 10_000.0 if family == "llama" else 1_000_000.0)
+    moe = _moe_args_from_hf(config) if family == "qwen3_moe" else {}
     return ModelArgs(
         name=name, family=family, vocab_size=config["vocab_size"], hidden_size=hidden,
         num_layers=config["num_hidden_layers"], num_heads=heads,
@@ -75,7 +78,19 @@ def args_from_hf_config(config: dict[str, Any], name: str) -> ModelArgs:
         max_seq_len=config.get("max_position_embeddings", 2048), rope_theta=theta,
         rope_scaling=scaling, norm_eps=config.get("rms_norm_eps", 1e-6),
         tie_embeddings=config.get("tie_word_embeddings", False),
-        init_std=config.get("initializer_range", 0.02)).validate()
+        init_std=config.get("initializer_range", 0.02), **moe).validate()
+
+
+def _moe_args_from_hf(config: dict[str, Any]) -> dict[str, Any]:
+    # Defaults are Qwen3MoeConfig's (transformers 5), used when a key is absent. transformers 5
+    # writes num_local_experts (num_experts is its attribute alias), 4.x and the Hub num_experts.
+    return dict(num_experts=config.get("num_experts", config.get("num_local_experts", 128)),
+                num_experts_per_token=config.get("num_experts_per_tok", 8),
+                moe_intermediate_size=config.get("moe_intermediate_size", 768),
+                norm_topk_prob=bool(config.get("norm_topk_prob", False)),
+                router_aux_loss_coef=float(config.get("router_aux_loss_coef", 0.001)),
+                decoder_sparse_step=config.get("decoder_sparse_step", 1),
+                mlp_only_layers=tuple(config.get("mlp_only_layers") or ()))
 
 
 def hf_config_kwargs(args: ModelArgs) -> dict[str, Any]:
@@ -85,13 +100,19 @@ def hf_config_kwargs(args: ModelArgs) -> dict[str, Any]:
                     n_head=args.num_heads, n_inner=args.intermediate_size, n_positions=args.max_seq_len,
                     layer_norm_epsilon=args.norm_eps, activation_function="gelu_new",
                     tie_word_embeddings=args.tie_embeddings, initializer_range=args.init_std)
+    moe = {}
+    if args.family == "qwen3_moe":
+        moe = dict(num_experts=args.num_experts, num_experts_per_tok=args.num_experts_per_token,
+                   moe_intermediate_size=args.moe_intermediate_size, norm_topk_prob=args.norm_topk_prob,
+                   router_aux_loss_coef=args.router_aux_loss_coef,
+                   decoder_sparse_step=args.decoder_sparse_step, mlp_only_layers=list(args.mlp_only_layers))
     return dict(vocab_size=args.vocab_size, hidden_size=args.hidden_size,
                 num_hidden_layers=args.num_layers, num_attention_heads=args.num_heads,
                 num_key_value_heads=args.num_kv_heads, head_dim=args.head_dim,
                 intermediate_size=args.intermediate_size, max_position_embeddings=args.max_seq_len,
                 rope_theta=args.rope_theta, rope_scaling=args.rope_scaling, rms_norm_eps=args.norm_eps,
                 tie_word_embeddings=args.tie_embeddings, initializer_range=args.init_std,
-                attention_bias=False, hidden_act="silu")
+                attention_bias=False, hidden_act="silu", **moe)
 
 
 # -- state dicts ---------------------------------------------------------------------------
@@ -105,6 +126,67 @@ def _llama_to_hf(state: StateDict, args: ModelArgs) -> StateDict:
 
 def _llama_from_hf(state: StateDict, args: ModelArgs) -> StateDict:
     return {key.removeprefix("model."): value for key, value in state.items()}
+
+
+# Qwen3-MoE experts. In memory (ours, transformers 5) they are grouped 3-D tensors:
+#   mlp.experts.gate_up_proj (E, 2F, D) = [gate rows; up rows], mlp.experts.down_proj (E, D, F).
+# On disk (the Hub's Qwen3-30B-A3B, transformers 4.x, and transformers 5's save_pretrained)
+# each expert is three Linear weights: mlp.experts.{j}.{gate,up}_proj.weight (F, D),
+# mlp.experts.{j}.down_proj.weight (D, F). We write the per-expert form and read both.
+_GROUPED = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+_PER_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+def _split_experts(key: str, value):
+    """One grouped key -> its per-expert keys; works on tensors and on shape tuples."""
+    prefix, kind = _GROUPED.match(key).groups()
+    if isinstance(value, tuple):  # shapes only (key checks)
+        experts, rows, cols = value
+        if kind == "down_proj":
+            return {f"{prefix}.{j}.down_proj.weight": (rows, cols) for j in range(experts)}
+        return {f"{prefix}.{j}.{p}.weight": (rows // 2, cols) for j in range(experts) for p in ("gate_proj", "up_proj")}
+    out = {}
+    for j, weight in enumerate(value.unbind(0)):
+        if kind == "down_proj":
+            out[f"{prefix}.{j}.down_proj.weight"] = weight
+        else:
+            gate, up = weight.chunk(2, dim=0)
+            out[f"{prefix}.{j}.gate_proj.weight"], out[f"{prefix}.{j}.up_proj.weight"] = gate, up
+    return out
+
+
+def split_grouped_experts(state: dict) -> dict:
+    """Grouped expert keys -> per-expert keys (tensors or shape tuples); other keys unchanged."""
+    out = {}
+    for key, value in state.items():
+        grouped = _GROUPED.match(key) and len(value.shape if hasattr(value, "shape") else value) == 3
+        out.update(_split_experts(key, value) if grouped else {key: value})
+    return out
+
+
+def _stack_per_expert(state: StateDict) -> StateDict:
+    """Per-expert keys -> grouped 3-D tensors (expert order by index); other keys unchanged."""
+    out, groups = {}, {}
+    for key, value in state.items():
+        match = _PER_EXPERT.match(key)
+        if match is None:
+            out[key] = value
+        else:
+            prefix, j, proj = match.groups()
+            groups.setdefault(prefix, {}).setdefault(proj, {})[int(j)] = value
+    for prefix, projections in groups.items():
+        stack = {proj: torch.stack([by_index[j] for j in sorted(by_index)]) for proj, by_index in projections.items()}
+        out[f"{prefix}.gate_up_proj"] = torch.cat((stack["gate_proj"], stack["up_proj"]), dim=1)  # (E, 2F, D)
+        out[f"{prefix}.down_proj"] = stack["down_proj"]
+    return out
+
+
+def _qwen3_moe_to_hf(state: StateDict, args: ModelArgs) -> StateDict:
+    return split_grouped_experts(_llama_to_hf(state, args))
+
+
+def _qwen3_moe_from_hf(state: StateDict, args: ModelArgs) -> StateDict:
+    return _llama_from_hf(_stack_per_expert(state), args)
 
 
 _GPT2_RENAMES = [  # ours, HF (below 'transformer.'), transposed (HF Conv1D)
@@ -164,6 +246,7 @@ _ADAPTERS: dict[str, tuple[Callable, Callable]] = {
     "gpt2": (_gpt2_to_hf, _gpt2_from_hf),
     "llama": (_llama_to_hf, _llama_from_hf),
     "qwen3": (_llama_to_hf, _llama_from_hf),
+    "qwen3_moe": (_qwen3_moe_to_hf, _qwen3_moe_from_hf),
 }
 
 
@@ -185,6 +268,8 @@ def check_hf_keys(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[i
         found = {(k if k == "lm_head.weight" else f"transformer.{k}"): v for k, v in found.items()}
     if args.tie_embeddings:
         found.pop("lm_head.weight", None)  # HF sometimes saves the tied copy too
+    if args.family == "qwen3_moe":  # grouped experts on disk: compare in the per-expert form
+        found = split_grouped_experts({k: tuple(v) for k, v in found.items()})
     problems = []
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))

@@ -30,7 +30,10 @@ class Llama(CausalLM):
                               backend=self.attention_backend, **factory)
         return TransformerBlock(RMSNorm(a.hidden_size, a.norm_eps, **factory), attention,
                                 RMSNorm(a.hidden_size, a.norm_eps, **factory),
-                                SwiGLU(a.hidden_size, a.intermediate_size, **factory))
+                                self.build_mlp(layer_index, factory))
+
+    def build_mlp(self, layer_index: int, factory: dict) -> nn.Module:
+        return SwiGLU(self.args.hidden_size, self.args.intermediate_size, **factory)
 
     def build_norm(self, factory: dict) -> nn.Module:
         return RMSNorm(self.args.hidden_size, self.args.norm_eps, **factory)

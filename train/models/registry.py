@@ -12,7 +12,8 @@ from typing import Any
 
 from train.models.errors import ModelConfigError, UnknownModelError
 
-FAMILIES = ("gpt2", "llama", "qwen3")
+FAMILIES = ("gpt2", "llama", "qwen3", "qwen3_moe")
+MOE_FAMILIES = ("qwen3_moe",)
 
 
 @dataclass(frozen=True)
@@ -20,7 +21,7 @@ class ModelArgs:
     """Shape of one decoder-only model. Frozen: derive variants with dataclasses.replace."""
 
     name: str
-    family: str  # 'gpt2' | 'llama' | 'qwen3'; MoE families are added next to these
+    family: str  # 'gpt2' | 'llama' | 'qwen3' | 'qwen3_moe'
     vocab_size: int
     hidden_size: int
     num_layers: int
@@ -38,6 +39,17 @@ class ModelArgs:
     init_std: float = 0.02  # std of the normal init (HF initializer_range)
     num_experts: int = 0  # 0 = dense; MoE families set experts and experts per token
     num_experts_per_token: int = 0
+    # -- Qwen3-MoE (HF Qwen3MoeConfig names); ignored by dense families -----------------------
+    moe_intermediate_size: int = 0  # width of one routed expert's gate/up projections
+    norm_topk_prob: bool = True  # renormalize the top-k router probabilities to sum to 1
+    router_aux_loss_coef: float = 0.001  # weight of the load-balancing loss added to the LM loss
+    decoder_sparse_step: int = 1  # layer i is MoE when (i + 1) % step == 0 ...
+    mlp_only_layers: tuple[int, ...] = ()  # ... and i is not listed here (those get a dense MLP)
+
+    def is_moe_layer(self, layer_index: int) -> bool:
+        """HF Qwen3MoeDecoderLayer's rule for a sparse (MoE) MLP at layer_index."""
+        return (self.num_experts > 0 and layer_index not in self.mlp_only_layers
+                and (layer_index + 1) % self.decoder_sparse_step == 0)
 
     def validate(self) -> "ModelArgs":
         """Raise ModelConfigError naming the offending field; return self when valid."""
@@ -68,15 +80,34 @@ class ModelArgs:
             raise ModelConfigError(
                 f"{where}: rope_scaling type {self.rope_scaling.get('rope_type')!r} is not supported "
                 "(supported: 'default', 'llama3')")
-        if self.num_experts:
+        if self.family in MOE_FAMILIES:
+            self._validate_moe(where)
+        elif self.num_experts:
             raise ModelConfigError(f"{where}: family {self.family!r} is dense; num_experts must be 0")
         return self
+
+    def _validate_moe(self, where: str) -> None:
+        if self.num_experts <= 0:
+            raise ModelConfigError(f"{where}: family {self.family!r} needs num_experts > 0, got {self.num_experts}")
+        if not 0 < self.num_experts_per_token <= self.num_experts:
+            raise ModelConfigError(f"{where}: num_experts_per_token={self.num_experts_per_token} must be in "
+                                   f"1..num_experts={self.num_experts}")
+        if self.moe_intermediate_size <= 0:
+            raise ModelConfigError(f"{where}: moe_intermediate_size must be positive, got {self.moe_intermediate_size}")
+        if self.decoder_sparse_step <= 0:
+            raise ModelConfigError(f"{where}: decoder_sparse_step must be positive, got {self.decoder_sparse_step}")
+        outside = [i for i in self.mlp_only_layers if not 0 <= i < self.num_layers]
+        if outside:
+            raise ModelConfigError(f"{where}: mlp_only_layers {outside} are outside 0..{self.num_layers - 1}")
+        if self.router_aux_loss_coef < 0:
+            raise ModelConfigError(f"{where}: router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
 
 
 _LLAMA2 = dict(family="llama", rope_theta=10_000.0, norm_eps=1e-5)
 _LLAMA3 = dict(family="llama", rope_theta=500_000.0, norm_eps=1e-5)
 _QWEN3 = dict(family="qwen3", rope_theta=1_000_000.0, norm_eps=1e-6)
 _GPT2 = dict(family="gpt2", tie_embeddings=True, norm_eps=1e-5)
+_QWEN3_MOE = dict(family="qwen3_moe", rope_theta=1_000_000.0, norm_eps=1e-6)
 
 # CPU test sizes: tiny-* a few MB (4 layers, GQA 4:2), debug-* the smallest that still
 # exercises every block (2 layers, hidden 64, vocab 512).
@@ -121,12 +152,22 @@ _MODELS = [
     ModelArgs(name="qwen3-8b", vocab_size=151936, hidden_size=4096, num_layers=36, num_heads=32,
               num_kv_heads=8, head_dim=128, intermediate_size=12288, max_seq_len=40960,
               tie_embeddings=False, **_QWEN3),
+    # https://huggingface.co/Qwen/Qwen3-30B-A3B/blob/main/config.json: 128 experts, top-8, every
+    # layer sparse (intermediate_size 6144 only matters for mlp_only_layers, none here).
+    ModelArgs(name="qwen3-30b-a3b", vocab_size=151936, hidden_size=2048, num_layers=48, num_heads=32,
+              num_kv_heads=4, head_dim=128, intermediate_size=6144, max_seq_len=40960,
+              tie_embeddings=False, num_experts=128, num_experts_per_token=8,
+              moe_intermediate_size=768, norm_topk_prob=True, router_aux_loss_coef=0.001, **_QWEN3_MOE),
 ]
 _MODELS += [model for size, shape in (("tiny", _TINY), ("debug", _DEBUG)) for model in (
     _small(f"{size}-qwen3", _QWEN3, shape, tie_embeddings=True),
     _small(f"{size}-llama2", _LLAMA2, shape),
     _small(f"{size}-llama3", _LLAMA3, shape),
     _small(f"{size}-gpt2", _GPT2, shape, num_kv_heads=shape["num_heads"]),
+    # 8 experts, top-2, expert width hidden/2; layer 0 dense (mlp_only_layers) so both MLP kinds run.
+    _small(f"{size}-qwen3-moe", _QWEN3_MOE, shape, num_experts=8, num_experts_per_token=2,
+           moe_intermediate_size=shape["hidden_size"] // 2, mlp_only_layers=(0,),
+           router_aux_loss_coef=0.01),
 )]
 REGISTRY: dict[str, ModelArgs] = {args.name: args.validate() for args in _MODELS}
 
@@ -159,16 +200,25 @@ def count_parameters(args: ModelArgs) -> dict[str, int]:
         final_norm, positions = 2 * D, args.max_seq_len * D
     else:
         attention = D * (q_width + 2 * kv_width) + q_width * D
-        if args.family == "qwen3":
+        if args.family in ("qwen3", "qwen3_moe"):
             attention += 2 * args.head_dim  # per-head q_norm and k_norm weights
         mlp = 3 * D * F  # SwiGLU: gate, up, down
         per_layer = attention + mlp + 2 * D
         final_norm, positions = D, 0
     embedding = V * D
     lm_head = 0 if args.tie_embeddings else V * D
-    total = embedding + positions + args.num_layers * per_layer + final_norm + lm_head
+    layers = args.num_layers * per_layer
+    inactive = 0  # expert weights a token does not use
+    if args.family in MOE_FAMILIES:
+        # A sparse layer swaps the dense MLP for a router (E, D) and E SwiGLU experts of width
+        # moe_intermediate_size, of which num_experts_per_token run per token.
+        expert = 3 * D * args.moe_intermediate_size
+        sparse = sum(args.is_moe_layer(i) for i in range(args.num_layers))
+        layers += sparse * (args.num_experts * D + args.num_experts * expert - mlp)
+        inactive = sparse * (args.num_experts - args.num_experts_per_token) * expert
+    total = embedding + positions + layers + final_norm + lm_head
     non_embedding = total - embedding - positions - lm_head
-    return dict(total=total, non_embedding=non_embedding, active=total)
+    return dict(total=total, non_embedding=non_embedding, active=total - inactive)
 
 
 def flops_per_token(args: ModelArgs, seq_len: int) -> float:

@@ -2,8 +2,9 @@
 
     python -m pytest tests/unit/test_parallel_checks.py tests/integration/test_parallel.py
 
-    mesh.py             build_mesh: the ("dp", "tp") DeviceMesh, built once per job
+    mesh.py             build_mesh: the ("dp", "tp") DeviceMesh (("edp", "ep", "tp") with EP), once per job
     tensor_parallel.py  DTensor plans per family (colwise q/k/v/gate/up, rowwise o/down)
+    expert_parallel.py  EP: experts split over "ep", all-to-all token dispatch, expert gradients
     data_parallel.py    ddp | fsdp | fsdp_zero2 | zero1 (and the ZeRO-1 optimizer)
     apply.py            parallelize: TP, then activation checkpointing, then compile, then DP
     checks.py           torch-free validation (the launch plan may call it)
@@ -19,7 +20,12 @@ _EXPORTS = {
     "wants_zero_redundancy_optimizer": "data_parallel",
     "build_zero_redundancy_optimizer": "data_parallel",
     "zero_redundancy_optimizer_state_dict": "data_parallel",
+    "apply_expert_parallel": "expert_parallel",
+    "clip_gradients": "expert_parallel",
+    "expert_checkpoint_view": "expert_parallel",
+    "local_view": "expert_parallel",
     "check_parallel_settings": "checks",
+    "check_engine_support": "checks",
     "ParallelSettingsError": "checks",
 }
 

@@ -2,11 +2,13 @@
 
     python -m pytest tests/integration/test_parallel.py
 
-1. tensor parallelism (TP_SIZE > 1): DTensor plans, tensor_parallel.py
+1. tensor parallelism (TP_SIZE > 1): DTensor plans, tensor_parallel.py (MoE layers replicated),
+   then expert parallelism (EP_SIZE > 1): experts split over "ep", all-to-all, expert_parallel.py
 2. activation checkpointing per block (parallel.activation_checkpointing): recompute in backward
 3. torch.compile per block (parallel.compile): after AC so the recomputation is compiled too
 4. data parallelism over "dp" (parallel.data_parallel): ddp | fsdp | fsdp_zero2 | zero1;
-   FSDP goes last so that it shards the TP-split, checkpointed, compiled blocks
+   FSDP goes last so that it shards the TP-split, checkpointed, compiled blocks; expert
+   weights (EP > 1) stay out of DDP/FSDP: expert_parallel.reduce_expert_gradients
 """
 
 import logging
@@ -16,9 +18,10 @@ from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
 
-from train.parallel.checks import check_parallel_settings
+from train.parallel.checks import check_engine_support, check_parallel_settings
 from train.parallel.data_parallel import apply_ddp, apply_fsdp
-from train.parallel.mesh import build_mesh
+from train.parallel.expert_parallel import apply_expert_parallel, expert_parameters
+from train.parallel.mesh import build_mesh, data_parallel_mesh
 from train.parallel.tensor_parallel import apply_tensor_parallel
 
 log = logging.getLogger("train")
@@ -46,13 +49,20 @@ def parallelize(model: nn.Module, parallel_cfg, mesh: DeviceMesh | None, device:
     """Returns the model to train: `model` itself (TP, FSDP), or a DDP wrapper around it."""
     world_size = mesh.size() if mesh is not None else 1
     check_parallel_settings(parallel_cfg, getattr(model, "args", None), world_size)
+    check_engine_support(parallel_cfg)
     tp = mesh["tp"].size() if mesh is not None else 1
-    dp = mesh["dp"].size() if mesh is not None else 1
+    dp_mesh = data_parallel_mesh(mesh) if mesh is not None else None
+    dp = dp_mesh.size() if mesh is not None else 1
+    ep = parallel_cfg.expert_parallel_size
     if tp > 1:
         if any("lora_" in name for name, _ in model.named_parameters()):
             raise NotImplementedError("TP_SIZE > 1 with LoRA adapters: the TP plans cover plain Linear "
                                       "layers only; use TP_SIZE=1 (FSDP or DDP) for fine-tuning")
         apply_tensor_parallel(model, mesh["tp"])
+    if ep > 1:
+        edp = mesh["edp"] if mesh["edp"].size() > 1 else None
+        apply_expert_parallel(model, mesh["ep"], edp, dp)
+    experts = set(expert_parameters(model))  # kept out of DDP/FSDP (EP > 1)
     if parallel_cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
     if parallel_cfg.compile:
@@ -60,10 +70,11 @@ def parallelize(model: nn.Module, parallel_cfg, mesh: DeviceMesh | None, device:
     strategy = parallel_cfg.data_parallel
     if dp > 1:
         if strategy in ("fsdp", "fsdp_zero2"):
-            model = apply_fsdp(model, mesh["dp"], reshard_after_forward=strategy == "fsdp")
+            model = apply_fsdp(model, dp_mesh, reshard_after_forward=strategy == "fsdp", ignored=experts)
         else:  # ddp, zero1 (the optimizer shards its state: data_parallel.py)
-            model = apply_ddp(model, mesh["dp"], device)
-    log.info("parallelism: dp %d (%s) x tp %d; activation checkpointing %s, compile %s", dp, strategy, tp,
+            model = apply_ddp(model, dp_mesh, device, ignored=experts)
+    log.info("parallelism: dp %d (%s) x tp %d x ep %d; activation checkpointing %s, compile %s", dp, strategy,
+             tp, ep,
              "on" if parallel_cfg.activation_checkpointing else "off", "on" if parallel_cfg.compile else "off")
     return model
 
@@ -73,5 +84,6 @@ def apply_data_parallel(model: nn.Module, parallel_cfg, device: str) -> nn.Modul
     import torch.distributed as dist
 
     world_size = dist.get_world_size() if dist.is_initialized() else 1
-    mesh = build_mesh(world_size, parallel_cfg.tensor_parallel_size, torch.device(device).type)
+    mesh = build_mesh(world_size, parallel_cfg.tensor_parallel_size, torch.device(device).type,
+                      parallel_cfg.expert_parallel_size)
     return parallelize(model, parallel_cfg, mesh, device)

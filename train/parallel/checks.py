@@ -15,8 +15,13 @@ class ParallelSettingsError(ValueError):
     """A parallel setting that cannot work; the message names the variable."""
 
 
-def check_parallel_settings(parallel_cfg, model_args=None, world_size: int | None = None) -> None:
-    """Raises ParallelSettingsError; model_args (train.models.registry.ModelArgs) adds the TP shape checks."""
+def check_parallel_settings(parallel_cfg, model_args=None, world_size: int | None = None,
+                            num_experts: int | None = None) -> None:
+    """Raises ParallelSettingsError; model_args (train.models.registry.ModelArgs) adds the TP shape checks.
+
+    num_experts: the model's routed experts (0: dense; None: model_args.num_experts, or unknown).
+    These are the checks of a plan; check_engine_support adds what this engine cannot run yet.
+    """
     strategy = parallel_cfg.data_parallel
     if strategy not in DATA_PARALLEL_STRATEGIES:
         raise ParallelSettingsError(f"parallel.data_parallel={strategy!r} (DP_SHARDING): use one of "
@@ -24,10 +29,8 @@ def check_parallel_settings(parallel_cfg, model_args=None, world_size: int | Non
     if parallel_cfg.pipeline_parallel_size > 1:
         raise ParallelSettingsError(f"PP_SIZE={parallel_cfg.pipeline_parallel_size}: pipeline parallelism "
                                     "is not supported; use PP_SIZE=1")
-    if parallel_cfg.expert_parallel_size > 1:
-        raise ParallelSettingsError(f"EP_SIZE={parallel_cfg.expert_parallel_size}: expert parallelism "
-                                    "is not supported; use EP_SIZE=1")
     tp = parallel_cfg.tensor_parallel_size
+    check_expert_parallel(parallel_cfg, model_args, world_size, num_experts)
     if tp > 1 and world_size is not None and world_size // tp > 1 and strategy in ("ddp", "zero1"):
         # DDP cannot reduce DTensor gradients; FSDP2 composes with TP on a 2-D mesh.
         raise ParallelSettingsError(f"TP_SIZE={tp} with data-parallel size {world_size // tp}: "
@@ -41,3 +44,36 @@ def check_parallel_settings(parallel_cfg, model_args=None, world_size: int | Non
             if value % tp:
                 raise ParallelSettingsError(f"TP_SIZE={tp} does not divide {name}={value} of model "
                                             f"{model_args.name}")
+
+
+def check_expert_parallel(parallel_cfg, model_args=None, world_size: int | None = None,
+                          num_experts: int | None = None) -> None:
+    """EP splits the experts over data-parallel ranks: it must divide both, and needs experts."""
+    ep = parallel_cfg.expert_parallel_size
+    if ep < 1:
+        raise ParallelSettingsError(f"EP_SIZE={ep} must be at least 1")
+    if ep == 1:
+        return
+    if num_experts is None and model_args is not None:
+        num_experts = model_args.num_experts
+    model = f"model {model_args.name}" if model_args is not None else "the model"
+    if num_experts == 0:
+        raise ParallelSettingsError(f"EP_SIZE={ep} but {model} is dense (no experts); use EP_SIZE=1")
+    if num_experts and num_experts % ep:
+        raise ParallelSettingsError(f"EP_SIZE={ep} does not divide the {num_experts} experts of {model}")
+    if world_size is not None:
+        model_parallel = parallel_cfg.tensor_parallel_size * parallel_cfg.pipeline_parallel_size
+        data_parallel = world_size // model_parallel
+        if data_parallel % ep:
+            raise ParallelSettingsError(
+                f"EP_SIZE={ep} does not divide the data-parallel size {data_parallel} ({world_size} GPUs / "
+                f"TP_SIZE {parallel_cfg.tensor_parallel_size} / PP_SIZE {parallel_cfg.pipeline_parallel_size}); "
+                "add nodes or lower EP_SIZE")
+
+
+def check_engine_support(parallel_cfg) -> None:
+    """Combinations a plan accepts (Megatron runs them) that this engine refuses at start."""
+    ep = parallel_cfg.expert_parallel_size
+    if ep > 1 and parallel_cfg.data_parallel == "zero1":
+        # ZeroRedundancyOptimizer would broadcast each rank's local experts over all dp ranks
+        raise ParallelSettingsError(f"EP_SIZE={ep} with parallel.data_parallel='zero1': use ddp, fsdp or fsdp_zero2")

@@ -71,19 +71,25 @@ def zero_redundancy_optimizer_state_dict(model: nn.Module, optimizer) -> dict:
     return {"state": state, "param_groups": groups}
 
 
-def apply_ddp(model: nn.Module, dp_mesh: DeviceMesh, device: str) -> nn.Module:
+def apply_ddp(model: nn.Module, dp_mesh: DeviceMesh, device: str, ignored: set | frozenset = frozenset()) -> nn.Module:
+    """ignored: parameters DDP neither broadcasts nor all-reduces (EP-sharded experts)."""
+    if ignored:
+        names = [name for name, p in model.named_parameters() if p in ignored]
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
     device_ids = [torch.device(device).index] if device.startswith("cuda") else None
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, process_group=dp_mesh.get_group())
 
 
-def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, reshard_after_forward: bool) -> nn.Module:
+def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, reshard_after_forward: bool,
+               ignored: set | frozenset = frozenset()) -> nn.Module:
     """FSDP2: each block is one all-gather/reduce-scatter unit; the root takes embeddings, norm, lm_head.
 
     Parameters become DTensors Shard(0) over dp_mesh (2-D DTensors when TP split them first).
     The root keeps its parameters gathered after forward: lm_head runs last in forward and first
     in backward, so resharding it would only add an all-gather.
     """
+    ignored = set(ignored) or None  # EP-sharded experts stay plain local tensors
     for block in model.layers:
-        fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=dp_mesh, reshard_after_forward=False)
+        fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard_after_forward, ignored_params=ignored)
+    fully_shard(model, mesh=dp_mesh, reshard_after_forward=False, ignored_params=ignored)
     return model

@@ -14,6 +14,11 @@ Outside the blocks:
     tied embeddings           both Shard(0) on vocab: re-tied after the split
 Every other parameter (norms, GPT-2 positions) becomes a Replicate DTensor on the TP mesh, so
 all parameters live on one mesh (clip_grad_norm_ and the optimizer see one kind of tensor).
+MoE blocks (Megatron's expert TP size 1): attention splits as above; the MoE input (B, T, D) is
+the same on every TP rank, so each TP rank runs the whole MoE: the router (and a shared expert)
+as Replicate DTensors, the routed experts as plain tensors, split over EP ranks instead
+(expert_parallel.py) or whole. Experts then sit in an AdamW group of their own (train/optim.py)
+and expert_parallel.clip_gradients sums norms over both kinds.
 """
 
 from functools import partial
@@ -28,11 +33,25 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 def block_plan(block: nn.Module) -> dict:
     """The parallelize_module plan of one TransformerBlock (names as in HF; GPT-2 has no gate_proj)."""
     plan = {"self_attn.q_proj": ColwiseParallel(), "self_attn.k_proj": ColwiseParallel(),
-            "self_attn.v_proj": ColwiseParallel(), "self_attn.o_proj": RowwiseParallel(),
-            "mlp.up_proj": ColwiseParallel(), "mlp.down_proj": RowwiseParallel()}
+            "self_attn.v_proj": ColwiseParallel(), "self_attn.o_proj": RowwiseParallel()}
+    if is_moe(block.mlp):  # replicated: see the module docstring
+        return plan
+    plan.update({"mlp.up_proj": ColwiseParallel(), "mlp.down_proj": RowwiseParallel()})
     if hasattr(block.mlp, "gate_proj"):
         plan["mlp.gate_proj"] = ColwiseParallel()
     return plan
+
+
+def is_moe(module: nn.Module) -> bool:
+    from train.models.common.moe import MoE
+
+    return isinstance(module, MoE)
+
+
+def is_routed_experts(module: nn.Module) -> bool:
+    from train.models.common.moe import GroupedExperts
+
+    return isinstance(module, GroupedExperts)
 
 
 # Tied or not, embedding and lm_head split the vocabulary (dim 0 of both weights).
@@ -74,8 +93,11 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
         if attention.q_norm is not None:  # (B, T, heads/TP, hd): local heads, dim 2
             replicate_module(attention.q_norm, tp_mesh, Shard(2))
             replicate_module(attention.k_norm, tp_mesh, Shard(2))
-    # Whatever is still a plain parameter: norms, GPT-2's learned positions.
+    # Whatever is still a plain parameter: norms, GPT-2's learned positions, MoE routers; not the
+    # routed experts, which take sorted rows and per-expert counts, not activations.
     for module in model.modules():
+        if is_routed_experts(module):
+            continue
         if any(not isinstance(p, DTensor) for p in module.parameters(recurse=False)):
             replicate_module(module, tp_mesh)
     return model

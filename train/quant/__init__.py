@@ -9,6 +9,7 @@ __all__ = [
     "nvfp4_fake_quant",
     "nvfp4_fake_quant_forward",
     "register_cpu_nvfp4_backend",
+    "register_grouped_experts",
 ]
 
 _WHERE = {
@@ -17,6 +18,7 @@ _WHERE = {
     "BACKEND_NAME": ".backend",
     "nvfp4_backend_config": ".backend",
     "register_cpu_nvfp4_backend": ".backend",
+    "register_grouped_experts": ".experts",
 }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from train.models.common.moe import MoE, combined_aux_loss
 from train.models.registry import ModelArgs
 
 
@@ -81,3 +82,13 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         return self.output_logits(self.hidden_states(input_ids, position_ids))
+
+    def auxiliary_loss(self) -> torch.Tensor:
+        """Loss terms to add to the task loss for the last forward: the MoE load-balancing
+        loss times args.router_aux_loss_coef (HF's aux_loss * coef), a scalar zero for dense
+        models (and for MoE models before any forward)."""
+        device = self.embed_tokens.weight.device
+        aux = combined_aux_loss([m for m in self.modules() if isinstance(m, MoE)])
+        if aux is None:
+            return torch.zeros((), device=device)
+        return self.args.router_aux_loss_coef * aux
