@@ -7,6 +7,7 @@
     │   ├── trainer.pt                iteration, consumed samples, scheduler, model name and
     │   │                             parameter shapes, world size (rank 0)
     │   ├── rng_rank<r>.pt            RNG states (python, numpy, torch, cuda) of every rank
+    │   ├── quantizer_state.pt        QAD: how the student was quantized (train/quant/student.py)
     │   └── config.yaml               the resolved config of the run that saved it
     └── latest_checkpointed_iteration.txt   the iteration, written last
 
@@ -30,7 +31,8 @@ the write has finished, at the next save or at the end of training. Without CUDA
 save is synchronous (logged once).
 
 Retention: the last `keep_last` checkpoints, plus every iteration divisible by
-`keep_every` (when > 0), are kept; the rest are removed after each publish.
+`keep_every` (when > 0), plus the iterations in `protected` (early stopping's best), are
+kept; the rest are removed after each publish.
 """
 
 import logging
@@ -116,6 +118,7 @@ class CheckpointManager:
         self.write_threads = write_threads  # DCP writer threads per rank (files __<rank>_<thread>.distcp)
         self.keep_last = keep_last
         self.keep_every = keep_every
+        self.protected: set[int] = set()  # never purged (early stopping's best checkpoint)
         self.save_interval_s = save_interval_s
         self.async_save = async_save
         self.last_save_time = time.time()
@@ -152,8 +155,10 @@ class CheckpointManager:
         return removed
 
     # ------------------------------------------------------------ save
-    def save(self, iteration: int, tensors: dict, trainer_state: dict, config_yaml: str | None = None) -> Path:
-        """tensors: model/optimizer state (DCP, sharded); trainer_state: small picklable dict."""
+    def save(self, iteration: int, tensors: dict, trainer_state: dict, config_yaml: str | None = None,
+             files: dict | None = None) -> Path:
+        """tensors: model/optimizer state (DCP, sharded); trainer_state: small picklable dict;
+        files: {file name: picklable object} that rank 0 writes with torch.save (checked at publish)."""
         self.finalize()  # an earlier async save publishes first
         final, temporary = self.path(iteration), self.directory / f"{checkpoint_dir_name(iteration)}.tmp"
         if rank() == 0:
@@ -163,7 +168,10 @@ class CheckpointManager:
         torch.save(rng_state(), temporary / f"rng_rank{rank()}.pt")
         if rank() == 0:
             trainer_state = {**trainer_state, "world_size": world_size(),
-                             "model_shapes": tensor_shapes(tensors.get("model", {}))}
+                             "model_shapes": tensor_shapes(tensors.get("model", {})),
+                             "extra_files": sorted(files or {})}
+            for name, value in (files or {}).items():
+                torch.save(value, temporary / name)
             torch.save(trainer_state, temporary / "trainer.pt")
             if config_yaml is not None:
                 (temporary / "config.yaml").write_text(config_yaml)
@@ -227,8 +235,10 @@ class CheckpointManager:
             time.sleep(seconds)
 
     def _publish(self, iteration: int, temporary: Path, final: Path) -> None:
-        saved_world = torch.load(temporary / "trainer.pt", weights_only=False).get("world_size", world_size())
-        expected = [".metadata", "trainer.pt"] + [f"rng_rank{r}.pt" for r in range(saved_world)]
+        saved = torch.load(temporary / "trainer.pt", weights_only=False)
+        ranks = range(saved.get("world_size", world_size()))
+        expected = [".metadata", "trainer.pt"] + [f"rng_rank{r}.pt" for r in ranks]
+        expected += saved.get("extra_files", [])
         missing = [name for name in expected if not (temporary / name).is_file()]
         if missing:
             raise RuntimeError(f"checkpoint {temporary} is incomplete: missing {missing}")
@@ -247,7 +257,8 @@ class CheckpointManager:
         if self.keep_last <= 0:
             return []
         return [old for old in iterations[:-self.keep_last]
-                if old != keep and not (self.keep_every > 0 and old % self.keep_every == 0)]
+                if old != keep and old not in self.protected
+                and not (self.keep_every > 0 and old % self.keep_every == 0)]
 
     def _purge(self, keep: int) -> None:
         for old in self.purgeable(checkpoint_iterations(self.directory), keep):

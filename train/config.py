@@ -89,6 +89,10 @@ class TrainingConfig:
     debug_nan_at_iteration: Optional[str] = None  # tests: "3" or "3-7": report a NaN loss there
     # seconds of wall time after which the job saves and stops cleanly (0: no budget)
     time_budget_s: float = 0.0
+    # early stopping (needs eval_interval): stop with reason "early_stop" once val_loss has not
+    # improved on the best by more than early_stop_min_delta for this many evaluations (0: off)
+    early_stop_patience: int = 0
+    early_stop_min_delta: float = 0.0
 
 
 @dataclass
@@ -139,6 +143,21 @@ class LoraConfig:
     alpha: float = 32.0
     dropout: float = 0.05
     target_modules: str = "q_proj,k_proj,v_proj,o_proj"
+    # a quant recipe (nvfp4 | nvfp4_mlp_only | fp8): fake-quantize the frozen base before the
+    # adapters go in (quant.calibration_batches micro-batches calibrate it); the adapters stay
+    # unquantized. None: full-precision base.
+    quantized_base: Optional[str] = None
+
+
+@dataclass
+class ValidateConfig:
+    """Fine-tuning's validate mode (mode=validate): train/validate.py documents the set format."""
+    val_set: Optional[str] = None  # VAL_SET: JSONL of {"prompt", "label", "category"}
+    tokenizer: Optional[str] = None  # HF tokenizer directory; default: model.hf_checkpoint
+    max_new_tokens: int = 32
+    batch_size: int = 8  # prompts decoded together (per rank)
+    max_samples: Optional[int] = None  # the first N records of the set (None: all)
+    enable_thinking: bool = False  # passed to the chat template (Qwen3: no <think> block)
 
 
 @dataclass
@@ -150,6 +169,7 @@ class LoggingConfig:
 @dataclass
 class JobConfig:
     job: str = MISSING  # qad | pretrain | finetune
+    mode: str = "train"  # finetune: train | validate (val loss and labeled-set accuracy)
     dry_run: bool = False  # print the plan as JSON and exit
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -160,6 +180,7 @@ class JobConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 

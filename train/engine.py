@@ -5,7 +5,7 @@ import logging
 import torch
 
 from train.datasets import build_train_dataset
-from train.launch.job import start_job
+from train.launch.job import fail, start_job
 from train.parallel import build_mesh, parallelize
 
 log = logging.getLogger("train")
@@ -27,19 +27,26 @@ def build_job_model(cfg, ctx):
     return model
 
 
-def apply_lora(model, lora_cfg):
-    """peft LoRA adapters on the named linear layers; the base weights freeze."""
-    from peft import LoraConfig, inject_adapter_in_model
+def add_adapters(model, cfg, ctx, dataset):
+    """Fine-tuning: the base fake-quantized when lora.quantized_base names a recipe, then the LoRA
+    adapters. Returns (model, quantizer record for each checkpoint or None).
 
-    targets = [name.strip() for name in str(lora_cfg.target_modules).split(",") if name.strip()]
-    config = LoraConfig(r=lora_cfg.rank, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
-                        target_modules=targets)
-    model = inject_adapter_in_model(config, model)
-    for name, parameter in model.named_parameters():
-        parameter.requires_grad = "lora_" in name
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info("LoRA rank %d on %s: %d trainable parameters", lora_cfg.rank, ",".join(targets), trainable)
-    return model
+    The base is quantized exactly as a QAD student (train/quant/student.py): calibrated on the
+    first quant.calibration_batches training micro-batches in a fresh run, its quantizers
+    restored from the checkpoint on resume (and in validate mode), where a recipe other than
+    the checkpoint's is refused. The adapters go in afterwards, unquantized."""
+    from types import SimpleNamespace
+
+    from train.lora import apply_lora, quantized_base_recipe
+    from train.quant.student import prepare_student
+
+    resume_dir = ctx.plan.resume.path if ctx.plan.resume.decision == "resume" else None
+    # prepare_student reads quant.recipe: here it is lora.quantized_base ("none" without one)
+    view = SimpleNamespace(quant=SimpleNamespace(recipe=quantized_base_recipe(cfg.lora),
+                                                 calibration_batches=cfg.quant.calibration_batches),
+                           training=SimpleNamespace(micro_batch_size=cfg.training.micro_batch_size))
+    model, record = prepare_student(model, view, resume_dir, dataset)
+    return apply_lora(model, cfg.lora), record
 
 
 def run_job(job: str, cfg, loss_fn=None) -> str:
@@ -49,14 +56,32 @@ def run_job(job: str, cfg, loss_fn=None) -> str:
     torch.manual_seed(cfg.training.seed + ctx.rank)
     model = build_job_model(cfg, ctx)
     vocab_size = model.args.vocab_size
+    dataset = build_train_dataset(cfg, ctx, vocab_size)
+    checkpoint_files = {}  # extra files in every checkpoint: {name: picklable object}
     if job == "finetune":
-        model = apply_lora(model, cfg.lora)
+        try:
+            model, record = add_adapters(model, cfg, ctx, dataset)
+        except ValueError as error:
+            fail(str(error))
+        if record is not None:
+            from train.quant.student import QUANTIZER_STATE_FILE
+
+            checkpoint_files[QUANTIZER_STATE_FILE] = record
+    if job == "qad":  # fake-quantize the single-device student; calibration or resumed quantizers
+        from train.quant.student import QUANTIZER_STATE_FILE, prepare_student
+
+        resume_dir = ctx.plan.resume.path if ctx.plan.resume.decision == "resume" else None
+        try:
+            model, record = prepare_student(model, cfg, resume_dir, dataset)
+        except ValueError as error:
+            fail(str(error))
+        if record is not None:
+            checkpoint_files[QUANTIZER_STATE_FILE] = record
     mesh = build_mesh(ctx.world_size, cfg.parallel.tensor_parallel_size, torch.device(ctx.device).type,
                       cfg.parallel.expert_parallel_size)
     model = parallelize(model, cfg.parallel, mesh, ctx.device)
     ctx.mark("model_built")
-    dataset = build_train_dataset(cfg, ctx, vocab_size)
-    trainer = Trainer(cfg, ctx, model, dataset, loss_fn)
+    trainer = Trainer(cfg, ctx, model, dataset, loss_fn, checkpoint_files=checkpoint_files)
     reason = trainer.train()
     # DDP's reducer must go before the process group, and every rank must get here first:
     # otherwise a rank can hang in gloo's teardown after its peers have exited.

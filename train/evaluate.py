@@ -12,10 +12,20 @@ Eval-only (training.eval_only=true / EVAL_ONLY=1): the trainer loads the latest
 checkpoint (the resume rule; otherwise the job started from its initial weights),
 evaluates once, logs {"val_loss", "val_ppl", "eval_only": true} and returns without an
 optimizer step or a checkpoint.
+
+Early stopping (training.early_stop_patience > 0, with eval_interval): after each evaluation
+the val_loss is compared with the best so far; an improvement is a loss below best -
+early_stop_min_delta. An improvement saves a checkpoint at that iteration and protects it
+from keep_last rotation (CheckpointManager.protected), so the best weights stay on disk; after
+`patience` evaluations in a row without one the job saves and stops with reason "early_stop"
+(no requeue). The tracker's state goes into trainer.pt: a resumed job continues the count,
+and a job resumed after an early stop stops again at once. val_loss is all-reduced, so every
+rank reaches the same verdict.
 """
 
 import logging
 import math
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
@@ -102,3 +112,54 @@ def eval_only(trainer) -> str:
     trainer.metrics.close()
     log.info("stopped at iteration %d: eval_only", trainer.state.iteration)
     return "eval_only"
+
+
+@dataclass
+class EarlyStopping:
+    patience: int  # evaluations without improvement that stop the job
+    min_delta: float  # how much lower than the best a val_loss must be to count as better
+    best_loss: float = math.inf
+    best_iteration: int | None = None
+    evaluations_without_improvement: int = 0
+    stopped: bool = False
+
+    def update(self, val_loss: float, iteration: int) -> str:
+        """improved | wait | stop."""
+        if val_loss < self.best_loss - self.min_delta:
+            self.best_loss, self.best_iteration = val_loss, iteration
+            self.evaluations_without_improvement = 0
+            return "improved"
+        self.evaluations_without_improvement += 1
+        if self.evaluations_without_improvement >= self.patience:
+            self.stopped = True
+            return "stop"
+        return "wait"
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+
+def build_early_stopping(training_cfg) -> EarlyStopping | None:
+    patience = int(training_cfg.get("early_stop_patience", 0) or 0)
+    if patience <= 0:
+        return None
+    if not training_cfg.eval_interval:
+        raise ValueError(f"training.early_stop_patience (EARLY_STOP_PATIENCE) = {patience} needs "
+                         "training.eval_interval (EVAL_INTERVAL) > 0: it counts evaluations")
+    return EarlyStopping(patience, float(training_cfg.get("early_stop_min_delta", 0.0)))
+
+
+def early_stopping_verdict(trainer, metrics: dict | None) -> str | None:
+    """After an evaluation: saves and protects the checkpoint of a new best; "stop" when the
+    patience ran out. None when there is no tracker or no evaluation happened."""
+    tracker = trainer.early_stopping
+    if tracker is None or metrics is None:
+        return None
+    verdict = tracker.update(metrics["val_loss"], trainer.state.iteration)
+    if verdict == "improved":
+        trainer.checkpoints.protected = {trainer.state.iteration}
+        trainer.save()
+    log.info("early stopping: val_loss %.4f, best %.4f at iteration %s, %d/%d evaluations without improvement",
+             metrics["val_loss"], tracker.best_loss, tracker.best_iteration,
+             tracker.evaluations_without_improvement, tracker.patience)
+    return verdict

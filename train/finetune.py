@@ -1,17 +1,38 @@
-"""python -m train.finetune [key=value ...]: LoRA fine-tuning (configs/finetune.yaml).
+"""python -m train.finetune [mode=train|validate] [key=value ...]: LoRA fine-tuning (configs/finetune.yaml).
 
-Adapters (peft) on the base model from BASE_CKPT; only they train.
+mode=train (default): peft LoRA adapters (train/lora.py) on the base model from BASE_CKPT,
+optionally on a fake-quantized base (lora.quantized_base); only the adapters train; early
+stopping with training.early_stop_patience. mode=validate: val loss and generated-label
+accuracy of the run's latest checkpoint on a labeled set (train/validate.py).
 Usually started by launchers/finetune.sh or slurm/finetune.sh through torchrun."""
 
 import hydra
 
 import train.config  # noqa: F401  registers the schemas
 from train.engine import run_job
+from train.launch.job import fail
+
+MODES = ("train", "validate")
 
 
 @hydra.main(config_path="../configs", config_name="finetune", version_base=None)
 def main(cfg) -> None:
-    run_job("finetune", cfg)
+    from train.lora import check_lora_config, check_quantized_base
+    from train.validate import LabeledSetError, check_validate_inputs, run_validate
+
+    mode = str(cfg.mode)
+    if mode not in MODES:
+        fail(f"mode (MODE) = {mode!r} is not one of {', '.join(MODES)}")
+    try:  # bad input fails here, before any model is built
+        check_lora_config(cfg.lora)
+        check_quantized_base(cfg.lora)
+        inputs = check_validate_inputs(cfg) if mode == "validate" else None
+    except (ValueError, LabeledSetError) as error:
+        fail(str(error))
+    if mode == "validate":
+        run_validate(cfg, *inputs)
+    else:
+        run_job("finetune", cfg)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
 """python -m train.qad [key=value ...]: quantization-aware distillation (configs/qad.yaml).
 
-The student (STUDENT_CKPT) learns from the frozen full-precision teacher (TEACHER_CKPT).
+The student (STUDENT_CKPT), fake-quantized with quant.recipe (train/quant/student.py, applied in
+train.engine.run_job before parallelism), learns from the frozen full-precision teacher (TEACHER_CKPT).
 Usually started by launchers/qad.sh or slurm/qad.sh through torchrun."""
+
+import logging
 
 import hydra
 import torch
@@ -13,11 +16,23 @@ from train.trainer import auxiliary_loss, masked_cross_entropy
 
 
 def build_teacher(cfg) -> torch.nn.Module:
+    """The full-precision teacher: frozen, eval mode, laid out like the student (same TP split,
+    FSDP2-sharded when the student is). Built on the first loss call, by every rank at once."""
+    import torch.distributed as dist
+
     from train.models import load_hf
+    from train.parallel import build_mesh, parallelize_frozen
 
     device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
     teacher = load_hf(cfg.distill.teacher_checkpoint).to(device).eval()
     teacher.requires_grad_(False)
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    mesh = build_mesh(world_size, cfg.parallel.tensor_parallel_size, torch.device(device).type,
+                      cfg.parallel.expert_parallel_size)
+    teacher = parallelize_frozen(teacher, cfg.parallel, mesh)
+    sharded = any(isinstance(p, torch.distributed.tensor.DTensor) for p in teacher.parameters())
+    logging.getLogger("train").info("teacher %s: frozen, eval mode, %s", cfg.distill.teacher_checkpoint,
+                                    "sharded like the student" if sharded else "replicated")
     return teacher
 
 

@@ -22,7 +22,7 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_s
 from train.checkpoint import CheckpointManager
 from train.data.sampler import MicroBatchSampler, parse_iterations_to_skip
 from train.launch.job import JobContext
-from train.evaluate import eval_only, maybe_evaluate
+from train.evaluate import build_early_stopping, early_stopping_verdict, eval_only, maybe_evaluate
 from train.metrics import MetricsLogger, check_bad_streak, debug_nan, is_bad, iteration_metrics
 from train.optim import build_optimizer, fold_clipping_into_step, learning_rate
 from train.parallel import (build_zero_redundancy_optimizer, clip_gradients, expert_checkpoint_view, local_view,
@@ -82,8 +82,10 @@ def language_model_loss(model, inputs, targets, mask) -> torch.Tensor:
 
 
 class Trainer:
-    def __init__(self, cfg, ctx: JobContext, model: torch.nn.Module, dataset, loss_fn=None):
+    def __init__(self, cfg, ctx: JobContext, model: torch.nn.Module, dataset, loss_fn=None,
+                 checkpoint_files: dict | None = None):
         self.cfg, self.ctx, self.model, self.dataset = cfg, ctx, model, dataset
+        self.checkpoint_files = checkpoint_files or {}  # {file name: object} saved by rank 0 in each checkpoint
         self.plan = ctx.plan
         self.loss_fn = loss_fn or language_model_loss
         # ZeRO-1 (parallel.data_parallel=zero1): AdamW state sharded over the data-parallel ranks
@@ -102,6 +104,12 @@ class Trainer:
                                      enabled=ctx.is_main)
         self.iterations_to_skip = set(parse_iterations_to_skip(cfg.data.iterations_to_skip))
         self.stop = StopRequest()
+        try:  # None unless early_stop_patience > 0
+            self.early_stopping = build_early_stopping(cfg.training)
+        except ValueError as error:
+            from train.launch.job import fail
+
+            fail(str(error))
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict:
@@ -112,10 +120,17 @@ class Trainer:
                 "skipped_iterations": self.state.skipped_iterations, "model_name": str(self.cfg.model.name),
                 "scheduler": {"schedule": str(optim.schedule), "lr": optim.lr, "min_lr": optim.min_lr,
                               "warmup_iters": optim.warmup_iters, "train_iters": self.plan.train_iters,
-                              "last_lr": self.optimizer.param_groups[0]["lr"]}}
+                              "last_lr": self.optimizer.param_groups[0]["lr"]},
+                "early_stopping": self.early_stopping.state_dict() if self.early_stopping else None}
 
     def load_state_dict(self, state: dict) -> None:
         self.state = TrainState(state["iteration"], state["consumed_samples"], state["skipped_iterations"])
+        saved = state.get("early_stopping")
+        if self.early_stopping is not None and saved:  # keep this run's patience and min_delta
+            for key in ("best_loss", "best_iteration", "evaluations_without_improvement", "stopped"):
+                setattr(self.early_stopping, key, saved[key])
+            if saved["best_iteration"] is not None:
+                self.checkpoints.protected = {saved["best_iteration"]}
 
     def tensors(self) -> dict:
         if self.zero1:  # each rank's share, in get_state_dict's layout: DCP merges them
@@ -132,7 +147,8 @@ class Trainer:
         from omegaconf import OmegaConf
 
         config_yaml = OmegaConf.to_yaml(self.cfg, resolve=True) if self.ctx.is_main else None
-        self.checkpoints.save(self.state.iteration, self.tensors(), self.state_dict(), config_yaml)
+        self.checkpoints.save(self.state.iteration, self.tensors(), self.state_dict(), config_yaml,
+                              files=self.checkpoint_files)
         self._saved_iteration = self.state.iteration
 
     def resume(self) -> None:
@@ -190,12 +206,18 @@ class Trainer:
         return total_loss.item(), grad_norm.item()
 
     def train(self) -> str:
-        """Runs to train_iters; returns why it stopped: done | signal | time_budget."""
+        """Runs to train_iters; returns why it stopped: done | signal | time_budget | early_stop."""
         if self.plan.resume.decision == "resume":
             self.resume()
         cfg, plan = self.cfg, self.plan
         if cfg.training.eval_only:
             return eval_only(self)
+        if self.early_stopping is not None and self.early_stopping.stopped:
+            log.info("early stopping: this run already stopped (best val_loss %.4f at iteration %s)",
+                     self.early_stopping.best_loss, self.early_stopping.best_iteration)
+            self.metrics.close()
+            self.write_stop_file("early_stop")
+            return "early_stop"
         accumulation = plan.global_batch_size // (cfg.training.micro_batch_size * plan.data_parallel_size)
         tokens_per_iter = plan.global_batch_size * cfg.data.seq_length
         batches = self.microbatches()
@@ -223,10 +245,12 @@ class Trainer:
             elapsed = time.time() - tick
             if self.state.iteration % cfg.training.log_interval == 0:
                 self.metrics.log(self.state.iteration, iteration_metrics(self, loss, lr, grad_norm, elapsed))
-            maybe_evaluate(self)  # every training.eval_interval iterations
+            verdict = early_stopping_verdict(self, maybe_evaluate(self))  # every training.eval_interval
             if self.state.iteration % cfg.checkpoint.save_interval == 0 or self.checkpoints.time_to_save():
                 self.save()
-            if self.stop.agreed():
+            if verdict == "stop":
+                reason = "early_stop"
+            elif self.stop.agreed():
                 reason = "signal"
             elif cfg.training.time_budget_s and time.time() - started > cfg.training.time_budget_s:
                 reason = "time_budget"
@@ -248,7 +272,7 @@ class Trainer:
         path = os.environ.get("TRAIN_STOP_FILE")
         if path and self.ctx.is_main:
             record = {"reason": reason, "iteration": self.state.iteration,
-                      "requeue": bool(self.cfg.checkpoint.requeue) and reason != "done",
+                      "requeue": bool(self.cfg.checkpoint.requeue) and reason not in ("done", "early_stop"),
                       "signal": self.stop.signal_name}
             with open(path, "w") as f:
                 json.dump(record, f)

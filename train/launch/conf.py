@@ -46,7 +46,8 @@ CONF_VARIABLES: dict[str, ConfVariable] = {v.name: v for v in [
     _var("TEACHER_CKPT", "distill.teacher_checkpoint", "dir", "HF directory with the frozen teacher", QAD, QAD),
     _var("TEACHER_MODEL_CONFIG", "distill.teacher_model_config", "path", "YAML of teacher config overrides", QAD),
     _var("KD_CFG_PATH", "distill.kd_config_path", "path", "YAML with KD loss settings", QAD),
-    _var("QUANT_RECIPE", "quant.recipe", "str", "nvfp4 | nvfp4_mlp_only | fp8", QAD),
+    _var("QUANT_RECIPE", "quant.recipe", "str",
+         "nvfp4 | nvfp4_mlp_only | fp8 (finetune: quantizes the frozen base, lora.quantized_base)", QAD + FT),
     # --- pretraining and fine-tuning (seeds/002, 003) ---
     _var("MODEL", "model.name", "str", "model name from the registry (python -m train.models list)", PRE + FT, PRE + FT),
     _var("BASE_CKPT", "model.hf_checkpoint", "dir", "HF directory with the base weights to fine-tune", FT),
@@ -73,6 +74,11 @@ CONF_VARIABLES: dict[str, ConfVariable] = {v.name: v for v in [
     _var("LORA_ALPHA", "lora.alpha", "float", "LoRA alpha (rule of thumb: 2 x rank)", FT),
     _var("LORA_DROPOUT", "lora.dropout", "float", "LoRA dropout", FT),
     _var("LORA_TARGET_MODULES", "lora.target_modules", "str", "comma-separated module names", FT),
+    _var("MODE", "mode", "str", "train | validate (val loss and labeled-set accuracy of the latest checkpoint)", FT),
+    _var("VAL_SET", "validate.val_set", "path", "labeled JSONL (prompt, label, category) for mode=validate", FT),
+    _var("EARLY_STOP_PATIENCE", "training.early_stop_patience", "int",
+         "evaluations without val_loss improvement that stop the job (0: off; needs EVAL_INTERVAL)"),
+    _var("EARLY_STOP_MIN_DELTA", "training.early_stop_min_delta", "float", "smallest val_loss drop that counts"),
     # --- shared by every job ---
     _var("TP_SIZE", "parallel.tensor_parallel_size", "int", "tensor-parallel size", required_for=QAD, default="1"),
     _var("PP_SIZE", "parallel.pipeline_parallel_size", "int", "pipeline-parallel size", default="1"),
@@ -228,6 +234,8 @@ def config_overrides(job: str, values: dict[str, object]) -> dict[str, object]:
         var = CONF_VARIABLES[name]
         if var.key is not None and job in var.jobs:
             overrides[var.key] = value
+    if job == "finetune" and "QUANT_RECIPE" in values:  # LoRA on a fake-quantized base
+        overrides["lora.quantized_base"] = values["QUANT_RECIPE"]
     if "DATASET_NAME" in values:  # 'synthetic' needs no files; any other name is a datablend
         overrides["data.source"] = "synthetic" if values["DATASET_NAME"] == "synthetic" else "blend"
     return overrides

@@ -126,11 +126,33 @@ def check_parallel(cfg, world_size: int, conf: str) -> int:
     return data_parallel
 
 
+def check_quant(cfg, job: str, conf: str) -> None:
+    """QAD: the quantization recipe is one we know (QUANT_RECIPE / quant.recipe); fine-tuning:
+    the base's recipe (QUANT_RECIPE / lora.quantized_base)."""
+    if job not in ("qad", "finetune"):
+        return
+    from train.quant.recipes import RECIPES  # torch-free
+
+    known = [*RECIPES, "none"]
+    if job == "finetune":
+        recipe = cfg.lora.get("quantized_base")
+        if recipe and str(recipe) not in known:
+            raise PlanError(f"{conf}: QUANT_RECIPE: unknown quantization recipe {recipe!r} "
+                            f"(lora.quantized_base); known: {', '.join(known)}")
+        return
+    if str(cfg.quant.recipe) not in known:
+        raise PlanError(f"{conf}: QUANT_RECIPE: unknown quantization recipe {cfg.quant.recipe!r} "
+                        f"(quant.recipe); known: {', '.join(known)}")
+    if cfg.quant.calibration_batches < 0:
+        raise PlanError(f"{conf}: quant.calibration_batches={cfg.quant.calibration_batches} must be >= 0")
+
+
 PATH_FIELDS = {  # config key -> (conf variable, must be a directory)
     "model.hf_checkpoint": ("STUDENT_CKPT or BASE_CKPT", True),
     "distill.teacher_checkpoint": ("TEACHER_CKPT", True),
     "distill.teacher_model_config": ("TEACHER_MODEL_CONFIG", False),
     "distill.kd_config_path": ("KD_CFG_PATH", False),
+    "validate.val_set": ("VAL_SET", False),
 }
 
 
@@ -223,6 +245,7 @@ def build_plan(job: str, cfg, env: dict[str, str], conf: str, cluster: cluster_l
                strict_paths: bool = True) -> JobPlan:
     check_model_name(cfg, conf)
     data_parallel = check_parallel(cfg, cluster.world_size, conf)
+    check_quant(cfg, job, conf)
     problems = path_problems(cfg, conf)
     if problems and strict_paths:
         raise PlanError("\n".join(problems))

@@ -16,6 +16,7 @@ _EXPORTS = {
     "build_mesh": "mesh",
     "parallelize": "apply",
     "apply_data_parallel": "apply",
+    "parallelize_frozen": "apply",
     "apply_tensor_parallel": "tensor_parallel",
     "wants_zero_redundancy_optimizer": "data_parallel",
     "build_zero_redundancy_optimizer": "data_parallel",

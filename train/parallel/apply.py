@@ -87,3 +87,22 @@ def apply_data_parallel(model: nn.Module, parallel_cfg, device: str) -> nn.Modul
     mesh = build_mesh(world_size, parallel_cfg.tensor_parallel_size, torch.device(device).type,
                       parallel_cfg.expert_parallel_size)
     return parallelize(model, parallel_cfg, mesh, device)
+
+
+def parallelize_frozen(model: nn.Module, parallel_cfg, mesh: DeviceMesh | None) -> nn.Module:
+    """A frozen model (the QAD teacher) laid out like the student: the same TP split and expert
+    split (EP), and FSDP2 sharding when the student uses FSDP (the teacher's weights then cost
+    1/dp per rank). Under ddp/zero1 it stays replicated: DDP has nothing to do for a model
+    without gradients."""
+    tp = mesh["tp"].size() if mesh is not None else 1
+    dp_mesh = data_parallel_mesh(mesh) if mesh is not None else None
+    dp = dp_mesh.size() if mesh is not None else 1
+    ep = parallel_cfg.expert_parallel_size
+    if tp > 1:
+        apply_tensor_parallel(model, mesh["tp"])
+    if ep > 1:
+        apply_expert_parallel(model, mesh["ep"], mesh["edp"] if mesh["edp"].size() > 1 else None, dp)
+    if dp > 1 and parallel_cfg.data_parallel in ("fsdp", "fsdp_zero2"):
+        # no backward: free each block's gathered weights right after its forward
+        model = apply_fsdp(model, dp_mesh, reshard_after_forward=True, ignored=set(expert_parameters(model)))
+    return model

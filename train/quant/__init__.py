@@ -1,4 +1,5 @@
-"""Quantization helpers: pure-PyTorch NVFP4 fake quantization and its modelopt backend.
+"""Quantization: recipes by name (modelopt mtq.quantize + calibration), quantizer state for
+checkpoints, pure-PyTorch NVFP4 fake quantization and its modelopt backend.
 
 Imports are lazy so that ``import train.quant`` does not import modelopt.
 """
@@ -9,6 +10,10 @@ __all__ = [
     "nvfp4_fake_quant",
     "nvfp4_fake_quant_forward",
     "register_cpu_nvfp4_backend",
+    "RECIPES",
+    "quantize_model",
+    "quantizer_state",
+    "restore_quantizer_state",
     "register_grouped_experts",
 ]
 
@@ -18,6 +23,10 @@ _WHERE = {
     "BACKEND_NAME": ".backend",
     "nvfp4_backend_config": ".backend",
     "register_cpu_nvfp4_backend": ".backend",
+    "RECIPES": ".recipes",
+    "quantize_model": ".recipes",
+    "quantizer_state": ".recipes",
+    "restore_quantizer_state": ".recipes",
     "register_grouped_experts": ".experts",
 }
 

@@ -1,0 +1,37 @@
+"""python -m pytest tests/slurm/test_qad_job.py  (as root: tiny QAD via sbatch --nodes=2 on slurm/local-cluster.sh)"""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from slurm_helpers import job_field, job_report, sbatch, wait_for_state
+
+REPO = Path(__file__).resolve().parents[2]
+RUN = "tiny-qwen3-Teacher-tiny-qwen3-Data-synthetic-lr0.0001"
+
+
+@pytest.mark.slow
+def test_two_node_qad_job_quantizes_the_student_and_checkpoints_the_quantizers(slurm_workdir):
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from train.models import build_model, init_weights, save_hf
+
+    models, root = slurm_workdir / "models", slurm_workdir / "runs"
+    save_hf(init_weights(build_model("tiny-qwen3", device="cpu"), 1), models / "tiny-qwen3")  # student = teacher
+    env = {name: None for name in os.environ if name.startswith("SLURM_") or name == "HF_TOKEN"}
+    env.update(QAD_CHECKPOINT_ROOT=str(root), MODELS_ROOT=str(models), NUM_GPUS="1", PYTHONPATH=str(REPO))
+    job = sbatch(["--nodes=2", str(REPO / "slurm/qad.sh"), "--config", "conf.d/tiny-qwen3-qad.conf", "--",
+                  "training.train_iters=2", "checkpoint.save_interval=2", "quant.calibration_batches=2"],
+                 cwd=slurm_workdir, env=env)
+    wait_for_state(job, {"COMPLETED"}, timeout_s=420)
+    assert job_field(job, "NodeList") == "node[1-2]", job_report(job)
+    output = "".join(p.read_text() for p in (root / "logs_slurm").glob(f"*_{job}_*.log"))
+    assert "world size 2 (2 nodes x 1 procs)" in output
+    assert "calibration batch 2/2" in output and "quantized with recipe nvfp4" in output
+    checkpoint = root / RUN / "checkpoints" / "tiny-qwen3" / "iter_0000002"
+    assert torch.load(checkpoint / "quantizer_state.pt", weights_only=False)["recipe"] == "nvfp4"
+    keys = set(dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata)
+    assert "model.layers.0.mlp.down_proj.input_quantizer._amax" in keys
+    assert (root / RUN / "checkpoints" / "tiny-qwen3" / "latest_checkpointed_iteration.txt").read_text().strip() == "2"

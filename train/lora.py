@@ -1,0 +1,138 @@
+"""LoRA on our CausalLM, applied from outside: adapters in, adapters merged out, quantized base.
+
+    python -m pytest tests/unit/test_lora.py
+
+- apply_lora(model, lora_cfg): peft's inject_adapter_in_model puts a LoRA layer around each
+  target Linear (`q_proj` becomes a peft Linear holding `base_layer`, `lora_A.default`,
+  `lora_B.default`); every other parameter freezes. lora_B starts at zero, so the model's
+  output is unchanged until the first step.
+- merge_lora(model): folds W + (alpha / rank) * B @ A into each base weight and puts the plain
+  Linear back: our CausalLM again, with the state-dict keys it had before apply_lora
+  (save_hf and train.export take it as is).
+- apply_quantized_base(model, recipe, calibration_batches): fake-quantizes the frozen base with
+  train.quant.quantize_model before the adapters go in (the job does it through
+  train.quant.student.prepare_student, in train/engine.py add_adapters, so that a resumed or
+  validating job restores the checkpoint's quantizers instead of calibrating again); the
+  adapters added afterwards are plain Linear layers, and disable_lora_quantizers() switches off
+  any quantizer that a later conversion might have put on them, so the LoRA path stays in full
+  precision.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+log = logging.getLogger("train")
+LORA_MARKER = "lora_"  # peft's parameter names: ...q_proj.lora_A.default.weight
+
+
+def target_module_names(target_modules: str) -> list[str]:
+    """"q_proj, v_proj" -> ["q_proj", "v_proj"] (the conf's LORA_TARGET_MODULES)."""
+    return [name.strip() for name in str(target_modules).split(",") if name.strip()]
+
+
+def check_lora_config(lora_cfg) -> None:
+    """ValueError naming the key, before any model is built."""
+    if int(lora_cfg.rank) < 1:
+        raise ValueError(f"lora.rank (LORA_RANK) = {lora_cfg.rank} must be at least 1")
+    if float(lora_cfg.alpha) <= 0:
+        raise ValueError(f"lora.alpha (LORA_ALPHA) = {lora_cfg.alpha} must be positive")
+    if not 0.0 <= float(lora_cfg.dropout) < 1.0:
+        raise ValueError(f"lora.dropout (LORA_DROPOUT) = {lora_cfg.dropout} must be in [0, 1)")
+    if not target_module_names(lora_cfg.target_modules):
+        raise ValueError("lora.target_modules (LORA_TARGET_MODULES) is empty")
+
+
+def apply_lora(model: nn.Module, lora_cfg) -> nn.Module:
+    """peft LoRA adapters on the named linear layers; the base weights freeze."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    check_lora_config(lora_cfg)
+    targets = target_module_names(lora_cfg.target_modules)
+    present = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    unknown = [name for name in targets if name not in present]
+    if unknown:
+        raise ValueError(f"lora.target_modules (LORA_TARGET_MODULES): {', '.join(unknown)} not among the "
+                         f"model's linear layers ({', '.join(sorted(present))})")
+    config = LoraConfig(r=int(lora_cfg.rank), lora_alpha=float(lora_cfg.alpha), lora_dropout=float(lora_cfg.dropout),
+                        target_modules=targets)
+    model = inject_adapter_in_model(config, model)
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad = LORA_MARKER in name
+    disable_lora_quantizers(model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("LoRA rank %d alpha %g dropout %g on %s: %d trainable parameters", lora_cfg.rank, lora_cfg.alpha,
+             lora_cfg.dropout, ",".join(targets), trainable)
+    return model
+
+
+def lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(qualified name, peft LoRA layer) pairs, outermost first."""
+    from peft.tuners.lora import LoraLayer
+
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, LoraLayer)]
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Folds the adapters into the base weights and removes them; returns the same model object.
+
+    Each peft layer computes base(x) + scale * B(A(dropout(x))); merging sets
+    W <- W + scale * B @ A (peft's own merge) and replaces the peft layer by its base Linear,
+    so the state-dict keys are those of the model before apply_lora. Dropout is an identity
+    in eval, so the merged model equals the adapted one in eval mode."""
+    model = getattr(model, "module", model)  # a DDP wrapper: merge the model inside
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("merge_lora: the model has no LoRA layers")
+    for name, layer in layers:
+        with torch.no_grad():
+            layer.merge(safe_merge=True)  # raises on a non-finite merged weight
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer.get_base_layer())
+    for parameter in model.parameters():
+        parameter.requires_grad = True
+    log.info("merged %d LoRA layers into the base weights", len(layers))
+    return model
+
+
+def disable_lora_quantizers(model: nn.Module) -> int:
+    """Switches off every modelopt quantizer inside a LoRA adapter (lora_A / lora_B); returns
+    how many. The adapters train in full precision on top of the fake-quantized base."""
+    disabled = 0
+    for name, module in model.named_modules():
+        if LORA_MARKER in name and type(module).__name__.endswith("TensorQuantizer") and hasattr(module, "disable"):
+            module.disable()
+            disabled += 1
+    return disabled
+
+
+def quantized_base_recipe(lora_cfg) -> str:
+    """lora.quantized_base as a quant recipe name: "none" when unset."""
+    recipe = lora_cfg.get("quantized_base") if hasattr(lora_cfg, "get") else getattr(lora_cfg, "quantized_base", None)
+    return str(recipe) if recipe else "none"
+
+
+def check_quantized_base(lora_cfg) -> None:
+    """ValueError naming the key for a recipe train.quant does not know (before any model is built)."""
+    from train.quant.recipes import RECIPES
+
+    recipe = quantized_base_recipe(lora_cfg)
+    if recipe != "none" and recipe not in RECIPES:
+        raise ValueError(f"lora.quantized_base (QUANT_RECIPE) = {recipe!r}: unknown quantization recipe; "
+                         f"known: {', '.join(RECIPES)}, none")
+
+
+def apply_quantized_base(model: nn.Module, recipe: str, calibration_batches: list[torch.Tensor]) -> nn.Module:
+    """Fake-quantizes the (still adapter-free) base with the quant recipe, calibrating amax on
+    `calibration_batches` (token ids (B, T) each); the caller adds the adapters afterwards.
+    (The fine-tuning job goes through train.quant.student.prepare_student, which also restores
+    the quantizers of a checkpoint; this is the same quantization for a model in hand.)"""
+    from train.quant import quantize_model
+
+    model = quantize_model(model, recipe, calibration_batches)
+    log.info("LoRA base quantized with recipe %s (%d calibration batches)", recipe, len(calibration_batches))
+    return model

@@ -1,0 +1,74 @@
+"""The QAD student's quantizers: calibrated at the start of a run, restored from the checkpoint on resume.
+
+    python -m pytest -q tests/integration/test_qad.py
+
+Fresh run (no tracker file): the student loaded from STUDENT_CKPT is fake-quantized with
+quant.recipe, calibrating on quant.calibration_batches micro-batches of the training dataset
+(samples 0, 1, 2, ...: the same on every rank, so the amax does not depend on the number of
+ranks; modelopt all-reduces it with MAX anyway).
+
+Resume: the quantizers are re-created from the checkpoint's `quantizer_state.pt` before the
+weights are loaded; the amax values are buffers of the model's state dict (DCP, next to the
+weights, e.g. `model.layers.0.mlp.up_proj.input_quantizer._amax`), so nothing is calibrated
+again and the resumed run computes exactly what the uninterrupted one would have.
+
+    iter_0000200/quantizer_state.pt   {"recipe": "nvfp4",
+                                       "modelopt_state": mto.modelopt_state(model)}  (rank 0)
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger("train")
+QUANTIZER_STATE_FILE = "quantizer_state.pt"  # in each iter_XXXXXXX/ of a quantized run
+NO_QUANTIZATION = "none"  # quant.recipe=none: plain distillation, full-precision student
+
+
+def calibration_batches(dataset, count: int, micro_batch_size: int) -> list[torch.Tensor]:
+    """`count` batches of token ids (MBS, T): the inputs of dataset samples 0 .. count x MBS - 1."""
+    batches = []
+    for first in range(0, count * micro_batch_size, micro_batch_size):
+        tokens = np.stack([dataset[i]["tokens"][:-1] for i in range(first, first + micro_batch_size)])
+        batches.append(torch.from_numpy(tokens.astype(np.int64)))
+    return batches
+
+
+def load_quantizer_state(checkpoint_dir: str | Path) -> dict | None:
+    """The checkpoint's quantizer record, or None when the run was not quantized."""
+    path = Path(checkpoint_dir) / QUANTIZER_STATE_FILE
+    return torch.load(path, weights_only=False) if path.is_file() else None
+
+
+def prepare_student(model: torch.nn.Module, cfg, resume_dir: str | None, dataset=None):
+    """Quantizes the single-device student (before parallelize). Returns (model, record): record
+    is what every checkpoint stores as quantizer_state.pt (None without quantization).
+
+    resume_dir: the checkpoint being resumed (quantizers restored, no calibration), or None.
+    """
+    from train.quant.recipes import quantize_model, quantizer_state, restore_quantizer_state
+
+    recipe = str(cfg.quant.recipe)
+    if recipe != NO_QUANTIZATION and cfg.parallel.tensor_parallel_size > 1:
+        raise ValueError(f"TP_SIZE={cfg.parallel.tensor_parallel_size} with a quantized student "
+                         f"(QUANT_RECIPE={recipe}) "
+                         "is not supported yet (the TP plans split plain Linear layers, not modelopt's "
+                         "QuantLinear): use TP_SIZE=1 with DP_SHARDING=fsdp")
+    saved = load_quantizer_state(resume_dir) if resume_dir else None
+    if resume_dir and (saved or {}).get("recipe", NO_QUANTIZATION) != recipe:
+        saved_recipe = (saved or {}).get("recipe", NO_QUANTIZATION)
+        raise ValueError(f"checkpoint {resume_dir} was trained with quant.recipe={saved_recipe}, this run has "
+                         f"quant.recipe={recipe} (QUANT_RECIPE): use the same recipe to resume, or another run dir")
+    if recipe == NO_QUANTIZATION:
+        return model, None
+    if saved:
+        model = restore_quantizer_state(model, saved["modelopt_state"])
+        log.info("quantizer state (%s) restored from %s; no calibration", recipe, resume_dir)
+    else:
+        batches = calibration_batches(dataset, cfg.quant.calibration_batches, cfg.training.micro_batch_size)
+        model = quantize_model(model, recipe, batches)
+    return model, {"recipe": recipe, "modelopt_state": quantizer_state(model)}
