@@ -14,8 +14,9 @@ def model_class(family: str) -> type[CausalLM]:
     from train.models.llama import Llama
     from train.models.qwen3 import Qwen3
     from train.models.qwen3_moe import Qwen3Moe
+    from train.models.qwen3_next import Qwen3Next
 
-    return {"gpt2": GPT2, "llama": Llama, "qwen3": Qwen3, "qwen3_moe": Qwen3Moe}[family]
+    return {"gpt2": GPT2, "llama": Llama, "qwen3": Qwen3, "qwen3_moe": Qwen3Moe, "qwen3_next": Qwen3Next}[family]
 
 
 def build_model(args_or_name: ModelArgs | str, *, device: str | torch.device = "meta",

@@ -15,9 +15,9 @@ from train.models.errors import ModelConfigError
 from train.models.registry import ModelArgs
 
 SUPPORTED_MODEL_TYPES = {"gpt2": "gpt2", "llama": "llama", "qwen3": "qwen3",  # HF model_type -> family
-                         "qwen3_moe": "qwen3_moe"}
+                         "qwen3_moe": "qwen3_moe", "qwen3_next": "qwen3_next"}
 HF_ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                    "qwen3_moe": "Qwen3MoeForCausalLM"}
+                    "qwen3_moe": "Qwen3MoeForCausalLM", "qwen3_next": "Qwen3NextForCausalLM"}
 
 # Keys some HF checkpoints carry that are buffers, not weights.
 IGNORED_HF_KEYS = re.compile(r"(\.attn\.(masked_)?bias$)|(rotary_emb\.inv_freq$)")
@@ -68,7 +68,9 @@ def args_from_hf_config(config: dict[str, Any], name: str) -> ModelArgs:
         raise ModelConfigError(f"{name}: hidden_act {config['hidden_act']!r} is not supported (silu only)")
     hidden, heads = config["hidden_size"], config["num_attention_heads"]
     theta, scaling = _rope_settings(config, 10_000.0 if family == "llama" else 1_000_000.0)
-    moe = _moe_args_from_hf(config) if family == "qwen3_moe" else {}
+    extra = _moe_args_from_hf(config) if family == "qwen3_moe" else {}
+    if family == "qwen3_next":
+        extra = _qwen3_next_fields(config)
     return ModelArgs(
         name=name, family=family, vocab_size=config["vocab_size"], hidden_size=hidden,
         num_layers=config["num_hidden_layers"], num_heads=heads,
@@ -78,7 +80,7 @@ def args_from_hf_config(config: dict[str, Any], name: str) -> ModelArgs:
         max_seq_len=config.get("max_position_embeddings", 2048), rope_theta=theta,
         rope_scaling=scaling, norm_eps=config.get("rms_norm_eps", 1e-6),
         tie_embeddings=config.get("tie_word_embeddings", False),
-        init_std=config.get("initializer_range", 0.02), **moe).validate()
+        init_std=config.get("initializer_range", 0.02), **extra).validate()
 
 
 def _moe_args_from_hf(config: dict[str, Any]) -> dict[str, Any]:
@@ -93,6 +95,30 @@ def _moe_args_from_hf(config: dict[str, Any]) -> dict[str, Any]:
                 mlp_only_layers=tuple(config.get("mlp_only_layers") or ()))
 
 
+def _qwen3_next_fields(config: dict[str, Any]) -> dict[str, Any]:
+    """The qwen3_next block of ModelArgs from a Qwen3NextConfig dict (absent keys: its defaults)."""
+    rope = config.get("rope_parameters") or {}
+    layer_types = config.get("layer_types")
+    num_experts = config.get("num_experts", 512)
+    moe = dict(num_experts=num_experts, num_experts_per_token=config.get("num_experts_per_tok", 10),
+               moe_intermediate_size=config.get("moe_intermediate_size", 512),
+               shared_expert_intermediate_size=config.get("shared_expert_intermediate_size", 512),
+               norm_topk_prob=bool(config.get("norm_topk_prob", True)),
+               router_aux_loss_coef=float(config.get("router_aux_loss_coef", 0.001)),
+               decoder_sparse_step=config.get("decoder_sparse_step", 1),
+               mlp_only_layers=tuple(config.get("mlp_only_layers") or ())) if num_experts else {}
+    return dict(
+        layer_types=tuple(layer_types) if layer_types else None,
+        full_attention_interval=config.get("full_attention_interval", 4),
+        linear_num_key_heads=config.get("linear_num_key_heads", 16),
+        linear_num_value_heads=config.get("linear_num_value_heads", 32),
+        linear_key_head_dim=config.get("linear_key_head_dim", 128),
+        linear_value_head_dim=config.get("linear_value_head_dim", 128),
+        linear_conv_kernel=config.get("linear_conv_kernel_dim", 4),
+        partial_rotary_factor=rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 0.25)),
+        **moe)
+
+
 def hf_config_kwargs(args: ModelArgs) -> dict[str, Any]:
     """Keyword arguments for transformers' config class of args.family (4.x and 5.x accept them)."""
     if args.family == "gpt2":
@@ -100,6 +126,26 @@ def hf_config_kwargs(args: ModelArgs) -> dict[str, Any]:
                     n_head=args.num_heads, n_inner=args.intermediate_size, n_positions=args.max_seq_len,
                     layer_norm_epsilon=args.norm_eps, activation_function="gelu_new",
                     tie_word_embeddings=args.tie_embeddings, initializer_range=args.init_std)
+    if args.family == "qwen3_next":
+        return dict(vocab_size=args.vocab_size, hidden_size=args.hidden_size,
+                    num_hidden_layers=args.num_layers, num_attention_heads=args.num_heads,
+                    num_key_value_heads=args.num_kv_heads, head_dim=args.head_dim,
+                    intermediate_size=args.intermediate_size, max_position_embeddings=args.max_seq_len,
+                    rope_parameters=dict(rope_type="default", rope_theta=args.rope_theta,
+                                         partial_rotary_factor=args.partial_rotary_factor),
+                    rms_norm_eps=args.norm_eps, tie_word_embeddings=args.tie_embeddings,
+                    initializer_range=args.init_std, attention_bias=False, hidden_act="silu",
+                    layer_types=args.resolved_layer_types(),
+                    linear_num_key_heads=args.linear_num_key_heads,
+                    linear_num_value_heads=args.linear_num_value_heads,
+                    linear_key_head_dim=args.linear_key_head_dim,
+                    linear_value_head_dim=args.linear_value_head_dim,
+                    linear_conv_kernel_dim=args.linear_conv_kernel, num_experts=args.num_experts,
+                    num_experts_per_tok=args.num_experts_per_token or 1,
+                    moe_intermediate_size=args.moe_intermediate_size,
+                    shared_expert_intermediate_size=args.shared_expert_intermediate_size,
+                    norm_topk_prob=args.norm_topk_prob, router_aux_loss_coef=args.router_aux_loss_coef,
+                    decoder_sparse_step=args.decoder_sparse_step, mlp_only_layers=list(args.mlp_only_layers))
     moe = {}
     if args.family == "qwen3_moe":
         moe = dict(num_experts=args.num_experts, num_experts_per_tok=args.num_experts_per_token,
@@ -247,6 +293,7 @@ _ADAPTERS: dict[str, tuple[Callable, Callable]] = {
     "llama": (_llama_to_hf, _llama_from_hf),
     "qwen3": (_llama_to_hf, _llama_from_hf),
     "qwen3_moe": (_qwen3_moe_to_hf, _qwen3_moe_from_hf),
+    "qwen3_next": (_qwen3_moe_to_hf, _qwen3_moe_from_hf),  # same names and per-expert HF layout
 }
 
 

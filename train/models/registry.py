@@ -12,8 +12,9 @@ from typing import Any
 
 from train.models.errors import ModelConfigError, UnknownModelError
 
-FAMILIES = ("gpt2", "llama", "qwen3", "qwen3_moe")
-MOE_FAMILIES = ("qwen3_moe",)
+FAMILIES = ("gpt2", "llama", "qwen3", "qwen3_moe", "qwen3_next")
+MOE_FAMILIES = ("qwen3_moe",)  # always sparse; qwen3_next is sparse when num_experts > 0
+LAYER_TYPES = ("linear_attention", "full_attention")  # qwen3_next token mixers (HF names)
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,33 @@ class ModelArgs:
         return (self.num_experts > 0 and layer_index not in self.mlp_only_layers
                 and (layer_index + 1) % self.decoder_sparse_step == 0)
 
+    # -- qwen3_next (hybrid Gated DeltaNet + gated full attention); ignored by other families --
+    # (its MoE layers, when num_experts > 0, use the Qwen3-MoE fields above plus a shared expert)
+    # Per-layer mixer: an explicit tuple of LAYER_TYPES, or None for the interval rule
+    # (layer i is full attention when (i + 1) % full_attention_interval == 0: three linear, one full).
+    layer_types: tuple[str, ...] | None = None
+    full_attention_interval: int = 4
+    linear_num_key_heads: int = 0  # Gated DeltaNet q/k heads
+    linear_num_value_heads: int = 0  # v heads; a multiple of the key heads (each k head serves several)
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    linear_conv_kernel: int = 4  # depthwise causal conv over q, k, v before the delta rule
+    partial_rotary_factor: float = 1.0  # RoPE on the first head_dim * factor channels (Next: 0.25)
+    shared_expert_intermediate_size: int = 0  # MoE layers: 0 no shared expert; else a SwiGLU behind a sigmoid gate
+
+    def resolved_layer_types(self) -> list[str]:
+        """qwen3_next: the mixer of each layer; every other family: all full attention."""
+        if self.family != "qwen3_next":
+            return ["full_attention"] * self.num_layers
+        if self.layer_types is not None:
+            return list(self.layer_types)
+        return ["full_attention" if (i + 1) % self.full_attention_interval == 0 else "linear_attention"
+                for i in range(self.num_layers)]
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
     def validate(self) -> "ModelArgs":
         """Raise ModelConfigError naming the offending field; return self when valid."""
         where = f"model {self.name!r}"
@@ -80,11 +108,44 @@ class ModelArgs:
             raise ModelConfigError(
                 f"{where}: rope_scaling type {self.rope_scaling.get('rope_type')!r} is not supported "
                 "(supported: 'default', 'llama3')")
-        if self.family in MOE_FAMILIES:
+        if self.family == "qwen3_next":
+            self._validate_qwen3_next(where)
+            if self.num_experts:
+                self._validate_moe(where)
+        elif self.family in MOE_FAMILIES:
             self._validate_moe(where)
         elif self.num_experts:
             raise ModelConfigError(f"{where}: family {self.family!r} is dense; num_experts must be 0")
         return self
+
+    def _validate_qwen3_next(self, where: str) -> None:
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_layers:
+                raise ModelConfigError(f"{where}: layer_types has {len(self.layer_types)} entries, "
+                                       f"num_layers is {self.num_layers}")
+            bad = sorted({t for t in self.layer_types if t not in LAYER_TYPES})
+            if bad:
+                raise ModelConfigError(f"{where}: layer_types entries {bad} are not one of {', '.join(LAYER_TYPES)}")
+        elif self.full_attention_interval <= 0:
+            raise ModelConfigError(f"{where}: full_attention_interval must be positive, "
+                                   f"got {self.full_attention_interval}")
+        if "linear_attention" in self.resolved_layer_types():
+            for key in ("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
+                        "linear_value_head_dim", "linear_conv_kernel"):
+                if getattr(self, key) <= 0:
+                    raise ModelConfigError(f"{where}: {key} must be positive for Gated DeltaNet layers, "
+                                           f"got {getattr(self, key)}")
+            if self.linear_num_value_heads % self.linear_num_key_heads:
+                raise ModelConfigError(f"{where}: linear_num_key_heads={self.linear_num_key_heads} must divide "
+                                       f"linear_num_value_heads={self.linear_num_value_heads}")
+        if not 0.0 < self.partial_rotary_factor <= 1.0:
+            raise ModelConfigError(f"{where}: partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor}")
+        if self.rotary_dim % 2:
+            raise ModelConfigError(f"{where}: RoPE needs an even rotary_dim = head_dim * partial_rotary_factor, "
+                                   f"got {self.head_dim} * {self.partial_rotary_factor}")
+        if self.num_experts and self.shared_expert_intermediate_size <= 0:
+            raise ModelConfigError(f"{where}: qwen3_next MoE layers always have a shared expert (HF "
+                                   "Qwen3NextSparseMoeBlock); shared_expert_intermediate_size must be positive")
 
     def _validate_moe(self, where: str) -> None:
         if self.num_experts <= 0:
@@ -169,6 +230,44 @@ _MODELS += [model for size, shape in (("tiny", _TINY), ("debug", _DEBUG)) for mo
            moe_intermediate_size=shape["hidden_size"] // 2, mlp_only_layers=(0,),
            router_aux_loss_coef=0.01),
 )]
+
+# Qwen3-Next (seed 000): hybrid layers, head_dim 128, 2 KV heads, partial RoPE 0.25, theta 1e7 and
+# Gated DeltaNet q/k/v heads of 128 as in Qwen3-Next-80B-A3B's config.json; Qwen2 vocabulary, tied.
+# The seed gives trunks (layers, hidden, heads) and "3B total, ~1B active" but no MoE shapes: every
+# size uses routed experts of width 256, top-4, plus a 512-wide shared expert (active MLP width
+# 4 * 256 + 512 = 1536 per token), and the expert count sets the total: 48 -> 1.95B, 56 -> 2.96B
+# (0.99B active), 64 -> 5.19B. `python -m train.models info qwen3-next-3b` prints the counts.
+_FULL, _LINEAR = "full_attention", "linear_attention"
+_QWEN3_NEXT = dict(family="qwen3_next", rope_theta=10_000_000.0, norm_eps=1e-6, vocab_size=151936,
+                   num_kv_heads=2, head_dim=128, max_seq_len=4096, tie_embeddings=True,
+                   partial_rotary_factor=0.25, linear_key_head_dim=128, linear_value_head_dim=128,
+                   num_experts_per_token=4, moe_intermediate_size=256, shared_expert_intermediate_size=512,
+                   intermediate_size=1536)  # dense-equivalent width (the active MLP), unused by MoE layers
+# The seed's layer_types list for 3B. Its text says "6 full + 18 linear"; the list has 7 full
+# (layers 0 3 6 11 14 19 22) and 17 linear. The list is what we build.
+_QWEN3_NEXT_3B_LAYERS = (_FULL, _LINEAR, _LINEAR, _FULL, _LINEAR, _LINEAR, _FULL, _LINEAR,
+                         _LINEAR, _LINEAR, _LINEAR, _FULL, _LINEAR, _LINEAR, _FULL, _LINEAR,
+                         _LINEAR, _LINEAR, _LINEAR, _FULL, _LINEAR, _LINEAR, _FULL, _LINEAR)
+_MODELS += [
+    ModelArgs(name="qwen3-next-2b", hidden_size=1800, num_layers=20, num_heads=14, num_experts=48,
+              linear_num_key_heads=14, linear_num_value_heads=14, **_QWEN3_NEXT),  # interval 4: 5 full
+    ModelArgs(name="qwen3-next-3b", hidden_size=2048, num_layers=24, num_heads=16, num_experts=56,
+              linear_num_key_heads=16, linear_num_value_heads=16, layer_types=_QWEN3_NEXT_3B_LAYERS,
+              **_QWEN3_NEXT),
+    ModelArgs(name="qwen3-next-5b", hidden_size=2560, num_layers=30, num_heads=20, num_experts=64,
+              linear_num_key_heads=20, linear_num_value_heads=20, **_QWEN3_NEXT),  # interval 4: 7 full
+]
+# CPU twins: tiny 3 linear + 1 full, debug 1 + 1; layer 0 dense, the others MoE (8 experts, top-2,
+# width hidden/2, shared expert of width hidden) so every block kind runs.
+_NEXT_SMALL = dict(family="qwen3_next", rope_theta=10_000_000.0, norm_eps=1e-6, partial_rotary_factor=0.25,
+                   tie_embeddings=True, linear_num_key_heads=2, linear_num_value_heads=4, num_experts=8,
+                   num_experts_per_token=2, mlp_only_layers=(0,), router_aux_loss_coef=0.01)
+_MODELS += [
+    _small("tiny-qwen3-next", _NEXT_SMALL, _TINY, linear_key_head_dim=32, linear_value_head_dim=32,
+           moe_intermediate_size=64, shared_expert_intermediate_size=128),
+    _small("debug-qwen3-next", _NEXT_SMALL, _DEBUG, linear_key_head_dim=16, linear_value_head_dim=16,
+           moe_intermediate_size=32, shared_expert_intermediate_size=64, layer_types=(_LINEAR, _FULL)),
+]
 REGISTRY: dict[str, ModelArgs] = {args.name: args.validate() for args in _MODELS}
 
 
@@ -190,6 +289,8 @@ def count_parameters(args: ModelArgs) -> dict[str, int]:
     non_embedding follows the Qwen3/Kaplan convention: total minus the token embedding,
     the lm_head (tied or not) and learned position embeddings. active == total for dense.
     """
+    if args.family == "qwen3_next":
+        return _count_qwen3_next(args)
     D, F, V = args.hidden_size, args.intermediate_size, args.vocab_size
     q_width, kv_width = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
     if args.family == "gpt2":
@@ -221,6 +322,31 @@ def count_parameters(args: ModelArgs) -> dict[str, int]:
     return dict(total=total, non_embedding=non_embedding, active=total - inactive)
 
 
+def _count_qwen3_next(args: ModelArgs) -> dict[str, int]:
+    """Per layer: two zero-centred norms, a Gated DeltaNet or a gated attention, an MLP or MoE."""
+    D, V = args.hidden_size, args.vocab_size
+    key_dim = args.linear_num_key_heads * args.linear_key_head_dim
+    value_dim = args.linear_num_value_heads * args.linear_value_head_dim
+    linear_mixer = (D * (2 * key_dim + 2 * value_dim)  # in_proj_qkvz
+                    + D * 2 * args.linear_num_value_heads  # in_proj_ba
+                    + (2 * key_dim + value_dim) * args.linear_conv_kernel  # depthwise conv1d
+                    + 2 * args.linear_num_value_heads  # dt_bias, A_log
+                    + args.linear_value_head_dim  # gated norm
+                    + value_dim * D)  # out_proj
+    q_width, kv_width = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
+    full_mixer = D * 2 * q_width + 2 * D * kv_width + q_width * D + 2 * args.head_dim  # q_proj is query+gate
+    expert = 3 * D * args.moe_intermediate_size
+    shared = 3 * D * args.shared_expert_intermediate_size + D if args.shared_expert_intermediate_size else 0
+    sparse_mlp = D * args.num_experts + args.num_experts * expert + shared  # router, experts, shared + gate
+    sparse = sum(args.is_moe_layer(i) for i in range(args.num_layers))
+    mlps = sparse * sparse_mlp + (args.num_layers - sparse) * 3 * D * args.intermediate_size
+    inactive = sparse * (args.num_experts - args.num_experts_per_token) * expert  # idle experts per token
+    mixers = sum(linear_mixer if kind == "linear_attention" else full_mixer for kind in args.resolved_layer_types())
+    embedding, lm_head = V * D, (0 if args.tie_embeddings else V * D)
+    total = embedding + lm_head + mixers + mlps + args.num_layers * 2 * D + D  # + block norms, final norm
+    return dict(total=total, non_embedding=total - embedding - lm_head, active=total - inactive)
+
+
 def flops_per_token(args: ModelArgs, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward) used for MFU.
 
@@ -233,7 +359,14 @@ def flops_per_token(args: ModelArgs, seq_len: int) -> float:
     matmul_params = counts["non_embedding"] + args.vocab_size * args.hidden_size
     if args.num_experts:  # MoE: only the active share of the experts is computed per token
         matmul_params -= counts["total"] - counts["active"]
-    attention = 12 * args.num_layers * args.num_heads * args.head_dim * seq_len
+    full_layers = args.resolved_layer_types().count("full_attention")
+    attention = 12 * full_layers * args.num_heads * args.head_dim * seq_len
+    if args.family == "qwen3_next":
+        # Gated DeltaNet: per token and value head, read S^T k, write k u^T, read S^T q on a
+        # (dk, dv) state: 3 * 2 * dk * dv forward, x3 for forward + backward; no seq_len term.
+        linear_layers = args.num_layers - full_layers
+        attention += 18 * linear_layers * args.linear_num_value_heads * args.linear_key_head_dim \
+            * args.linear_value_head_dim
     return float(6 * matmul_params + attention)
 
 
