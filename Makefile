@@ -20,7 +20,7 @@ tiny-checkpoints: install
 
 # Everything, the real local SLURM cluster included (needs root: it installs slurm + munge).
 test: install
-	REQUIRE_SLURM=$${REQUIRE_SLURM:-$${CI:+1}} $(PYTHON) -m pytest -q -rs $(PYTEST_ARGS)
+	REQUIRE_SLURM=$${REQUIRE_SLURM:-$${CI:+1}} $(PYTHON) -m pytest -q -rs --durations=20 $(PYTEST_ARGS)
 
 test-fast:
 	$(PYTHON) -m pytest -q -m "not slow and not slurm" $(PYTEST_ARGS)

@@ -35,17 +35,11 @@ def add_adapters(model, cfg, ctx, dataset):
     first quant.calibration_batches training micro-batches in a fresh run, its quantizers
     restored from the checkpoint on resume (and in validate mode), where a recipe other than
     the checkpoint's is refused. The adapters go in afterwards, unquantized."""
-    from types import SimpleNamespace
-
     from train.lora import apply_lora, quantized_base_recipe
     from train.quant.student import prepare_student
 
     resume_dir = ctx.plan.resume.path if ctx.plan.resume.decision == "resume" else None
-    # prepare_student reads quant.recipe: here it is lora.quantized_base ("none" without one)
-    view = SimpleNamespace(quant=SimpleNamespace(recipe=quantized_base_recipe(cfg.lora),
-                                                 calibration_batches=cfg.quant.calibration_batches),
-                           training=SimpleNamespace(micro_batch_size=cfg.training.micro_batch_size))
-    model, record = prepare_student(model, view, resume_dir, dataset)
+    model, record = prepare_student(model, cfg, resume_dir, dataset, recipe=quantized_base_recipe(cfg.lora))
     return apply_lora(model, cfg.lora), record
 
 

@@ -44,15 +44,16 @@ def load_quantizer_state(checkpoint_dir: str | Path) -> dict | None:
     return torch.load(path, weights_only=False) if path.is_file() else None
 
 
-def prepare_student(model: torch.nn.Module, cfg, resume_dir: str | None, dataset=None):
+def prepare_student(model: torch.nn.Module, cfg, resume_dir: str | None, dataset=None, recipe: str | None = None):
     """Quantizes the single-device student (before parallelize). Returns (model, record): record
     is what every checkpoint stores as quantizer_state.pt (None without quantization).
 
     resume_dir: the checkpoint being resumed (quantizers restored, no calibration), or None.
+    recipe: cfg.quant.recipe unless given (a LoRA job's quantized base: lora.quantized_base).
     """
     from train.quant.recipes import quantize_model, quantizer_state, restore_quantizer_state
 
-    recipe = str(cfg.quant.recipe)
+    recipe = str(cfg.quant.recipe if recipe is None else recipe)
     if recipe != NO_QUANTIZATION and cfg.parallel.tensor_parallel_size > 1:
         raise ValueError(f"TP_SIZE={cfg.parallel.tensor_parallel_size} with a quantized student "
                          f"(QUANT_RECIPE={recipe}) "
