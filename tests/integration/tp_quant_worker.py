@@ -1,0 +1,122 @@
+"""torchrun --nproc-per-node=2 tests/integration/tp_quant_worker.py RESULTS.json [CASES]  (driven by test_tp_quant.py)
+
+Fake-quantized students (modelopt, our CPU NVFP4 kernel; FP8) under tensor parallelism 2:
+every rank quantizes its own copy of a debug model exactly as a QAD job does (calibrated on
+the same batch, amax all-reduced with MAX), keeps one as the single-device reference and
+splits the other with train.parallel. Losses, gradients and weights over a few AdamW steps
+must match the reference, the quantizers' amax must stay plain tensors, equal on both ranks.
+Rank 0 writes {case: "ok" | the first failing rank's traceback} to RESULTS.json.
+"""
+
+import json
+import os
+import sys
+import traceback
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Shard
+
+from parallel_worker import (batch, clean, fresh_model, full, loss_of, optim_cfg, parallel_cfg)
+from train.optim import build_optimizer
+from train.parallel import build_mesh, parallelize
+from train.parallel.tensor_parallel import quantizers
+from train.quant.recipes import quantize_model
+
+
+def quantized(name: str, recipe: str):
+    """The debug model `name`, fake-quantized with `recipe`, calibrated on one batch (2, 16)."""
+    model = fresh_model(name)
+    return quantize_model(model, recipe, [batch(model.args.vocab_size, 99)[:2, :-1]])
+
+
+def amax_values(model) -> dict[str, torch.Tensor]:
+    return {clean(n): q._amax for n, q in quantizers(model) if hasattr(q, "_amax")}
+
+
+def check_amax(model, reference) -> None:
+    """Each amax: a plain tensor, equal to the reference's, the same on both ranks."""
+    values, expected = amax_values(model), amax_values(reference)
+    assert values.keys() == expected.keys() and values, sorted(values.keys() ^ expected.keys())
+    for name, amax in values.items():
+        assert not isinstance(amax, DTensor), name
+        torch.testing.assert_close(amax, expected[name], rtol=0, atol=0, msg=name)
+        gathered = [torch.empty_like(amax) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, amax)
+        assert all(torch.equal(g, amax) for g in gathered), (name, gathered)
+
+
+def train_and_compare(name: str, recipe: str, steps: int = 3) -> None:
+    """TP 2 on 2 ranks (dp 1: both ranks see the whole batch) against the single-device reference."""
+    reference = quantized(name, recipe)
+    reference_optimizer = build_optimizer(reference, optim_cfg())
+    model = parallelize(quantized(name, recipe), parallel_cfg(tensor_parallel_size=2), build_mesh(2, 2), "cpu")
+    optimizer = build_optimizer(model, optim_cfg())
+    attention = model.layers[0].self_attn
+    assert attention.q_proj.weight.placements == (Shard(0),) and attention.o_proj.weight.placements == (Shard(1),)
+    assert attention.o_proj.weight_quantizer.is_enabled and attention.o_proj.input_quantizer.is_enabled
+    check_amax(model, reference)
+    for step in range(steps):
+        tokens = batch(reference.args.vocab_size, step)
+        reference_loss = loss_of(reference, tokens)
+        reference_loss.backward()
+        loss = loss_of(model, tokens)
+        loss.backward()
+        torch.testing.assert_close(loss.detach(), reference_loss.detach(), rtol=1e-5, atol=1e-6,
+                                   msg=lambda m: f"step {step} loss: {m}")
+        reference_grads = {n: p.grad for n, p in reference.named_parameters()}
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(full(p.grad), reference_grads[clean(n)], rtol=1e-3, atol=1e-5,
+                                       msg=lambda m, n=n: f"step {step} grad {n}: {m}")
+        reference_optimizer.step(), reference_optimizer.zero_grad()
+        optimizer.step(), optimizer.zero_grad()
+    reference_params = dict(reference.named_parameters())
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(full(p.detach()), reference_params[clean(n)].detach(), rtol=1e-3, atol=1e-4,
+                                   msg=lambda m, n=n: f"weight {n}: {m}")
+    check_amax(model, reference)  # training moves weights, never the calibrated amax
+
+
+def case_nvfp4_qwen3():  # o_proj in 64 / 2 = 32, down_proj in 192 / 2 = 96: whole NVFP4 blocks
+    train_and_compare("debug-qwen3", "nvfp4")
+
+
+def case_fp8_qwen3():  # per-tensor E4M3: modelopt's own CPU kernel on the local shards
+    train_and_compare("debug-qwen3", "fp8")
+
+
+def case_nvfp4_llama2():  # untied lm_head, no q/k norm
+    train_and_compare("debug-llama2", "nvfp4")
+
+
+def case_nvfp4_qwen3_moe():  # attention split; the MoE (quantized grouped experts) whole on each rank
+    train_and_compare("debug-qwen3-moe", "nvfp4")
+
+
+CASES = {name[len("case_"):]: function for name, function in globals().items() if name.startswith("case_")}
+
+
+def main() -> None:
+    dist.init_process_group("gloo")
+    torch.manual_seed(0)
+    only = sys.argv[2].split(",") if len(sys.argv) > 2 else list(CASES)
+    results = {}
+    for name in only:
+        try:
+            CASES[name]()
+            results[name] = "ok"
+        except Exception:  # noqa: BLE001 - reported per case; the ranks stay in step
+            results[name] = traceback.format_exc()
+        dist.barrier()
+    every_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(every_rank, results)
+    merged = {name: next((r[name] for r in every_rank if r[name] != "ok"), "ok") for name in results}
+    if dist.get_rank() == 0:
+        with open(sys.argv[1], "w") as f:
+            json.dump(merged, f, indent=1)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()
