@@ -1,4 +1,5 @@
-"""torchrun --nproc-per-node=2 tests/integration/tp_quant_worker.py RESULTS.json [CASES]  (driven by test_tp_quant.py)
+"""torchrun --nproc-per-node=2 tests/integration/tp_quant_worker.py RESULTS.json [CASES]  (driven by test_tp_quant.py;
+the *_tp2_ep2_fsdp case needs --nproc-per-node=4)
 
 Fake-quantized students (modelopt, our CPU NVFP4 kernel; FP8) under tensor parallelism 2:
 every rank quantizes its own copy of a debug model exactly as a QAD job does (calibrated on
@@ -17,11 +18,14 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard
 
-from parallel_worker import (batch, clean, fresh_model, full, loss_of, optim_cfg, parallel_cfg)
+from expert_parallel_worker import expected_share
+from parallel_worker import GLOBAL_BATCH, batch, clean, fresh_model, full, loss_of, optim_cfg, parallel_cfg
 from train.optim import build_optimizer
-from train.parallel import build_mesh, parallelize
+from train.parallel import build_mesh, clip_gradients, parallelize
 from train.parallel.tensor_parallel import quantizers
 from train.quant.recipes import quantize_model
+
+MAX_NORM = 0.5  # below the gradient norms here: clipping scales every gradient, as in training
 
 
 def quantized(name: str, recipe: str):
@@ -46,33 +50,46 @@ def check_amax(model, reference) -> None:
         assert all(torch.equal(g, amax) for g in gathered), (name, gathered)
 
 
-def train_and_compare(name: str, recipe: str, steps: int = 3) -> None:
-    """TP 2 on 2 ranks (dp 1: both ranks see the whole batch) against the single-device reference."""
+def train_and_compare(name: str, recipe: str, steps: int = 3, **parallel) -> None:
+    """TP 2 (default: dp 1 on 2 ranks, both see the whole batch) against the single-device
+    reference; `parallel` overrides parallel_cfg (EP, FSDP on 4 ranks). Gradients are compared
+    after clipping (expert_parallel.clip_gradients: one norm over split and plain tensors)."""
+    cfg = parallel_cfg(tensor_parallel_size=2, **parallel)
+    world, rank, tp, ep = dist.get_world_size(), dist.get_rank(), cfg.tensor_parallel_size, cfg.expert_parallel_size
     reference = quantized(name, recipe)
     reference_optimizer = build_optimizer(reference, optim_cfg())
-    model = parallelize(quantized(name, recipe), parallel_cfg(tensor_parallel_size=2), build_mesh(2, 2), "cpu")
+    model = parallelize(quantized(name, recipe), cfg, build_mesh(world, tp, ep=ep), "cpu")
     optimizer = build_optimizer(model, optim_cfg())
     attention = model.layers[0].self_attn
-    assert attention.q_proj.weight.placements == (Shard(0),) and attention.o_proj.weight.placements == (Shard(1),)
+    assert attention.q_proj.weight.placements[-1] == Shard(0) and attention.o_proj.weight.placements[-1] == Shard(1)
     assert attention.o_proj.weight_quantizer.is_enabled and attention.o_proj.input_quantizer.is_enabled
     check_amax(model, reference)
+    dp_rank = rank // tp
+    share = GLOBAL_BATCH // (world // tp)
     for step in range(steps):
         tokens = batch(reference.args.vocab_size, step)
         reference_loss = loss_of(reference, tokens)
         reference_loss.backward()
-        loss = loss_of(model, tokens)
+        reference_norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), MAX_NORM)
+        loss = loss_of(model, tokens[dp_rank * share:(dp_rank + 1) * share])
         loss.backward()
-        torch.testing.assert_close(loss.detach(), reference_loss.detach(), rtol=1e-5, atol=1e-6,
+        norm = clip_gradients(model, MAX_NORM)
+        loss = loss.detach().clone()
+        dist.all_reduce(loss, op=dist.ReduceOp.AVG)  # TP ranks hold the same loss
+        torch.testing.assert_close(loss, reference_loss.detach(), rtol=1e-5, atol=1e-6,
                                    msg=lambda m: f"step {step} loss: {m}")
+        torch.testing.assert_close(full(norm), reference_norm, rtol=1e-4, atol=1e-6, msg=lambda m: f"step {step} norm: {m}")
         reference_grads = {n: p.grad for n, p in reference.named_parameters()}
         for n, p in model.named_parameters():
-            torch.testing.assert_close(full(p.grad), reference_grads[clean(n)], rtol=1e-3, atol=1e-5,
+            expected = expected_share(reference_grads[clean(n)], clean(n), ep, tp)
+            torch.testing.assert_close(full(p.grad), expected, rtol=1e-3, atol=1e-5,
                                        msg=lambda m, n=n: f"step {step} grad {n}: {m}")
         reference_optimizer.step(), reference_optimizer.zero_grad()
         optimizer.step(), optimizer.zero_grad()
     reference_params = dict(reference.named_parameters())
     for n, p in model.named_parameters():
-        torch.testing.assert_close(full(p.detach()), reference_params[clean(n)].detach(), rtol=1e-3, atol=1e-4,
+        expected = expected_share(reference_params[clean(n)].detach(), clean(n), ep, tp)
+        torch.testing.assert_close(full(p.detach()), expected, rtol=1e-3, atol=1e-4,
                                    msg=lambda m, n=n: f"weight {n}: {m}")
     check_amax(model, reference)  # training moves weights, never the calibrated amax
 
@@ -91,6 +108,12 @@ def case_nvfp4_llama2():  # untied lm_head, no q/k norm
 
 def case_nvfp4_qwen3_moe():  # attention split; the MoE (quantized grouped experts) whole on each rank
     train_and_compare("debug-qwen3-moe", "nvfp4")
+
+
+def case_nvfp4_qwen3_moe_tp2_ep2_fsdp():
+    """4 processes: conf.d/qwen3-30b-a3b-thinking-2507-moe.conf in small (TP pairs, experts split
+    over EP 2 across them, FSDP2 over the 2 data-parallel ranks), with its nvfp4 student."""
+    train_and_compare("debug-qwen3-moe", "nvfp4", expert_parallel_size=2, data_parallel="fsdp")
 
 
 CASES = {name[len("case_"):]: function for name, function in globals().items() if name.startswith("case_")}

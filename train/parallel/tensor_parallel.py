@@ -117,10 +117,12 @@ def block_size(quantizer) -> int | None:
 
 
 def check_quantized_split(model: nn.Module, tp: int) -> None:
-    """Raises ValueError when a quantized rowwise Linear cannot be split over `tp` ranks:
-    its shard of the input dim (in/TP) must hold whole quantization blocks, and every enabled
-    quantizer that sees a shard (weights, rowwise inputs) needs a calibrated amax: a dynamic
-    per-tensor amax would be the max over one rank's shard, not over the whole tensor."""
+    """Raises ValueError (naming the quantizer) when a quantized Linear of the block plan cannot
+    be split over `tp` ranks (no-op for an unquantized model):
+    - rowwise: the input shard (in/TP) must hold whole quantization blocks (NVFP4: 16), and the
+      output, partial sums all-reduced after the Linear, cannot be quantized;
+    - an enabled quantizer that sees a shard (weights, rowwise inputs) needs a calibrated amax:
+      a dynamic per-tensor amax would be the max over one rank's shard, not the whole tensor."""
     for index, block in enumerate(model.layers):
         for target, style in block_plan(block).items():
             linear = block.get_submodule(target)
@@ -128,6 +130,10 @@ def check_quantized_split(model: nn.Module, tp: int) -> None:
             for name, quantizer in quantizers(linear):
                 where = f"model.layers.{index}.{target}.{name}"
                 sees_shard = rowwise or name == "weight_quantizer"  # colwise inputs are whole
+                if rowwise and name == "output_quantizer" and quantizer.is_enabled:
+                    raise ValueError(f"TP_SIZE={tp}: quantizer {where} is enabled, but a rowwise split Linear "
+                                     "outputs partial sums (all-reduced after it): use a recipe without "
+                                     "output quantizers or TP_SIZE=1")
                 if quantizer.is_enabled and sees_shard and not hasattr(quantizer, "_amax"):
                     raise ValueError(f"TP_SIZE={tp}: quantizer {where} has no calibrated amax (quant.calibration_batches"
                                      "=0?); under tensor parallelism each rank would compute its own "
