@@ -44,7 +44,8 @@ def add_adapters(model, cfg, ctx, dataset):
     # prepare_student reads quant.recipe: here it is lora.quantized_base ("none" without one)
     view = SimpleNamespace(quant=SimpleNamespace(recipe=quantized_base_recipe(cfg.lora),
                                                  calibration_batches=cfg.quant.calibration_batches),
-                           training=SimpleNamespace(micro_batch_size=cfg.training.micro_batch_size))
+                           training=SimpleNamespace(micro_batch_size=cfg.training.micro_batch_size),
+                           parallel=cfg.parallel)
     model, record = prepare_student(model, view, resume_dir, dataset)
     return apply_lora(model, cfg.lora), record
 

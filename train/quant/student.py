@@ -66,7 +66,7 @@ def prepare_student(model: torch.nn.Module, cfg, resume_dir: str | None, dataset
     else:
         batches = calibration_batches(dataset, cfg.quant.calibration_batches, cfg.training.micro_batch_size)
         model = quantize_model(model, recipe, batches)
-    tp = cfg.parallel.tensor_parallel_size if hasattr(cfg, "parallel") else 1  # LoRA's view: no TP
+    tp = cfg.parallel.tensor_parallel_size
     if tp > 1:  # the quantizers split with their Linears: fail here, not inside parallelize
         from train.parallel.tensor_parallel import check_quantized_split
 
