@@ -5,7 +5,7 @@
   steps; every quantizer amax stays a plain tensor, the same on all ranks; on 4 processes
   (slow) the qwen3-30b-a3b layout in small: TP 2 x EP 2 with FSDP2.
 - the real entrypoint (`torchrun -m train.qad parallel.tensor_parallel_size=2`): the losses of
-  TP_SIZE=1, the same calibrated amax in the checkpoint, exact resume.
+  TP_SIZE=1, the same calibrated amax in the checkpoint, exact resume; a MoE student at TP 2.
 
 Why the job losses are compared within rtol 1e-3 and not bitwise: TP sums the rowwise halves
 (o_proj, down_proj) in another order than one device, a few float32 ulps apart; an input
@@ -111,3 +111,23 @@ def test_tp2_without_calibration_is_refused_before_training(tmp_path, models):  
             in result.stderr), result.stderr[-3000:]
     assert not (tmp_path / RUN / "checkpoints" / "tiny-qwen3").exists() or \
         not any((tmp_path / RUN / "checkpoints" / "tiny-qwen3").iterdir())
+
+
+@pytest.mark.slow  # ~20 s
+def test_qad_moe_student_with_tp2(tmp_path):
+    """tiny-qwen3-moe at TP 2: attention split and quantized, the quantized experts whole on both ranks."""
+    import torch
+
+    from train.models import build_model, init_weights, save_hf
+
+    models = tmp_path / "models"
+    for name, seed in (("student", 1), ("teacher", 2)):
+        save_hf(init_weights(build_model("tiny-qwen3-moe", device="cpu"), seed), models / name)
+    result = qad(tmp_path, models, "20260101_000001", "model.name=tiny-qwen3-moe", "distill.teacher_model=tiny-qwen3-moe",
+                 "training.train_iters=2", "checkpoint.save_interval=2", *TP2, procs=2)
+    output = result.stdout + result.stderr
+    assert "x tp 2" in output and "sharded like the student" in output and "quantized with recipe nvfp4" in output
+    run = tmp_path / "tiny-qwen3-moe-Teacher-tiny-qwen3-moe-Data-synthetic-lr0.0001"
+    amax = amax_values(run / "checkpoints" / "tiny-qwen3-moe" / "iter_0000002")
+    for key in ("layers.1.self_attn.o_proj.input_quantizer._amax", "layers.1.mlp.experts.down_proj_input_quantizer._amax"):
+        assert key in amax and torch.all(amax[key] > 0), sorted(amax)
