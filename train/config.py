@@ -126,9 +126,11 @@ class DistillConfig:
     teacher_model: Optional[str] = None  # display name of the teacher (run dir name)
     teacher_checkpoint: Optional[str] = None  # HF directory
     teacher_model_config: Optional[str] = None  # YAML of teacher overrides
-    kd_config_path: Optional[str] = None  # YAML with temperature / lm_loss_weight
+    kd_config_path: Optional[str] = None  # KD_CFG_PATH: YAML merged into these keys (train/distill/kd_config.py)
     temperature: float = 1.0
     lm_loss_weight: float = 0.0
+    chunk_size: int = 512  # token positions per chunk of the KD loss: bounds its (chunk, vocab) fp32 logits
+    tokenizer_vocab_size: Optional[int] = None  # real tokens; lets vocabularies differ by padding only
 
 
 @dataclass

@@ -10,9 +10,10 @@ import hydra
 import torch
 
 import train.config  # noqa: F401  registers the schemas
-from train.distill.losses import kd_loss
+from train.distill.kd_config import KDConfigError, check_distill_config
+from train.distill.loss import distill_loss
 from train.engine import run_job
-from train.trainer import auxiliary_loss, masked_cross_entropy
+from train.trainer import auxiliary_loss
 
 
 def build_teacher(cfg) -> torch.nn.Module:
@@ -38,20 +39,21 @@ def build_teacher(cfg) -> torch.nn.Module:
 
 @hydra.main(config_path="../configs", config_name="qad", version_base=None)
 def main(cfg) -> None:
+    try:  # KD_CFG_PATH merged into cfg.distill; the vocabulary rule, before any model is built
+        vocab = check_distill_config(cfg)
+    except KDConfigError as error:
+        from train.launch.job import fail
+
+        fail(str(error))
     teacher = None
 
-    def distill_loss(student, inputs, targets, mask):
+    def loss_fn(student, inputs, targets, mask):
         nonlocal teacher
         teacher = teacher or build_teacher(cfg)
-        logits = student(inputs)
-        with torch.no_grad():
-            teacher_logits = teacher(inputs)
-        loss = kd_loss(logits, teacher_logits, mask, cfg.distill.temperature)
-        if cfg.distill.lm_loss_weight:
-            loss = loss + cfg.distill.lm_loss_weight * masked_cross_entropy(logits, targets, mask)
+        loss = distill_loss(student, teacher, inputs, targets, mask, cfg.distill, vocab)
         return loss + auxiliary_loss(student)  # MoE students: load balancing (zero when dense)
 
-    run_job("qad", cfg, distill_loss)
+    run_job("qad", cfg, loss_fn)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from train.data.sampler import MicroBatchSampler, parse_iterations_to_skip
 from train.launch.job import JobContext
 from train.evaluate import build_early_stopping, early_stopping_verdict, eval_only, maybe_evaluate
 from train.metrics import MetricsLogger, check_bad_streak, debug_nan, is_bad, iteration_metrics
-from train.optim import build_optimizer, learning_rate
+from train.optim import build_optimizer, fold_clipping_into_step, learning_rate
 from train.parallel import (build_zero_redundancy_optimizer, clip_gradients, expert_checkpoint_view, local_view,
                             wants_zero_redundancy_optimizer, zero_redundancy_optimizer_state_dict)
 
@@ -196,8 +196,11 @@ class Trainer:
                 loss = self.loss_fn(self.model, inputs, targets, mask) / accumulation
             loss.backward()
             total_loss += loss.detach()
-        # clip_grad_norm_; under EP it first finishes the expert gradients (train/parallel/expert_parallel.py)
-        grad_norm = clip_gradients(self.model, self.cfg.optim.grad_clip)
+        # fused AdamW: the clipping factor goes into the next optimizer.step() (train/optim.py)
+        grad_norm = fold_clipping_into_step(self.model, self.optimizer, self.cfg.optim.grad_clip)
+        if grad_norm is None:
+            # clip_grad_norm_; under EP it first finishes the expert gradients (train/parallel/expert_parallel.py)
+            grad_norm = clip_gradients(self.model, self.cfg.optim.grad_clip)
         if dist.is_initialized():
             dist.all_reduce(total_loss, op=dist.ReduceOp.AVG)
         return total_loss.item(), grad_norm.item()

@@ -52,7 +52,8 @@ def our_step(model, forward):
     optim_cfg = OmegaConf.create({"lr": 3e-4, "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8,
                                   "grad_clip": 1.0})
     optimizer = build_optimizer(model, optim_cfg)
-    trainer = SimpleNamespace(model=model, cfg=SimpleNamespace(optim=optim_cfg), ctx=SimpleNamespace(device="cpu"),
+    trainer = SimpleNamespace(model=model, optimizer=optimizer, ctx=SimpleNamespace(device="cpu"),
+                              cfg=SimpleNamespace(optim=optim_cfg, training=SimpleNamespace(precision="fp32")),
                               loss_fn=lambda m, inputs, targets, mask: masked_cross_entropy(forward(inputs), targets,
                                                                                             mask))
 
@@ -80,6 +81,7 @@ def profile(steps: dict, batch) -> None:
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     for name, step in steps.items():
+        step(batch)  # not the first step: that one also allocates the AdamW state
         with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
             step(batch)
         print(f"\n### {name} (eager, one step)\n")

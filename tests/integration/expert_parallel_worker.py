@@ -6,10 +6,7 @@ sees the whole global batch, and a copy under EP 2 (train.parallel.parallelize) 
 rank's share. Rank 0 writes {case: "ok" | the first failing rank's traceback} to RESULTS.json.
 """
 
-import json
-import os
 import sys
-import traceback
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,6 +20,7 @@ from torch.distributed.tensor import DTensor
 from train.models import build_model, init_weights
 from train.optim import build_optimizer
 from train.parallel import build_mesh, clip_gradients, expert_checkpoint_view, local_view, parallelize
+from worker_cases import cases_of, run_cases
 
 MODEL = "debug-qwen3-moe"  # 2 layers (layer 1 MoE: 8 experts, top-2), hidden 64, vocab 512
 GLOBAL_BATCH, SEQ_LEN, MAX_NORM, EP = 4, 16, 0.5, 2
@@ -191,30 +189,5 @@ def case_checkpoint_ep2_to_ep1_and_ep2():
                                    msg=lambda m, n=n: f"EP 1 {n}: {m}")
 
 
-CASES = {name[len("case_"):]: function for name, function in globals().items() if name.startswith("case_")}
-
-
-def main() -> None:
-    dist.init_process_group("gloo")
-    torch.manual_seed(0)
-    only = sys.argv[2].split(",") if len(sys.argv) > 2 else list(CASES)
-    results = {}
-    for name in only:
-        try:
-            CASES[name]()
-            results[name] = "ok"
-        except Exception:  # noqa: BLE001 - reported per case; the ranks stay in step
-            results[name] = traceback.format_exc()
-        dist.barrier()
-    every_rank = [None] * dist.get_world_size()
-    dist.all_gather_object(every_rank, results)
-    merged = {name: next((r[name] for r in every_rank if r[name] != "ok"), "ok") for name in results}
-    if dist.get_rank() == 0:
-        with open(sys.argv[1], "w") as f:
-            json.dump(merged, f, indent=1)
-    dist.destroy_process_group()
-
-
 if __name__ == "__main__":
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    main()
+    run_cases(cases_of(globals()))

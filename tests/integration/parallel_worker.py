@@ -5,10 +5,7 @@ whole global batch, and a copy parallelized by train.parallel that sees this ran
 Rank 0 writes {case: "ok" | the first failing rank's traceback} to RESULTS.json; the pytest side asserts per case.
 """
 
-import json
-import os
 import sys
-import traceback
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,6 +21,7 @@ from train.models import build_model, init_weights
 from train.optim import build_optimizer
 from train.parallel import (build_mesh, build_zero_redundancy_optimizer, parallelize,
                             zero_redundancy_optimizer_state_dict)
+from worker_cases import cases_of, run_cases  # same folder: the shared main()
 
 GLOBAL_BATCH, SEQ_LEN = 4, 16
 WRAPPER_NAMES = ("_checkpoint_wrapped_module.", "_orig_mod.")  # inside names; DDP adds "module." in front
@@ -206,30 +204,5 @@ def case_tp_layout():
     assert all(isinstance(p, DTensor) for p in model.parameters())
 
 
-CASES = {name[len("case_"):]: function for name, function in globals().items() if name.startswith("case_")}
-
-
-def main() -> None:
-    dist.init_process_group("gloo")
-    torch.manual_seed(0)
-    only = sys.argv[2].split(",") if len(sys.argv) > 2 else list(CASES)
-    results = {}
-    for name in only:
-        try:
-            CASES[name]()
-            results[name] = "ok"
-        except Exception:  # noqa: BLE001 - reported per case; the ranks stay in step
-            results[name] = traceback.format_exc()
-        dist.barrier()
-    every_rank = [None] * dist.get_world_size()
-    dist.all_gather_object(every_rank, results)
-    merged = {name: next((r[name] for r in every_rank if r[name] != "ok"), "ok") for name in results}
-    if dist.get_rank() == 0:
-        with open(sys.argv[1], "w") as f:
-            json.dump(merged, f, indent=1)
-    dist.destroy_process_group()
-
-
 if __name__ == "__main__":
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    main()
+    run_cases(cases_of(globals()))

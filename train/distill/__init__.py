@@ -1,1 +1,2 @@
-"""Knowledge distillation from a frozen teacher."""
+"""Knowledge distillation from a frozen teacher: the chunked KD loss (chunked.py, loss.py),
+KD_CFG_PATH settings and the vocabulary rule (kd_config.py), the naive reference (losses.py)."""

@@ -1,4 +1,4 @@
-"""KD losses. The chunked, memory-bounded version arrives with the QAD issue."""
+"""The naive KD loss on whole (B, T, V) logits: the reference for train/distill/chunked.py (tests, benchmark) and the tensor-parallel fallback."""
 
 import torch
 import torch.nn.functional as F

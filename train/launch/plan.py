@@ -174,6 +174,14 @@ def path_problems(cfg, conf: str) -> list[str]:
         if value and not (Path(value).is_dir() if is_dir else Path(value).is_file()):
             kind = "directory" if is_dir else "file"
             problems.append(f"{conf}: {variable}: {kind} {value} does not exist")
+    kd_config = OmegaConf.select(cfg, "distill.kd_config_path")
+    if kd_config and Path(kd_config).is_file():
+        from train.distill.kd_config import KDConfigError, load_kd_config  # torch-free
+
+        try:
+            load_kd_config(str(kd_config))
+        except KDConfigError as error:
+            problems.append(f"{conf}: {error}")
     blend = blend_path(cfg)
     if blend and not Path(blend).is_file():
         problems.append(f"{conf}: BLEND_PATH: datablend {blend} does not exist "

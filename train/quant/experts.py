@@ -46,7 +46,10 @@ def register_grouped_experts():
                                       self.down_proj_weight_quantizer(self.down_proj),
                                       hidden_hook=self.down_proj_input_quantizer)
 
-        if QuantModuleRegistry.get(GroupedExperts) is None:
-            QuantModuleRegistry.register({GroupedExperts: "train.GroupedExperts"})(QuantGroupedExperts)
+        # modelopt's register_fused_experts_on_the_fly claims any module with 3-D gate_up_proj /
+        # down_proj (its HF wrapper, another forward signature) when mtq.quantize ran first: ours wins.
+        if QuantModuleRegistry.get(GroupedExperts) is not None:
+            QuantModuleRegistry.unregister(GroupedExperts)
+        QuantModuleRegistry.register({GroupedExperts: "train.GroupedExperts"})(QuantGroupedExperts)
         _registered.append(QuantGroupedExperts)
         return QuantGroupedExperts

@@ -80,8 +80,12 @@ class CausalLM(nn.Module):
         """(..., D) -> (..., vocab); lets a trainer compute the loss in chunks."""
         return self.lm_head(hidden)
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        return self.output_logits(self.hidden_states(input_ids, position_ids))
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                return_hidden: bool = False) -> torch.Tensor:
+        """Logits (B, T, vocab); return_hidden: the (B, T, D) final-norm activations instead, still
+        through the wrapper's forward (DDP, FSDP2 hooks), for losses computed in chunks."""
+        hidden = self.hidden_states(input_ids, position_ids)
+        return hidden if return_hidden else self.output_logits(hidden)
 
     def auxiliary_loss(self) -> torch.Tensor:
         """Loss terms to add to the task loss for the last forward: the MoE load-balancing

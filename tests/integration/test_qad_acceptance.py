@@ -1,0 +1,104 @@
+"""python -m pytest tests/integration/test_qad_acceptance.py  (QAD on CPU recovers at least half of the NVFP4 PTQ gap)
+
+Real text (stdlib docstrings, a locally trained BPE, train.preprocess with a valid split, a
+datablend), as in test_real_text.py. A tiny Qwen3 teacher is trained on it (in process, then
+saved as an HF directory); `python -m train.eval --quant nvfp4` measures its NVFP4 PTQ student
+(worse in val loss); the real `python -m train.qad` job distills the quantized student from
+the teacher on the same corpus; `python -m train.eval --student RUN_DIR` measures it again.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_real_text import stdlib_docstrings  # same folder
+from train.data.synthetic import build_tokenizer
+
+REPO = Path(__file__).resolve().parents[2]
+SEQ, BATCH, EVAL_BATCHES = 128, 8, 6
+# one thread per process: on a shared 2-core machine torch's thread pool spinning against other
+# processes made a tiny-qwen3 step 10x slower (0.5 s with one thread, 2-10 s with two)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def build_corpus(tmp_path: Path) -> Path:
+    texts = stdlib_docstrings(1500)
+    tokenizer = build_tokenizer(str(tmp_path / "tokenizer"), texts, vocab_size=1024)
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    subprocess.run([sys.executable, "-m", "train.preprocess", f"input={tmp_path / 'docs.jsonl'}", f"tokenizer={tokenizer}",
+                    f"output_prefix={tmp_path / 'stdlib'}", "workers=1", "validation_fraction=0.1"],
+                   cwd=REPO, check=True, capture_output=True)
+    blend = tmp_path / "datablend_stdlib.json"
+    blend.write_text(json.dumps({"train": [1.0, str(tmp_path / "stdlib_text_document")],
+                                 "valid": [1.0, str(tmp_path / "stdlib_valid_text_document")]}))
+    return blend
+
+
+def train_teacher(blend: Path, directory: Path, steps: int = 300) -> None:
+    """tiny-qwen3 trained with AdamW on the train split, saved as an HF checkpoint directory."""
+    from train.data import build_datasets
+    from train.models import build_model, init_weights, save_hf
+    from train.trainer import masked_cross_entropy, to_batch
+
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    dataset = build_datasets(str(blend), SEQ, {"train": steps * BATCH}, seed=1)["train"]
+    model = init_weights(build_model("tiny-qwen3", device="cpu"), 1234)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    for step in range(steps):
+        inputs, targets, mask = to_batch([dataset[i] for i in range(step * BATCH, (step + 1) * BATCH)], "cpu")
+        loss = masked_cross_entropy(model(inputs), targets, mask)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+    torch.set_num_threads(threads)
+    save_hf(model, directory)
+
+
+def evaluate(student, teacher: Path, blend: Path, out: Path, *extra) -> dict:
+    result = subprocess.run([sys.executable, "-m", "train.eval", "--student", str(student), "--teacher", str(teacher),
+                             "--data", str(blend), "--seq-length", str(SEQ), "--batch-size", str(BATCH), "--batches",
+                             str(EVAL_BATCHES), "--json", str(out), *extra],
+                            cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    print(result.stdout.split("\n{")[0])
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_qad_recovers_half_of_the_ptq_gap(tmp_path):
+    blend = build_corpus(tmp_path)
+    teacher = tmp_path / "teacher"
+    train_teacher(blend, teacher)
+    ptq = evaluate(teacher, teacher, blend, tmp_path / "ptq.json", "--quant", "nvfp4")
+    teacher_loss, ptq_loss = ptq["teacher"]["val_loss"], ptq["student"]["val_loss"]
+    # NVFP4 PTQ is measurably worse (seen: +0.0056 nats, KL 0.0044, 91.5% top-1 agreement: a tiny
+    # model's weights quantize well; the gap grows as the teacher trains: +0.0003 after 100 steps)
+    assert ptq_loss > teacher_loss + 0.002 and ptq["student"]["kl"] > 0.002, ptq
+
+    root = tmp_path / "runs"
+    job = subprocess.run(
+        [sys.executable, "-m", "train.qad", f"checkpoint.root={root}", "model.name=tiny-qwen3",
+         f"model.hf_checkpoint={teacher}", f"distill.teacher_checkpoint={teacher}", "distill.teacher_model=tiny-qwen3",
+         "data=blend", "data.dataset_name=stdlib", f"data.datacache_dir={tmp_path}", f"data.seq_length={SEQ}",
+         f"training.micro_batch_size={BATCH}", "training.train_iters=40", "quant.recipe=nvfp4",
+         "optim.lr=1e-4", "optim.min_lr=1e-4", "checkpoint.save_interval=1000",
+         "logging.tensorboard=false"],
+        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
+    assert job.returncode == 0, job.stderr[-3000:]
+    run_dir = next(root.glob("*-Teacher-*"))
+    qad = evaluate(run_dir, teacher, blend, tmp_path / "qad.json")
+    qad_loss = qad["student"]["val_loss"]
+    print(json.dumps({"teacher": teacher_loss, "ptq": ptq_loss, "qad": qad_loss,
+                      "recovered": (ptq_loss - qad_loss) / (ptq_loss - teacher_loss)}))
+    assert qad["teacher"]["val_loss"] == pytest.approx(teacher_loss)  # the same tokens
+    assert qad_loss <= ptq_loss - 0.5 * (ptq_loss - teacher_loss), (teacher_loss, ptq_loss, qad_loss)
+    assert qad["student"]["kl"] < ptq["student"]["kl"]

@@ -1,0 +1,59 @@
+"""The QAD loss: distill_loss(student, teacher, inputs, targets, mask, cfg.distill).
+
+    python -m pytest tests/unit/test_distill_chunked.py tests/integration/test_distill_parallel.py
+
+The student runs through its wrapper (DDP / FSDP2) with return_hidden=True, so every
+parallel hook fires as in a normal forward; its lm_head weight is read after that forward
+(FSDP2 leaves the root module's parameters unsharded after forward, so the weight is the
+full (V, D) tensor and its gradient reaches FSDP's reduce-scatter). The teacher (frozen,
+laid out like the student by train/qad.py: FSDP2-sharded or TP-split) runs the same way
+under no_grad. Then train.distill.chunked computes KL + LM term chunk by
+chunk. Full-logits fallback (train.distill.losses.kd_loss) where the chunked path does not
+apply: a tensor-parallel lm_head (vocab-sharded DTensor) or an lm_head with enabled quantizers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from train.distill.chunked import chunked_distill_loss
+from train.distill.losses import kd_loss
+
+
+def _lm_head_quantized(lm_head: torch.nn.Module) -> bool:
+    return any(getattr(getattr(lm_head, name, None), "is_enabled", False)
+               for name in ("input_quantizer", "weight_quantizer", "output_quantizer"))
+
+
+def full_logits_loss(logits, teacher_logits, targets, mask, distill_cfg, vocab: int | None) -> torch.Tensor:
+    """The naive loss on whole (B, T, V) logits: reference and fallback."""
+    from train.trainer import masked_cross_entropy
+
+    if vocab is not None:
+        logits, teacher_logits = logits[..., :vocab], teacher_logits[..., :vocab]
+    loss = kd_loss(logits, teacher_logits, mask, distill_cfg.temperature)
+    if distill_cfg.lm_loss_weight:
+        loss = loss + distill_cfg.lm_loss_weight * masked_cross_entropy(logits, targets, mask)
+    return loss
+
+
+def distill_loss(student: torch.nn.Module, teacher: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+                 mask: torch.Tensor, distill_cfg, vocab: int | None = None) -> torch.Tensor:
+    """T^2 KL(teacher || student) + lm_loss_weight x CE over the loss mask; inputs/targets/mask (B, T).
+
+    distill_cfg: temperature, lm_loss_weight, chunk_size (cfg.distill). vocab: compare only the
+    first `vocab` logits (train.distill.kd_config.resolve_vocab); None: all of them."""
+    inner = getattr(student, "module", student)  # DDP keeps the model in .module; FSDP2 in place
+    hidden = student(inputs, return_hidden=True)  # (B, T, D)
+    with torch.no_grad():  # the teacher may be FSDP2-sharded or TP-split like the student: its forward too
+        teacher_hidden = teacher(inputs, return_hidden=True)  # (B, T, D_teacher)
+    weight = inner.lm_head.weight  # read after the forward: FSDP2 has unsharded it
+    teacher_weight = getattr(teacher, "module", teacher).lm_head.weight
+    if isinstance(weight, DTensor) or isinstance(teacher_weight, DTensor) or _lm_head_quantized(inner.lm_head):
+        with torch.no_grad():
+            teacher_logits = teacher.output_logits(teacher_hidden)
+        return full_logits_loss(inner.output_logits(hidden), teacher_logits, targets, mask, distill_cfg, vocab)
+    return chunked_distill_loss(hidden, weight, teacher_hidden, teacher_weight, targets, mask,
+                                temperature=distill_cfg.temperature, lm_loss_weight=distill_cfg.lm_loss_weight,
+                                chunk_size=getattr(distill_cfg, "chunk_size", 512), vocab=vocab)
