@@ -6,13 +6,8 @@ every rank quantizes its own copy of a debug model exactly as a QAD job does (ca
 the same batch, amax all-reduced with MAX), keeps one as the single-device reference and
 splits the other with train.parallel. Losses, gradients and weights over a few AdamW steps
 must match the reference, the quantizers' amax must stay plain tensors, equal on both ranks.
-Rank 0 writes {case: "ok" | the first failing rank's traceback} to RESULTS.json.
+Rank 0 writes {case: "ok" | the first failing rank's traceback} to RESULTS.json (worker_cases.py).
 """
-
-import json
-import os
-import sys
-import traceback
 
 import torch
 import torch.distributed as dist
@@ -24,8 +19,9 @@ from train.optim import build_optimizer
 from train.parallel import build_mesh, clip_gradients, parallelize
 from train.parallel.tensor_parallel import quantizers
 from train.quant.recipes import quantize_model
+from worker_cases import cases_of, run_cases  # same folder: the shared main()
 
-MAX_NORM = 0.5  # below the gradient norms here: clipping scales every gradient, as in training
+MAX_NORM = 0.5  # as expert_parallel_worker: clip_gradients (split and plain tensors) against clip_grad_norm_
 
 
 def quantized(name: str, recipe: str):
@@ -116,30 +112,5 @@ def case_nvfp4_qwen3_moe_tp2_ep2_fsdp():
     train_and_compare("debug-qwen3-moe", "nvfp4", expert_parallel_size=2, data_parallel="fsdp")
 
 
-CASES = {name[len("case_"):]: function for name, function in globals().items() if name.startswith("case_")}
-
-
-def main() -> None:
-    dist.init_process_group("gloo")
-    torch.manual_seed(0)
-    only = sys.argv[2].split(",") if len(sys.argv) > 2 else list(CASES)
-    results = {}
-    for name in only:
-        try:
-            CASES[name]()
-            results[name] = "ok"
-        except Exception:  # noqa: BLE001 - reported per case; the ranks stay in step
-            results[name] = traceback.format_exc()
-        dist.barrier()
-    every_rank = [None] * dist.get_world_size()
-    dist.all_gather_object(every_rank, results)
-    merged = {name: next((r[name] for r in every_rank if r[name] != "ok"), "ok") for name in results}
-    if dist.get_rank() == 0:
-        with open(sys.argv[1], "w") as f:
-            json.dump(merged, f, indent=1)
-    dist.destroy_process_group()
-
-
 if __name__ == "__main__":
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    main()
+    run_cases(cases_of(globals()))
