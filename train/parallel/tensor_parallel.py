@@ -19,26 +19,64 @@ the same on every TP rank, so each TP rank runs the whole MoE: the router (and a
 as Replicate DTensors, the routed experts as plain tensors, split over EP ranks instead
 (expert_parallel.py) or whole. Experts then sit in an AdamW group of their own (train/optim.py)
 and expert_parallel.clip_gradients sums norms over both kinds.
+Quantized students (modelopt's QuantLinear: an nn.Linear with input_quantizer/weight_quantizer
+submodules holding the calibrated per-tensor `_amax` buffers) split the same way:
+    the split styles below shard only the Linear's own weight and bias, never its quantizers;
+    modelopt's TensorQuantizer.forward unwraps a DTensor input or weight, fake-quantizes the
+    local shard and wraps the result again with the same placements, and the amax it uses
+    stays a plain tensor, the global one (calibrated before the split, the same on every rank);
+    NVFP4 scales one block of 16 along the last (input) dim: colwise shards keep whole rows,
+    rowwise shards (weight (D, in/TP), input (B, T, in/TP)) must start on a block boundary,
+    so in/TP must be a multiple of 16 (check_quantized_split), and then every block holds the
+    same 16 values as on one device: the same numbers as TP_SIZE=1.
 """
 
+import sys
 from functools import partial
 
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+
+class LinearColwise(ColwiseParallel):
+    """ColwiseParallel that shards the Linear's own weight and bias (dim 0) and none of its
+    submodules: torch's version shards every parameter below the Linear, and RowwiseParallel
+    reads `.weight` of each submodule, which modelopt's quantizers do not have."""
+
+    def _partition_linear_fn(self, name, module, device_mesh):
+        if name:  # a submodule of the Linear (a quantizer): its buffers stay whole
+            return
+        for key, param in module.named_parameters(recurse=False):
+            module.register_parameter(key, nn.Parameter(
+                distribute_tensor(param, device_mesh, [Shard(0)], src_data_rank=self.src_data_rank),
+                requires_grad=param.requires_grad))
+
+
+class LinearRowwise(RowwiseParallel):
+    """RowwiseParallel for the Linear's own weight (dim 1) and bias (Replicate) only."""
+
+    def _partition_linear_fn(self, name, module, device_mesh):
+        if name:
+            return
+        for key, param in module.named_parameters(recurse=False):
+            placement = Shard(1) if key == "weight" else Replicate()
+            module.register_parameter(key, nn.Parameter(
+                distribute_tensor(param, device_mesh, [placement], src_data_rank=self.src_data_rank),
+                requires_grad=param.requires_grad))
 
 
 def block_plan(block: nn.Module) -> dict:
     """The parallelize_module plan of one TransformerBlock (names as in HF; GPT-2 has no gate_proj)."""
-    plan = {"self_attn.q_proj": ColwiseParallel(), "self_attn.k_proj": ColwiseParallel(),
-            "self_attn.v_proj": ColwiseParallel(), "self_attn.o_proj": RowwiseParallel()}
+    plan = {"self_attn.q_proj": LinearColwise(), "self_attn.k_proj": LinearColwise(),
+            "self_attn.v_proj": LinearColwise(), "self_attn.o_proj": LinearRowwise()}
     if is_moe(block.mlp):  # replicated: see the module docstring
         return plan
-    plan.update({"mlp.up_proj": ColwiseParallel(), "mlp.down_proj": RowwiseParallel()})
+    plan.update({"mlp.up_proj": LinearColwise(), "mlp.down_proj": LinearRowwise()})
     if hasattr(block.mlp, "gate_proj"):
-        plan["mlp.gate_proj"] = ColwiseParallel()
+        plan["mlp.gate_proj"] = LinearColwise()
     return plan
 
 
@@ -57,8 +95,65 @@ def is_routed_experts(module: nn.Module) -> bool:
 # Tied or not, embedding and lm_head split the vocabulary (dim 0 of both weights).
 OUTER_PLAN = {
     "embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
-    "lm_head": ColwiseParallel(output_layouts=Replicate()),  # logits (B, T, vocab) on every rank
+    "lm_head": LinearColwise(output_layouts=Replicate()),  # logits (B, T, vocab) on every rank
 }
+
+
+def quantizers(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """modelopt's TensorQuantizers below `module` as (name, quantizer); none when modelopt was never
+    imported (nothing can be quantized then, and plain training does not pay for the import)."""
+    quant_nn = sys.modules.get("modelopt.torch.quantization.nn")
+    if quant_nn is None:
+        return []
+    return [(name, m) for name, m in module.named_modules() if isinstance(m, quant_nn.TensorQuantizer)]
+
+
+def block_size(quantizer) -> int | None:
+    """The block length along the last dim of an enabled block quantizer (NVFP4: 16), else None."""
+    sizes = getattr(quantizer, "block_sizes", None)
+    if not quantizer.is_enabled or not isinstance(sizes, dict):
+        return None
+    return sizes.get(-1)
+
+
+def check_quantized_split(model: nn.Module, tp: int) -> None:
+    """Raises ValueError (naming the quantizer) when a quantized Linear of the block plan cannot
+    be split over `tp` ranks (no-op for an unquantized model):
+    - rowwise: the input shard (in/TP) must hold whole quantization blocks (NVFP4: 16), and the
+      output, partial sums all-reduced after the Linear, cannot be quantized;
+    - an enabled quantizer that sees a shard (weights, rowwise inputs) needs a calibrated amax:
+      a dynamic per-tensor amax would be the max over one rank's shard, not the whole tensor."""
+    for index, block in enumerate(model.layers):
+        for target, style in block_plan(block).items():
+            linear = block.get_submodule(target)
+            rowwise = isinstance(style, RowwiseParallel)
+            for name, quantizer in quantizers(linear):
+                where = f"model.layers.{index}.{target}.{name}"
+                sees_shard = rowwise or name == "weight_quantizer"  # colwise inputs are whole
+                if rowwise and name == "output_quantizer" and quantizer.is_enabled:
+                    raise ValueError(f"TP_SIZE={tp}: quantizer {where} is enabled, but a rowwise split Linear "
+                                     "outputs partial sums (all-reduced after it): use a recipe without "
+                                     "output quantizers or TP_SIZE=1")
+                if quantizer.is_enabled and sees_shard and not hasattr(quantizer, "_amax"):
+                    raise ValueError(f"TP_SIZE={tp}: quantizer {where} has no calibrated amax (quant.calibration_batches"
+                                     "=0?); under tensor parallelism each rank would compute its own "
+                                     "amax over its shard: calibrate with quant.calibration_batches >= 1")
+                size = block_size(quantizer)
+                if rowwise and size and linear.in_features // tp % size:
+                    raise ValueError(
+                        f"TP_SIZE={tp} splits the input dim of {where} ({linear.in_features}) into shards of "
+                        f"{linear.in_features // tp}, not a multiple of the quantization block size {size}: "
+                        f"use a TP_SIZE that leaves multiples of {size}")
+
+
+def keep_quantizer_buffers_local(model: nn.Module) -> None:
+    """distribute_module turned every buffer below a split module into a Replicate DTensor; the
+    quantizers compute on local tensors (their forward unwraps DTensor inputs), so their amax
+    goes back to a plain tensor: rank 0's value, broadcast by the split, the same on every rank."""
+    for _, quantizer in quantizers(model):
+        for key, buffer in quantizer._buffers.items():
+            if isinstance(buffer, DTensor):
+                quantizer._buffers[key] = buffer.to_local()
 
 
 def _local_to_dtensor(placement, module, inputs, mesh):
@@ -84,6 +179,7 @@ def replicate_module(module: nn.Module, mesh: DeviceMesh, input_placement=Replic
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
     """Splits `model` (a CausalLM) over tp_mesh in place; returns it."""
     tied = model.args.tie_embeddings
+    check_quantized_split(model, tp_mesh.size())
     parallelize_module(model, tp_mesh, OUTER_PLAN)
     if tied:
         model.tie_weights()  # parallelize_module made two DTensors out of the one shared weight
@@ -100,4 +196,5 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
             continue
         if any(not isinstance(p, DTensor) for p in module.parameters(recurse=False)):
             replicate_module(module, tp_mesh)
+    keep_quantizer_buffers_local(model)
     return model

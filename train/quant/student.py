@@ -54,11 +54,6 @@ def prepare_student(model: torch.nn.Module, cfg, resume_dir: str | None, dataset
     from train.quant.recipes import quantize_model, quantizer_state, restore_quantizer_state
 
     recipe = str(cfg.quant.recipe if recipe is None else recipe)
-    if recipe != NO_QUANTIZATION and cfg.parallel.tensor_parallel_size > 1:
-        raise ValueError(f"TP_SIZE={cfg.parallel.tensor_parallel_size} with a quantized student "
-                         f"(QUANT_RECIPE={recipe}) "
-                         "is not supported yet (the TP plans split plain Linear layers, not modelopt's "
-                         "QuantLinear): use TP_SIZE=1 with DP_SHARDING=fsdp")
     saved = load_quantizer_state(resume_dir) if resume_dir else None
     if resume_dir and (saved or {}).get("recipe", NO_QUANTIZATION) != recipe:
         saved_recipe = (saved or {}).get("recipe", NO_QUANTIZATION)
@@ -72,4 +67,9 @@ def prepare_student(model: torch.nn.Module, cfg, resume_dir: str | None, dataset
     else:
         batches = calibration_batches(dataset, cfg.quant.calibration_batches, cfg.training.micro_batch_size)
         model = quantize_model(model, recipe, batches)
+    tp = cfg.parallel.tensor_parallel_size
+    if tp > 1:  # the quantizers split with their Linears: fail here, not inside parallelize
+        from train.parallel.tensor_parallel import check_quantized_split
+
+        check_quantized_split(model, tp)
     return model, {"recipe": recipe, "modelopt_state": quantizer_state(model)}
