@@ -52,21 +52,15 @@ def run_job(job: str, cfg, loss_fn=None) -> str:
     vocab_size = model.args.vocab_size
     dataset = build_train_dataset(cfg, ctx, vocab_size)
     checkpoint_files = {}  # extra files in every checkpoint: {name: picklable object}
-    if job == "finetune":
-        try:
-            model, record = add_adapters(model, cfg, ctx, dataset)
-        except ValueError as error:
-            fail(str(error))
-        if record is not None:
-            from train.quant.student import QUANTIZER_STATE_FILE
-
-            checkpoint_files[QUANTIZER_STATE_FILE] = record
-    if job == "qad":  # fake-quantize the single-device student; calibration or resumed quantizers
+    if job in ("qad", "finetune"):
         from train.quant.student import QUANTIZER_STATE_FILE, prepare_student
 
         resume_dir = ctx.plan.resume.path if ctx.plan.resume.decision == "resume" else None
-        try:
-            model, record = prepare_student(model, cfg, resume_dir, dataset)
+        try:  # QAD: the fake-quantized student (calibrated, or its quantizers resumed)
+            if job == "qad":
+                model, record = prepare_student(model, cfg, resume_dir, dataset)
+            else:
+                model, record = add_adapters(model, cfg, ctx, dataset)
         except ValueError as error:
             fail(str(error))
         if record is not None:
