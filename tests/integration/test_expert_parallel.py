@@ -9,7 +9,6 @@ EP 2 against EP 1 on debug-qwen3-moe:
   losses of one process, saves, resumes under EP 2, and its checkpoint resumes under EP 1.
 """
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -17,22 +16,16 @@ from pathlib import Path
 import pytest
 
 from tests.integration.test_parallel import clean_env, losses
+from tests.integration.test_parallel import run_worker as run_parallel_worker
 
 REPO = Path(__file__).resolve().parents[2]
-WORKER = REPO / "tests" / "integration" / "expert_parallel_worker.py"
 CASES = ["ep2_ddp", "ep2_fsdp_activation_checkpointing", "every_rank_same_tokens", "checkpoint_ep2_to_ep1_and_ep2",
          "tp2_ep1"]
 FOUR_PROCESS_CASES = ["ep2_ddp", "ep2_fsdp_activation_checkpointing", "tp2_ep2_fsdp"]
 
 
 def run_worker(directory: Path, processes: int, cases: list[str]) -> dict:
-    """One torchrun of the worker runs the cases (process start-up paid once)."""
-    results = directory / "results.json"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
-               str(WORKER), str(results), ",".join(cases)]
-    run = subprocess.run(command, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0 and results.exists(), (run.stdout + run.stderr)[-4000:]
-    return json.loads(results.read_text())
+    return run_parallel_worker(directory, cases, "expert_parallel_worker.py", processes)
 
 
 @pytest.fixture(scope="module")

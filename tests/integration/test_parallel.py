@@ -93,12 +93,15 @@ def test_checkpoint_resumes_under_another_layout(tmp_path, single_process, saved
     assert resumed == pytest.approx(single_process, rel=1e-4)
 
 
-def run_worker(tmp_path: Path, cases: list[str]) -> dict[str, str]:
-    results = tmp_path / "results.json"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-               str(REPO / "tests" / "integration" / "parallel_worker.py"), str(results), ",".join(cases)]
-    result = subprocess.run(command, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+def run_worker(directory: Path, cases: list[str], worker: str = "parallel_worker.py", processes: int = 2,
+               timeout: int = 300) -> dict[str, str]:
+    """One torchrun of a tests/integration/*_worker.py over `cases` (start-up paid once):
+    {case: "ok" | traceback} (worker_cases.run_cases)."""
+    results = directory / "results.json"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+               str(REPO / "tests" / "integration" / worker), str(results), ",".join(cases)]
+    result = subprocess.run(command, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0 and results.exists(), (result.stdout + result.stderr)[-4000:]
     return json.loads(results.read_text())
 
 

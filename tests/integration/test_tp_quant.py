@@ -14,19 +14,14 @@ sits on a rounding boundary and lands one quantization step away, which the next
 on. The worker cases (no such element on their batches) hold the tight tolerances.
 """
 
-import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.integration.test_parallel import clean_env
+from tests.integration.test_parallel import run_worker as run_parallel_worker
 from tests.integration.test_qad import RUN, checkpoints, losses, models, qad  # noqa: F401 - models: fixture
 
-REPO = Path(__file__).resolve().parents[2]
-WORKER = REPO / "tests" / "integration" / "tp_quant_worker.py"
 CASES = ["nvfp4_qwen3", "fp8_qwen3", "nvfp4_llama2", "nvfp4_qwen3_moe"]
 TP2 = ["parallel.tensor_parallel_size=2", "parallel.data_parallel=fsdp"]
 # 3 iterations of GBS 4 = 2 micro-batches of 2; eps 1e-4: see parallel_worker.optim_cfg
@@ -34,12 +29,7 @@ ARGS = ["training.train_iters=3", "checkpoint.save_interval=2", "optim.eps=1e-4"
 
 
 def run_worker(directory: Path, processes: int, cases: list[str]) -> dict:
-    results = directory / "results.json"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
-               str(WORKER), str(results), ",".join(cases)]
-    run = subprocess.run(command, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0 and results.exists(), (run.stdout + run.stderr)[-4000:]
-    return json.loads(results.read_text())
+    return run_parallel_worker(directory, cases, "tp_quant_worker.py", processes)
 
 
 @pytest.fixture(scope="module")
