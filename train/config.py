@@ -45,7 +45,7 @@ class PreprocessConfig:
     split: str = "train"
     text_field: str = "text"
     max_docs: Optional[int] = None
-    workers: int = 2
+    workers: int = 2  # tokenizing processes; each one's tokenizer uses cores // workers threads
     batch_size: int = 1000  # documents per tokenizer call
     append_eod: bool = True
     validation_fraction: float = 0.0

@@ -1,9 +1,13 @@
 """Preprocessing end to end (jsonl/json/parquet, workers, validation, chat loss masks, atomicity): pytest tests/integration/test_preprocess.py"""
 
 import json
+import multiprocessing
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -11,6 +15,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from train.config import PreprocessConfig
+from train.data import readers, tokenize_worker
+from train.data.chat import RenderOptions
 from train.data.errors import DataError
 from train.data.gpt_dataset import loss_mask_prefix
 from train.data.indexed import IndexedDataset
@@ -138,6 +144,61 @@ def test_failed_run_leaves_no_files(tmp_path, tokenizer_dir, texts):
     with pytest.raises(DataError, match="not valid JSON.*not json"):
         preprocess(make_config(input=str(source), tokenizer=tokenizer_dir, output_prefix=str(tmp_path / "out" / "b"), workers=2))
     assert os.listdir(tmp_path / "out") == []
+
+
+def test_killed_run_leaves_no_final_named_files(tmp_path, tokenizer_dir, texts, monkeypatch):
+    source = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in texts])
+    original = readers._json_records
+
+    def stalling_records(path):  # 6 batches of 16, then the input stalls until the kill
+        for number, line in enumerate(original(path)):
+            if number == 96:
+                time.sleep(120)
+            yield line
+
+    monkeypatch.setattr(readers, "_json_records", stalling_records)  # inherited by the fork
+    out = tmp_path / "out"
+    config = make_config(input=source, tokenizer=tokenizer_dir, output_prefix=str(out / "k"), workers=2)
+    run = multiprocessing.get_context("fork").Process(target=preprocess, args=(config,))
+    run.start()
+    deadline = time.monotonic() + 60
+
+    def written():  # the temporary .bin holds the first batches' tokens
+        names = os.listdir(out) if out.exists() else []
+        return [n for n in names if ".bin.tmp-" in n and os.path.getsize(out / n) > 0]
+
+    while not written() and time.monotonic() < deadline and run.is_alive():
+        time.sleep(0.05)
+    assert written(), "the run never wrote tokens"
+    os.kill(run.pid, signal.SIGKILL)
+    run.join()
+    names = os.listdir(out)
+    assert names and all(".tmp-" in name for name in names), names  # no final name, no .idx
+
+
+def _tokenizer_environment():
+    return os.environ.get("TOKENIZERS_PARALLELISM"), os.environ.get("RAYON_NUM_THREADS")
+
+
+@pytest.mark.parametrize("threads, expected", [(1, ("false", None)), (4, (None, "4"))])
+def test_workers_size_the_tokenizer_thread_pool(threads, expected, monkeypatch):
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    monkeypatch.delenv("RAYON_NUM_THREADS", raising=False)
+    with multiprocessing.get_context("fork").Pool(1, tokenize_worker.start_worker, (threads,)) as pool:
+        assert pool.apply(_tokenizer_environment) == expected
+
+
+def test_pool_workers_tokenize_on_their_own_thread(tokenizer_dir, texts, monkeypatch):
+    lines = [json.dumps({"text": t}).encode() for t in texts[:40]]
+    tokenize_worker.init_worker(tokenizer_dir, RenderOptions(), True, "<u2", False)
+    expected = tokenize_worker.tokenize_batch(lines)
+    original = tokenize_worker.tokenize_batch
+    monkeypatch.setattr(tokenize_worker, "tokenize_batch", lambda items: (original(items), threading.current_thread().name))
+    with multiprocessing.get_context("fork").Pool(1, tokenize_worker.start_worker, (1,)) as pool:
+        result, thread = pool.apply(tokenize_worker.tokenize_batch_in_worker, (lines,))
+    assert thread.startswith("tokenize")  # not the worker's main thread (see tokenize_worker)
+    np.testing.assert_array_equal(result.tokens, expected.tokens)
+    np.testing.assert_array_equal(result.lengths, expected.lengths)
 
 
 def test_bad_inputs_are_data_errors(tmp_path, tokenizer_dir):
