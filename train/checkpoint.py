@@ -15,6 +15,17 @@ Save: every rank writes into iter_XXXXXXX.tmp, all ranks meet at a barrier, rank
 checks the files, renames the directory and only then replaces the tracker file (via a
 temporary file and rename). A kill at any moment leaves the tracker pointing at a
 complete checkpoint, or at the previous one; the next start removes leftover *.tmp.
+Durability (a crash of the machine, not just of the process): every file is fsynced by
+the rank that wrote it before the barrier (the DCP shards by their writer threads, right
+after each file is written), rank 0 fsyncs the directory before the rename, the parent
+after it, and the tracker's temporary file before its rename.
+
+Save speed (benchmarks/checkpoint): DurableWriter is DCP's FileSystemWriter with two
+changes that keep the format. (1) While a writer thread writes its file it asks the kernel
+to start writing the finished part to disk (sync_file_range), so the disk works while the
+CPU still copies, and the fsync at the end of the file waits for the tail only. (2) The
+tensor records are written without zip CRC32 (torch.load never checks it; it cost ~0.6 s
+of CPU per GB, the largest single cost of the save on this CPU).
 
 Scheduler: the learning rate is a pure function of the iteration (train/optim.py), so
 the "scheduler state" is the iteration plus the schedule's settings, recorded in
@@ -35,6 +46,8 @@ Retention: the last `keep_last` checkpoints, plus every iteration divisible by
 kept; the rest are removed after each publish.
 """
 
+import contextlib
+import ctypes
 import logging
 import os
 import random
@@ -46,6 +59,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.filesystem import FileSystem
 
 from train.launch.rundir import TRACKER_FILE, checkpoint_dir_name, read_tracker
 
@@ -111,6 +125,101 @@ def _slow_save_seconds(iteration: int) -> float:
     return float(seconds) if not only or int(only) == iteration else 0.0
 
 
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (a directory: makes the names created or renamed in it durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def torch_save_durably(value, path: Path) -> None:
+    torch.save(value, path)
+    fsync_path(path)
+
+
+# ---------------------------------------------------------------- the DCP writer
+WRITEBACK_CHUNK = 32 << 20  # start the disk write of every 32 MB a writer thread has written
+_SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h: start write-out of the dirty pages in the range, do not wait
+
+
+def _load_sync_file_range():
+    """libc's sync_file_range (Linux); None elsewhere, then the final fsync does all the work."""
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (AttributeError, OSError, TypeError):  # no such symbol (macOS), no CDLL(None) (Windows)
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+_sync_file_range = _load_sync_file_range()
+
+
+class _WritebackStream:
+    """A buffered file being written: after every WRITEBACK_CHUNK bytes, the range written
+    since the last call goes to the disk in the background (the call returns at once; ctypes
+    releases the GIL). It only starts I/O early; durability is still the fsync that
+    DCP's writer thread does when the file is complete."""
+
+    def __init__(self, file):
+        self.file = file
+        self.submitted = file.tell()  # bytes before this offset have been handed to the disk
+
+    def write(self, data) -> int:
+        written = self.file.write(data)
+        position = self.file.tell()
+        if _sync_file_range is not None and position - self.submitted >= WRITEBACK_CHUNK:
+            self.file.flush()  # the buffered tail must reach the page cache first
+            _sync_file_range(self.file.fileno(), self.submitted, position - self.submitted,
+                             _SYNC_FILE_RANGE_WRITE)  # errors (e.g. unsupported file system) are ignored
+            self.submitted = position
+        return written
+
+    def tell(self) -> int:
+        return self.file.tell()
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def fileno(self) -> int:
+        return self.file.fileno()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class _WritebackFileSystem(FileSystem):
+    @contextlib.contextmanager
+    def create_stream(self, path, mode):
+        with super().create_stream(path, mode) as stream:
+            yield _WritebackStream(stream) if "w" in mode else stream
+
+
+class DurableWriter(dcp.FileSystemWriter):
+    """DCP's FileSystemWriter (one file per writer thread per rank, each fsynced by its thread
+    as soon as it is complete, then .metadata fsynced), with early write-back and without
+    the zip CRC32 of the tensor records (module docstring). Same files, same format."""
+
+    def __init__(self, path: Path, thread_count: int):
+        super().__init__(str(path), single_file_per_rank=True, sync_files=True, thread_count=thread_count)
+        self.fs = _WritebackFileSystem()
+
+    def write_data(self, plan, planner):
+        # DCP writes each tensor as a torch.save record; the CRC32 setting is process-wide, so it
+        # is off only while this rank's writer threads run (write_data returns when they are done;
+        # with async_save that is in the background, and a torch.save elsewhere in the process
+        # meanwhile also skips its CRC32, which nothing reads)
+        crc32 = torch.serialization.get_crc32_options()
+        torch.serialization.set_crc32_options(False)
+        try:
+            return super().write_data(plan, planner)
+        finally:
+            torch.serialization.set_crc32_options(crc32)
+
+
 class CheckpointManager:
     def __init__(self, directory: Path, keep_last: int, keep_every: int = 0, save_interval_s: float = 0.0,
                  async_save: bool = False, write_threads: int = 4):
@@ -145,7 +254,8 @@ class CheckpointManager:
         """Rank 0 removes *.tmp left by a killed save; every rank waits for it."""
         removed = []
         if rank() == 0 and self.directory.is_dir():
-            for leftover in sorted(self.directory.glob("*.tmp")) + sorted(self.directory.glob(".*.tmp")):
+            # a set: pathlib's "*" matches dot files too, so the tracker's temporary file is in both
+            for leftover in sorted(set(self.directory.glob("*.tmp")) | set(self.directory.glob(".*.tmp"))):
                 if self._pending and leftover == self._pending[2]:
                     continue
                 shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
@@ -165,16 +275,17 @@ class CheckpointManager:
             shutil.rmtree(temporary, ignore_errors=True)  # leftover of a killed save
             temporary.mkdir(parents=True)
         barrier()
-        torch.save(rng_state(), temporary / f"rng_rank{rank()}.pt")
+        torch_save_durably(rng_state(), temporary / f"rng_rank{rank()}.pt")
         if rank() == 0:
             trainer_state = {**trainer_state, "world_size": world_size(),
                              "model_shapes": tensor_shapes(tensors.get("model", {})),
                              "extra_files": sorted(files or {})}
             for name, value in (files or {}).items():
-                torch.save(value, temporary / name)
-            torch.save(trainer_state, temporary / "trainer.pt")
+                torch_save_durably(value, temporary / name)
+            torch_save_durably(trainer_state, temporary / "trainer.pt")
             if config_yaml is not None:
                 (temporary / "config.yaml").write_text(config_yaml)
+                fsync_path(temporary / "config.yaml")
         self.last_save_time = time.time()
         if self._use_async():
             future = dcp.async_save(tensors, storage_writer=self._writer(temporary),
@@ -190,8 +301,7 @@ class CheckpointManager:
         return final
 
     def _writer(self, temporary: Path) -> dcp.FileSystemWriter:
-        # sync_files (fsync of every file) stays on: a published checkpoint must survive a crash
-        return dcp.FileSystemWriter(str(temporary), sync_files=True, thread_count=self.write_threads)
+        return DurableWriter(temporary, thread_count=self.write_threads)
 
     def _background_group(self):
         """A gloo group of its own for the async save's collectives, so that they never interleave
@@ -242,12 +352,17 @@ class CheckpointManager:
         missing = [name for name in expected if not (temporary / name).is_file()]
         if missing:
             raise RuntimeError(f"checkpoint {temporary} is incomplete: missing {missing}")
+        # every file is fsynced by its writer; make their names durable, then the rename, then the tracker
+        fsync_path(temporary)
         if final.exists():
             shutil.rmtree(final)
         os.replace(temporary, final)
+        fsync_path(self.directory)
         tracker_tmp = self.directory / f".{TRACKER_FILE}.tmp"
         tracker_tmp.write_text(f"{iteration}\n")
+        fsync_path(tracker_tmp)
         os.replace(tracker_tmp, self.directory / TRACKER_FILE)
+        fsync_path(self.directory)
         log.info("saved checkpoint %s", final)
         self._purge(keep=iteration)
 

@@ -23,6 +23,7 @@ from train.checkpoint import CheckpointManager
 from train.data.sampler import MicroBatchSampler, parse_iterations_to_skip
 from train.launch.job import JobContext
 from train.evaluate import build_early_stopping, early_stopping_verdict, eval_only, maybe_evaluate
+from train.lm_loss import fused_loss_applies, linear_cross_entropy
 from train.metrics import MetricsLogger, check_bad_streak, debug_nan, is_bad, iteration_metrics
 from train.optim import build_optimizer, fold_clipping_into_step, learning_rate
 from train.parallel import (build_zero_redundancy_optimizer, clip_gradients, expert_checkpoint_view, local_view,
@@ -77,8 +78,20 @@ def auxiliary_loss(model: torch.nn.Module) -> torch.Tensor:
 
 
 def language_model_loss(model, inputs, targets, mask) -> torch.Tensor:
-    """The default training loss: masked next-token cross entropy plus auxiliary_loss."""
-    return masked_cross_entropy(model(inputs), targets, mask) + auxiliary_loss(model)
+    """The default training loss: masked next-token cross entropy plus auxiliary_loss.
+
+    Fused with lm_head (train.lm_loss: chunked, no whole fp32 logits) when lm_head is a plain
+    Linear; through the logits for a TP-split, quantized or adapted lm_head. The model runs
+    through its wrapper either way (DDP / FSDP2 hooks fire), and lm_head.weight is read after
+    that forward, when FSDP2 has unsharded it. Under torch.compile the logits path is taken:
+    inductor fuses it, while the fused loss's chunk loop would break the graph."""
+    inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    if fused_loss_applies(inner.lm_head) and not torch.compiler.is_compiling():
+        hidden = model(inputs, return_hidden=True)  # (B, T, D)
+        loss = linear_cross_entropy(hidden, inner.lm_head.weight, targets, mask)
+    else:
+        loss = masked_cross_entropy(model(inputs), targets, mask)
+    return loss + auxiliary_loss(model)
 
 
 class Trainer:

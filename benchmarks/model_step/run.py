@@ -2,6 +2,13 @@
 
 Same config and weights for both (8 layers, hidden 512, seq 512), CPU, eager and
 torch.compile in one run; prints a Markdown table with ratios. `--help` for the knobs.
+Each step is forward + next-token cross entropy + backward, each model with the loss it
+trains with: transformers' `labels=` loss (ForCausalLMLoss, given the shifted labels) and
+ours train.trainer.language_model_loss (lm_head fused with the loss, train/lm_loss.py);
+compile mode compiles that whole function (model and loss) for each. --precision bf16 (the
+default, the training precision: training.precision=bf16) runs both under bf16 autocast with
+fp32 parameters, so matrix multiplies use the CPU's bf16 units (AMX here); fp32 is the
+GEMM-bound case.
 """
 
 from __future__ import annotations
@@ -13,7 +20,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywhere without installing
 
@@ -55,10 +61,26 @@ def time_interleaved(steps: dict, ids, warmup: int, rounds: int) -> dict[str, fl
     return {name: median(values) for name, values in seconds.items()}
 
 
-def make_step(forward, model):
+def transformers_loss(model):
+    def loss(ids):  # ids (B, T+1)
+        labels = ids[:, 1:].contiguous()  # already shifted: HF uses shift_labels as given
+        return model(input_ids=ids[:, :-1], labels=labels, shift_labels=labels).loss
+    return loss
+
+
+def our_loss(model):
+    from train.trainer import language_model_loss
+
+    def loss(ids):  # ids (B, T+1)
+        inputs, targets = ids[:, :-1], ids[:, 1:]
+        return language_model_loss(model, inputs, targets, torch.ones(targets.shape))
+    return loss
+
+
+def make_step(loss_fn, model, precision: str):
     def step(ids):
-        logits = forward(ids)  # (B, T, V)
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = loss_fn(ids)
         loss.backward()
         model.zero_grad(set_to_none=True)
     return step
@@ -71,28 +93,34 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32768)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5, help="timed rounds; the median is reported")
+    parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
+                        help="bf16: autocast with fp32 parameters (training.precision=bf16)")
     parser.add_argument("--no-compile", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     hf, ours = build_pair(args)
-    ids = torch.randint(0, args.vocab, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():  # same weights, same logits: the comparison is like for like
-        torch.testing.assert_close(ours(ids), hf(ids).logits, atol=1e-4, rtol=1e-4)
+    # (B, T+1): the model reads ids[:, :-1] and predicts ids[:, 1:]
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq_len + 1), generator=torch.Generator().manual_seed(0))
+    # same weights, same logits (fp32 GEMMs may sum in another order): the comparison is like for like
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids[:, :-1]), hf(ids[:, :-1]).logits, atol=1e-3, rtol=1e-3)
 
-    candidates = {"transformers": lambda x: hf(x).logits, "ours": ours}
+    losses = {"transformers": transformers_loss(hf), "ours": our_loss(ours)}
     models = {"transformers": hf, "ours": ours}
+    with torch.no_grad():  # and the same loss
+        torch.testing.assert_close(losses["ours"](ids), losses["transformers"](ids), atol=1e-3, rtol=1e-3)
     modes = ["eager"] + ([] if args.no_compile else ["compile"])
     results: dict[tuple[str, str], float] = {}
     for mode in modes:
-        steps = {name: make_step(torch.compile(forward) if mode == "compile" else forward, models[name])
-                 for name, forward in candidates.items()}
+        wrap = torch.compile if mode == "compile" else (lambda f: f)
+        steps = {name: make_step(wrap(loss), models[name], args.precision) for name, loss in losses.items()}
         for name, seconds in time_interleaved(steps, ids, args.warmup, args.steps).items():
             results[(name, mode)] = args.batch * args.seq_len / seconds
             print(f"  {name:12s} {mode:7s} {results[(name, mode)]:9.0f} tokens/s", flush=True)
 
     base = results[("transformers", "eager")]
     print(f"\nQwen3 8L-512D-1536ff, 8 heads / 4 KV x 64, vocab {args.vocab}, batch {args.batch} x seq "
-          f"{args.seq_len}, fp32 CPU, {torch.get_num_threads()} threads, median of {args.steps} interleaved steps\n")
+          f"{args.seq_len}, {args.precision} CPU, {torch.get_num_threads()} threads, median of {args.steps} interleaved steps\n")
     print("| model | mode | tokens/s | vs transformers eager | vs transformers same mode |")
     print("|---|---|---|---|---|")
     for (name, mode), tps in results.items():

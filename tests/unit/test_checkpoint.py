@@ -1,7 +1,11 @@
 """python -m pytest tests/unit/test_checkpoint.py  (CheckpointManager in one process, no process group)"""
 
 import logging
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -174,3 +178,107 @@ def test_async_path_publishes_at_finalize(tmp_path, monkeypatch):
     manager.finalize()
     assert (tmp_path / TRACKER_FILE).read_text() == "2\n"
     assert checkpoint_iterations(tmp_path) == [1, 2]
+
+
+# ---------------------------------------------------------------- durability and the writer
+def test_every_file_is_fsynced_before_the_rename_and_the_tracker_after(tmp_path, monkeypatch):
+    """Order of the durable steps, recorded from os.fsync (every thread) and os.replace:
+    all files of the checkpoint and its directory, then the rename, the parent, the tracker."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(source, destination):
+        events.append(("replace", str(source), str(destination)))
+        return real_replace(source, destination)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    manager = CheckpointManager(tmp_path, keep_last=3, write_threads=2)
+    model, optimizer = model_and_optimizer()
+    save(manager, 3, model, optimizer)
+    temporary, final = str(tmp_path / "iter_0000003.tmp"), str(tmp_path / "iter_0000003")
+    tracker_tmp, tracker = str(tmp_path / f".{TRACKER_FILE}.tmp"), str(tmp_path / TRACKER_FILE)
+    rename = events.index(("replace", temporary, final))
+    synced_before = {event[1] for event in events[:rename] if event[0] == "fsync"}
+    written = {p.name for p in Path(final).iterdir()}
+    assert len([n for n in written if n.endswith(".distcp")]) == 2  # one file per writer thread
+    for name in written:  # DCP writes .metadata as .metadata.tmp, fsyncs it, then renames it
+        assert f"{temporary}/{name}" in synced_before or f"{temporary}/{name}.tmp" in synced_before, name
+    assert temporary in synced_before  # the names in it
+    after = events[rename + 1:]
+    assert after == [("fsync", str(tmp_path)), ("fsync", tracker_tmp), ("replace", tracker_tmp, tracker),
+                     ("fsync", str(tmp_path))]
+
+
+def test_the_writer_starts_write_back_early_and_restores_the_crc32_setting(tmp_path, monkeypatch):
+    if checkpoint_module._sync_file_range is None:
+        pytest.skip("no sync_file_range on this platform")
+    calls = []
+    real = checkpoint_module._sync_file_range
+    monkeypatch.setattr(checkpoint_module, "_sync_file_range", lambda *args: calls.append(args) or real(*args))
+    monkeypatch.setattr(checkpoint_module, "WRITEBACK_CHUNK", 1024)
+    manager = CheckpointManager(tmp_path, keep_last=3)
+    model, optimizer = model_and_optimizer(width=64)  # 64x64 fp32 = 16 KB per tensor
+    save(manager, 1, model, optimizer)
+    assert calls  # sync_file_range ran (results are ignored: some file systems do not support it)
+    assert torch.serialization.get_crc32_options()  # off only while the writer threads ran
+    other, other_optimizer = model_and_optimizer(width=64, seed=1)
+    state = tensors(other, other_optimizer)
+    manager.load(1, state)
+    set_state_dict(other, other_optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), other.parameters()))
+
+
+KILLED_SAVE = """
+import os, signal, sys, torch
+sys.path.insert(0, {repo!r})
+import train.checkpoint as checkpoint_module
+from train.checkpoint import CheckpointManager
+directory, moment = sys.argv[1], sys.argv[2]
+torch.manual_seed(0)
+state = {{"model": {{"w": torch.randn(256, 256)}}, "optimizer": {{"m": torch.randn(256, 256)}}}}
+manager = CheckpointManager(directory, keep_last=3)
+manager.save(1, state, {{"iteration": 1}})
+torch.save(state, os.path.join(directory, "expected.pt"))
+
+def kill(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+real_fsync, real_replace = os.fsync, os.replace
+if moment == "writing":      # in the middle of a DCP shard (early write-back every 4 KB)
+    checkpoint_module.WRITEBACK_CHUNK = 4096
+    checkpoint_module._sync_file_range = kill
+elif moment == "syncing":    # a writer thread's fsync of its finished shard
+    os.fsync = lambda fd: kill() if os.readlink(f"/proc/self/fd/{{fd}}").endswith(".distcp") else real_fsync(fd)
+elif moment == "renaming":   # everything written, before the directory is renamed
+    os.replace = lambda a, b: kill() if str(a).endswith(".tmp") and "iter_" in str(a) else real_replace(a, b)
+elif moment == "tracker":    # directory renamed, before the tracker is replaced
+    os.replace = lambda a, b: kill() if "latest" in str(b) else real_replace(a, b)
+state["model"]["w"].add_(1)
+manager.save(2, state, {{"iteration": 2}})
+print("not killed")
+"""
+
+
+@pytest.mark.parametrize("moment", ["writing", "syncing", "renaming", "tracker"])
+def test_kill_9_during_a_save_leaves_the_tracker_on_the_previous_complete_checkpoint(tmp_path, moment):
+    script = tmp_path / "killed_save.py"
+    script.write_text(KILLED_SAVE.format(repo=str(Path(checkpoint_module.__file__).parents[1])))
+    directory = tmp_path / "checkpoints"
+    result = subprocess.run([sys.executable, str(script), str(directory), moment], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == -9, result.stdout + result.stderr
+    assert (directory / TRACKER_FILE).read_text() == "1\n"
+    assert (directory / "iter_0000002").is_dir() == (moment == "tracker")  # complete, just not published
+    manager = CheckpointManager(directory, keep_last=3)
+    leftover = f".{TRACKER_FILE}.tmp" if moment == "tracker" else "iter_0000002.tmp"
+    assert [p.name for p in manager.clean_leftovers()] == [leftover]
+    expected = torch.load(directory / "expected.pt")
+    state = {"model": {"w": torch.zeros(256, 256)}, "optimizer": {"m": torch.zeros(256, 256)}}
+    assert manager.load(manager.latest_iteration(), state)["iteration"] == 1
+    assert torch.equal(state["model"]["w"], expected["model"]["w"])
+    assert torch.equal(state["optimizer"]["m"], expected["optimizer"]["m"])

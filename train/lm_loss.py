@@ -1,0 +1,98 @@
+"""The language-model loss fused with lm_head: masked next-token cross entropy computed from the
+final hidden states in row chunks, so the (N, vocab) fp32 logits never exist whole.
+
+    python -m pytest tests/unit/test_lm_loss.py
+
+For each chunk of C positions (rows of hidden (N, D), weight (V, D)):
+
+    z = h @ W^T                                   (C, V), matmul in the autocast dtype, then fp32
+    p = exp(z - max z); s = sum_v p               one exp pass, in place
+    loss += sum_c m * (max z + log s - z[target])
+    dloss/dz = m / count * (p / s - onehot(target))
+
+and the gradient is finished in the forward: grad_h[c] = dz @ W, grad_W += dz^T @ h. Backward
+only scales the two stored gradients, so nothing of size (C, V) outlives its chunk. Compared
+with F.cross_entropy on whole logits this saves the fp32 copy of the logits, log_softmax's
+second exp pass in backward and the (N, V) gradient buffer: ~20% of the lm_head + loss time
+on CPU in bf16 (benchmarks/model_step), and the logits' memory on GPU.
+
+Same value as train.trainer.masked_cross_entropy: sum(mask * ce) / max(sum(mask), 1).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from train.distill.chunked import _matmul_dtype
+
+CHUNK_BYTES = 1 << 30  # fp32 logits per chunk: 1 GiB -> 8192 rows at vocab 32768, 1766 at 151936
+
+
+def fused_loss_applies(lm_head: nn.Module) -> bool:
+    """A plain nn.Linear with a local weight: not TP-split (vocab-sharded DTensor), not a
+    modelopt QuantLinear or a LoRA wrapper (subclasses / other modules), no bias."""
+    return (type(lm_head) is nn.Linear and lm_head.bias is None
+            and not isinstance(lm_head.weight, DTensor))
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, mask, chunk_rows: int):
+        # hidden (N, D), weight (V, D), targets (N,) int64, mask (N,) float -> scalar mean loss
+        dtype = _matmul_dtype(hidden.device.type, weight.dtype)
+        want_hidden_grad, want_weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        count = mask.sum().clamp(min=1)
+        row_weight = mask / count  # (N,) each position's share of the mean
+        w = weight.to(dtype)  # a view when no cast is needed
+        grad_hidden = torch.zeros_like(hidden) if want_hidden_grad else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+            if want_weight_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        with torch.autocast(hidden.device.type, enabled=False):  # dtypes are explicit below
+            for start in range(0, hidden.shape[0], chunk_rows):
+                rows = slice(start, start + chunk_rows)
+                m, t = row_weight[rows, None], targets[rows, None]  # (C, 1)
+                if not bool(m.any()):
+                    continue  # masked-out chunk: no loss, no gradient
+                h = hidden[rows].to(dtype)  # (C, D)
+                z = (h @ w.T).float()  # (C, V) fp32 (a no-op cast when already fp32)
+                picked = z.gather(1, t)  # (C, 1) target logits, before z is overwritten
+                z_max = z.amax(1, keepdim=True)
+                probs = z.sub_(z_max).exp_()  # unnormalized softmax, in z's buffer
+                sums = probs.sum(1, keepdim=True)
+                total += ((z_max + sums.log() - picked) * m).sum()
+                grad = probs.mul_(m / sums)  # m * softmax
+                grad.scatter_add_(1, t, -m)  # - m * onehot(target)
+                grad = grad.to(dtype)
+                if want_hidden_grad:
+                    grad_hidden[rows] = (grad @ w).to(hidden.dtype)
+                if want_weight_grad:
+                    if dtype == torch.float32:
+                        grad_weight.addmm_(grad.T, h)  # (V, C) @ (C, D), no temporary
+                    else:
+                        grad_weight.add_(grad.T @ h)
+                del z, probs, grad
+        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype) if grad_weight is not None else None)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        grad_hidden = grad_hidden * grad_output if grad_hidden is not None else None
+        grad_weight = grad_weight * grad_output if grad_weight is not None else None
+        return grad_hidden, grad_weight, None, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         mask: torch.Tensor, chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
+    """Masked mean cross entropy of logits = hidden @ weight^T, chunk by chunk.
+
+    hidden (B, T, D) or (N, D); weight (V, D) (lm_head.weight, read after the model's forward so
+    that FSDP2 has unsharded it); targets, mask (B, T) or (N,)."""
+    if not torch.is_grad_enabled():  # no backward will come: skip the gradient work
+        hidden, weight = hidden.detach(), weight.detach()
+    chunk_rows = max(1, chunk_bytes // (4 * weight.shape[0]))
+    return LinearCrossEntropy.apply(hidden.flatten(0, -2), weight, targets.flatten(), mask.flatten().float(),
+                                    chunk_rows)
