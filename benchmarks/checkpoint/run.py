@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywhere without installing
+from train.checkpoint import fsync_path  # noqa: E402
 
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 
@@ -59,14 +60,6 @@ def nbytes(state) -> int:
     return state.numel() * state.element_size() if isinstance(state, torch.Tensor) else 0
 
 
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def torch_save(state, path: Path, fsync: bool, crc32: bool = True) -> None:
     """torch.save into a new file (path must not exist), then optionally its fsync."""
     previous = torch.serialization.get_crc32_options()
@@ -76,7 +69,7 @@ def torch_save(state, path: Path, fsync: bool, crc32: bool = True) -> None:
     finally:
         torch.serialization.set_crc32_options(previous)
     if fsync:
-        fsync_file(path)
+        fsync_path(path)
 
 
 def main() -> None:
