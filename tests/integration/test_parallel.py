@@ -130,3 +130,15 @@ def test_dtensor_layout(layouts, case):
 def test_gradients_and_weights_match_one_device(training, case):
     """3 AdamW steps: loss, every gradient and every weight equal the single-device reference."""
     assert training[case] == "ok", training[case]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_untied_lm_head_two_processes_match_one(tmp_path, strategy):
+    """The default loss reads lm_head.weight after the forward (train/lm_loss.py); untied, that
+    weight is used nowhere else, so its gradient must reach DDP's all-reduce / FSDP2's
+    reduce-scatter from outside the module's forward."""
+    untied = ["model.name=debug-llama3", "training.train_iters=3"]
+    single = pretrain(tmp_path / "one", untied, processes=1)
+    parallel = pretrain(tmp_path / "two", [*untied, f"parallel.data_parallel={strategy}"])
+    assert len(parallel) == 3
+    assert parallel == pytest.approx(single, rel=1e-4)
