@@ -70,11 +70,15 @@ def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torc
     return (losses * mask.flatten()).sum() / mask.sum().clamp(min=1)
 
 
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DDP wrapper (FSDP2 and TP work in place)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
 def auxiliary_loss(model: torch.nn.Module) -> torch.Tensor:
     """The model's extra loss terms for its last forward (MoE load balancing, coefficient
     included; zero for dense models), looked up through a DDP wrapper."""
-    inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-    return inner.auxiliary_loss()
+    return unwrap(model).auxiliary_loss()
 
 
 def language_model_loss(model, inputs, targets, mask) -> torch.Tensor:
@@ -85,7 +89,7 @@ def language_model_loss(model, inputs, targets, mask) -> torch.Tensor:
     through its wrapper either way (DDP / FSDP2 hooks fire), and lm_head.weight is read after
     that forward, when FSDP2 has unsharded it. Under torch.compile the logits path is taken:
     inductor fuses it, while the fused loss's chunk loop would break the graph."""
-    inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    inner = unwrap(model)
     if fused_loss_applies(inner.lm_head) and not torch.compiler.is_compiling():
         hidden = model(inputs, return_hidden=True)  # (B, T, D)
         loss = linear_cross_entropy(hidden, inner.lm_head.weight, targets, mask)

@@ -11,7 +11,8 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
-from parallel_worker import clean, fresh_model, full, optim_cfg, parallel_cfg  # same folder
+from parallel_worker import (assert_step_matches, assert_weights_match, fresh_model, optim_cfg,  # same folder
+                             parallel_cfg)
 from train.distill.loss import distill_loss
 from train.models import init_weights
 from train.optim import build_optimizer
@@ -51,19 +52,10 @@ def distill_and_compare(name: str, cfg, expect_chunked: bool, steps: int = 2) ->
         chunked = loss.grad_fn.name().startswith("ChunkedDistillLoss")
         assert chunked == expect_chunked, f"chunked path used: {chunked}, expected {expect_chunked}"
         loss.backward()
-        loss = loss.detach().clone()
-        dist.all_reduce(loss, op=dist.ReduceOp.AVG)
-        torch.testing.assert_close(loss, reference_loss.detach(), rtol=1e-5, atol=1e-6)
-        reference_grads = {n: p.grad for n, p in reference.named_parameters()}
-        for n, p in model.named_parameters():
-            torch.testing.assert_close(full(p.grad), reference_grads[clean(n)], rtol=1e-3, atol=1e-5,
-                                       msg=lambda m, n=n: f"step {step} grad {n}: {m}")
+        assert_step_matches(model, reference, loss, reference_loss, step)
         reference_optimizer.step(), reference_optimizer.zero_grad()
         optimizer.step(), optimizer.zero_grad()
-    reference_params = dict(reference.named_parameters())
-    for n, p in model.named_parameters():
-        torch.testing.assert_close(full(p.detach()), reference_params[clean(n)].detach(), rtol=1e-3, atol=1e-4,
-                                   msg=lambda m, n=n: f"weight {n}: {m}")
+    assert_weights_match(model, reference)
 
 
 def case_ddp():  # untied lm_head

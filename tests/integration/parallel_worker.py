@@ -67,6 +67,25 @@ def full(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
+def assert_step_matches(model, reference, loss, reference_loss, step: int) -> None:
+    """After backward: this rank's loss averaged over ranks equals the one-device loss, and every
+    gradient (gathered whole) equals the one-device gradient."""
+    loss = loss.detach().clone()
+    dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+    torch.testing.assert_close(loss, reference_loss.detach(), rtol=1e-5, atol=1e-6)
+    reference_grads = {n: p.grad for n, p in reference.named_parameters()}
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(full(p.grad), reference_grads[clean(n)], rtol=1e-3, atol=1e-5,
+                                   msg=lambda m, n=n: f"step {step} grad {n}: {m}")
+
+
+def assert_weights_match(model, reference) -> None:
+    reference_params = dict(reference.named_parameters())
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(full(p.detach()), reference_params[clean(n)].detach(), rtol=1e-3, atol=1e-4,
+                                   msg=lambda m, n=n: f"weight {n}: {m}")
+
+
 def train_and_compare(name: str, cfg, steps: int = 3, zero1: bool = False) -> None:
     """`steps` AdamW steps: parallel losses, gradients and weights equal the reference's.
 
@@ -87,19 +106,10 @@ def train_and_compare(name: str, cfg, steps: int = 3, zero1: bool = False) -> No
         reference_loss.backward()
         loss = loss_of(model, tokens[dp_rank * share:(dp_rank + 1) * share])
         loss.backward()
-        loss = loss.detach().clone()
-        dist.all_reduce(loss, op=dist.ReduceOp.AVG)
-        torch.testing.assert_close(loss, reference_loss.detach(), rtol=1e-5, atol=1e-6)
-        reference_grads = {n: p.grad for n, p in reference.named_parameters()}
-        for n, p in model.named_parameters():
-            torch.testing.assert_close(full(p.grad), reference_grads[clean(n)], rtol=1e-3, atol=1e-5,
-                                       msg=lambda m, n=n: f"step {step} grad {n}: {m}")
+        assert_step_matches(model, reference, loss, reference_loss, step)
         reference_optimizer.step(), reference_optimizer.zero_grad()
         optimizer.step(), optimizer.zero_grad()
-    reference_params = dict(reference.named_parameters())
-    for n, p in model.named_parameters():
-        torch.testing.assert_close(full(p.detach()), reference_params[clean(n)].detach(), rtol=1e-3, atol=1e-4,
-                                   msg=lambda m, n=n: f"weight {n}: {m}")
+    assert_weights_match(model, reference)
     if zero1:  # each rank keeps AdamW moments for its own parameters only
         states = len(optimizer.optim.state)
         assert 0 < states < len(list(model.parameters())), states
