@@ -5,11 +5,20 @@ PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install quickstart test test-fast tiny-checkpoints
+.PHONY: install malloc quickstart test test-fast tiny-checkpoints
 
-install:
+install: malloc
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(TORCH_SPEC)"
 	$(PYTHON) -m pip install -q -e ".[dev]"
+
+# Optional: mimalloc, which preprocessing preloads when installed (train/data/malloc.py).
+# Installed from apt when we are root; otherwise a note, and glibc's malloc is used.
+MIMALLOC_APT = DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends libmimalloc2.0 >/dev/null 2>&1
+malloc:
+	@ldconfig -p | grep -q libmimalloc || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    { $(MIMALLOC_APT) || { apt-get update -q >/dev/null 2>&1 && $(MIMALLOC_APT); }; }; } || \
+	  echo "note: libmimalloc2.0 not installed (needs root and apt); preprocessing uses glibc's malloc"
 
 # Pretrain a tiny Qwen3 on this machine: no SLURM, no GPU, 2 processes over gloo.
 quickstart: install

@@ -57,6 +57,8 @@ class PreprocessConfig:
     reasoning_start: str = "<think>"
     reasoning_end: str = "</think>"
     streaming: bool = False  # HF hub input: stream instead of loading the cached dataset
+    word_cache: bool = True  # plain text: cache each word's ids where exact (train/data/word_cache.py)
+    malloc: str = "auto"  # auto | system | mimalloc | tcmalloc | jemalloc | /path/lib.so (train/data/malloc.py)
 
 
 @dataclass

@@ -11,6 +11,7 @@ import hydra
 from omegaconf import DictConfig
 
 import train.config  # noqa: F401  registers preprocess_schema
+from train.data import malloc
 from train.data.errors import DataError
 from train.data.preprocess import preprocess, print_summary
 
@@ -18,6 +19,7 @@ from train.data.preprocess import preprocess, print_summary
 @hydra.main(config_path="../configs", config_name="preprocess", version_base=None)
 def main(config: DictConfig) -> None:
     try:
+        malloc.reexec_with(config.malloc)  # may restart this command with a faster malloc preloaded
         print_summary(preprocess(config))
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)

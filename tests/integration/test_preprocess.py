@@ -15,7 +15,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from train.config import PreprocessConfig
-from train.data import readers, tokenize_worker
+from train.data import malloc, readers, tokenize_worker
 from train.data.chat import RenderOptions
 from train.data.errors import DataError
 from train.data.gpt_dataset import loss_mask_prefix
@@ -82,6 +82,21 @@ def test_two_workers_match_one_and_max_docs(tmp_path, tokenizer_dir, texts):
     for suffix in (".bin", ".idx"):
         assert open(outputs[0] + suffix, "rb").read() == open(outputs[1] + suffix, "rb").read()
     assert len(IndexedDataset(outputs[0])) == 150 - 2
+
+
+def test_word_cache_writes_the_same_files_as_the_tokenizer(tmp_path, tokenizer_dir, texts):
+    mixed = texts + ["naïve café — “quoted”…", "日本語 and English", "an <|endoftext|> inside", "tab\tand  spaces\r\n"]
+    source = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in mixed])
+    prefixes = {}
+    for word_cache in (True, False):
+        prefixes[word_cache] = str(tmp_path / f"cache_{word_cache}")
+        preprocess(make_config(input=source, tokenizer=tokenizer_dir, output_prefix=prefixes[word_cache], word_cache=word_cache))
+    for suffix in ("_text_document.bin", "_text_document.idx"):
+        assert open(prefixes[True] + suffix, "rb").read() == open(prefixes[False] + suffix, "rb").read()
+    tokenize_worker.init_worker(tokenizer_dir, RenderOptions(), True, "<u2", False)
+    assert tokenize_worker._state["word_cache"] is not None  # this byte-level BPE takes the cached path
+    tokenize_worker.init_worker(tokenizer_dir, RenderOptions(), True, "<u2", False, word_cache=False)
+    assert tokenize_worker._state["word_cache"] is None
 
 
 def test_validation_fraction_splits_documents(tmp_path, tokenizer_dir, texts):
@@ -234,3 +249,41 @@ def test_cli_is_hydra_style_and_reports_errors(tmp_path, tokenizer_dir, texts):
     assert IndexedDataset(f"{tmp_path}/cli_text_document").token_count > 0
     bad = run(f"input={tmp_path}/missing.jsonl", f"tokenizer={tokenizer_dir}", f"output_prefix={tmp_path}/x")
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
+
+
+def summary_line(stdout: str, key: str) -> str:
+    return next(line.split(":", 1)[1].strip() for line in stdout.splitlines() if line.startswith(key + ":"))
+
+
+@pytest.mark.slow
+def test_cli_preloads_a_faster_malloc_with_identical_output(tmp_path, tokenizer_dir, texts):
+    library = malloc.resolve("auto")
+    if library is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI installs libmimalloc2.0 (make install), but no malloc library was found")
+        pytest.skip("no mimalloc / tcmalloc / jemalloc installed (apt-get install libmimalloc2.0)")
+    source = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in texts])
+    environment = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+
+    def run(*args):
+        command = [sys.executable, "-m", "train.preprocess", f"input={source}", f"tokenizer={tokenizer_dir}", *args]
+        return subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=environment)
+
+    outputs = {}
+    for choice in ("auto", "system"):
+        result = run(f"output_prefix={tmp_path}/{choice}", f"malloc={choice}", "workers=2")
+        assert result.returncode == 0, result.stderr
+        outputs[choice] = summary_line(result.stdout, "malloc")
+        assert result.stdout.count("documents:") == 1  # the re-executed run printed once
+    assert os.path.basename(outputs["auto"]).startswith(library.split(".so")[0]) and outputs["system"] == "glibc"
+    for suffix in ("_text_document.bin", "_text_document.idx"):
+        assert open(f"{tmp_path}/auto{suffix}", "rb").read() == open(f"{tmp_path}/system{suffix}", "rb").read()
+    # A file the loader refuses to preload: the re-executed run goes on with glibc (no loop).
+    not_a_library = tmp_path / "libnot.so"
+    not_a_library.write_text("not an ELF file")
+    refused = run(f"output_prefix={tmp_path}/refused", f"malloc={not_a_library}")
+    assert refused.returncode == 0, refused.stderr
+    assert summary_line(refused.stdout, "malloc") == "glibc"
+    bad = run(f"output_prefix={tmp_path}/bad", "malloc=jemaloc")
+    assert bad.returncode == 2 and "malloc='jemaloc'" in bad.stderr and "Traceback" not in bad.stderr
+    assert not any(name.startswith("bad") for name in os.listdir(tmp_path))

@@ -23,6 +23,7 @@ import numpy as np
 
 from train.data.chat import RenderOptions, render_record
 from train.data.errors import DataError
+from train.data.word_cache import WordCacheEncoder
 
 _state: dict = {}  # per worker process: tokenizer, options
 
@@ -43,13 +44,18 @@ def load_tokenizer(path: str):
         raise DataError(f"tokenizer {path!r} cannot be loaded: {error}") from None
 
 
-def init_worker(tokenizer, options: RenderOptions, append_eod: bool, dtype: str, with_loss_mask: bool) -> None:
+def init_worker(
+    tokenizer, options: RenderOptions, append_eod: bool, dtype: str, with_loss_mask: bool, word_cache: bool = True
+) -> None:
     """Set this process's state; forked workers inherit it from the parent (no reload)."""
     if isinstance(tokenizer, str):
         tokenizer = load_tokenizer(tokenizer)
+    backend = tokenizer.backend_tokenizer  # the Rust tokenizer: encode_batch
     _state.update(
         tokenizer=tokenizer,
-        backend=tokenizer.backend_tokenizer,  # the Rust tokenizer: encode_batch
+        backend=backend,
+        # Plain text: ids through a per-word cache where it is exact (word_cache.py), else None.
+        word_cache=WordCacheEncoder.for_tokenizer(backend) if word_cache else None,
         options=options,
         eod=tokenizer.eos_token_id if append_eod else None,
         dtype=np.dtype(dtype),
@@ -105,7 +111,9 @@ def tokenize_batch(items: list) -> TokenizedBatch:
     if need_offsets:
         encodings = _state["backend"].encode_batch(texts, add_special_tokens=False)
         ids = [encoding.ids for encoding in encodings]
-    else:  # no offsets needed: the faster call
+    elif _state["word_cache"] is not None:  # no offsets needed: the fastest way
+        ids = _state["word_cache"].encode_batch(texts)
+    else:
         ids = [e.ids for e in _state["backend"].encode_batch_fast(texts, add_special_tokens=False)]
     extra = 0 if eod is None else 1
     lengths = np.array([len(i) + extra if i else 0 for i in ids], dtype=np.int32)
