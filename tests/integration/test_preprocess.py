@@ -87,10 +87,13 @@ def test_two_workers_match_one_and_max_docs(tmp_path, tokenizer_dir, texts):
 def test_word_cache_writes_the_same_files_as_the_tokenizer(tmp_path, tokenizer_dir, texts):
     mixed = texts + ["naïve café — “quoted”…", "日本語 and English", "an <|endoftext|> inside", "tab\tand  spaces\r\n"]
     source = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in mixed])
-    prefixes = {}
+    prefixes, cached = {}, {}
     for word_cache in (True, False):
         prefixes[word_cache] = str(tmp_path / f"cache_{word_cache}")
-        preprocess(make_config(input=source, tokenizer=tokenizer_dir, output_prefix=prefixes[word_cache], word_cache=word_cache))
+        config = make_config(input=source, tokenizer=tokenizer_dir, output_prefix=prefixes[word_cache], word_cache=word_cache)
+        cached[word_cache] = preprocess(config).word_cached
+    # All but the Japanese text and the one holding an added token (empty ones included).
+    assert cached == {True: len(mixed) - 2, False: 0}
     for suffix in ("_text_document.bin", "_text_document.idx"):
         assert open(prefixes[True] + suffix, "rb").read() == open(prefixes[False] + suffix, "rb").read()
     tokenize_worker.init_worker(tokenizer_dir, RenderOptions(), True, "<u2", False)

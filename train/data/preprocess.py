@@ -46,6 +46,7 @@ class PreprocessSummary:
     tokens: dict[str, int] = field(default_factory=lambda: {"train": 0, "valid": 0})
     records_read: int = 0
     empty_skipped: int = 0
+    word_cached: int = 0  # records encoded by the word cache (word_cache.py), not the tokenizer
     seconds: float = 0.0
     malloc: str = "glibc"  # the malloc library this process ran with (malloc.py)
     outputs: list[str] = field(default_factory=list)
@@ -58,6 +59,7 @@ class PreprocessSummary:
             f"documents:        {self.documents['train']:,} train, {self.documents['valid']:,} valid",
             f"tokens:           {self.tokens['train']:,} train, {self.tokens['valid']:,} valid",
             f"empty skipped:    {self.empty_skipped:,}",
+            f"word cache:       {self.word_cached:,} of {self.records_read:,} records",
             f"seconds:          {self.seconds:.1f} ({rate:,.0f} tokens/s)",
             f"malloc:           {self.malloc}",
         ]
@@ -178,6 +180,7 @@ def preprocess(config) -> PreprocessSummary:
                     mask_writers[split].add_documents(mask, lengths)
             summary.records_read += len(batch)
             summary.empty_skipped += int(np.sum(result.lengths == 0))
+            summary.word_cached += result.word_cached
             progress.update(len(batch), len(result.tokens))
         progress.close()
         for split, writer in writers.items():

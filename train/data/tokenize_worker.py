@@ -33,6 +33,7 @@ class TokenizedBatch:
     tokens: np.ndarray  # (sum(lengths),) token dtype, documents back to back, EOD included
     lengths: np.ndarray  # (documents,) int32; 0 marks an empty document (skipped)
     loss_mask: np.ndarray | None  # (sum(lengths),) uint8, 1 on assistant tokens
+    word_cached: int = 0  # records whose ids came from the word cache, not the tokenizer
 
 
 def load_tokenizer(path: str):
@@ -108,11 +109,14 @@ def tokenize_batch(items: list) -> TokenizedBatch:
         texts.append(text)
         spans.append(assistant_spans)
     need_offsets = _state["with_loss_mask"] and any(s is not None for s in spans)
+    word_cached = 0
     if need_offsets:
         encodings = _state["backend"].encode_batch(texts, add_special_tokens=False)
         ids = [encoding.ids for encoding in encodings]
     elif _state["word_cache"] is not None:  # no offsets needed: the fastest way
+        cached_before = _state["word_cache"].texts_cached
         ids = _state["word_cache"].encode_batch(texts)
+        word_cached = _state["word_cache"].texts_cached - cached_before
     else:
         ids = [e.ids for e in _state["backend"].encode_batch_fast(texts, add_special_tokens=False)]
     extra = 0 if eod is None else 1
@@ -134,4 +138,4 @@ def tokenize_batch(items: list) -> TokenizedBatch:
             # EOD is a target worth learning after an answer (and always in plain text).
             pieces.append(np.append(mask, np.uint8(1)) if extra else mask)
         loss_mask = np.concatenate(pieces) if pieces else np.zeros(0, np.uint8)
-    return TokenizedBatch(tokens, lengths, loss_mask)
+    return TokenizedBatch(tokens, lengths, loss_mask, word_cached)

@@ -37,7 +37,7 @@ import regex
 GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 CACHED_RANGES = ((0x0000, 0x036F), (0x2000, 0x206F))
 OUTSIDE_CACHED_RANGES = "[^" + "".join(f"\\u{low:04x}-\\u{high:04x}" for low, high in CACHED_RANGES) + "]"
-MAX_CACHED_PIECES = 1 << 20  # then the cache starts over: ~100 MB at most
+MAX_CACHED_PIECES = 1 << 19  # then the cache starts over: ~100 MB per worker at most
 
 
 def byte_level_alphabet() -> list[str]:
@@ -90,6 +90,7 @@ class WordCacheEncoder:
         self.nfc = nfc
         self.alphabet = byte_level_alphabet()
         self.cache: dict[str, tuple[int, ...]] = {}  # piece -> its ids (tuples: the GC skips them)
+        self.texts_cached = 0  # texts encoded here rather than by the tokenizer, ever
 
     @classmethod
     def for_tokenizer(cls, backend) -> "WordCacheEncoder | None":
@@ -131,6 +132,7 @@ class WordCacheEncoder:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         ids = [self._cached_ids(text) for text in texts]
         rest = [index for index, found in enumerate(ids) if found is None]
+        self.texts_cached += len(texts) - len(rest)
         if rest:
             encodings = self.backend.encode_batch_fast([texts[index] for index in rest], add_special_tokens=False)
             for index, encoding in zip(rest, encodings):
