@@ -19,6 +19,7 @@ tokenizer alone costs, the other rows what they spend on top.
 """
 
 import argparse
+import filecmp
 import json
 import multiprocessing
 import os
@@ -183,8 +184,7 @@ def main() -> None:
     assert len(set(counts.values())) == 1, f"pipelines disagree on token counts: {counts}"
     for suffix in (".bin", ".idx"):
         with_cache, without = (os.path.join(args.work_dir, f"{m}_text_document{suffix}") for m in ("ours", "ours_tokenizer"))
-        with open(with_cache, "rb") as a, open(without, "rb") as b:
-            assert a.read() == b.read(), f"{with_cache} differs from {without}: the word cache changed the ids"
+        assert filecmp.cmp(with_cache, without, shallow=False), f"{with_cache} differs from {without}: the word cache changed the ids"
     seconds = {row: statistics.median(r["seconds"] for r in results) for row, results in runs.items()}
     cpu = {row: statistics.median(r["cpu"] for r in results) for row, results in runs.items()}
     rate = {row: runs[row][0]["tokens"] / seconds[row] for row in rows}
