@@ -11,19 +11,30 @@ from train.parallel import build_mesh, parallelize
 log = logging.getLogger("train")
 
 
-def build_job_model(cfg, ctx):
-    """The model on this rank's device: from HF weights, or seeded initialization."""
-    from train.models import build_model, init_weights, load_hf
+def master_dtype(model_cfg) -> torch.dtype:
+    """The dtype of the weights a job trains, and so of their gradients and AdamW state.
 
+    fp32 whatever the checkpoint holds: real HF checkpoints are bf16, and bf16 has 8 significant
+    bits, so an update below ~|w| / 512 (2e-5 at |w| = 0.01) rounds back to w and a QAD run at
+    LR 1e-6 would change almost no weight. bf16 only when model.param_dtype=bfloat16 asks for it."""
+    return torch.bfloat16 if model_cfg.param_dtype == "bfloat16" else torch.float32
+
+
+def build_job_model(cfg, ctx):
+    """The model on this rank's device in master_dtype: from HF weights, or seeded initialization."""
+    from train.models import build_model, init_weights, load_hf, stored_dtype
+
+    dtype = master_dtype(cfg.model)
     if cfg.model.get("hf_checkpoint") and ctx.plan.resume.decision != "from_scratch":
-        model = load_hf(cfg.model.hf_checkpoint).to(ctx.device)
+        model = load_hf(cfg.model.hf_checkpoint, dtype, device=ctx.device)
+        log.info("weights from %s: stored in %s, trained in %s (model.param_dtype)", cfg.model.hf_checkpoint,
+                 str(stored_dtype(cfg.model.hf_checkpoint)).removeprefix("torch."), str(dtype).removeprefix("torch."))
     else:
         model = build_model(str(cfg.model.name), device="meta",
                             attention_backend=cfg.model.attention_backend)
         model.to_empty(device=ctx.device)
         init_weights(model, cfg.model.init_seed)
-    if cfg.model.param_dtype == "bfloat16":
-        model.to(torch.bfloat16)
+        model.to(dtype)
     return model
 
 

@@ -62,6 +62,8 @@ def apply_lora(model: nn.Module, lora_cfg) -> nn.Module:
     model = inject_adapter_in_model(config, model)
     for name, parameter in model.named_parameters():
         parameter.requires_grad = LORA_MARKER in name
+        if parameter.requires_grad:  # peft gives the adapters the base's dtype; they train in fp32 on any base
+            parameter.data = parameter.data.float()
     disable_lora_quantizers(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("LoRA rank %d alpha %g dropout %g on %s: %d trainable parameters", lora_cfg.rank, lora_cfg.alpha,

@@ -608,3 +608,16 @@ def test_main_blend_problems_found_while_counting_samples_exit_2(extra, tmp_path
     conf = write_conf(tmp_path, TINY_PRETRAIN + extra)
     assert main(["--job", "pretrain", "--config", conf, "--dry-run"]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+# ----------------------------------------------------------------- master weights
+
+@pytest.mark.parametrize("lr, param_dtype, warned", [("1e-6", "bfloat16", True), ("1e-4", "bfloat16", False),
+                                                      ("1e-6", "float32", False)])
+def test_bf16_parameters_with_an_lr_bf16_rounds_away_warn(tmp_path, env, lr, param_dtype, warned):
+    conf = write_conf(tmp_path, TINY_PRETRAIN + f"export LR={lr}\n")
+    _, _, warnings = plan_from_conf("pretrain", conf, [f"model.param_dtype={param_dtype}"], env)
+    messages = [w for w in warnings if "param_dtype" in w]
+    assert bool(messages) == warned, warnings
+    if warned:
+        assert conf in messages[0] and "LR 1e-06" in messages[0] and "6.1e-05" in messages[0]

@@ -10,6 +10,7 @@ Every validation error: one line naming the conf and the variable, exit code 2.
 
 import argparse
 import json
+import math
 import os
 import re
 import shlex
@@ -323,7 +324,24 @@ def plan_from_conf(job: str, config: str, user_overrides: list[str], env: dict[s
             raise PlanError(f"{path}: {error}") from None
         warnings.append(f"{path}: {error} (planned; a real start stops here)")
     plan.node_commands = [node_command(job, cluster, rank, overrides) for rank in range(cluster.nnodes)]
-    return plan, overrides, warnings
+    return plan, overrides, warnings + master_weight_warnings(cfg, str(path))
+
+
+# A typical weight of a trained LLM linear layer (|w| ~ 0.01-0.05) and the smallest update bf16 keeps
+# on it: with 8 significant bits, values in [2^-6, 2^-5) are 2^-13 apart, and an update under half of
+# that (2^-14 = 6.1e-5) rounds back to w. AdamW's update per element is about LR.
+TYPICAL_WEIGHT = 0.02
+BF16_SMALLEST_UPDATE = 2.0 ** (math.floor(math.log2(TYPICAL_WEIGHT)) - 8)
+
+
+def master_weight_warnings(cfg, conf: str) -> list[str]:
+    """model.param_dtype=bfloat16 (no fp32 master weights) with an LR that bf16 rounds away."""
+    lr = float(cfg.optim.lr)
+    if cfg.model.param_dtype != "bfloat16" or lr >= BF16_SMALLEST_UPDATE:
+        return []
+    return [f"{conf}: model.param_dtype=bfloat16 with LR {lr:g}: bf16 weights of magnitude ~{TYPICAL_WEIGHT} "
+            f"move only by steps over {BF16_SMALLEST_UPDATE:.1e}, so most updates round away and the run "
+            "barely learns; drop model.param_dtype (fp32 master weights, the default) or raise LR"]
 
 
 def shell_exports(plan: JobPlan, overrides: list[str]) -> str:

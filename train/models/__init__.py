@@ -17,6 +17,7 @@ _LAZY = {
     "init_weights": "train.models.build",
     "load_hf": "train.models.hf_io",
     "save_hf": "train.models.hf_io",
+    "stored_dtype": "train.models.hf_io",
     "CausalLM": "train.models.common.transformer",
 }
 

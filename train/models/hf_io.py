@@ -40,6 +40,22 @@ def _weight_files(directory: Path) -> list[Path]:
     raise CheckpointError(f"{directory}: no weights: neither {SINGLE_FILE} nor {INDEX_FILE}{hint}")
 
 
+# safetensors' dtype names (the header's "dtype" field) -> torch dtypes, floating ones only
+_SAFETENSORS_FLOATS = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def stored_dtype(path: str | Path) -> torch.dtype | None:
+    """The floating dtype of an HF directory's weights (the first floating tensor's), read from the
+    safetensors header without loading a tensor; None when it holds no floating tensor."""
+    for file in _weight_files(Path(path)):
+        with safe_open(file, framework="pt") as handle:
+            for key in handle.keys():
+                dtype = _SAFETENSORS_FLOATS.get(handle.get_slice(key).get_dtype())
+                if dtype is not None:
+                    return dtype
+    return None
+
+
 def load_hf(path: str | Path, dtype: torch.dtype | None = None, *, device: str | torch.device = "cpu",
             attention_backend: str = "sdpa") -> CausalLM:
     """Our model with the weights of an HF checkpoint directory (family from model_type).
