@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # sbatch [--nodes=N] slurm/finetune.sh --config CONF [--hf-token-file F] [--dry-run] [-- key=value ...]
-# LoRA fine-tuning (seeds/002).
+# LoRA fine-tuning (docs/lora.md).
 #SBATCH --job-name=finetune
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1

@@ -13,7 +13,7 @@
 #   status  daemons, sinfo, squeue; exit 1 unless every daemon is up.
 #   check   health check: srun on every node + a multi-node sbatch.
 # State, spool, logs and pid files: $LOCAL_SLURM_ROOT. Jobs stay visible in
-# `scontrol show job` for an hour (no sacct). Origin: shared/reference/local-slurm/.
+# `scontrol show job` for an hour (no sacct). Adapted from a reference local-SLURM setup (docs/testing.md).
 set -euo pipefail
 export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 

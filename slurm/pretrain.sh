@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # sbatch [--nodes=N] slurm/pretrain.sh --config CONF [--hf-token-file F] [--dry-run] [-- key=value ...]
-# Pretraining from scratch (seeds/003).
+# Pretraining from scratch (docs/models.md for the model sizes).
 #SBATCH --job-name=pretrain
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1

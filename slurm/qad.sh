@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # sbatch [--nodes=N] slurm/qad.sh --config CONF [--hf-token-file F] [--dry-run] [-- key=value ...]
-# Quantization-aware distillation: NVFP4 student, full-precision teacher (seeds/001).
+# Quantization-aware distillation: NVFP4 student, full-precision teacher (docs/qad.md).
 #SBATCH --job-name=qwen.qad
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1

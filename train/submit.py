@@ -3,7 +3,7 @@
 
 Validates the conf here, before anything is queued, then submits slurm/<job>.sh N times,
 each job depending on the previous one, and prints the job ids. Every job resumes from
-the latest checkpoint of the run (DESIGN.md, resume rule), so a chain continues one run.
+the latest checkpoint of the run (docs/runs.md, resume rule), so a chain continues one run.
 Chained jobs do not requeue themselves (REQUEUE=0): the next job in the chain resumes.
 """
 

@@ -21,7 +21,7 @@ from train.launch.conf import (
     unknown_variable_warnings,
 )
 
-# DESIGN.md, "The .conf contract": required for QAD.
+# docs/launching.md, "The .conf contract": required for QAD.
 QAD_REQUIRED = ["STUDENT_MODEL", "TEACHER_MODEL", "STUDENT_CKPT", "TEACHER_CKPT", "TP_SIZE", "MBS"]
 QAD_OK = "".join(f"export {name}={value}\n" for name, value in [
     ("STUDENT_MODEL", "Qwen3-8B"), ("TEACHER_MODEL", "Qwen3-32B"), ("STUDENT_CKPT", "/m/s"),
@@ -153,12 +153,12 @@ def test_values_keep_spaces_equals_signs_and_newlines(tmp_path, base_env):
 
 
 def test_conf_sees_the_callers_environment(tmp_path, base_env):
-    base_env["MODELS_ROOT"] = "/shared/models"
+    base_env["MODELS_ROOT"] = "/cluster/models"
     conf = write_conf(tmp_path, 'export STUDENT_CKPT=$MODELS_ROOT/Qwen3-8B\n'
                                 'export TRAIN_ITERS=${TRAIN_ITERS:-20}\n')
-    assert source_conf(conf, base_env) == {"STUDENT_CKPT": "/shared/models/Qwen3-8B", "TRAIN_ITERS": "20"}
+    assert source_conf(conf, base_env) == {"STUDENT_CKPT": "/cluster/models/Qwen3-8B", "TRAIN_ITERS": "20"}
     base_env["TRAIN_ITERS"] = "7"
-    assert source_conf(conf, base_env) == {"STUDENT_CKPT": "/shared/models/Qwen3-8B"}
+    assert source_conf(conf, base_env) == {"STUDENT_CKPT": "/cluster/models/Qwen3-8B"}
 
 
 def test_unset_in_the_conf_removes_the_callers_value(tmp_path, base_env):

@@ -171,7 +171,7 @@ def test_protected_checkpoint_survives_rotation(tmp_path):
     assert manager.purgeable([10, 20, 30, 40], keep=40) == [20]
 
 
-# seeds/002's table: (rank range, dropout, LR, batch range) per size
+# The users' LoRA guide's table: (rank range, dropout, LR, batch range) per size
 SEED_002 = {"qwen3-0.6b-lora": ((8, 16), 0.05, 3e-4, (4, 8)),
             "qwen3-1.7b-lora": ((16, 32), 0.1, 2e-4, (4, 16)),
             "qwen3-8b-lora": ((32, 64), 0.1, 1e-4, (4, 8))}

@@ -20,7 +20,7 @@ def test_registry_import_does_not_import_torch():
 
 
 @pytest.mark.parametrize("name, billions", [
-    # Figures stated by seed 003 (and the reference configs it ran).
+    # Figures stated by the users' pretraining scripts (and the reference configs they ran).
     ("llama3-1.5b", 1.545), ("llama3-2.2b", 2.224), ("qwen3-1.8b", 1.829), ("llama2-1.36b", 1.294),
     # Public Qwen3 model cards: total / non-embedding.
     ("qwen3-0.6b", 0.596), ("qwen3-1.7b", 1.721), ("qwen3-8b", 8.191),

@@ -1,7 +1,7 @@
 """Where the job runs: nodes, this node's rank, the rendezvous address and port.
 
 Three modes, first match wins:
-  manual      NNODES, NODE_RANK, MASTER_ADDR and MASTER_PORT all exported (seeds/001)
+  manual      NNODES, NODE_RANK, MASTER_ADDR and MASTER_PORT all exported (as in the QAD users' guide)
   slurm       SLURM_JOB_ID present: nodes and rank from SLURM, MASTER_ADDR from the
               first host of the expanded node list (never a localhost fallback)
   standalone  one machine, rendezvous on 127.0.0.1

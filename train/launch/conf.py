@@ -1,6 +1,6 @@
 """The .conf contract: which shell variables a conf may set, what they mean, and checks.
 
-A .conf is a bash file of `export VAR=value` lines (seeds/001). This module is the one
+A .conf is a bash file of `export VAR=value` lines, as in the QAD users' guide. This module is the one
 visible place where those variables map onto config keys (CONF_VARIABLES) and where
 they are validated. It imports neither torch nor Hydra: the launchers call it
 (`python -m train.launch.plan`) before any expensive work.
@@ -39,7 +39,7 @@ def _var(name, key, kind, help, jobs=JOBS, required_for=(), default=None):
 
 QAD, PRE, FT = ("qad",), ("pretrain",), ("finetune",)
 CONF_VARIABLES: dict[str, ConfVariable] = {v.name: v for v in [
-    # --- QAD (seeds/001: the users' own guide) ---
+    # --- QAD (the variables of the QAD users' own guide) ---
     _var("STUDENT_MODEL", "model.name", "str", "student model name (run dir, checkpoints/<model>)", QAD, QAD),
     _var("TEACHER_MODEL", "distill.teacher_model", "str", "teacher model name (run dir name)", QAD, QAD),
     _var("STUDENT_CKPT", "model.hf_checkpoint", "dir", "HF directory with the student's starting weights", QAD, QAD),
@@ -48,7 +48,7 @@ CONF_VARIABLES: dict[str, ConfVariable] = {v.name: v for v in [
     _var("KD_CFG_PATH", "distill.kd_config_path", "path", "YAML with KD loss settings", QAD),
     _var("QUANT_RECIPE", "quant.recipe", "str",
          "nvfp4 | nvfp4_mlp_only | fp8 (finetune: quantizes the frozen base, lora.quantized_base)", QAD + FT),
-    # --- pretraining and fine-tuning (seeds/002, 003) ---
+    # --- pretraining and fine-tuning (the users' LoRA guide and pretraining scripts) ---
     _var("MODEL", "model.name", "str", "model name from the registry (python -m train.models list)", PRE + FT, PRE + FT),
     _var("BASE_CKPT", "model.hf_checkpoint", "dir", "HF directory with the base weights to fine-tune", FT),
     _var("SEQ_LENGTH", "data.seq_length", "int", "tokens per training sequence"),
@@ -112,7 +112,7 @@ CONF_VARIABLES: dict[str, ConfVariable] = {v.name: v for v in [
     _var("MODELOPT_DIR", None, "str", "Model-Optimizer checkout (unused: pip package)"),
 ]}
 
-# Defaults that differ by job (seeds/001: QAD fine-tunes a trained model at a tiny LR).
+# Defaults that differ by job (QAD fine-tunes a trained model at a tiny LR: the QAD users' guide uses 1e-6).
 JOB_DEFAULTS = {"qad": {"LR": "1e-6"}}
 
 # Secrets: any variable whose name contains one of these is redacted everywhere.
@@ -252,14 +252,39 @@ def load_conf(config: str, job: str, base_env: dict[str, str] | None = None):
     return path, env, job_values(job, env, path), unknown_variable_warnings(conf_vars, path)
 
 
+DOCS_PAGE = REPO_ROOT / "docs" / "launching.md"  # holds the table between these markers
+TABLE_START, TABLE_END = "<!-- conf-table:start -->", "<!-- conf-table:end -->"
+
+
 def describe_variables() -> str:
-    """A Markdown table of the contract, for the README (python -m train.launch.conf)."""
+    """A Markdown table of the contract, for docs/launching.md (python -m train.launch.conf)."""
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
     rows = ["| variable | jobs | required for | default | config key | meaning |", "|---|---|---|---|---|---|"]
     for v in CONF_VARIABLES.values():
+        defaults = [v.default] if v.default else []
+        defaults += [f"{d[v.name]} ({job})" for job, d in JOB_DEFAULTS.items() if v.name in d]
         rows.append(f"| `{v.name}` | {' '.join(v.jobs)} | {' '.join(v.required_for) or '-'} | "
-                    f"{v.default or '-'} | {v.key or '(launcher)'} | {v.help} |")
+                    f"{', '.join(defaults) or '-'} | {v.key or '(launcher)'} | {cell(v.help)} |")
     return "\n".join(rows)
 
 
+def docs_with_table(text: str) -> str:
+    """`text` (docs/launching.md) with the part between the conf-table markers regenerated."""
+    head, start, rest = text.partition(TABLE_START)
+    _, end, tail = rest.partition(TABLE_END)
+    if not start or not end:
+        raise ConfError(f"{DOCS_PAGE}: no {TABLE_START} ... {TABLE_END} markers")
+    return f"{head}{TABLE_START}\n{describe_variables()}\n{TABLE_END}{tail}"
+
+
 if __name__ == "__main__":
-    print(describe_variables())
+    import sys
+
+    if sys.argv[1:] == ["--update-docs"]:  # rewrite the table in docs/launching.md
+        DOCS_PAGE.write_text(docs_with_table(DOCS_PAGE.read_text()))
+    elif sys.argv[1:]:
+        sys.exit("usage: python -m train.launch.conf [--update-docs]")
+    else:
+        print(describe_variables())

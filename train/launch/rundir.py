@@ -1,4 +1,4 @@
-"""The run directory (DESIGN.md), its file names, and the resume decision.
+"""The run directory (docs/runs.md), its file names, and the resume decision.
 
     $QAD_CHECKPOINT_ROOT/
     ├── <run name>/            RUN_DIR_QAD or RUN_DIR in logs_templates/names.conf

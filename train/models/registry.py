@@ -183,7 +183,7 @@ def _small(name: str, family: dict, shape: dict, **overrides) -> ModelArgs:
 
 
 _MODELS = [
-    # Seed 003 (enhanced_training_system) sizes, trained from scratch at 2048 tokens.
+    # The users' pretraining scripts' sizes (their enhanced_training_system), trained from scratch at 2048 tokens.
     # GPT-2 "1.36B" is the same 18L-18H-2304D trunk as llama2-1.36b with a 4x GELU MLP and the
     # GPT-2 vocabulary padded to 50304; its real size is ~1.27B (the name is the family's budget).
     ModelArgs(name="gpt2-1.36b", vocab_size=50304, hidden_size=2304, num_layers=18, num_heads=18,
@@ -191,14 +191,14 @@ _MODELS = [
     # 18L-18H-2304D-6144ff, vocab 32000; 1.294B parameters (name from the 1.36e21 FLOP budget).
     ModelArgs(name="llama2-1.36b", vocab_size=32000, hidden_size=2304, num_layers=18, num_heads=18,
               num_kv_heads=18, head_dim=128, intermediate_size=6144, max_seq_len=2048, **_LLAMA2),
-    # 18L-16H-2048D-7168ff, GQA 8 KV, vocab 128256 (LLaMA 3.1 tokenizer); seed: ~1.545B.
+    # 18L-16H-2048D-7168ff, GQA 8 KV, vocab 128256 (LLaMA 3.1 tokenizer); the scripts state ~1.545B.
     # No llama3 rope_scaling: trained from scratch at 2048, scaling only matters past 8192.
     ModelArgs(name="llama3-1.5b", vocab_size=128256, hidden_size=2048, num_layers=18, num_heads=16,
               num_kv_heads=8, head_dim=128, intermediate_size=7168, max_seq_len=2048, **_LLAMA3),
-    # 30L-16H-2048D-7168ff, GQA 8 KV (Chinchilla D=20N variant); seed: ~2.224B.
+    # 30L-16H-2048D-7168ff, GQA 8 KV (Chinchilla D=20N variant); the scripts state ~2.224B.
     ModelArgs(name="llama3-2.2b", vocab_size=128256, hidden_size=2048, num_layers=30, num_heads=16,
               num_kv_heads=8, head_dim=128, intermediate_size=7168, max_seq_len=2048, **_LLAMA3),
-    # 24L-16H-2048D-6144ff, GQA 8 KV, theta 1e6, vocab 151643, untied; seed: ~1.830B.
+    # 24L-16H-2048D-6144ff, GQA 8 KV, theta 1e6, vocab 151643, untied; the scripts state ~1.830B.
     ModelArgs(name="qwen3-1.8b", vocab_size=151643, hidden_size=2048, num_layers=24, num_heads=16,
               num_kv_heads=8, head_dim=128, intermediate_size=6144, max_seq_len=2048, **_QWEN3),
     # https://huggingface.co/Qwen/Qwen3-0.6B/blob/main/config.json
@@ -231,9 +231,9 @@ _MODELS += [model for size, shape in (("tiny", _TINY), ("debug", _DEBUG)) for mo
            router_aux_loss_coef=0.01),
 )]
 
-# Qwen3-Next (seed 000): hybrid layers, head_dim 128, 2 KV heads, partial RoPE 0.25, theta 1e7 and
+# Qwen3-Next (the users' Qwen3-Next pretraining setup): hybrid layers, head_dim 128, 2 KV heads, partial RoPE 0.25, theta 1e7 and
 # Gated DeltaNet q/k/v heads of 128 as in Qwen3-Next-80B-A3B's config.json; Qwen2 vocabulary, tied.
-# The seed gives trunks (layers, hidden, heads) and "3B total, ~1B active" but no MoE shapes: every
+# That setup gives trunks (layers, hidden, heads) and "3B total, ~1B active" but no MoE shapes: every
 # size uses routed experts of width 256, top-4, plus a 512-wide shared expert (active MLP width
 # 4 * 256 + 512 = 1536 per token), and the expert count sets the total: 48 -> 1.95B, 56 -> 2.96B
 # (0.99B active), 64 -> 5.19B. `python -m train.models info qwen3-next-3b` prints the counts.
@@ -243,7 +243,7 @@ _QWEN3_NEXT = dict(family="qwen3_next", rope_theta=10_000_000.0, norm_eps=1e-6, 
                    partial_rotary_factor=0.25, linear_key_head_dim=128, linear_value_head_dim=128,
                    num_experts_per_token=4, moe_intermediate_size=256, shared_expert_intermediate_size=512,
                    intermediate_size=1536)  # dense-equivalent width (the active MLP), unused by MoE layers
-# The seed's layer_types list for 3B. Its text says "6 full + 18 linear"; the list has 7 full
+# The setup's layer_types list for 3B. Its text says "6 full + 18 linear"; the list has 7 full
 # (layers 0 3 6 11 14 19 22) and 17 linear. The list is what we build.
 _QWEN3_NEXT_3B_LAYERS = (_FULL, _LINEAR, _LINEAR, _FULL, _LINEAR, _LINEAR, _FULL, _LINEAR,
                          _LINEAR, _LINEAR, _LINEAR, _FULL, _LINEAR, _LINEAR, _FULL, _LINEAR,
