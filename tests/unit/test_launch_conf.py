@@ -431,3 +431,15 @@ def test_describe_variables_has_one_row_per_variable():
     table = conf_lib.describe_variables().splitlines()
     assert len(table) == 2 + len(CONF_VARIABLES)
     assert any(row.startswith("| `STUDENT_CKPT` | qad | qad |") for row in table)
+
+
+def test_docs_conf_table_is_the_generated_one():
+    """docs/launching.md holds exactly the table CONF_VARIABLES generates (every variable)."""
+    text = conf_lib.DOCS_PAGE.read_text()
+    assert text.count(conf_lib.TABLE_START) == 1 and text.count(conf_lib.TABLE_END) == 1, \
+        f"{conf_lib.DOCS_PAGE}: one {conf_lib.TABLE_START} ... {conf_lib.TABLE_END} block expected"
+    assert text == conf_lib.docs_with_table(text), (
+        "the .conf table in docs/launching.md differs from CONF_VARIABLES; regenerate it with "
+        "`python -m train.launch.conf --update-docs`")
+    table = text.split(conf_lib.TABLE_START)[1].split(conf_lib.TABLE_END)[0]
+    assert all(f"| `{name}` |" in table for name in CONF_VARIABLES)
