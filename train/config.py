@@ -155,7 +155,7 @@ class LoraConfig:
 
 @dataclass
 class ValidateConfig:
-    """Fine-tuning's validate mode (mode=validate): train/validate.py documents the set format."""
+    """Fine-tuning's validate mode (mode=validate): train/finetune_validate.py documents the set format."""
     val_set: Optional[str] = None  # VAL_SET: JSONL of {"prompt", "label", "category"}
     tokenizer: Optional[str] = None  # HF tokenizer directory; default: model.hf_checkpoint
     max_new_tokens: int = 32

@@ -4,7 +4,7 @@ import logging
 
 import torch
 
-from train.datasets import build_train_dataset
+from train.data.job_datasets import build_train_dataset
 from train.launch.job import fail, start_job
 from train.parallel import build_mesh, parallelize
 

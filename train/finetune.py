@@ -3,7 +3,7 @@
 mode=train (default): peft LoRA adapters (train/lora.py) on the base model from BASE_CKPT,
 optionally on a fake-quantized base (lora.quantized_base); only the adapters train; early
 stopping with training.early_stop_patience. mode=validate: val loss and generated-label
-accuracy of the run's latest checkpoint on a labeled set (train/validate.py).
+accuracy of the run's latest checkpoint on a labeled set (train/finetune_validate.py).
 Usually started by launchers/finetune.sh or slurm/finetune.sh through torchrun."""
 
 import hydra
@@ -18,7 +18,7 @@ MODES = ("train", "validate")
 @hydra.main(config_path="../configs", config_name="finetune", version_base=None)
 def main(cfg) -> None:
     from train.lora import check_lora_config, check_quantized_base
-    from train.validate import LabeledSetError, check_validate_inputs, run_validate
+    from train.finetune_validate import LabeledSetError, check_validate_inputs, run_validate
 
     mode = str(cfg.mode)
     if mode not in MODES:

@@ -13,7 +13,7 @@ import train.config  # noqa: F401  registers the schemas
 from train.distill.kd_config import KDConfigError, check_distill_config
 from train.distill.loss import distill_loss
 from train.engine import run_job
-from train.trainer import auxiliary_loss
+from train.losses import auxiliary_loss
 
 
 def build_teacher(cfg) -> torch.nn.Module:

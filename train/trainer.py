@@ -2,32 +2,35 @@
 
 One iteration = one optimizer step over a global batch of GBS sequences:
 GBS = MBS x data-parallel size x gradient-accumulation steps.
+
+The loop only, and no utility module: within train/ only the job runner (train/engine.py)
+imports it. Its parts live where other jobs reach them without the loop: the losses in
+train/losses.py (language_model_loss is the default loss_fn), batch collation in
+train/data/collate.py, in-loop validation and early stopping in train/validation.py.
 """
 
 import json
 import logging
-import math
 import os
 import signal
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
                                                      set_state_dict)
 
 from train.checkpoint import CheckpointManager
+from train.data.collate import to_batch
 from train.data.sampler import MicroBatchSampler, parse_iterations_to_skip
 from train.launch.job import JobContext
-from train.evaluate import build_early_stopping, early_stopping_verdict, eval_only, maybe_evaluate
-from train.lm_loss import fused_loss_applies, linear_cross_entropy
+from train.losses import language_model_loss
 from train.metrics import MetricsLogger, check_bad_streak, debug_nan, is_bad, iteration_metrics
 from train.optim import build_optimizer, fold_clipping_into_step, learning_rate
 from train.parallel import (build_zero_redundancy_optimizer, clip_gradients, expert_checkpoint_view, local_view,
                             wants_zero_redundancy_optimizer, zero_redundancy_optimizer_state_dict)
+from train.validation import build_early_stopping, early_stopping_verdict, eval_only, maybe_evaluate
 
 log = logging.getLogger("train")
 STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)  # the sbatch wrappers ask for B:USR2@<grace>
@@ -56,46 +59,6 @@ class TrainState:
     iteration: int = 0  # optimizer steps done
     consumed_samples: int = 0  # global, over all data-parallel ranks
     skipped_iterations: int = 0
-
-
-def to_batch(samples: list[dict], device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Collate dataset samples: inputs (B, T), targets (B, T), loss mask (B, T)."""
-    tokens = torch.from_numpy(np.stack([s["tokens"] for s in samples]).astype(np.int64))
-    mask = torch.from_numpy(np.stack([s["loss_mask"] for s in samples]).astype(np.float32))
-    return tokens[:, :-1].to(device), tokens[:, 1:].to(device), mask.to(device)
-
-
-def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
-    return (losses * mask.flatten()).sum() / mask.sum().clamp(min=1)
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside a DDP wrapper (FSDP2 and TP work in place)."""
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
-
-def auxiliary_loss(model: torch.nn.Module) -> torch.Tensor:
-    """The model's extra loss terms for its last forward (MoE load balancing, coefficient
-    included; zero for dense models), looked up through a DDP wrapper."""
-    return unwrap(model).auxiliary_loss()
-
-
-def language_model_loss(model, inputs, targets, mask) -> torch.Tensor:
-    """The default training loss: masked next-token cross entropy plus auxiliary_loss.
-
-    Fused with lm_head (train.lm_loss: chunked, no whole fp32 logits) when lm_head is a plain
-    Linear; through the logits for a TP-split, quantized or adapted lm_head. The model runs
-    through its wrapper either way (DDP / FSDP2 hooks fire), and lm_head.weight is read after
-    that forward, when FSDP2 has unsharded it. Under torch.compile the logits path is taken:
-    inductor fuses it, while the fused loss's chunk loop would break the graph."""
-    inner = unwrap(model)
-    if fused_loss_applies(inner.lm_head) and not torch.compiler.is_compiling():
-        hidden = model(inputs, return_hidden=True)  # (B, T, D)
-        loss = linear_cross_entropy(hidden, inner.lm_head.weight, targets, mask)
-    else:
-        loss = masked_cross_entropy(model(inputs), targets, mask)
-    return loss + auxiliary_loss(model)
 
 
 class Trainer:

@@ -4,7 +4,7 @@ Same config and weights for both (8 layers, hidden 512, seq 512), CPU, eager and
 torch.compile in one run; prints a Markdown table with ratios. `--help` for the knobs.
 Each step is forward + next-token cross entropy + backward, each model with the loss it
 trains with: transformers' `labels=` loss (ForCausalLMLoss, given the shifted labels) and
-ours train.trainer.language_model_loss (lm_head fused with the loss, train/lm_loss.py);
+ours train.losses.language_model_loss (lm_head fused with the loss);
 compile mode compiles that whole function (model and loss) for each. --precision bf16 (the
 default, the training precision: training.precision=bf16) runs both under bf16 autocast with
 fp32 parameters, so matrix multiplies use the CPU's bf16 units (AMX here); fp32 is the
@@ -69,7 +69,7 @@ def transformers_loss(model):
 
 
 def our_loss(model):
-    from train.trainer import language_model_loss
+    from train.losses import language_model_loss
 
     def loss(ids):  # ids (B, T+1)
         inputs, targets = ids[:, :-1], ids[:, 1:]

@@ -2,7 +2,7 @@
 
 One optimizer step each: forward, loss, backward, gradient clipping, AdamW step, zero_grad.
 Ours: train/models Qwen3, Trainer.train_step (language_model_loss: lm_head fused with the
-cross entropy, train/lm_loss.py; clipping folded into the step) and build_optimizer (fused
+cross entropy, train/losses.py; clipping folded into the step) and build_optimizer (fused
 AdamW, decay on matrices only). Theirs: transformers' Qwen3ForCausalLM (sdpa) with its
 `labels=` loss, clip_grad_norm_, and torch.optim.AdamW with its defaults. Same config, same
 initial weights, same batch, CPU. --precision bf16 (default; training.precision=bf16: autocast,
@@ -51,8 +51,9 @@ def our_step(model, precision: str):
     language_model_loss), then the optimizer step as in train()."""
     from omegaconf import OmegaConf
 
+    from train.losses import language_model_loss
     from train.optim import build_optimizer
-    from train.trainer import Trainer, language_model_loss
+    from train.trainer import Trainer
 
     optim_cfg = OmegaConf.create({"lr": 3e-4, "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8,
                                   "grad_clip": 1.0})

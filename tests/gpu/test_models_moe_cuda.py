@@ -35,7 +35,7 @@ def test_grouped_gemm_is_used_and_matches_the_loop():
 
 def test_bf16_autocast_moe_model_trains_on_cuda():
     from train.models import build_model
-    from train.trainer import language_model_loss
+    from train.losses import language_model_loss
 
     model = build_model("tiny-qwen3-moe", device="cuda", seed=0)  # fp32 master weights
     ids = torch.randint(0, model.args.vocab_size, (4, 128), device="cuda")

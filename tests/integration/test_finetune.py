@@ -94,7 +94,7 @@ def test_validate_on_two_ranks_equals_one(early_stopped, base, labeled_set):
     assert trained.returncode == 0, output(trained)
     common = ("mode=validate", f"validate.val_set={labeled_set}", "validate.max_new_tokens=6",
               "validate.batch_size=2")
-    # the same valid samples: 2 ranks x 2 micro-batches, 1 rank x 4 (train/evaluate.py eval_batches)
+    # the same valid samples: 2 ranks x 2 micro-batches, 1 rank x 4 (train/validation.py eval_batches)
     two = finetune(root, base, *common, "optim.lr=0.02", "training.eval_iters=2",
                    env_extra={"RUN_DATETIME": "20260101_000002"})
     one = finetune(root, base, *common, "optim.lr=0.02", "training.eval_iters=4", procs=1,

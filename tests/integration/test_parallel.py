@@ -134,7 +134,7 @@ def test_gradients_and_weights_match_one_device(training, case):
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_untied_lm_head_two_processes_match_one(tmp_path, strategy):
-    """The default loss reads lm_head.weight after the forward (train/lm_loss.py); untied, that
+    """The default loss reads lm_head.weight after the forward (train/losses.py); untied, that
     weight is used nowhere else, so its gradient must reach DDP's all-reduce / FSDP2's
     reduce-scatter from outside the module's forward."""
     untied = ["model.name=debug-llama3", "training.train_iters=3"]

@@ -54,8 +54,9 @@ def build_corpus(tmp_path: Path) -> Path:
 def train_teacher(blend: Path, directory: Path, steps: int = TEACHER_STEPS) -> None:
     """tiny-qwen3 trained with AdamW on the train split, saved as an HF checkpoint directory."""
     from train.data import build_datasets
+    from train.data.collate import to_batch
+    from train.losses import masked_cross_entropy
     from train.models import build_model, init_weights, save_hf
-    from train.trainer import masked_cross_entropy, to_batch
 
     torch.manual_seed(0)
     threads = torch.get_num_threads()

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from train.data.indexed_writer import IndexedDatasetWriter, commit_all
-from train.eval import evaluate_models
+from train.compare import evaluate_models
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -7,11 +7,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from train.evaluate import EarlyStopping, build_early_stopping
+from train.validation import EarlyStopping, build_early_stopping
 from train.generate import greedy_generate
 from train.lora import apply_lora, check_lora_config, lora_layers, merge_lora
 from train.models import build_model, init_weights
-from train.validate import LabeledSetError, extract_label, load_labeled_set, summarize
+from train.finetune_validate import LabeledSetError, extract_label, load_labeled_set, summarize
 
 REPO = Path(__file__).resolve().parents[2]
 

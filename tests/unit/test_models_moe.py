@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from train.models import CheckpointError, ModelConfigError, build_model, load_hf, save_hf
 from train.models.common.moe import MoE, grouped_linear
 from train.models.registry import count_parameters, flops_per_token, get_model_args
-from train.trainer import language_model_loss
+from train.losses import language_model_loss
 
 VOCAB = 256
 COEF = 0.02

@@ -1,7 +1,8 @@
 """Data pipeline: Megatron .bin/.idx files, preprocessing, packed GPT and blended datasets.
 
-Nothing here imports torch; names are loaded on first use (PEP 562) so that
-`from train.data import load_blend` stays cheap for the launcher.
+Nothing here imports torch but collate.py (to_batch: samples to tensors, for the jobs); names are
+loaded on first use (PEP 562) so that `from train.data import load_blend` stays cheap for the
+launcher. job_datasets.py builds a job's train and valid datasets from its config.
 """
 
 import importlib

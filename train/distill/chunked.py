@@ -17,8 +17,8 @@ gradients by the incoming scalar, so nothing of size (N, V) is kept for backward
 no logits are recomputed: four (C, D) x (D, V) matmuls per chunk, the same as the naive
 loss. Peak extra memory: a few (C, V) fp32 tensors + grad_W (V, D) + grad_h (N, D).
 
-Both terms are means over the loss mask (sum / mask.sum()), like train.distill.losses.kd_loss
-and train.trainer.masked_cross_entropy.
+Both terms are means over the loss mask (sum / mask.sum()), like train.distill.loss.kd_loss_reference
+and train.losses.masked_cross_entropy.
 
 `vocab` (optional) restricts both softmaxes to the first `vocab` logits: the rule for a
 teacher and a student whose vocabularies differ only by padding rows past the tokenizer's size
@@ -30,12 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def _matmul_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
-    """The dtype F.linear would use here: autocast's (bf16 runs) or the tensors' own."""
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return dtype
+from train.losses import matmul_dtype
 
 
 class ChunkedDistillLoss(torch.autograd.Function):
@@ -45,7 +40,7 @@ class ChunkedDistillLoss(torch.autograd.Function):
         # hidden (N, D) student, weight (V_s, D); teacher_hidden (N, D_t), teacher_weight (V_t, D_t);
         # targets (N,) int64, mask (N,) float. Returns the scalar loss.
         device_type = hidden.device.type
-        dtype = _matmul_dtype(device_type, weight.dtype)
+        dtype = matmul_dtype(device_type, weight.dtype)
         vocab = vocab or weight.shape[0]
         want_hidden_grad, want_weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         mask = mask.float()

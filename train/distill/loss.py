@@ -1,4 +1,5 @@
-"""The QAD loss: distill_loss(student, teacher, inputs, targets, mask, cfg.distill).
+"""The KD loss of QAD, in one module: distill_loss(student, teacher, inputs, targets, mask, cfg.distill),
+its full-logits fallback and the naive reference they are tested against.
 
     python -m pytest tests/unit/test_distill_chunked.py tests/integration/test_distill_parallel.py
 
@@ -8,17 +9,35 @@ parallel hook fires as in a normal forward; its lm_head weight is read after tha
 full (V, D) tensor and its gradient reaches FSDP's reduce-scatter). The teacher (frozen,
 laid out like the student by train/qad.py: FSDP2-sharded or TP-split) runs the same way
 under no_grad. Then train.distill.chunked computes KL + LM term chunk by
-chunk. Full-logits fallback (train.distill.losses.kd_loss) where the chunked path does not
-apply: a tensor-parallel lm_head (vocab-sharded DTensor) or an lm_head with enabled quantizers.
+chunk. Full-logits fallback (full_logits_loss) where the chunked path does not apply: a
+tensor-parallel lm_head (vocab-sharded DTensor) or an lm_head with enabled quantizers.
+
+kd_loss_reference is the naive, unchunked KL term on whole (B, T, V) logits: the definition the
+chunked loss must match (tests/unit/test_distill_chunked.py, benchmarks/kd_loss) and the KL part
+of the fallback. The LM term is train.losses.masked_cross_entropy.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from train.distill.chunked import chunked_distill_loss
-from train.distill.losses import kd_loss
+from train.losses import masked_cross_entropy
+
+
+def kd_loss_reference(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
+                      temperature: float) -> torch.Tensor:
+    """KL(teacher || student) per token at temperature T, scaled by T^2, mean over the mask: the
+    naive definition on whole logits. logits: (B, T, V); mask: (B, T)."""
+    if student_logits.shape[-1] != teacher_logits.shape[-1]:
+        raise ValueError(f"vocabulary mismatch: student {student_logits.shape[-1]} vs teacher "
+                         f"{teacher_logits.shape[-1]} logits")
+    student = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    per_token = (teacher.exp() * (teacher - student)).sum(-1)  # (B, T)
+    return (per_token * mask).sum() / mask.sum().clamp(min=1) * temperature**2
 
 
 def _lm_head_quantized(lm_head: torch.nn.Module) -> bool:
@@ -27,12 +46,11 @@ def _lm_head_quantized(lm_head: torch.nn.Module) -> bool:
 
 
 def full_logits_loss(logits, teacher_logits, targets, mask, distill_cfg, vocab: int | None) -> torch.Tensor:
-    """The naive loss on whole (B, T, V) logits: reference and fallback."""
-    from train.trainer import masked_cross_entropy
-
+    """The naive loss on whole (B, T, V) logits: kd_loss_reference + lm_loss_weight x CE; the
+    reference for distill_loss and its fallback."""
     if vocab is not None:
         logits, teacher_logits = logits[..., :vocab], teacher_logits[..., :vocab]
-    loss = kd_loss(logits, teacher_logits, mask, distill_cfg.temperature)
+    loss = kd_loss_reference(logits, teacher_logits, mask, distill_cfg.temperature)
     if distill_cfg.lm_loss_weight:
         loss = loss + distill_cfg.lm_loss_weight * masked_cross_entropy(logits, targets, mask)
     return loss

@@ -1,9 +1,16 @@
-"""The language-model loss fused with lm_head: masked next-token cross entropy computed from the
-final hidden states in row chunks, so the (N, vocab) fp32 logits never exist whole.
+"""The language-model losses, in one place: masked next-token cross entropy (through the logits,
+or fused with lm_head), the model's auxiliary loss (MoE load balancing) and their sum, the default
+training loss. The KD loss of QAD lives in train/distill/loss.py and builds on these.
 
-    python -m pytest tests/unit/test_lm_loss.py
+    python -m pytest tests/unit/test_losses.py tests/unit/test_models_moe.py
 
-For each chunk of C positions (rows of hidden (N, D), weight (V, D)):
+masked_cross_entropy(logits, targets, mask) = sum(mask * ce) / max(sum(mask), 1): the mean over
+the loss-masked tokens (masked_cross_entropy_sum: the numerator). Training (language_model_loss),
+in-loop validation (train/validation.py) and the KD loss's LM term all use this one definition.
+
+The fused path, linear_cross_entropy: the same value computed from the final hidden states in
+row chunks, so the (N, vocab) fp32 logits never exist whole. For each chunk of C positions (rows
+of hidden (N, D), weight (V, D)):
 
     z = h @ W^T                                   (C, V), matmul in the autocast dtype, then fp32
     p = exp(z - max z); s = sum_v p               one exp pass, in place
@@ -15,19 +22,36 @@ only scales the two stored gradients, so nothing of size (C, V) outlives its chu
 with F.cross_entropy on whole logits this saves the fp32 copy of the logits, log_softmax's
 second exp pass in backward and the (N, V) gradient buffer: ~20% of the lm_head + loss time
 on CPU in bf16 (benchmarks/model_step), and the logits' memory on GPU.
-
-Same value as train.trainer.masked_cross_entropy: sum(mask * ce) / max(sum(mask), 1).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from train.distill.chunked import _matmul_dtype
-
 CHUNK_BYTES = 1 << 30  # fp32 logits per chunk: 1 GiB -> 8192 rows at vocab 32768, 1766 at 151936
+
+
+def matmul_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype F.linear would use here: autocast's (bf16 runs) or the tensors' own. The chunked
+    losses (here and train/distill/chunked.py) cast explicitly, under autocast disabled."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return dtype
+
+
+def masked_cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Next-token cross entropy summed over the loss mask (fp32); logits (B, T, V), targets and
+    mask (B, T). Validation sums it over batches and ranks before dividing by the token count."""
+    losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+    return (losses * mask.flatten()).sum()
+
+
+def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross entropy over the loss mask: the training loss's LM term."""
+    return masked_cross_entropy_sum(logits, targets, mask) / mask.sum().clamp(min=1)
 
 
 def fused_loss_applies(lm_head: nn.Module) -> bool:
@@ -41,7 +65,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, mask, chunk_rows: int):
         # hidden (N, D), weight (V, D), targets (N,) int64, mask (N,) float -> scalar mean loss
-        dtype = _matmul_dtype(hidden.device.type, weight.dtype)
+        dtype = matmul_dtype(hidden.device.type, weight.dtype)
         want_hidden_grad, want_weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         count = mask.sum().clamp(min=1)
         row_weight = mask / count  # (N,) each position's share of the mean
@@ -96,3 +120,31 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     chunk_rows = max(1, chunk_bytes // (4 * weight.shape[0]))
     return LinearCrossEntropy.apply(hidden.flatten(0, -2), weight, targets.flatten(), mask.flatten().float(),
                                     chunk_rows)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DDP wrapper (FSDP2 and TP work in place)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def auxiliary_loss(model: nn.Module) -> torch.Tensor:
+    """The model's extra loss terms for its last forward (MoE load balancing, coefficient
+    included; zero for dense models), looked up through a DDP wrapper."""
+    return unwrap(model).auxiliary_loss()
+
+
+def language_model_loss(model, inputs, targets, mask) -> torch.Tensor:
+    """The default training loss: masked next-token cross entropy plus auxiliary_loss.
+
+    Fused with lm_head (linear_cross_entropy: chunked, no whole fp32 logits) when lm_head is a
+    plain Linear; through the logits for a TP-split, quantized or adapted lm_head. The model runs
+    through its wrapper either way (DDP / FSDP2 hooks fire), and lm_head.weight is read after
+    that forward, when FSDP2 has unsharded it. Under torch.compile the logits path is taken:
+    inductor fuses it, while the fused loss's chunk loop would break the graph."""
+    inner = unwrap(model)
+    if fused_loss_applies(inner.lm_head) and not torch.compiler.is_compiling():
+        hidden = model(inputs, return_hidden=True)  # (B, T, D)
+        loss = linear_cross_entropy(hidden, inner.lm_head.weight, targets, mask)
+    else:
+        loss = masked_cross_entropy(model(inputs), targets, mask)
+    return loss + auxiliary_loss(model)

@@ -1,4 +1,12 @@
-"""Evaluation on the valid split: val_loss and val_ppl.
+"""In-loop validation: val_loss and val_ppl on the valid split, eval-only jobs, early stopping.
+
+    python -m pytest tests/integration/test_finetune.py tests/unit/test_lora.py
+
+The trainer's validation component (train/trainer.py calls maybe_evaluate, eval_only and
+early_stopping_verdict); fine-tuning's validate mode reuses evaluate(). Named for the job it
+does, validating the weights being trained, as opposed to train/compare.py (`python -m
+train.eval`: a student against its teacher) and train/finetune_validate.py (fine-tuning's
+mode=validate: a LoRA checkpoint's accuracy on a labeled set).
 
 Every training.eval_interval iterations (0: never) each data-parallel rank runs
 training.eval_iters micro-batches of the valid split (the same samples every time, so
@@ -29,7 +37,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
+
+from train.data.collate import to_batch
+from train.losses import masked_cross_entropy_sum
 
 log = logging.getLogger("train")
 
@@ -45,7 +55,7 @@ def eval_dataset(trainer):
     """The valid split, built on first use (cached on the trainer); None without one."""
     cache = trainer.__dict__.setdefault("_monitor_cache", {})
     if "eval_dataset" not in cache:
-        from train.datasets import build_eval_dataset
+        from train.data.job_datasets import build_eval_dataset
 
         inner = getattr(trainer.model, "module", trainer.model)
         vocab_size = inner.args.vocab_size
@@ -58,8 +68,6 @@ def eval_dataset(trainer):
 @torch.no_grad()
 def evaluate(trainer) -> dict | None:
     """{"val_loss", "val_ppl"} averaged over every data-parallel rank; None without a valid split."""
-    from train.trainer import to_batch
-
     dataset = eval_dataset(trainer)
     if dataset is None:
         return None
@@ -73,9 +81,7 @@ def evaluate(trainer) -> dict | None:
     try:
         for indices in eval_batches(dataset, cfg.training.eval_iters, mbs, ctx.rank // model_parallel, dp_size):
             inputs, targets, mask = to_batch([dataset[i] for i in indices], ctx.device)
-            logits = model(inputs)
-            losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
-            totals[0] += float((losses * mask.flatten()).sum())
+            totals[0] += float(masked_cross_entropy_sum(model(inputs), targets, mask))
             totals[1] += float(mask.sum())
     finally:
         model.train(was_training)

@@ -1,11 +1,10 @@
-"""train.lm_loss: the lm_head-fused chunked cross entropy equals the logits path in value and gradients."""
+"""train.losses: the lm_head-fused chunked cross entropy equals the logits path in value and gradients."""
 
 import pytest
 import torch
 from torch import nn
 
-from train.lm_loss import fused_loss_applies, linear_cross_entropy
-from train.trainer import language_model_loss, masked_cross_entropy
+from train.losses import fused_loss_applies, language_model_loss, linear_cross_entropy, masked_cross_entropy
 
 
 def _inputs(rows=24, dim=16, vocab=50, seed=0):

@@ -1,4 +1,11 @@
-"""The training dataset of a job: seeded synthetic sequences, or the packed datablend."""
+"""The datasets of a training job: seeded synthetic sequences (data.source=synthetic), or the
+packed datablend's train split for the loop and its valid split for in-loop validation.
+
+    python -m pytest tests/unit/test_data_datasets.py
+
+Built from a job's config and plan (train.engine.run_job, train/validation.py); the datasets
+themselves are train/data/build.py's.
+"""
 
 import numpy as np
 

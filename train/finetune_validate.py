@@ -2,11 +2,16 @@
 
     python -m train.finetune mode=validate validate.val_set=labeled.jsonl [...]
     bash launchers/finetune.sh --config C -- mode=validate      (or MODE=validate VAL_SET=... in C)
+    python -m pytest tests/unit/test_lora.py tests/integration/test_finetune.py
+
+Named finetune_validate for the job it is, `train.finetune mode=validate`, a job of its own
+(not a part of the training loop, which is train/validation.py) that scores answers generated
+on a labeled set; train/compare.py (`python -m train.eval`) compares a student with its teacher.
 
 The job builds the base (BASE_CKPT), restores the checkpoint's quantizers if it was trained
 on a quantized base (lora.quantized_base must match), adds the adapters, loads the latest checkpoint of the run directory (the same run directory as the
 training job: same conf), then
-1. val loss: train/evaluate.py's val_loss / val_ppl on the valid split (all ranks together);
+1. val loss: train/validation.py's val_loss / val_ppl on the valid split (all ranks together);
 2. labeled set: each rank takes records rank, rank + W, rank + 2W, ...; every prompt is
    rendered with the tokenizer's chat template (one user turn, generation prompt), answered by
    greedy decoding (train/generate.py) up to validate.max_new_tokens or an end-of-sequence /
@@ -193,7 +198,7 @@ def run_validate(cfg, records: list[dict], tokenizer) -> dict | None:
     from types import SimpleNamespace
 
     from train.engine import add_adapters, build_job_model
-    from train.evaluate import evaluate
+    from train.validation import evaluate
     from train.launch.job import fail, start_job
     from train.metrics import MetricsLogger
 
