@@ -68,7 +68,8 @@ class ModelArgs:
 
     def resolved_layer_types(self) -> list[str]:
         """Hybrid families (qwen3_next): the mixer of each layer; every other family: all full attention."""
-        if not family_spec(self.family).hybrid:
+        spec = SPECS.get(self.family)  # None before validate() rejects an unknown family
+        if spec is None or not spec.hybrid:
             return ["full_attention"] * self.num_layers
         if self.layer_types is not None:
             return list(self.layer_types)
