@@ -87,9 +87,12 @@ def read_source(run_dir: Path, iteration: int | None, export_format: str) -> Sou
             raise ExportError(f"--format hf-nvfp4 needs a QAD run quantized with {' or '.join(NVFP4_RECIPES)}; "
                               f"{checkpoint} is a {cfg.job} run" + (f" with recipe {recipe}" if recipe else
                                                                      " without quantizer state"))
+        from train.models.family import SPECS, family_spec
+
         family = model_args(cfg).family
-        if family not in ("llama", "qwen3"):
-            raise ExportError(f"--format hf-nvfp4 supports the llama and qwen3 families, not {family}")
+        if not family_spec(family).nvfp4_export:
+            supported = " and ".join(name for name, spec in SPECS.items() if spec.nvfp4_export)
+            raise ExportError(f"--format hf-nvfp4 supports the {supported} families, not {family}")
     return Source(checkpoint, cfg, quantizers)
 
 

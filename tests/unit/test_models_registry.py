@@ -99,3 +99,24 @@ def test_cli_list_info_and_error(capsys):
     assert main(["info", "no-such-model"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: unknown model 'no-such-model'") and "Traceback" not in err
+
+
+def test_every_family_has_a_spec_its_module_exports():
+    """family.py is the one place per-family facts live; each family module re-exports its spec."""
+    import importlib
+
+    from train.models.family import FAMILIES, family_spec, spec_for_model_type
+
+    assert set(FAMILIES) == {args.family for args in registry.REGISTRY.values()}
+    for family in FAMILIES:
+        spec = family_spec(family)
+        module = importlib.import_module(f"train.models.{family}")
+        assert module.SPEC is spec
+        assert spec.load("model_class").__module__ == module.__name__
+        assert spec_for_model_type(spec.model_type, "test") is spec
+        for field in ("args_from_hf", "hf_config_kwargs", "to_hf", "from_hf"):
+            assert callable(spec.load(field))
+    with pytest.raises(KeyError, match="not one of gpt2"):
+        family_spec("mamba")
+    with pytest.raises(ModelConfigError, match="model_type 'mamba' is not supported"):
+        spec_for_model_type("mamba", "test")

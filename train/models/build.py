@@ -6,17 +6,12 @@ import torch
 
 from train.models.common.attention import resolve_attention_backend
 from train.models.common.transformer import CausalLM
+from train.models.family import family_spec
 from train.models.registry import ModelArgs, get_model_args
 
 
 def model_class(family: str) -> type[CausalLM]:
-    from train.models.gpt2 import GPT2
-    from train.models.llama import Llama
-    from train.models.qwen3 import Qwen3
-    from train.models.qwen3_moe import Qwen3Moe
-    from train.models.qwen3_next import Qwen3Next
-
-    return {"gpt2": GPT2, "llama": Llama, "qwen3": Qwen3, "qwen3_moe": Qwen3Moe, "qwen3_next": Qwen3Next}[family]
+    return family_spec(family).load("model_class")
 
 
 def build_model(args_or_name: ModelArgs | str, *, device: str | torch.device = "meta",

@@ -14,6 +14,9 @@ from torch import nn
 from train.models.common.attention import Attention
 from train.models.common.mlp import GeluMLP
 from train.models.common.transformer import CausalLM, TransformerBlock
+from train.models.family import family_spec
+
+SPEC = family_spec("gpt2")  # what registry, HF conversion, export and checks know (family.py)
 
 
 class GPT2(CausalLM):

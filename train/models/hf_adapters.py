@@ -7,27 +7,23 @@ transposed ((in, out) instead of nn.Linear's (out, in)) and q, k, v fused in c_a
 from __future__ import annotations
 
 import re
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from train.models.errors import ModelConfigError
+from train.models.family import SPECS, FamilySpec, family_spec, spec_for_model_type
 from train.models.registry import ModelArgs
 
-SUPPORTED_MODEL_TYPES = {"gpt2": "gpt2", "llama": "llama", "qwen3": "qwen3",  # HF model_type -> family
-                         "qwen3_moe": "qwen3_moe", "qwen3_next": "qwen3_next"}
-HF_ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                    "qwen3_moe": "Qwen3MoeForCausalLM", "qwen3_next": "Qwen3NextForCausalLM"}
+SUPPORTED_MODEL_TYPES = {spec.model_type: spec.name for spec in SPECS.values()}  # HF model_type -> family
+HF_ARCHITECTURES = {spec.name: spec.hf_architecture for spec in SPECS.values()}
 
 # Keys some HF checkpoints carry that are buffers, not weights.
 IGNORED_HF_KEYS = re.compile(r"(\.attn\.(masked_)?bias$)|(rotary_emb\.inv_freq$)")
 
 
 def family_for_model_type(model_type: str | None, source: str) -> str:
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ModelConfigError(f"{source}: model_type {model_type!r} is not supported "
-                               f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
-    return SUPPORTED_MODEL_TYPES[model_type]
+    return spec_for_model_type(model_type, source).name
 
 
 def _rope_settings(config: dict[str, Any], default_theta: float) -> tuple[float, dict | None]:
@@ -45,32 +41,39 @@ def _rope_settings(config: dict[str, Any], default_theta: float) -> tuple[float,
 
 def args_from_hf_config(config: dict[str, Any], name: str) -> ModelArgs:
     """ModelArgs for an HF config.json dict; ModelConfigError for what we cannot represent."""
-    family = family_for_model_type(config.get("model_type"), name)
-    if family == "gpt2":
-        if config.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise ModelConfigError(f"{name}: GPT-2 activation_function "
-                                   f"{config['activation_function']!r} is not supported (gelu_new only)")
-        for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
-            if config.get(flag):
-                raise ModelConfigError(f"{name}: GPT-2 option {flag}=true is not supported")
-        hidden, heads = config["n_embd"], config["n_head"]
-        return ModelArgs(
-            name=name, family=family, vocab_size=config["vocab_size"], hidden_size=hidden,
-            num_layers=config["n_layer"], num_heads=heads, num_kv_heads=heads,
-            head_dim=hidden // heads, intermediate_size=config.get("n_inner") or 4 * hidden,
-            max_seq_len=config["n_positions"], norm_eps=config.get("layer_norm_epsilon", 1e-5),
-            tie_embeddings=config.get("tie_word_embeddings", True),
-            init_std=config.get("initializer_range", 0.02)).validate()
+    spec = spec_for_model_type(config.get("model_type"), name)
+    return spec.load("args_from_hf")(config, name, spec)
+
+
+def _gpt2_args_from_hf(config: dict[str, Any], name: str, spec: FamilySpec) -> ModelArgs:
+    """GPT2Config names (n_embd, n_layer, ...); GELU (tanh) only."""
+    if config.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise ModelConfigError(f"{name}: GPT-2 activation_function "
+                               f"{config['activation_function']!r} is not supported (gelu_new only)")
+    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+        if config.get(flag):
+            raise ModelConfigError(f"{name}: GPT-2 option {flag}=true is not supported")
+    hidden, heads = config["n_embd"], config["n_head"]
+    return ModelArgs(
+        name=name, family=spec.name, vocab_size=config["vocab_size"], hidden_size=hidden,
+        num_layers=config["n_layer"], num_heads=heads, num_kv_heads=heads,
+        head_dim=hidden // heads, intermediate_size=config.get("n_inner") or 4 * hidden,
+        max_seq_len=config["n_positions"], norm_eps=config.get("layer_norm_epsilon", 1e-5),
+        tie_embeddings=config.get("tie_word_embeddings", True),
+        init_std=config.get("initializer_range", 0.02)).validate()
+
+
+def _decoder_args_from_hf(config: dict[str, Any], name: str, spec: FamilySpec) -> ModelArgs:
+    """LLaMA-style config.json (RMSNorm, RoPE, SwiGLU) plus the family's extra fields."""
+    family = spec.name
     for flag in ("attention_bias", "mlp_bias", "use_sliding_window"):
         if config.get(flag):
             raise ModelConfigError(f"{name}: {flag}=true is not supported for {family}")
     if config.get("hidden_act", "silu") != "silu":
         raise ModelConfigError(f"{name}: hidden_act {config['hidden_act']!r} is not supported (silu only)")
     hidden, heads = config["hidden_size"], config["num_attention_heads"]
-    theta, scaling = _rope_settings(config, 10_000.0 if family == "llama" else 1_000_000.0)
-    extra = _moe_args_from_hf(config) if family == "qwen3_moe" else {}
-    if family == "qwen3_next":
-        extra = _qwen3_next_fields(config)
+    theta, scaling = _rope_settings(config, spec.hf_rope_theta)
+    extra = spec.load("hf_extra_args")(config) if spec.hf_extra_args else {}
     return ModelArgs(
         name=name, family=family, vocab_size=config["vocab_size"], hidden_size=hidden,
         num_layers=config["num_hidden_layers"], num_heads=heads,
@@ -121,37 +124,49 @@ def _qwen3_next_fields(config: dict[str, Any]) -> dict[str, Any]:
 
 def hf_config_kwargs(args: ModelArgs) -> dict[str, Any]:
     """Keyword arguments for transformers' config class of args.family (4.x and 5.x accept them)."""
-    if args.family == "gpt2":
-        return dict(vocab_size=args.vocab_size, n_embd=args.hidden_size, n_layer=args.num_layers,
-                    n_head=args.num_heads, n_inner=args.intermediate_size, n_positions=args.max_seq_len,
-                    layer_norm_epsilon=args.norm_eps, activation_function="gelu_new",
-                    tie_word_embeddings=args.tie_embeddings, initializer_range=args.init_std)
-    if args.family == "qwen3_next":
-        return dict(vocab_size=args.vocab_size, hidden_size=args.hidden_size,
-                    num_hidden_layers=args.num_layers, num_attention_heads=args.num_heads,
-                    num_key_value_heads=args.num_kv_heads, head_dim=args.head_dim,
-                    intermediate_size=args.intermediate_size, max_position_embeddings=args.max_seq_len,
-                    rope_parameters=dict(rope_type="default", rope_theta=args.rope_theta,
-                                         partial_rotary_factor=args.partial_rotary_factor),
-                    rms_norm_eps=args.norm_eps, tie_word_embeddings=args.tie_embeddings,
-                    initializer_range=args.init_std, attention_bias=False, hidden_act="silu",
-                    layer_types=args.resolved_layer_types(),
-                    linear_num_key_heads=args.linear_num_key_heads,
-                    linear_num_value_heads=args.linear_num_value_heads,
-                    linear_key_head_dim=args.linear_key_head_dim,
-                    linear_value_head_dim=args.linear_value_head_dim,
-                    linear_conv_kernel_dim=args.linear_conv_kernel, num_experts=args.num_experts,
-                    num_experts_per_tok=args.num_experts_per_token or 1,
-                    moe_intermediate_size=args.moe_intermediate_size,
-                    shared_expert_intermediate_size=args.shared_expert_intermediate_size,
-                    norm_topk_prob=args.norm_topk_prob, router_aux_loss_coef=args.router_aux_loss_coef,
-                    decoder_sparse_step=args.decoder_sparse_step, mlp_only_layers=list(args.mlp_only_layers))
-    moe = {}
-    if args.family == "qwen3_moe":
-        moe = dict(num_experts=args.num_experts, num_experts_per_tok=args.num_experts_per_token,
-                   moe_intermediate_size=args.moe_intermediate_size, norm_topk_prob=args.norm_topk_prob,
-                   router_aux_loss_coef=args.router_aux_loss_coef,
-                   decoder_sparse_step=args.decoder_sparse_step, mlp_only_layers=list(args.mlp_only_layers))
+    return family_spec(args.family).load("hf_config_kwargs")(args)
+
+
+def _gpt2_config_kwargs(args: ModelArgs) -> dict[str, Any]:
+    return dict(vocab_size=args.vocab_size, n_embd=args.hidden_size, n_layer=args.num_layers,
+                n_head=args.num_heads, n_inner=args.intermediate_size, n_positions=args.max_seq_len,
+                layer_norm_epsilon=args.norm_eps, activation_function="gelu_new",
+                tie_word_embeddings=args.tie_embeddings, initializer_range=args.init_std)
+
+
+def _qwen3_next_config_kwargs(args: ModelArgs) -> dict[str, Any]:
+    return dict(vocab_size=args.vocab_size, hidden_size=args.hidden_size,
+                num_hidden_layers=args.num_layers, num_attention_heads=args.num_heads,
+                num_key_value_heads=args.num_kv_heads, head_dim=args.head_dim,
+                intermediate_size=args.intermediate_size, max_position_embeddings=args.max_seq_len,
+                rope_parameters=dict(rope_type="default", rope_theta=args.rope_theta,
+                                     partial_rotary_factor=args.partial_rotary_factor),
+                rms_norm_eps=args.norm_eps, tie_word_embeddings=args.tie_embeddings,
+                initializer_range=args.init_std, attention_bias=False, hidden_act="silu",
+                layer_types=args.resolved_layer_types(),
+                linear_num_key_heads=args.linear_num_key_heads,
+                linear_num_value_heads=args.linear_num_value_heads,
+                linear_key_head_dim=args.linear_key_head_dim,
+                linear_value_head_dim=args.linear_value_head_dim,
+                linear_conv_kernel_dim=args.linear_conv_kernel, num_experts=args.num_experts,
+                num_experts_per_tok=args.num_experts_per_token or 1,
+                moe_intermediate_size=args.moe_intermediate_size,
+                shared_expert_intermediate_size=args.shared_expert_intermediate_size,
+                norm_topk_prob=args.norm_topk_prob, router_aux_loss_coef=args.router_aux_loss_coef,
+                decoder_sparse_step=args.decoder_sparse_step, mlp_only_layers=list(args.mlp_only_layers))
+
+
+def _qwen3_moe_config_kwargs(args: ModelArgs) -> dict[str, Any]:
+    return _decoder_config_kwargs(args, moe=dict(
+        num_experts=args.num_experts, num_experts_per_tok=args.num_experts_per_token,
+        moe_intermediate_size=args.moe_intermediate_size, norm_topk_prob=args.norm_topk_prob,
+        router_aux_loss_coef=args.router_aux_loss_coef, decoder_sparse_step=args.decoder_sparse_step,
+        mlp_only_layers=list(args.mlp_only_layers)))
+
+
+def _decoder_config_kwargs(args: ModelArgs, moe: dict[str, Any] | None = None) -> dict[str, Any]:
+    """LLaMA-style config kwargs (llama, qwen3; qwen3_moe adds its MoE fields)."""
+    moe = moe or {}
     return dict(vocab_size=args.vocab_size, hidden_size=args.hidden_size,
                 num_hidden_layers=args.num_layers, num_attention_heads=args.num_heads,
                 num_key_value_heads=args.num_kv_heads, head_dim=args.head_dim,
@@ -288,34 +303,27 @@ def _gpt2_from_hf(state: StateDict, args: ModelArgs) -> StateDict:
     return out
 
 
-_ADAPTERS: dict[str, tuple[Callable, Callable]] = {
-    "gpt2": (_gpt2_to_hf, _gpt2_from_hf),
-    "llama": (_llama_to_hf, _llama_from_hf),
-    "qwen3": (_llama_to_hf, _llama_from_hf),
-    "qwen3_moe": (_qwen3_moe_to_hf, _qwen3_moe_from_hf),
-    "qwen3_next": (_qwen3_moe_to_hf, _qwen3_moe_from_hf),  # same names and per-expert HF layout
-}
-
-
 def to_hf_state_dict(state: StateDict, args: ModelArgs) -> StateDict:
     """Our state dict -> HF names and layouts (tied lm_head left out, as HF saves it)."""
-    return _ADAPTERS[args.family][0](state, args)
+    return family_spec(args.family).load("to_hf")(state, args)
 
 
 def from_hf_state_dict(state: StateDict, args: ModelArgs) -> StateDict:
     """HF state dict (already checked with check_hf_keys) -> our names and layouts."""
-    return _ADAPTERS[args.family][1](state, args)
+    return family_spec(args.family).load("from_hf")(state, args)
 
 
 def check_hf_keys(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]],
                   args: ModelArgs) -> list[str]:
     """Every problem at once: missing, unexpected and wrongly shaped keys (HF names)."""
+    spec = family_spec(args.family)
     found = {k: v for k, v in found.items() if not IGNORED_HF_KEYS.search(k)}
-    if args.family == "gpt2" and not any(k.startswith("transformer.") for k in found):
-        found = {(k if k == "lm_head.weight" else f"transformer.{k}"): v for k, v in found.items()}
+    prefix = spec.hf_optional_prefix
+    if prefix and not any(k.startswith(prefix) for k in found):
+        found = {(k if k == "lm_head.weight" else f"{prefix}{k}"): v for k, v in found.items()}
     if args.tie_embeddings:
         found.pop("lm_head.weight", None)  # HF sometimes saves the tied copy too
-    if args.family == "qwen3_moe":  # grouped experts on disk: compare in the per-expert form
+    if spec.hf_grouped_experts:  # grouped experts on disk: compare in the per-expert form
         found = split_grouped_experts({k: tuple(v) for k, v in found.items()})
     problems = []
     missing = sorted(set(expected) - set(found))

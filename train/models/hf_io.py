@@ -19,7 +19,8 @@ from safetensors.torch import save_file
 from train.models.build import build_model
 from train.models.common.transformer import CausalLM
 from train.models.errors import CheckpointError
-from train.models.hf_adapters import (HF_ARCHITECTURES, args_from_hf_config, check_hf_keys,
+from train.models.family import family_spec
+from train.models.hf_adapters import (args_from_hf_config, check_hf_keys,
                                       from_hf_state_dict, hf_config_kwargs, to_hf_state_dict)
 
 SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
@@ -108,8 +109,9 @@ def save_hf(model: CausalLM, path: str | Path, *, max_shard_bytes: int = 5 * 2**
     args, directory = model.args, Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     dtype = model.embed_tokens.weight.dtype
-    config = AutoConfig.for_model(args.family, **hf_config_kwargs(args))
-    config.architectures = [HF_ARCHITECTURES[args.family]]
+    spec = family_spec(args.family)
+    config = AutoConfig.for_model(spec.model_type, **hf_config_kwargs(args))
+    config.architectures = [spec.hf_architecture]
     # transformers >= 4.56 names the field `dtype` (`torch_dtype` before, now deprecated).
     setattr(config, "dtype" if hasattr(config, "dtype") else "torch_dtype", dtype)
     config.save_pretrained(directory)

@@ -13,6 +13,9 @@ from train.models.common.mlp import SwiGLU
 from train.models.common.norms import RMSNorm
 from train.models.common.rope import rope_cache, rope_for_positions
 from train.models.common.transformer import CausalLM, TransformerBlock
+from train.models.family import family_spec
+
+SPEC = family_spec("llama")  # what registry, HF conversion, export and checks know (family.py)
 
 
 class Llama(CausalLM):

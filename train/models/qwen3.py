@@ -5,7 +5,10 @@ hidden_size / num_heads (Qwen3-0.6B: 16 heads x 128 = 2048 != hidden 1024), opti
 embeddings, rms eps 1e-6. Module names equal HF Qwen3ForCausalLM's without 'model.'.
 """
 
+from train.models.family import family_spec
 from train.models.llama import Llama
+
+SPEC = family_spec("qwen3")  # what registry, HF conversion, export and checks know (family.py)
 
 
 class Qwen3(Llama):

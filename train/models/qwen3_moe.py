@@ -10,7 +10,10 @@ from __future__ import annotations
 from torch import nn
 
 from train.models.common.moe import MoE
+from train.models.family import family_spec
 from train.models.qwen3 import Qwen3
+
+SPEC = family_spec("qwen3_moe")  # what registry, HF conversion, export and checks know (family.py)
 
 
 class Qwen3Moe(Qwen3):

@@ -21,6 +21,9 @@ from train.models.common.moe import GroupedExperts, MoE
 from train.models.common.norms import ZeroCenteredRMSNorm
 from train.models.common.rope import rope_cache, rope_for_positions
 from train.models.common.transformer import CausalLM
+from train.models.family import family_spec
+
+SPEC = family_spec("qwen3_next")  # what registry, HF conversion, export and checks know (family.py)
 
 
 class HybridBlock(nn.Module):

@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from train.models.errors import ModelConfigError, UnknownModelError
+from train.models.family import FAMILIES, SPECS, family_spec
 
-FAMILIES = ("gpt2", "llama", "qwen3", "qwen3_moe", "qwen3_next")
-MOE_FAMILIES = ("qwen3_moe",)  # always sparse; qwen3_next is sparse when num_experts > 0
+MOE_FAMILIES = tuple(name for name, spec in SPECS.items() if spec.experts == "always")  # always sparse
 LAYER_TYPES = ("linear_attention", "full_attention")  # qwen3_next token mixers (HF names)
 
 
@@ -22,7 +22,7 @@ class ModelArgs:
     """Shape of one decoder-only model. Frozen: derive variants with dataclasses.replace."""
 
     name: str
-    family: str  # 'gpt2' | 'llama' | 'qwen3' | 'qwen3_moe'
+    family: str  # one of FAMILIES: 'gpt2' | 'llama' | 'qwen3' | 'qwen3_moe' | 'qwen3_next'
     vocab_size: int
     hidden_size: int
     num_layers: int
@@ -67,8 +67,9 @@ class ModelArgs:
     shared_expert_intermediate_size: int = 0  # MoE layers: 0 no shared expert; else a SwiGLU behind a sigmoid gate
 
     def resolved_layer_types(self) -> list[str]:
-        """qwen3_next: the mixer of each layer; every other family: all full attention."""
-        if self.family != "qwen3_next":
+        """Hybrid families (qwen3_next): the mixer of each layer; every other family: all full attention."""
+        spec = SPECS.get(self.family)  # None before validate() rejects an unknown family
+        if spec is None or not spec.hybrid:
             return ["full_attention"] * self.num_layers
         if self.layer_types is not None:
             return list(self.layer_types)
@@ -84,6 +85,7 @@ class ModelArgs:
         where = f"model {self.name!r}"
         if self.family not in FAMILIES:
             raise ModelConfigError(f"{where}: family {self.family!r} is not one of {', '.join(FAMILIES)}")
+        spec = family_spec(self.family)
         for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
                     "head_dim", "intermediate_size", "max_seq_len"):
             if getattr(self, key) <= 0:
@@ -91,7 +93,7 @@ class ModelArgs:
         if self.num_heads % self.num_kv_heads:
             raise ModelConfigError(
                 f"{where}: num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads}")
-        if self.family in ("gpt2", "llama"):
+        if spec.head_dim_from_hidden:
             # These families derive head_dim = hidden_size / num_heads (HF GPT-2 and LLaMA).
             if self.hidden_size % self.num_heads:
                 raise ModelConfigError(
@@ -100,19 +102,17 @@ class ModelArgs:
                 raise ModelConfigError(
                     f"{where}: head_dim={self.head_dim} must equal hidden_size/num_heads="
                     f"{self.hidden_size // self.num_heads} for family {self.family!r}")
-        if self.family == "gpt2" and self.num_kv_heads != self.num_heads:
-            raise ModelConfigError(f"{where}: GPT-2 has no GQA; num_kv_heads must equal num_heads")
-        if self.family != "gpt2" and self.head_dim % 2:
+        if not spec.gqa and self.num_kv_heads != self.num_heads:
+            raise ModelConfigError(f"{where}: family {self.family!r} has no GQA; num_kv_heads must equal num_heads")
+        if spec.rope and self.head_dim % 2:
             raise ModelConfigError(f"{where}: RoPE needs an even head_dim, got {self.head_dim}")
         if self.rope_scaling is not None and self.rope_scaling.get("rope_type") not in ("default", "llama3"):
             raise ModelConfigError(
                 f"{where}: rope_scaling type {self.rope_scaling.get('rope_type')!r} is not supported "
                 "(supported: 'default', 'llama3')")
-        if self.family == "qwen3_next":
+        if spec.hybrid:
             self._validate_qwen3_next(where)
-            if self.num_experts:
-                self._validate_moe(where)
-        elif self.family in MOE_FAMILIES:
+        if spec.experts == "always" or (spec.experts == "optional" and self.num_experts):
             self._validate_moe(where)
         elif self.num_experts:
             raise ModelConfigError(f"{where}: family {self.family!r} is dense; num_experts must be 0")
@@ -289,19 +289,20 @@ def count_parameters(args: ModelArgs) -> dict[str, int]:
     non_embedding follows the Qwen3/Kaplan convention: total minus the token embedding,
     the lm_head (tied or not) and learned position embeddings. active == total for dense.
     """
-    if args.family == "qwen3_next":
+    spec = family_spec(args.family)
+    if spec.hybrid:
         return _count_qwen3_next(args)
     D, F, V = args.hidden_size, args.intermediate_size, args.vocab_size
     q_width, kv_width = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
-    if args.family == "gpt2":
-        # LayerNorms with bias, biased q/k/v/o and MLP (HF GPT-2 Conv1D layers).
+    if spec.bias:
+        # LayerNorms with bias, biased q/k/v/o and MLP (HF GPT-2 Conv1D layers), learned positions.
         attention = D * (q_width + 2 * kv_width) + (q_width + 2 * kv_width) + q_width * D + D
         mlp = D * F + F + F * D + D
         per_layer = attention + mlp + 2 * (2 * D)
         final_norm, positions = 2 * D, args.max_seq_len * D
     else:
         attention = D * (q_width + 2 * kv_width) + q_width * D
-        if args.family in ("qwen3", "qwen3_moe"):
+        if spec.qk_norm:
             attention += 2 * args.head_dim  # per-head q_norm and k_norm weights
         mlp = 3 * D * F  # SwiGLU: gate, up, down
         per_layer = attention + mlp + 2 * D
@@ -310,7 +311,7 @@ def count_parameters(args: ModelArgs) -> dict[str, int]:
     lm_head = 0 if args.tie_embeddings else V * D
     layers = args.num_layers * per_layer
     inactive = 0  # expert weights a token does not use
-    if args.family in MOE_FAMILIES:
+    if spec.experts == "always":
         # A sparse layer swaps the dense MLP for a router (E, D) and E SwiGLU experts of width
         # moe_intermediate_size, of which num_experts_per_token run per token.
         expert = 3 * D * args.moe_intermediate_size
@@ -361,7 +362,7 @@ def flops_per_token(args: ModelArgs, seq_len: int) -> float:
         matmul_params -= counts["total"] - counts["active"]
     full_layers = args.resolved_layer_types().count("full_attention")
     attention = 12 * full_layers * args.num_heads * args.head_dim * seq_len
-    if args.family == "qwen3_next":
+    if family_spec(args.family).hybrid:
         # Gated DeltaNet: per token and value head, read S^T k, write k u^T, read S^T q on a
         # (dk, dv) state: 3 * 2 * dk * dv forward, x3 for forward + backward; no seq_len term.
         linear_layers = args.num_layers - full_layers

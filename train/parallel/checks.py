@@ -3,6 +3,8 @@
     python -c "from train.parallel.checks import check_parallel_settings"   (no torch import)
 """
 
+from train.models.family import family_spec
+
 DATA_PARALLEL_STRATEGIES = {
     "ddp": "DistributedDataParallel: full replicas, gradients all-reduced",
     "fsdp": "FSDP2 fully_shard per block and root; parameters resharded after forward (ZeRO-3)",
@@ -36,10 +38,11 @@ def check_parallel_settings(parallel_cfg, model_args=None, world_size: int | Non
         raise ParallelSettingsError(f"TP_SIZE={tp} with data-parallel size {world_size // tp}: "
                                     f"parallel.data_parallel={strategy!r} does not compose with tensor "
                                     "parallelism; use fsdp or fsdp_zero2")
-    if tp > 1 and model_args is not None and model_args.family == "qwen3_next":
-        # No TP plan for the Gated DeltaNet layers (fused per-key-head projections, conv, state).
+    if tp > 1 and model_args is not None and not family_spec(model_args.family).tensor_parallel:
+        # e.g. qwen3_next: no TP plan for the Gated DeltaNet layers (fused per-key-head projections,
+        # conv, state).
         raise ParallelSettingsError(f"TP_SIZE={tp}: tensor parallelism is not implemented for the "
-                                    f"qwen3_next family (model {model_args.name}); use TP_SIZE=1 with "
+                                    f"{model_args.family} family (model {model_args.name}); use TP_SIZE=1 with "
                                     "DP_SHARDING=fsdp")
     if tp > 1 and model_args is not None:
         # Heads split whole across TP ranks (query head h reads KV head h // (H / KV) on the same
