@@ -142,9 +142,10 @@ def language_model_loss(model, inputs, targets, mask) -> torch.Tensor:
     that forward, when FSDP2 has unsharded it. Under torch.compile the logits path is taken:
     inductor fuses it, while the fused loss's chunk loop would break the graph."""
     inner = unwrap(model)
+    hidden = model(inputs, return_hidden=True)  # (B, T, D)
+    # decided after the forward: FSDP2 has unsharded lm_head.weight by now (a DTensor before it)
     if fused_loss_applies(inner.lm_head) and not torch.compiler.is_compiling():
-        hidden = model(inputs, return_hidden=True)  # (B, T, D)
         loss = linear_cross_entropy(hidden, inner.lm_head.weight, targets, mask)
     else:
-        loss = masked_cross_entropy(model(inputs), targets, mask)
+        loss = masked_cross_entropy(inner.output_logits(hidden), targets, mask)
     return loss + auxiliary_loss(model)

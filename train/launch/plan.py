@@ -20,6 +20,8 @@ from pathlib import Path
 
 from train.launch import cluster as cluster_lib
 from train.launch.conf import EXIT_USAGE, REPO_ROOT, ConfError, config_overrides, load_conf
+from train.launch.memory import (AUTO_ORDER, describe, fitting_alternatives, gpu_memory_bytes, job_layout,
+                                 job_memory, job_models, resource_plan)
 from train.launch.rundir import ResumeError, ResumeState, RunPaths, resume_state, run_paths
 
 
@@ -64,11 +66,11 @@ def registry_candidates(name: str) -> list[str]:
     return [name] + ["-".join(parts[:n]) for n in range(len(parts), 0, -1)]
 
 
-def registry_args(cfg):
-    """The registry's ModelArgs for the model's name (or a dash-prefix of it), else None."""
+def registry_args(model_name: str):
+    """The registry's ModelArgs for a model name (or a dash-prefix of it), else None."""
     from train.models.registry import get_model_args
 
-    for name in registry_candidates(str(cfg.model.name)):
+    for name in registry_candidates(model_name):
         try:
             return get_model_args(name)
         except ValueError:
@@ -83,7 +85,7 @@ def model_facts(cfg) -> dict:
         hf = json.loads((Path(hf_dir) / "config.json").read_text())
         return {"num_experts": int(hf.get("num_experts") or hf.get("num_local_experts") or 0),
                 "source": str(Path(hf_dir) / "config.json")}
-    args = registry_args(cfg)
+    args = registry_args(str(cfg.model.name))
     if args is None:
         return {"num_experts": None, "source": None}
     return {"num_experts": int(args.num_experts or 0), "source": f"registry:{args.name}"}
@@ -121,7 +123,7 @@ def check_parallel(cfg, world_size: int, conf: str) -> int:
     # Experts from the HF config.json when there is one, else the registry (None: unknown).
     experts = model_facts(cfg)["num_experts"] if ep > 1 else None
     try:
-        check_parallel_settings(cfg.parallel, registry_args(cfg), world_size, num_experts=experts)
+        check_parallel_settings(cfg.parallel, registry_args(str(cfg.model.name)), world_size, num_experts=experts)
     except ParallelSettingsError as error:
         raise PlanError(f"{conf}: {error}") from None
     return data_parallel
@@ -235,6 +237,7 @@ class JobPlan:
     path_problems: list[str] = field(default_factory=list)
     node_commands: list[list[str]] = field(default_factory=list)
     parallel: dict = field(default_factory=dict)
+    resources: dict = field(default_factory=dict)  # memory per GPU and time (train/launch/memory.py)
 
     def as_dict(self) -> dict:
         return {
@@ -244,7 +247,7 @@ class JobPlan:
             "resume": self.resume.as_dict(), "blend_path": self.blend_path,
             "train_samples": self.train_samples, "train_iters": self.train_iters,
             "global_batch_size": self.global_batch_size, "model": self.model_facts,
-            "parallel": self.parallel,
+            "parallel": self.parallel, "resources": self.resources,
             "path_problems": self.path_problems,
             "node_commands": [shlex.join(c) for c in self.node_commands],
         }
@@ -275,8 +278,13 @@ def build_plan(job: str, cfg, env: dict[str, str], conf: str, cluster: cluster_l
     except ResumeError as error:
         raise PlanError(f"{conf}: {error}") from None
     facts = model_facts(cfg)
+    try:
+        resources = resource_plan(job, cfg, env, cluster.world_size, data_parallel, gbs, iters, REPO_ROOT / "slurm")
+    except ValueError as error:  # GPU_TYPE not in the table, an unreadable time limit
+        raise PlanError(f"{conf}: {error}") from None
     return JobPlan(job, conf, cluster, paths, resume, data_parallel, gbs, iters, samples, blend,
-                   facts, problems, parallel=parallel_layout(cfg, data_parallel, facts["num_experts"]))
+                   facts, problems, parallel=parallel_layout(cfg, data_parallel, facts["num_experts"]),
+                   resources=resources)
 
 
 def parallel_layout(cfg, data_parallel: int, num_experts: int | None) -> dict:
@@ -314,6 +322,9 @@ def plan_from_conf(job: str, config: str, user_overrides: list[str], env: dict[s
         cfg = compose_config(job, overrides)
     except Exception as error:  # Hydra's message names the bad key or value
         raise PlanError(f"{path}: the config does not compose: {error}") from None
+    if cfg.parallel.data_parallel == "auto":  # the workers get the chosen strategy as an override
+        cfg.parallel.data_parallel = choose_data_parallel(job, cfg, env, cluster.world_size, str(path))
+        overrides.append(f"parallel.data_parallel={cfg.parallel.data_parallel}")
     plan = build_plan(job, cfg, env, str(path), cluster, strict_paths)
     from train.parallel.checks import ParallelSettingsError, check_engine_support  # torch-free
 
@@ -324,7 +335,40 @@ def plan_from_conf(job: str, config: str, user_overrides: list[str], env: dict[s
             raise PlanError(f"{path}: {error}") from None
         warnings.append(f"{path}: {error} (planned; a real start stops here)")
     plan.node_commands = [node_command(job, cluster, rank, overrides) for rank in range(cluster.nnodes)]
-    return plan, overrides, warnings + master_weight_warnings(cfg, str(path))
+    problem = memory_problem(job, cfg, plan, str(path))
+    if problem and strict_paths and env.get("MEMORY_CHECK", "1").lower() not in ("0", "false", "no"):
+        raise PlanError(problem)
+    return plan, overrides, warnings + master_weight_warnings(cfg, str(path)) + ([problem] if problem else [])
+
+
+def choose_data_parallel(job: str, cfg, env: dict[str, str], world_size: int, conf: str) -> str:
+    """DP_SHARDING=auto: the fastest strategy (AUTO_ORDER) this layout allows whose plan fits the GPU."""
+    _, capacity = gpu_memory_bytes(env)
+    models = job_models(job, cfg)
+    for strategy in AUTO_ORDER:
+        cfg.parallel.data_parallel = strategy
+        try:
+            data_parallel = check_parallel(cfg, world_size, conf)
+        except PlanError:  # e.g. TP with DDP, EP with ZeRO-1
+            continue
+        memory = job_memory(job, cfg, job_layout(cfg, data_parallel), models)
+        if memory is None or memory["total"] <= capacity:
+            return strategy
+    return "fsdp"  # the leanest; the memory check then says what else would make it fit
+
+
+def memory_problem(job: str, cfg, plan: JobPlan, conf: str) -> str | None:
+    """A plan over the GPU's memory: the breakdown and the single knobs that would make it fit."""
+    resources = plan.resources
+    if resources["fits"]:
+        return None
+    capacity = resources["gpu_memory_bytes"]
+    knobs = fitting_alternatives(job, cfg, plan.cluster.world_size, plan.data_parallel_size, capacity)
+    hint = f"; fits with {' or '.join(knobs)}" if knobs else "; no single knob fits: combine DP_SHARDING=fsdp, " \
+        "ACTIVATION_CHECKPOINTING=1, a smaller MBS, a larger TP_SIZE or more nodes"
+    return (f"{conf}: the plan needs more memory than the GPU has: "
+            f"{describe(resources['memory_per_gpu_bytes'], capacity, resources['gpu'])}{hint} "
+            "(GPU_TYPE / GPU_MEMORY_GB name the GPU; MEMORY_CHECK=0 starts anyway)")
 
 
 # A typical weight of a trained LLM linear layer (|w| ~ 0.01-0.05) and the smallest update bf16 keeps

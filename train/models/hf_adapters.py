@@ -7,13 +7,14 @@ transposed ((in, out) instead of nn.Linear's (out, in)) and q, k, v fused in c_a
 from __future__ import annotations
 
 import re
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from train.models.errors import ModelConfigError
 from train.models.family import SPECS, FamilySpec, family_spec, spec_for_model_type
 from train.models.registry import ModelArgs
+
+if TYPE_CHECKING:  # torch is imported where tensors are joined: the plan reads configs without it
+    import torch
 
 SUPPORTED_MODEL_TYPES = {spec.model_type: spec.name for spec in SPECS.values()}  # HF model_type -> family
 HF_ARCHITECTURES = {spec.name: spec.hf_architecture for spec in SPECS.values()}
@@ -177,7 +178,7 @@ def _decoder_config_kwargs(args: ModelArgs, moe: dict[str, Any] | None = None) -
 
 
 # -- state dicts ---------------------------------------------------------------------------
-StateDict = dict[str, torch.Tensor]
+StateDict = dict[str, "torch.Tensor"]
 
 
 def _llama_to_hf(state: StateDict, args: ModelArgs) -> StateDict:
@@ -235,6 +236,8 @@ def _stack_per_expert(state: StateDict) -> StateDict:
         else:
             prefix, j, proj = match.groups()
             groups.setdefault(prefix, {}).setdefault(proj, {})[int(j)] = value
+    import torch
+
     for prefix, projections in groups.items():
         stack = {proj: torch.stack([by_index[j] for j in sorted(by_index)]) for proj, by_index in projections.items()}
         out[f"{prefix}.gate_up_proj"] = torch.cat((stack["gate_proj"], stack["up_proj"]), dim=1)  # (E, 2F, D)
@@ -273,6 +276,8 @@ def _gpt2_renames(args: ModelArgs):
 
 
 def _gpt2_to_hf(state: StateDict, args: ModelArgs) -> StateDict:
+    import torch
+
     out = {hf: (state[ours].t() if transposed else state[ours]) for ours, hf, transposed in _gpt2_renames(args)}
     for i in range(args.num_layers):
         attn = f"layers.{i}.self_attn"

@@ -1,0 +1,347 @@
+"""The memory and time plan of a job: what each GPU holds and how long the job runs, before the queue.
+
+    python -m train.launch.plan --job qad --config qwen3-8b --dry-run     # "memory" and "time" in the JSON
+    python -m pytest tests/unit/test_launch_memory.py
+
+Torch-free arithmetic on the model's shapes (ModelArgs from the registry or the HF config.json).
+Bytes per GPU, for this rank's share of the model (tp, ep and data-parallel sharding applied):
+
+    parameters    P_local x master bytes (4: fp32 master weights; 2 with model.param_dtype=bfloat16);
+                  a LoRA base counts its frozen weights the same way, the adapters in fp32
+    gathered      FSDP2: the unsharded blocks it all-gathers (fsdp: two blocks, the current one and
+                  the prefetched next; fsdp_zero2: every block stays gathered for backward)
+    gradients     trainable P_local x master bytes
+    ddp_buckets   DDP and ZeRO-1 on more than one rank: the all-reduce buckets, a second copy
+    optimizer     AdamW's exp_avg + exp_avg_sq: trainable P_local x 2 x master bytes (ZeRO-1: / dp)
+    teacher       QAD: the frozen teacher in its checkpoint's dtype, split like the student
+    activations   what backward needs of MBS x SEQ_LENGTH tokens: per layer and token the norm
+                  inputs (fp32 residual stream) and ~2 D + 4 q-width + 5 kv-width + 4 F values in the
+                  compute dtype (bf16 under PRECISION=bf16); with activation checkpointing one
+                  block input per layer plus one block recomputed; MoE layers by routed tokens
+    loss          the fused lm_head loss's chunk of fp32 logits (<= 1 GiB) and its fp32 gradients;
+                  whole logits (x3) under TP (see loss_bytes); QAD's KD loss holds the
+                  teacher's logits too
+    overhead      CUDA context, NCCL buffers and allocator slack: a fixed 3 GiB + 5% of the rest
+
+The peak ("total") is not the sum: gradients (set to None after each step) and activations
+(freed through backward) peak at different moments; memory_breakdown says how they combine.
+
+The time: training FLOPs (the PaLM count of flops_per_token, + the teacher's forward for QAD)
+over the GPUs' peak bf16 FLOP/s at an assumed MFU (ASSUMED_MFU, default 0.35), and the chained
+SLURM jobs the wrapper's time limit (#SBATCH --time, or SBATCH_TIMELIMIT) implies.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from train.mfu import peak_flops_for_name
+
+GIB = 2**30
+OVERHEAD_BYTES, OVERHEAD_SHARE = 3 * GIB, 0.05
+LOSS_CHUNK_BYTES = GIB  # train/losses.py CHUNK_BYTES: fp32 logits per chunk
+DEFAULT_MFU = 0.35
+SIGNAL_MARGIN_S = 300  # the wrappers' --signal=B:USR2@300: the save starts 5 minutes before the limit
+
+# GPU memory in GB (10^9 bytes, as vendors state it), matched on GPU_TYPE; GPU_MEMORY_GB overrides.
+GPU_MEMORY_GB = {"h100": 80, "h200": 141, "b200": 180, "gb200": 186, "a100-40gb": 40, "a100": 80,
+                 "a100-80gb": 80}
+DEFAULT_GPU = "h100"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a rank's share is cut: tp, ep, dp, and the data-parallel strategy."""
+    tp: int
+    ep: int
+    dp: int
+    strategy: str  # ddp | fsdp | fsdp_zero2 | zero1
+
+
+def parameter_groups(args) -> dict[str, int]:
+    """Elements of the model in three groups: embedding (+ untied lm_head), experts, the rest."""
+    from train.models.registry import count_parameters
+
+    total = count_parameters(args)["total"]
+    embedding = args.vocab_size * args.hidden_size * (1 if args.tie_embeddings else 2)
+    experts = 0
+    if args.num_experts:
+        moe_layers = sum(args.is_moe_layer(i) for i in range(args.num_layers))
+        experts = moe_layers * args.num_experts * 3 * args.hidden_size * args.moe_intermediate_size
+    return {"embedding": embedding, "experts": experts, "dense": total - embedding - experts}
+
+
+def local_elements(groups: dict[str, int], layout: Layout, fsdp_sharded: bool) -> float:
+    """This rank's parameters: TP splits the dense layers and the vocabulary, EP the experts,
+    FSDP2 the non-expert parameters over dp (experts stay out of FSDP, split by EP only)."""
+    non_experts = (groups["dense"] + groups["embedding"]) / layout.tp
+    if fsdp_sharded:
+        non_experts /= layout.dp
+    return non_experts + groups["experts"] / layout.ep
+
+
+def lora_elements(args, rank: int, targets: list[str]) -> int:
+    """Adapter elements: r x (in + out) per targeted linear of every layer."""
+    D, F = args.hidden_size, args.intermediate_size
+    q, kv = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
+    shapes = {"q_proj": (D, q), "k_proj": (D, kv), "v_proj": (D, kv), "o_proj": (q, D),
+              "gate_proj": (D, F), "up_proj": (D, F), "down_proj": (F, D)}
+    return args.num_layers * sum(rank * sum(shapes[t]) for t in targets if t in shapes)
+
+
+def activation_bytes(args, tokens: int, act_bytes: int, layout: Layout) -> tuple[float, float]:
+    """(bytes backward keeps of `tokens` tokens through all layers, bytes of the largest layer)
+    on this rank; TP splits the head and MLP widths. Per layer and token: the norm inputs of the
+    fp32 residual stream (2 D x 4) and the norm outputs (2 D x 4, and their bf16 copies under
+    autocast), q/k/v and the attention output (~4 q + 5 kv), the MLP's gate, up, act and product
+    (4 F); an MoE layer keeps its routed rows (top-k x (D + 4 Fm)) and the router's logits."""
+    D, F = args.hidden_size, args.intermediate_size / layout.tp
+    q, kv = args.num_heads * args.head_dim / layout.tp, args.num_kv_heads * args.head_dim / layout.tp
+    norms = 4 * D * 4 + (2 * D * act_bytes if act_bytes < 4 else 0)
+    per_layer = []
+    for i in range(args.num_layers):
+        mlp = 4 * F
+        if args.num_experts and args.is_moe_layer(i):
+            mlp = args.num_experts_per_token * (D + 4 * args.moe_intermediate_size) + args.num_experts
+        per_layer.append(norms + (4 * q + 5 * kv + mlp) * act_bytes)
+    return tokens * (sum(per_layer) + 3 * D * 4), tokens * max(per_layer)  # + embedding out, final norm
+
+
+def loss_bytes(args, tokens: int, distill: bool, fused: bool) -> float:
+    """The loss's largest moment. Fused (train/losses.py, train/distill/chunked.py): a chunk of
+    fp32 logits (<= 1 GiB; QAD: the teacher's chunk beside it) and its softmax, the lm_head weight
+    gradient and the hidden-state gradient. Under TP (the vocabulary-split lm_head gathers the
+    whole vocabulary): whole fp32 logits, their log-softmax and gradient."""
+    V, D = args.vocab_size, args.hidden_size
+    if not fused:
+        return 3 * tokens * V * 4 * (2 if distill else 1)
+    rows = max(1, min(tokens, LOSS_CHUNK_BYTES // (V * 4)))
+    chunk = rows * V * 4 * (2 if distill else 1)
+    return chunk * 2 + V * D * 4 + tokens * D * 4
+
+
+def memory_breakdown(args, *, job: str, layout: Layout, mbs: int, seq_length: int, param_bytes: int,
+                     act_bytes: int, checkpointing: bool, accumulation: int = 1, teacher=None,
+                     teacher_bytes: int = 2, lora: tuple[int, list[str]] | None = None) -> dict[str, float]:
+    """Bytes per GPU by category (the module docstring says what each holds) and the peak, "total".
+
+    The peak is what stays (parameters, gathered blocks, optimizer state, the teacher, DDP's
+    buckets) plus the larger of the two moments of a step: the end of the forward (activations
+    and the loss's chunk; gradients only when an earlier micro-batch left them) and the end of
+    the backward (every gradient, activations freed)."""
+    groups = parameter_groups(args)
+    fsdp = layout.strategy in ("fsdp", "fsdp_zero2")
+    params = local_elements(groups, layout, fsdp)
+    trainable, trained_bytes = params, param_bytes
+    out = {"parameters": params * param_bytes}
+    if lora is not None:  # frozen base in the master dtype, fp32 adapters
+        trainable, trained_bytes = lora_elements(args, *lora) / layout.tp / (layout.dp if fsdp else 1), 4
+        out["parameters"] += trainable * 4
+    out["gathered"] = 0.0
+    if fsdp:  # unsharded blocks: two at a time (fsdp), or all of them through backward (fsdp_zero2)
+        block = groups["dense"] / args.num_layers / layout.tp * param_bytes
+        out["gathered"] = 2 * block if layout.strategy == "fsdp" else block * args.num_layers
+    out["gradients"] = trainable * trained_bytes
+    out["ddp_buckets"] = trainable * trained_bytes if layout.dp > 1 and layout.strategy in ("ddp", "zero1") else 0.0
+    optimizer = trainable * 2 * trained_bytes
+    out["optimizer"] = optimizer / layout.dp if layout.strategy == "zero1" else optimizer
+    out["teacher"] = 0.0
+    if teacher is not None:
+        out["teacher"] = local_elements(parameter_groups(teacher), layout, fsdp) * teacher_bytes
+    tokens = mbs * seq_length
+    activations, one_layer = activation_bytes(args, tokens, act_bytes, layout)
+    if job == "qad":  # fake-quantized linear inputs kept for backward: one more copy of them
+        activations, one_layer = activations * 1.5, one_layer * 1.5
+    # bf16 autocast caches a bf16 copy of each fp32 weight it multiplies, through the backward
+    out["autocast_weights"] = params * 2 if act_bytes < 4 and param_bytes == 4 else 0.0
+    if checkpointing:  # block inputs stay; one block is recomputed at a time in the backward
+        kept = tokens * args.num_layers * args.hidden_size * 4
+        out["activations"], recomputed = kept, one_layer
+    else:
+        out["activations"], recomputed = activations, 0.0
+    fused = layout.tp == 1
+    out["loss"] = loss_bytes(args, tokens, job == "qad", fused)
+    staying = sum(out[k] for k in ("parameters", "gathered", "ddp_buckets", "optimizer", "teacher"))
+    earlier_gradients = out["gradients"] if accumulation > 1 else 0.0
+    forward_end = out["autocast_weights"] + out["activations"] + out["loss"] + earlier_gradients
+    backward = out["autocast_weights"] + out["activations"] + recomputed + out["gradients"]
+    peak = staying + max(forward_end, backward)
+    out["overhead"] = OVERHEAD_BYTES + OVERHEAD_SHARE * peak
+    out["total"] = peak + out["overhead"]
+    return out
+
+
+def gpu_memory_bytes(env: dict[str, str]) -> tuple[str, float]:
+    """(GPU name, bytes): GPU_MEMORY_GB wins, else GPU_TYPE's entry in GPU_MEMORY_GB (default h100)."""
+    name = env.get("GPU_TYPE", DEFAULT_GPU).lower()
+    if env.get("GPU_MEMORY_GB"):
+        return name, float(env["GPU_MEMORY_GB"]) * 1e9
+    if name not in GPU_MEMORY_GB:
+        raise ValueError(f"GPU_TYPE={name!r} is not in the memory table ({', '.join(GPU_MEMORY_GB)}); "
+                         "set GPU_MEMORY_GB")
+    return name, GPU_MEMORY_GB[name] * 1e9
+
+
+def slurm_time_limit_s(job: str, env: dict[str, str], slurm_dir: Path) -> int | None:
+    """The time limit the job will get: SBATCH_TIMELIMIT, else the wrapper's #SBATCH --time."""
+    text = env.get("SBATCH_TIMELIMIT")
+    if text is None:
+        wrapper = slurm_dir / f"{job}.sh"
+        match = re.search(r"^#SBATCH --time=(\S+)", wrapper.read_text(), re.M) if wrapper.is_file() else None
+        text = match.group(1) if match else None
+    return parse_slurm_time(text) if text else None
+
+
+def parse_slurm_time(text: str) -> int:
+    """SLURM's [days-]hours:minutes:seconds, hours:minutes:seconds, minutes:seconds or minutes."""
+    days, _, rest = text.rpartition("-") if "-" in text else ("0", "", text)
+    parts = [int(p) for p in rest.split(":")]
+    if "-" in text:  # days-hours[:minutes[:seconds]]
+        parts += [0] * (3 - len(parts))
+        h, m, s = parts
+    else:
+        h, m, s = {1: (0, parts[0], 0), 2: (0, *parts), 3: tuple(parts)}[len(parts)]
+    return ((int(days) * 24 + h) * 60 + m) * 60 + s
+
+
+def time_plan(args, teacher, *, tokens_per_step: int, seq_length: int, iters: int | None, world_size: int,
+              gpu: str, mfu: float, time_limit_s: int | None, checkpointing: bool) -> dict:
+    """Step and wall time from FLOPs at an assumed MFU; chained jobs under the time limit."""
+    from train.models.registry import flops_per_token
+
+    flops = flops_per_token(args, seq_length) * (4 / 3 if checkpointing else 1)  # recompute: +1 forward
+    if teacher is not None:
+        flops += flops_per_token(teacher, seq_length) / 3  # the teacher's forward only
+    peak = peak_flops_for_name(gpu)
+    out = {"flops_per_step": flops * tokens_per_step, "assumed_mfu": mfu, "gpu_peak_flops": peak}
+    if peak is None:
+        return out
+    step_s = flops * tokens_per_step / (world_size * peak * mfu)
+    out["step_s"] = step_s
+    if iters:
+        out["wall_s"] = step_s * iters
+        if time_limit_s:
+            usable = max(time_limit_s - SIGNAL_MARGIN_S, 1)
+            out.update(time_limit_s=time_limit_s, chained_jobs=math.ceil(out["wall_s"] / usable))
+    return out
+
+
+def hf_config(directory) -> dict | None:
+    path = Path(directory) / "config.json" if directory else None
+    return json.loads(path.read_text()) if path and path.is_file() else None
+
+
+def checkpoint_bytes(config: dict | None) -> int:
+    """Bytes per element of an HF checkpoint from its config.json's dtype (default bf16)."""
+    dtype = str((config or {}).get("dtype") or (config or {}).get("torch_dtype") or "bfloat16")
+    return 4 if "32" in dtype else 2
+
+
+def format_bytes(value: float) -> str:
+    return f"{value / 1e9:.1f} GB"
+
+
+def describe(memory: dict[str, float], capacity: float, gpu: str) -> str:
+    """'parameters 16.4 GB, ... = 131.2 GB of h100's 80.0 GB'."""
+    parts = ", ".join(f"{k} {format_bytes(v)}" for k, v in memory.items() if k != "total" and v)
+    return f"{parts} = {format_bytes(memory['total'])} per GPU, {gpu} has {format_bytes(capacity)}"
+
+
+# ----------------------------------------------------------------- a job's plan
+
+def job_models(job: str, cfg):
+    """(student ModelArgs, teacher ModelArgs or None, teacher bytes per element); None when unknown.
+    From the HF config.json when the directory is readable here, else the registry by name."""
+    from train.launch.plan import registry_args
+    from train.models.hf_adapters import args_from_hf_config
+
+    def args_for(directory, name: str):
+        config = hf_config(directory)
+        if config is not None:
+            return args_from_hf_config(config, name=f"hf:{Path(directory).name}"), config
+        return registry_args(name), None
+
+    student, _ = args_for(cfg.model.get("hf_checkpoint"), str(cfg.model.name))
+    if job != "qad":
+        return student, None, 2
+    teacher, config = args_for(cfg.distill.get("teacher_checkpoint"), str(cfg.distill.teacher_model))
+    return student, teacher, checkpoint_bytes(config)
+
+
+def job_memory(job: str, cfg, layout: Layout, models) -> dict[str, float] | None:
+    student, teacher, teacher_bytes = models
+    if student is None:
+        return None
+    mbs = int(cfg.training.micro_batch_size)
+    gbs = int(cfg.training.global_batch_size or mbs * layout.dp)
+    accumulation = max(gbs // (mbs * layout.dp), 1)
+    targets = [name.strip() for name in str(cfg.lora.target_modules).split(",") if name.strip()]
+    lora = (int(cfg.lora.rank), targets) if job == "finetune" else None
+    return memory_breakdown(
+        student, job=job, layout=layout, mbs=int(cfg.training.micro_batch_size), seq_length=int(cfg.data.seq_length),
+        param_bytes=2 if cfg.model.param_dtype == "bfloat16" else 4,
+        act_bytes=2 if cfg.training.precision == "bf16" else 4,
+        checkpointing=bool(cfg.parallel.activation_checkpointing), accumulation=accumulation, teacher=teacher,
+        teacher_bytes=teacher_bytes, lora=lora)
+
+
+def job_layout(cfg, data_parallel: int) -> Layout:
+    parallel = cfg.parallel
+    return Layout(int(parallel.tensor_parallel_size), int(parallel.expert_parallel_size), data_parallel,
+                  str(parallel.data_parallel))
+
+
+def resource_plan(job: str, cfg, env: dict[str, str], world_size: int, data_parallel: int, gbs: int,
+                  iters: int | None, slurm_dir: Path) -> dict:
+    """The plan's "resources": memory per GPU by category against the GPU's, and the time."""
+    gpu, capacity = gpu_memory_bytes(env)
+    models = job_models(job, cfg)
+    memory = job_memory(job, cfg, job_layout(cfg, data_parallel), models)
+    out = {"gpu": gpu, "gpu_memory_bytes": capacity, "memory_per_gpu_bytes": memory,
+           "fits": memory is None or memory["total"] <= capacity,
+           "tokens_per_step": gbs * int(cfg.data.seq_length),
+           "accumulation_steps": gbs // (int(cfg.training.micro_batch_size) * data_parallel),
+           "total_tokens": gbs * int(cfg.data.seq_length) * iters if iters else None}
+    if models[0] is not None:
+        mfu = float(env.get("ASSUMED_MFU") or DEFAULT_MFU)
+        out["time"] = time_plan(models[0], models[1], tokens_per_step=out["tokens_per_step"],
+                                seq_length=int(cfg.data.seq_length), iters=iters, world_size=world_size, gpu=gpu,
+                                mfu=mfu, time_limit_s=slurm_time_limit_s(job, env, slurm_dir),
+                                checkpointing=bool(cfg.parallel.activation_checkpointing))
+    return out
+
+
+def fitting_alternatives(job: str, cfg, world_size: int, data_parallel: int, capacity: float) -> list[str]:
+    """The single knobs that would bring the plan under `capacity`, each with its total."""
+    from omegaconf import OmegaConf
+
+    models = job_models(job, cfg)
+    parallel, training = cfg.parallel, cfg.training
+    tries = []
+    if parallel.data_parallel != "fsdp":
+        tries.append(("DP_SHARDING=fsdp", "parallel.data_parallel", "fsdp"))
+    if not parallel.activation_checkpointing:
+        tries.append(("ACTIVATION_CHECKPOINTING=1", "parallel.activation_checkpointing", True))
+    if training.micro_batch_size > 1:
+        tries.append((f"MBS={training.micro_batch_size // 2}", "training.micro_batch_size",
+                      training.micro_batch_size // 2))
+    if world_size % (2 * parallel.tensor_parallel_size) == 0:
+        tries.append((f"TP_SIZE={2 * parallel.tensor_parallel_size}", "parallel.tensor_parallel_size",
+                      2 * parallel.tensor_parallel_size))
+    found = []
+    for label, key, value in tries:
+        variant = OmegaConf.to_container(cfg, resolve=True)
+        variant = OmegaConf.create(variant)
+        OmegaConf.update(variant, key, value)
+        dp = world_size // variant.parallel.tensor_parallel_size
+        memory = job_memory(job, variant, job_layout(variant, dp), models)
+        if memory is not None and memory["total"] <= capacity:
+            found.append(f"{label} ({format_bytes(memory['total'])})")
+    return found
+
+
+AUTO_ORDER = ("ddp", "zero1", "fsdp_zero2", "fsdp")  # fastest first: fewer collectives per step
