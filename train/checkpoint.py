@@ -64,7 +64,6 @@ from torch.distributed.checkpoint.filesystem import FileSystem
 from train.launch.rundir import TRACKER_FILE, checkpoint_dir_name, read_tracker
 
 log = logging.getLogger("train")
-SLOW_SAVE_ENV = "TRAIN_TEST_SLOW_SAVE_S"  # tests: "<seconds>[@<iteration>]" sleep before publishing
 
 
 class CheckpointMismatch(RuntimeError):
@@ -115,14 +114,6 @@ def tensor_shapes(state: dict, prefix: str = "") -> dict[str, tuple]:
         elif isinstance(value, torch.Tensor):
             shapes[name] = tuple(value.shape)
     return shapes
-
-
-def _slow_save_seconds(iteration: int) -> float:
-    text = os.environ.get(SLOW_SAVE_ENV, "")
-    if not text:
-        return 0.0
-    seconds, _, only = text.partition("@")
-    return float(seconds) if not only or int(only) == iteration else 0.0
 
 
 def fsync_path(path: Path) -> None:
@@ -293,7 +284,6 @@ class CheckpointManager:
             self._pending = (future, iteration, temporary, final)
             return final
         dcp.save(tensors, storage_writer=self._writer(temporary))
-        self._slow_for_tests(iteration)
         barrier()
         if rank() == 0:
             self._publish(iteration, temporary, final)
@@ -332,17 +322,10 @@ class CheckpointManager:
         upload = getattr(result, "upload_completion", None)  # AsyncSaveResponse on newer torch
         if upload is not None:
             upload.result()
-        self._slow_for_tests(iteration)
         barrier()
         if rank() == 0:
             self._publish(iteration, temporary, final)
         barrier()
-
-    def _slow_for_tests(self, iteration: int) -> None:
-        seconds = _slow_save_seconds(iteration)
-        if seconds:
-            log.info("%s: sleeping %.1f s before publishing iteration %d", SLOW_SAVE_ENV, seconds, iteration)
-            time.sleep(seconds)
 
     def _publish(self, iteration: int, temporary: Path, final: Path) -> None:
         saved = torch.load(temporary / "trainer.pt", weights_only=False)

@@ -18,8 +18,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
+from tests.fixtures.synthetic_data import write_random_documents  # noqa: E402
 from train.data.build import build_datasets  # noqa: E402
-from train.data.synthetic import write_random_documents  # noqa: E402
 
 SEQ_LENGTH = 4096
 WEIGHTS = (0.2, 0.5, 0.3)

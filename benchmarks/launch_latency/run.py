@@ -1,4 +1,4 @@
-"""python benchmarks/launch_latency/run.py [--repeats 3]  (as root; starts slurm/local-cluster.sh)
+"""python benchmarks/launch_latency/run.py [--repeats 3]  (as root; starts tests/slurm/local-cluster.sh)
 
 Seconds from `sbatch --nodes=2 slurm/pretrain.sh --config tiny-qwen3` to the first training
 step on the local two-node cluster, split into: queue wait (submit -> batch script starts),
@@ -47,7 +47,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    subprocess.run(["bash", str(REPO / "slurm/local-cluster.sh"), "start"], check=True, capture_output=True)
+    subprocess.run(["bash", str(REPO / "tests/slurm/local-cluster.sh"), "start"], check=True, capture_output=True)
     work = Path(tempfile.mkdtemp(prefix="launch-latency-"))
     os.chmod(work, 0o755)
     runs = [one_launch(work) for _ in range(args.repeats)]

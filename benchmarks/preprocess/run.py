@@ -32,11 +32,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
+from tests.fixtures.synthetic_data import build_tokenizer, generate_documents, make_vocabulary  # noqa: E402
 from train.config import PreprocessConfig  # noqa: E402
 from train.data import malloc  # noqa: E402
 from train.data.indexed_writer import IndexedDatasetWriter, commit_all  # noqa: E402
 from train.data.preprocess import preprocess  # noqa: E402
-from train.data.synthetic import build_tokenizer, generate_documents, make_vocabulary  # noqa: E402
 
 
 def prepare(work_dir: str, megabytes: int) -> tuple[str, str]:

@@ -14,6 +14,8 @@ import torch
 
 from test_resume import COMMON, REPO, RUN, checkpoints, job_env, losses, pretrain
 
+from tests.fixtures.slow_save import slow_save_env
+
 
 def descendants(pid: int) -> list[int]:
     """pid and every process below it (torchrun starts its workers in their own sessions)."""
@@ -39,7 +41,7 @@ def wait_for(predicate, timeout: float, process: subprocess.Popen) -> None:
 
 @pytest.mark.slow
 def test_kill_9_during_a_save_keeps_the_previous_checkpoint_and_resumes_from_it(tmp_path):
-    env = {**job_env("20260101_000001"), "TRAIN_TEST_SLOW_SAVE_S": "60@4"}  # save of iteration 4 stalls
+    env = slow_save_env(job_env("20260101_000001"), "60@4")  # save of iteration 4 stalls before publishing
     args = [f"checkpoint.root={tmp_path}", *COMMON, "training.train_iters=6", "checkpoint.save_interval=2"]
     process = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
                                 "--nproc-per-node=2", "-m", "train.pretrain", *args], cwd=REPO, env=env,

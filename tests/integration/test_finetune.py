@@ -21,7 +21,7 @@ LABELED = [("Is a lemon a fruit or a colour?", "fruit", "food"), ("Is blue a fru
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
     """A seeded random tiny-qwen3 HF directory with a local BPE tokenizer and chat template in it."""
-    from train.data.synthetic import build_tokenizer, generate_documents
+    from tests.fixtures.synthetic_data import build_tokenizer, generate_documents
     from train.models import build_model, init_weights, save_hf
 
     directory = tmp_path_factory.mktemp("base") / "tiny-qwen3"

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
+from tests.fixtures.synthetic_data import build_tokenizer, generate_documents
 from train.config import PreprocessConfig
 from train.data import malloc, readers, tokenize_worker
 from train.data.chat import RenderOptions
@@ -21,7 +22,6 @@ from train.data.errors import DataError
 from train.data.gpt_dataset import loss_mask_prefix
 from train.data.indexed import IndexedDataset
 from train.data.preprocess import preprocess
-from train.data.synthetic import build_tokenizer, generate_documents
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from test_real_text import stdlib_docstrings  # same folder
-from train.data.synthetic import build_tokenizer
+from tests.fixtures.synthetic_data import build_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 SEQ, BATCH, EVAL_BATCHES = 128, 8, 6

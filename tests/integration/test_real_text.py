@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from train.data.synthetic import build_tokenizer
+from tests.fixtures.synthetic_data import build_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -3,8 +3,8 @@
 
 Every test under tests/slurm is marked `slurm`. Tests that submit jobs take `slurm_workdir`
 (which brings `local_cluster` with it) or `local_cluster` itself. The session starts the
-cluster with `slurm/local-cluster.sh start` (idempotent, ~1 s when already up) and leaves it
-running for the next session; stop it with `slurm/local-cluster.sh stop`.
+cluster with `tests/slurm/local-cluster.sh start` (idempotent, ~1 s when already up) and leaves it
+running for the next session; stop it with `tests/slurm/local-cluster.sh stop`.
 """
 
 from __future__ import annotations
@@ -26,13 +26,13 @@ sys.path.insert(0, str(HERE))
 from slurm_helpers import LOCAL_CLUSTER_SCRIPT, cluster_available  # noqa: E402
 
 SCRIPT = LOCAL_CLUSTER_SCRIPT
-REPO = SCRIPT.parents[1]
+REPO = HERE.parents[1]
 
 
 @dataclass(frozen=True)
 class LocalCluster:
     nodes: list[str]      # ['node1', 'node2']
-    script: Path          # slurm/local-cluster.sh
+    script: Path          # tests/slurm/local-cluster.sh
     start_output: str     # what `start` printed
 
 

@@ -1,5 +1,5 @@
 # Used by tests/slurm (pytest -m slurm tests/slurm); import with `from slurm_helpers import ...`.
-"""Small helpers for tests that drive the real local SLURM cluster (slurm/local-cluster.sh).
+"""Small helpers for tests that drive the real local SLURM cluster (tests/slurm/local-cluster.sh).
 
 No sacct on the local cluster: job state comes from `scontrol show job` (finished jobs stay
 there for an hour, MinJobAge=3600). Polling is every 0.2 s; never use `sbatch --wait`
@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Iterable, Mapping
 
-LOCAL_CLUSTER_SCRIPT = Path(__file__).resolve().parents[2] / "slurm" / "local-cluster.sh"
+LOCAL_CLUSTER_SCRIPT = Path(__file__).resolve().parent / "local-cluster.sh"
 POLL_S = 0.2
 # States after which a job does not change any more (unless requeued).
 TERMINAL_STATES = frozenset(
@@ -34,7 +34,7 @@ def cluster_available() -> tuple[bool, str]:
     """(True, 'node1:idle node2:idle') when slurmctld answers and every node is up,
     else (False, why)."""
     if shutil.which("scontrol") is None:
-        return False, "scontrol not found (run slurm/local-cluster.sh start as root)"
+        return False, "scontrol not found (run tests/slurm/local-cluster.sh start as root)"
     try:
         ping = _run(["scontrol", "ping"], timeout=10)
         if "is UP" not in ping.stdout:

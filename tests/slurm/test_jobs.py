@@ -1,4 +1,4 @@
-"""python -m pytest tests/slurm/test_jobs.py  (as root: real sbatch/srun jobs on slurm/local-cluster.sh)"""
+"""python -m pytest tests/slurm/test_jobs.py  (as root: real sbatch/srun jobs on tests/slurm/local-cluster.sh)"""
 
 import json
 import os

@@ -1,5 +1,5 @@
 # Run (as root): pytest -m slurm tests/slurm/test_local_cluster.py -v   (~30 s)
-"""The local SLURM cluster itself (slurm/local-cluster.sh): the features the training stack
+"""The local SLURM cluster itself (tests/slurm/local-cluster.sh): the features the training stack
 relies on: 2 nodes, one task per node, afterany chains, signals to the batch shell, requeue."""
 
 from __future__ import annotations

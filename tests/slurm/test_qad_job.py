@@ -1,4 +1,4 @@
-"""python -m pytest tests/slurm/test_qad_job.py  (as root: tiny QAD via sbatch --nodes=2 on slurm/local-cluster.sh)"""
+"""python -m pytest tests/slurm/test_qad_job.py  (as root: tiny QAD via sbatch --nodes=2 on tests/slurm/local-cluster.sh)"""
 
 import os
 from pathlib import Path

@@ -282,3 +282,22 @@ def test_kill_9_during_a_save_leaves_the_tracker_on_the_previous_complete_checkp
     assert manager.load(manager.latest_iteration(), state)["iteration"] == 1
     assert torch.equal(state["model"]["w"], expected["model"]["w"])
     assert torch.equal(state["optimizer"]["m"], expected["optimizer"]["m"])
+
+
+def test_the_slow_save_test_hook_patches_publish_only_where_it_is_asked_for():
+    """tests/fixtures/slow_save.py: the kill -9 mid-save tests' pause lives in tests, not in train/."""
+    import importlib.util
+
+    from tests.fixtures.slow_save import HOOKS, slow_save_env
+
+    repo = Path(__file__).resolve().parents[2]
+    code = "import train.checkpoint as c; print(c.CheckpointManager._publish.__name__)"
+    env = {k: v for k, v in os.environ.items() if k != "TRAIN_TEST_SLOW_SAVE_S"}
+    names = [subprocess.run([sys.executable, "-c", code], cwd=repo, env=e, capture_output=True, text=True,
+                            timeout=120).stdout.strip() for e in (slow_save_env(env, "60@4"), env)]
+    assert names == ["slow_publish", "_publish"]
+    spec = importlib.util.spec_from_file_location("slow_save_hook", HOOKS / "sitecustomize.py")
+    hook = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hook)  # TRAIN_TEST_SLOW_SAVE_S is unset here: it installs nothing
+    seconds_for = hook.seconds_for
+    assert [seconds_for("60@4", 4), seconds_for("60@4", 2), seconds_for("1.5", 7), seconds_for("", 4)] == [60, 0, 1.5, 0]

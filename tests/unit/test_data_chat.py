@@ -3,9 +3,9 @@
 import pytest
 from transformers import AutoTokenizer
 
+from tests.fixtures.synthetic_data import build_tokenizer, generate_documents
 from train.data.chat import RenderOptions, render_record, variant_name
 from train.data.errors import DataError
-from train.data.synthetic import build_tokenizer, generate_documents
 
 CONVERSATION = {
     "messages": [

@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
+from tests.fixtures.synthetic_data import write_documents
 from train.data.blend import load_blend, train_samples_for_blend
 from train.data.cli import main
-from train.data.synthetic import write_documents
 
 
 @pytest.fixture

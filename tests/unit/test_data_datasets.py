@@ -6,12 +6,12 @@ import os
 import numpy as np
 import pytest
 
+from tests.fixtures.synthetic_data import write_documents, write_random_documents
 from train.data.blended_dataset import BlendedDataset, build_blending_indices
 from train.data.build import build_datasets
 from train.data.errors import DataError
 from train.data.gpt_dataset import GPTDataset, loss_mask_prefix
 from train.data.sampler import MicroBatchSampler, parse_iterations_to_skip
-from train.data.synthetic import write_documents, write_random_documents
 
 EOD = 0
 

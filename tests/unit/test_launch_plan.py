@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from tests.fixtures.synthetic_data import write_random_documents
 from train.data.blend import train_samples_for_blend
 from train.data.errors import DataError
-from train.data.synthetic import write_random_documents
 from train.launch.cluster import ClusterEnv
 from train.launch.conf import CONF_VARIABLES, ConfError, config_overrides
 from train.launch.plan import (

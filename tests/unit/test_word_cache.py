@@ -10,8 +10,8 @@ import random
 import pytest
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+from tests.fixtures.synthetic_data import generate_documents
 from train.data import word_cache
-from train.data.synthetic import generate_documents
 from train.data.word_cache import CACHED_RANGES, WordCacheEncoder
 
 # The Split regexes of Qwen2/Qwen3's and Llama 3's tokenizer.json.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run (as root): slurm/local-cluster.sh start|stop|status|check
+# Run (as root): tests/slurm/local-cluster.sh start|stop|status|check
 #
 # A real multi-node SLURM on this one Debian machine: munged, slurmctld and one
 # `slurmd -N nodeX` per virtual node, all on 127.0.0.1 (one port per node), so
@@ -123,7 +123,7 @@ conf_text() {
   mem=${LOCAL_SLURM_MEM:-$(awk -v n="$N" '/^MemTotal:/ { m = int($2 / 1024 / n) - 512; print (m > 256 ? m : 256) }' /proc/meminfo)}
   if ((N > 1)); then names="node[1-$N]" ports="$ports-$((ports + N - 1))"; fi
   cat <<EOF
-# Written by slurm/local-cluster.sh: $N virtual nodes on this host, one slurmd each.
+# Written by tests/slurm/local-cluster.sh: $N virtual nodes on this host, one slurmd each.
 ClusterName=local
 SlurmctldHost=$host(127.0.0.1)
 SlurmctldPort=$LOCAL_SLURM_CTLD_PORT
