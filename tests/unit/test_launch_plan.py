@@ -142,18 +142,18 @@ def test_sizes_below_one(tmp_path, env):
 def test_shipped_moe_conf_needs_its_four_nodes(tmp_path, env):
     env["MODELS_ROOT"] = str(tmp_path / "no-models")
     conf = "qwen3-30b-a3b-thinking-2507-moe"
-    with pytest.raises(PlanError) as error:  # 8 GPUs / TP 4 = data-parallel 2, not divisible by EP 8
+    with pytest.raises(PlanError) as error:  # 8 GPUs = data-parallel 8, not divisible by EP 32
         plan_from_conf("qad", conf, [], env, strict_paths=False)
-    assert "EP_SIZE=8 does not divide the data-parallel size 2" in str(error.value)
+    assert "EP_SIZE=32 does not divide the data-parallel size 8" in str(error.value)
     plan, _, warnings = plan_from_conf("qad", conf, [], env, nnodes=4, strict_paths=False)
-    assert plan.cluster.world_size == 32 and plan.data_parallel_size == 8
+    assert plan.cluster.world_size == 32 and plan.data_parallel_size == 32
     assert plan.paths.run_name == ("Qwen3-30B-A3B-Thinking-2507-Teacher-Qwen3-30B-A3B-Thinking-2507-"
                                    "Data-combined_cot_chat-lr1e-6")
-    # TP 4 inside a node; the 8 data-parallel ranks form one EP group of 16 experts each
+    # the 32 data-parallel ranks form one EP group of 4 experts each
     assert plan.model_facts == {"num_experts": 128, "source": "registry:qwen3-30b-a3b"}
-    assert plan.parallel == {"tensor_parallel": 4, "pipeline_parallel": 1, "data_parallel": 8,
-                             "data_parallel_strategy": "fsdp", "expert_parallel": 8,
-                             "expert_data_parallel": 1, "experts_per_rank": 16}
+    assert plan.parallel == {"tensor_parallel": 1, "pipeline_parallel": 1, "data_parallel": 32,
+                             "data_parallel_strategy": "fsdp", "expert_parallel": 32,
+                             "expert_data_parallel": 1, "experts_per_rank": 4}
     assert not [w for w in warnings if "EP_SIZE" in w], warnings
 
 
@@ -171,9 +171,10 @@ def test_shipped_moe_conf_dry_run_through_the_launchers(launcher, extra_env, tmp
                              "--dry-run"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr
     plan = json.loads(result.stdout)
-    assert plan["world_size"] == 32 and plan["data_parallel_size"] == 8 and len(plan["node_commands"]) == 4
-    assert plan["parallel"]["expert_parallel"] == 8 and plan["parallel"]["experts_per_rank"] == 16
-    assert "parallel.expert_parallel_size=8" in plan["node_commands"][0]
+    assert plan["world_size"] == 32 and plan["data_parallel_size"] == 32 and len(plan["node_commands"]) == 4
+    assert plan["parallel"]["expert_parallel"] == 32 and plan["parallel"]["experts_per_rank"] == 4
+    assert "parallel.expert_parallel_size=32" in plan["node_commands"][0]
+    assert plan["resources"]["fits"] and plan["resources"]["memory_per_gpu_bytes"]["total"] < 80e9
     assert "EP_SIZE" not in result.stderr, result.stderr
 
 

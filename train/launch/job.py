@@ -19,6 +19,7 @@ from pathlib import Path
 
 from train.launch import cluster as cluster_lib
 from train.launch.conf import EXIT_USAGE, ConfError
+from train.launch.memory import resource_summary
 from train.launch.plan import JobPlan, PlanError, build_plan
 from train.launch.rundir import ResumeError, env_log_text
 
@@ -120,6 +121,7 @@ def start_job(job: str, cfg) -> JobContext:
              plan.data_parallel_size, plan.global_batch_size)
     log.info("run dir %s; resume: %s at iteration %d (%s)", plan.paths.run_dir, plan.resume.decision,
              plan.resume.iteration, plan.resume.path or "-")
+    log.info("plan: %s", resource_summary(plan.resources))
     if plan.blend_path:
         log.info("datablend %s, train samples %s", plan.blend_path, plan.train_samples)
     return ctx

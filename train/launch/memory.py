@@ -262,7 +262,10 @@ def job_models(job: str, cfg):
     def args_for(directory, name: str):
         config = hf_config(directory)
         if config is not None:
-            return args_from_hf_config(config, name=f"hf:{Path(directory).name}"), config
+            try:
+                return args_from_hf_config(config, name=f"hf:{Path(directory).name}"), config
+            except (KeyError, TypeError, ValueError):  # a config.json the job itself refuses, later
+                pass
         return registry_args(name), None
 
     student, _ = args_for(cfg.model.get("hf_checkpoint"), str(cfg.model.name))
@@ -345,3 +348,20 @@ def fitting_alternatives(job: str, cfg, world_size: int, data_parallel: int, cap
 
 
 AUTO_ORDER = ("ddp", "zero1", "fsdp_zero2", "fsdp")  # fastest first: fewer collectives per step
+
+
+def resource_summary(resources: dict) -> str:
+    """One line for the launcher and the job log: memory per GPU, step and wall time, jobs."""
+    memory = resources["memory_per_gpu_bytes"]
+    head = "memory per GPU: unknown (no model shapes)" if memory is None else \
+        f"memory per GPU {format_bytes(memory['total'])} of {resources['gpu']}'s " \
+        f"{format_bytes(resources['gpu_memory_bytes'])}"
+    time = resources.get("time") or {}
+    parts = [head, f"{resources['tokens_per_step']:,} tokens/step ({resources['accumulation_steps']} accumulation)"]
+    if "step_s" in time:
+        parts.append(f"~{time['step_s']:.2f} s/step at MFU {time['assumed_mfu']:g}")
+    if "wall_s" in time:
+        parts.append(f"~{time['wall_s'] / 3600:.1f} h in all")
+    if "chained_jobs" in time:
+        parts.append(f"{time['chained_jobs']} job(s) of {time['time_limit_s'] / 3600:g} h")
+    return "; ".join(parts)

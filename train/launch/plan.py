@@ -21,7 +21,7 @@ from pathlib import Path
 from train.launch import cluster as cluster_lib
 from train.launch.conf import EXIT_USAGE, REPO_ROOT, ConfError, config_overrides, load_conf
 from train.launch.memory import (AUTO_ORDER, describe, fitting_alternatives, gpu_memory_bytes, job_layout,
-                                 job_memory, job_models, resource_plan)
+                                 job_memory, job_models, resource_plan, resource_summary)
 from train.launch.rundir import ResumeError, ResumeState, RunPaths, resume_state, run_paths
 
 
@@ -442,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     for message in warnings + plan.path_problems:
         print(f"warning: {message}", file=sys.stderr)
+    print(f"plan: {resource_summary(plan.resources)}", file=sys.stderr)
     if args.format == "shell":
         print(shell_exports(plan, overrides))
     else:

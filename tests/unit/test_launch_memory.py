@@ -1,0 +1,137 @@
+"""python -m pytest tests/unit/test_launch_memory.py  (the memory and time plan: figures, refusals, DP_SHARDING=auto)
+
+The arithmetic is checked against a measured step in tests/integration/test_memory_plan.py;
+here: what the plan says about the shipped confs at their real sizes, and what it refuses.
+"""
+
+import json
+import math
+import os
+import re
+
+import pytest
+
+from train.launch.conf import CONF_VARIABLES
+from train.launch.memory import Layout, memory_breakdown, parse_slurm_time
+from train.launch.plan import PlanError, main, plan_from_conf
+from train.models.registry import get_model_args
+
+# pretraining Qwen3-8B on one node of 8 GPUs: no checkpoint or data files needed
+BIG = ("export MODEL=qwen3-8b\nexport DATASET_NAME=synthetic\nexport SEQ_LENGTH=4096\nexport MBS=4\n"
+       "export NUM_GPUS=8\nexport TRAIN_ITERS=1000\n")
+
+
+@pytest.fixture(autouse=True)
+def clean_os_env(monkeypatch):
+    for name in list(os.environ):
+        if name.startswith("SLURM_") or name in CONF_VARIABLES or name in ("RUN_DATETIME", "SBATCH_TIMELIMIT"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def env(tmp_path):
+    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path),
+            "QAD_CHECKPOINT_ROOT": str(tmp_path / "runs"), "DATACACHE_DIR": str(tmp_path / "data")}
+
+
+def conf(tmp_path, text: str) -> str:
+    path = tmp_path / "big.conf"
+    path.write_text(text)
+    return str(path)
+
+
+def test_ddp_student_of_8b_holds_131_gb_of_weights_gradients_and_adamw(tmp_path):
+    args = get_model_args("qwen3-8b")
+    memory = memory_breakdown(args, job="qad", layout=Layout(1, 1, 8, "ddp"), mbs=1, seq_length=4096,
+                              param_bytes=4, act_bytes=2, checkpointing=True)
+    student = memory["parameters"] + memory["gradients"] + memory["optimizer"]
+    assert 128e9 < student < 134e9  # 8.2B x (4 + 4 + 8) bytes
+    fsdp = memory_breakdown(args, job="qad", layout=Layout(1, 1, 8, "fsdp"), mbs=1, seq_length=4096,
+                            param_bytes=4, act_bytes=2, checkpointing=True)
+    assert fsdp["parameters"] == pytest.approx(memory["parameters"] / 8)
+    assert fsdp["optimizer"] == pytest.approx(memory["optimizer"] / 8)
+    bf16 = memory_breakdown(args, job="qad", layout=Layout(1, 1, 8, "ddp"), mbs=1, seq_length=4096,
+                            param_bytes=2, act_bytes=2, checkpointing=True)
+    assert bf16["optimizer"] == pytest.approx(memory["optimizer"] / 2)
+
+
+def test_a_plan_over_the_gpu_is_refused_with_the_knobs_that_fit(tmp_path, env):
+    path = conf(tmp_path, BIG.replace("MBS=4", "MBS=1") + "export ACTIVATION_CHECKPOINTING=1\nexport PRECISION=bf16\n")
+    with pytest.raises(PlanError) as error:
+        plan_from_conf("pretrain", path, [], env)
+    message = str(error.value)
+    assert path in message and "more memory than the GPU has" in message and "h100 has 80.0 GB" in message
+    assert "optimizer" in message and "activations" in message and "DP_SHARDING=fsdp" in message
+    # MEMORY_CHECK=0 starts anyway, with the same message as a warning; a dry run only warns
+    plan, _, warnings = plan_from_conf("pretrain", path, [], {**env, "MEMORY_CHECK": "0"})
+    assert not plan.resources["fits"] and any("more memory than the GPU has" in w for w in warnings)
+    plan, _, warnings = plan_from_conf("pretrain", path, [], env, strict_paths=False)
+    assert any("fits with DP_SHARDING=fsdp" in w for w in warnings)
+    # DDP, no activation checkpointing and 4 x 4096 tokens: ~390 GB, no single knob is enough
+    with pytest.raises(PlanError) as error:
+        plan_from_conf("pretrain", conf(tmp_path, BIG), [], env)
+    assert "no single knob fits: combine DP_SHARDING=fsdp, ACTIVATION_CHECKPOINTING=1" in str(error.value)
+
+
+def test_the_gpu_type_and_memory_override(tmp_path, env):
+    path = conf(tmp_path, BIG + "export DP_SHARDING=fsdp\nexport ACTIVATION_CHECKPOINTING=1\n")
+    plan = plan_from_conf("pretrain", path, [], {**env, "GPU_TYPE": "h200"})[0]
+    assert plan.resources["gpu"] == "h200" and plan.resources["gpu_memory_bytes"] == 141e9
+    with pytest.raises(PlanError) as error:
+        plan_from_conf("pretrain", path, [], {**env, "GPU_MEMORY_GB": "4"})
+    assert "has 4.0 GB" in str(error.value)
+    with pytest.raises(PlanError) as error:
+        plan_from_conf("pretrain", path, [], {**env, "GPU_TYPE": "tpu-v5"})
+    assert "GPU_TYPE='tpu-v5'" in str(error.value) and "GPU_MEMORY_GB" in str(error.value)
+
+
+def test_dp_sharding_auto_takes_the_fastest_strategy_that_fits(tmp_path, env):
+    small = conf(tmp_path, BIG.replace("qwen3-8b", "qwen3-0.6b") + "export DP_SHARDING=auto\n")
+    plan, overrides, _ = plan_from_conf("pretrain", small, [], env)
+    assert plan.parallel["data_parallel_strategy"] == "ddp" and "parallel.data_parallel=ddp" in overrides
+    big = conf(tmp_path, BIG + "export DP_SHARDING=auto\nexport ACTIVATION_CHECKPOINTING=1\nexport PRECISION=bf16\n")
+    plan, overrides, _ = plan_from_conf("pretrain", big, [], env)
+    assert plan.parallel["data_parallel_strategy"] in ("fsdp_zero2", "fsdp") and plan.resources["fits"]
+    assert f"parallel.data_parallel={plan.parallel['data_parallel_strategy']}" in overrides
+    assert all(f"parallel.data_parallel={plan.parallel['data_parallel_strategy']}" in " ".join(c)
+               for c in plan.node_commands)
+
+
+def test_time_and_chained_jobs_from_the_time_limit(tmp_path, env):
+    path = conf(tmp_path, BIG + "export DP_SHARDING=fsdp\nexport ACTIVATION_CHECKPOINTING=1\n")
+    plan = plan_from_conf("pretrain", path, [], {**env, "SBATCH_TIMELIMIT": "1:00:00"})[0]
+    time = plan.resources["time"]
+    assert plan.resources["tokens_per_step"] == 8 * 4 * 4096 and plan.resources["total_tokens"] == 1000 * 8 * 4 * 4096
+    # 8.2B parameters: ~6 x 8.2e9 x 131072 tokens (+ a third for recomputation) at 35% of 8 x 989 TFLOP/s
+    assert 2.0 < time["step_s"] < 3.5
+    assert time["wall_s"] == pytest.approx(1000 * time["step_s"])
+    assert time["chained_jobs"] == math.ceil(time["wall_s"] / (3600 - 300))  # the save starts 300 s early
+    slower = plan_from_conf("pretrain", path, [], {**env, "ASSUMED_MFU": "0.175"})[0].resources["time"]
+    assert slower["step_s"] == pytest.approx(2 * time["step_s"])
+    assert time["time_limit_s"] == 3600  # SBATCH_TIMELIMIT
+    wrapper_limit = re.search(r"^#SBATCH --time=(\S+)", open("slurm/pretrain.sh").read(), re.M).group(1)
+    assert slower["time_limit_s"] == parse_slurm_time(wrapper_limit)
+
+
+@pytest.mark.parametrize("text, seconds", [("90", 5400), ("30:00", 1800), ("4:00:00", 14400),
+                                           ("1-00:00:00", 86400), ("2-3", 2 * 86400 + 3 * 3600)])
+def test_slurm_time_formats(text, seconds):
+    assert parse_slurm_time(text) == seconds
+
+
+@pytest.mark.parametrize("name, job, nodes", [("qwen3-8b", "qad", None), ("qwen3-8b-lora", "finetune", None),
+                                              ("llama3-1.5b", "pretrain", None), ("llama3-2.2b", "pretrain", None),
+                                              ("qwen3-1.8b", "pretrain", None), ("gpt2-1.36b", "pretrain", None),
+                                              ("llama2-1.36b", "pretrain", None), ("qwen3-next-3b", "pretrain", None),
+                                              ("qwen3-30b-a3b-thinking-2507-moe", "qad", 4)])
+def test_shipped_confs_fit_their_gpus_and_set_seq_length(name, job, nodes, env, capsys):
+    text = open(f"conf.d/{name}.conf").read()
+    assert "export SEQ_LENGTH=" in text
+    argv = ["--job", job, "--config", name, "--dry-run"] + (["--nodes", str(nodes)] if nodes else [])
+    os.environ.update({k: v for k, v in env.items() if k != "PATH"})
+    assert main(argv) == 0
+    plan = json.loads(capsys.readouterr().out)
+    resources = plan["resources"]
+    assert resources["fits"], resources["memory_per_gpu_bytes"]
+    assert resources["memory_per_gpu_bytes"]["total"] > 20e9  # real sizes, not a tiny stand-in
+    assert resources["time"]["step_s"] > 0
