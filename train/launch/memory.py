@@ -77,11 +77,13 @@ def parameter_groups(args) -> dict[str, int]:
 
 def local_elements(groups: dict[str, int], layout: Layout, fsdp_sharded: bool) -> float:
     """This rank's parameters: TP splits the dense layers and the vocabulary, EP the experts,
-    FSDP2 the non-expert parameters over dp (experts stay out of FSDP, split by EP only)."""
+    FSDP2 the rest over dp (under EP > 1 the experts stay out of FSDP, split by EP only)."""
     non_experts = (groups["dense"] + groups["embedding"]) / layout.tp
+    experts = groups["experts"] / layout.ep
     if fsdp_sharded:
         non_experts /= layout.dp
-    return non_experts + groups["experts"] / layout.ep
+        experts /= layout.dp if layout.ep == 1 else 1
+    return non_experts + experts
 
 
 def lora_elements(args, rank: int, targets: list[str]) -> int:
@@ -143,7 +145,8 @@ def memory_breakdown(args, *, job: str, layout: Layout, mbs: int, seq_length: in
         out["parameters"] += trainable * 4
     out["gathered"] = 0.0
     if fsdp:  # unsharded blocks: two at a time (fsdp), or all of them through backward (fsdp_zero2)
-        block = groups["dense"] / args.num_layers / layout.tp * param_bytes
+        sharded_experts = groups["experts"] if layout.ep == 1 else 0  # FSDP gathers them with their block
+        block = (groups["dense"] / layout.tp + sharded_experts) / args.num_layers * param_bytes
         out["gathered"] = 2 * block if layout.strategy == "fsdp" else block * args.num_layers
     out["gradients"] = trainable * trained_bytes
     out["ddp_buckets"] = trainable * trained_bytes if layout.dp > 1 and layout.strategy in ("ddp", "zero1") else 0.0
@@ -246,9 +249,10 @@ def format_bytes(value: float) -> str:
 
 
 def describe(memory: dict[str, float], capacity: float, gpu: str) -> str:
-    """'parameters 16.4 GB, ... = 131.2 GB of h100's 80.0 GB'."""
+    """'parameters 32.8 GB, ...; peak 222.0 GB per GPU, h100 has 80.0 GB' (the peak is no sum:
+    gradients and activations peak at different moments of a step)."""
     parts = ", ".join(f"{k} {format_bytes(v)}" for k, v in memory.items() if k != "total" and v)
-    return f"{parts} = {format_bytes(memory['total'])} per GPU, {gpu} has {format_bytes(capacity)}"
+    return f"{parts}; peak {format_bytes(memory['total'])} per GPU, {gpu} has {format_bytes(capacity)}"
 
 
 # ----------------------------------------------------------------- a job's plan
