@@ -6,7 +6,7 @@ import torch
 
 from train.data.job_datasets import build_train_dataset
 from train.launch.job import fail, start_job
-from train.parallel import build_mesh, parallelize
+from train.parallel import ParallelLayout, parallelize
 
 log = logging.getLogger("train")
 
@@ -38,7 +38,7 @@ def build_job_model(cfg, ctx):
     return model
 
 
-def add_adapters(model, cfg, ctx, dataset):
+def add_adapters(model, cfg, ctx, dataset, layout: ParallelLayout):
     """Fine-tuning: the base fake-quantized when lora.quantized_base names a recipe, then the LoRA
     adapters. Returns (model, quantizer record for each checkpoint or None).
 
@@ -50,14 +50,20 @@ def add_adapters(model, cfg, ctx, dataset):
     from train.quant.student import prepare_student
 
     resume_dir = ctx.plan.resume.path if ctx.plan.resume.decision == "resume" else None
-    model, record = prepare_student(model, cfg, resume_dir, dataset, recipe=quantized_base_recipe(cfg.lora))
+    model, record = prepare_student(model, cfg, resume_dir, dataset, layout,
+                                    recipe=quantized_base_recipe(cfg.lora))
     return apply_lora(model, cfg.lora), record
 
 
-def run_job(job: str, cfg, loss_fn=None) -> str:
+def run_job(job: str, cfg, loss_fn=None, make_loss_fn=None) -> str:
+    """loss_fn(model, inputs, targets, mask), or make_loss_fn(layout) that returns one (a loss that
+    needs the job's parallel layout: the QAD teacher goes on the student's mesh)."""
     from train.trainer import Trainer
 
     ctx = start_job(job, cfg)
+    layout = ParallelLayout.build(ctx, cfg.parallel)  # once: everything below gets this one
+    if make_loss_fn is not None:
+        loss_fn = make_loss_fn(layout)
     torch.manual_seed(cfg.training.seed + ctx.rank)
     model = build_job_model(cfg, ctx)
     vocab_size = model.args.vocab_size
@@ -69,18 +75,16 @@ def run_job(job: str, cfg, loss_fn=None) -> str:
         resume_dir = ctx.plan.resume.path if ctx.plan.resume.decision == "resume" else None
         try:  # QAD: the fake-quantized student (calibrated, or its quantizers resumed)
             if job == "qad":
-                model, record = prepare_student(model, cfg, resume_dir, dataset)
+                model, record = prepare_student(model, cfg, resume_dir, dataset, layout)
             else:
-                model, record = add_adapters(model, cfg, ctx, dataset)
+                model, record = add_adapters(model, cfg, ctx, dataset, layout)
         except ValueError as error:
             fail(str(error))
         if record is not None:
             checkpoint_files[QUANTIZER_STATE_FILE] = record
-    mesh = build_mesh(ctx.world_size, cfg.parallel.tensor_parallel_size, torch.device(ctx.device).type,
-                      cfg.parallel.expert_parallel_size)
-    model = parallelize(model, cfg.parallel, mesh, ctx.device)
+    model = parallelize(model, cfg.parallel, layout.mesh, layout.device)
     ctx.mark("model_built")
-    trainer = Trainer(cfg, ctx, model, dataset, loss_fn, checkpoint_files=checkpoint_files)
+    trainer = Trainer(cfg, ctx, layout, model, dataset, loss_fn, checkpoint_files=checkpoint_files)
     reason = trainer.train()
     # DDP's reducer must go before the process group, and every rank must get here first:
     # otherwise a rank can hang in gloo's teardown after its peers have exited.

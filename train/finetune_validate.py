@@ -195,27 +195,27 @@ def run_validate(cfg, records: list[dict], tokenizer) -> dict | None:
     """The validate job; returns the summary on rank 0 (None elsewhere)."""
     import torch
     import torch.distributed as dist
-    from types import SimpleNamespace
-
     from train.engine import add_adapters, build_job_model
-    from train.validation import evaluate
     from train.launch.job import fail, start_job
     from train.metrics import MetricsLogger
+    from train.parallel import ParallelLayout
+    from train.validation import Validation
 
     ctx = start_job("finetune", cfg)
     if ctx.plan.resume.decision != "resume":
         fail(f"mode=validate: no checkpoint in {ctx.plan.paths.checkpoints} (run mode=train with the same conf "
              "first, or point checkpoint.root at the training run's root)")
+    # no mesh: the model is not parallelized here (each rank holds all of it)
+    layout = ParallelLayout.build(ctx, cfg.parallel, with_mesh=False)
     torch.manual_seed(cfg.training.seed + ctx.rank)
     try:  # a quantized base gets the checkpoint's quantizers back (no calibration, no dataset)
-        model, _ = add_adapters(build_job_model(cfg, ctx), cfg, ctx, dataset=None)
+        model, _ = add_adapters(build_job_model(cfg, ctx), cfg, ctx, None, layout)
     except ValueError as error:
         fail(str(error))
     iteration = load_latest_lora_checkpoint(model, ctx, cfg)
     model.eval()
-    # val loss: evaluate() takes a trainer; it reads cfg, ctx, model, plan and caches the dataset on it
-    holder = SimpleNamespace(cfg=cfg, ctx=ctx, model=model, plan=ctx.plan)
-    loss = evaluate(holder) or {"val_loss": None, "val_ppl": None}
+    # val loss: in-loop validation's evaluate(), without sinks or early stopping
+    loss = Validation(cfg, ctx, layout).evaluate(model) or {"val_loss": None, "val_ppl": None}
     labels = sorted({r["label"] for r in records})
     indexed = [{"index": i, **r} for i, r in enumerate(records)][ctx.rank::ctx.world_size]
     rows = answer_records(model, tokenizer, indexed, labels, cfg.validate, ctx.device)

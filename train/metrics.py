@@ -16,7 +16,6 @@ memory_allocated_gb is null.
 import json
 import logging
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -105,28 +104,36 @@ def params_norm(model: torch.nn.Module) -> float:
     return float(torch.stack(squares).sum().sqrt().item()) if squares else 0.0
 
 
-def iteration_metrics(trainer, loss: float, lr: float, grad_norm: float, elapsed: float) -> dict:
-    """The training record of one logged iteration (see the module docstring)."""
-    cfg, plan, ctx = trainer.cfg, trainer.plan, trainer.ctx
-    tokens = plan.global_batch_size * cfg.data.seq_length
-    tokens_per_s = tokens / elapsed if elapsed > 0 else 0.0
-    per_device = tokens_per_s / max(ctx.world_size, 1)
-    cache = trainer.__dict__.setdefault("_monitor_cache", {})
-    if "flops_per_token" not in cache:
-        cache["flops_per_token"] = mfu_lib.model_flops_per_token(trainer.model, cfg.data.seq_length)
-        cache["peak_flops"] = mfu_lib.device_peak_flops(ctx.device)
-    allocated, peak = memory_gb(ctx.device)
-    metrics = {"loss": loss, "lr": lr, "grad_norm": grad_norm}
-    if cfg.training.log_params_norm:
-        metrics["params_norm"] = params_norm(trainer.model)
-    metrics.update({
-        "iter_time_s": elapsed, "tokens_per_s": tokens_per_s, "tokens_per_s_per_device": per_device,
-        "flops_per_token": cache["flops_per_token"],
-        "mfu": mfu_lib.mfu(cache["flops_per_token"], per_device, cache["peak_flops"]),
-        "memory_allocated_gb": allocated, "memory_peak_gb": peak,
-        "skipped": trainer.state.skipped_iterations, "train_iters": plan.train_iters,
-    })
-    return metrics
+class IterationMetrics:
+    """The training record of one logged iteration (see the module docstring); the trainer holds
+    one (trainer.iteration_metrics). The model's FLOPs per token and the device's peak FLOP/s
+    are measured on the first record and kept."""
+
+    def __init__(self, cfg, plan, world_size: int, device: str):
+        self.cfg, self.plan, self.world_size, self.device = cfg, plan, world_size, device
+        self.flops_per_token: float | None = None
+        self.peak_flops: float | None = None
+
+    def __call__(self, model, state, loss: float, lr: float, grad_norm: float, elapsed: float) -> dict:
+        cfg, plan = self.cfg, self.plan
+        tokens = plan.global_batch_size * cfg.data.seq_length
+        tokens_per_s = tokens / elapsed if elapsed > 0 else 0.0
+        per_device = tokens_per_s / max(self.world_size, 1)
+        if self.flops_per_token is None:
+            self.flops_per_token = mfu_lib.model_flops_per_token(model, cfg.data.seq_length)
+            self.peak_flops = mfu_lib.device_peak_flops(self.device)
+        allocated, peak = memory_gb(self.device)
+        metrics = {"loss": loss, "lr": lr, "grad_norm": grad_norm}
+        if cfg.training.log_params_norm:
+            metrics["params_norm"] = params_norm(model)
+        metrics.update({
+            "iter_time_s": elapsed, "tokens_per_s": tokens_per_s, "tokens_per_s_per_device": per_device,
+            "flops_per_token": self.flops_per_token,
+            "mfu": mfu_lib.mfu(self.flops_per_token, per_device, self.peak_flops),
+            "memory_allocated_gb": allocated, "memory_peak_gb": peak,
+            "skipped": state.skipped_iterations, "train_iters": plan.train_iters,
+        })
+        return metrics
 
 
 # ------------------------------------------------------------------ non-finite guard
@@ -155,32 +162,27 @@ def debug_nan(trainer, loss: float) -> float:
     return float("nan") if trainer.state.iteration + 1 in set(parse_iterations_to_skip(spec)) else loss
 
 
-def check_bad_streak(trainer, bad: bool) -> None:
-    """Counts non-finite iterations in a row; after training.max_bad_iterations of them
-    stops the job without saving (the last good checkpoint stays the latest)."""
-    streak = trainer.__dict__.get("_bad_streak", 0) + 1 if bad else 0
-    trainer._bad_streak = streak
-    limit = trainer.cfg.training.get("max_bad_iterations", 5)
-    if bad and trainer.ctx.is_main:
-        log.warning("iteration %d: non-finite loss or grad norm, optimizer step skipped (%d in a row)",
-                    trainer.state.iteration + 1, streak)
-    if not limit or streak < limit:
-        return
-    last = trainer.checkpoints.latest_iteration()
-    good = f"iter_{last:07d}" if last is not None else "none (no checkpoint saved yet)"
-    message = (f"stopping: {streak} consecutive iterations with non-finite loss/grad norm "
-               f"(iterations {trainer.state.iteration + 2 - streak}-{trainer.state.iteration + 1}); "
-               f"last good checkpoint is {good}")
-    finalize = getattr(trainer.checkpoints, "finalize", None)
-    if finalize:  # an asynchronous save of a good iteration still publishes
-        finalize()
-    if trainer.ctx.is_main:
-        log.error(message)
-        print(f"error: {message}", file=sys.stderr, flush=True)
-        path = os.environ.get("TRAIN_STOP_FILE")
-        if path:
-            with open(path, "w") as f:
-                json.dump({"reason": "non_finite", "iteration": trainer.state.iteration, "requeue": False,
-                           "signal": None, "message": message}, f)
-    trainer.metrics.close()
-    raise NonFiniteStop(message)
+class NonFiniteGuard:
+    """Counts non-finite iterations in a row; the trainer holds one (trainer.non_finite). After
+    training.max_bad_iterations of them (0: never) check() raises NonFiniteStop: the trainer
+    then stops the job without saving (the last good checkpoint stays the latest)."""
+
+    def __init__(self, training_cfg, latest_checkpoint, is_main: bool):
+        self.limit = training_cfg.get("max_bad_iterations", 5)
+        self.latest_checkpoint = latest_checkpoint  # () -> the last saved iteration, or None
+        self.is_main = is_main
+        self.streak = 0
+
+    def check(self, bad: bool, iteration: int) -> None:
+        """bad: iteration + 1 (the one just computed) had a non-finite loss or grad norm."""
+        self.streak = self.streak + 1 if bad else 0
+        if bad and self.is_main:
+            log.warning("iteration %d: non-finite loss or grad norm, optimizer step skipped (%d in a row)",
+                        iteration + 1, self.streak)
+        if not self.limit or self.streak < self.limit:
+            return
+        last = self.latest_checkpoint()
+        good = f"iter_{last:07d}" if last is not None else "none (no checkpoint saved yet)"
+        raise NonFiniteStop(f"stopping: {self.streak} consecutive iterations with non-finite loss/grad norm "
+                            f"(iterations {iteration + 2 - self.streak}-{iteration + 1}); "
+                            f"last good checkpoint is {good}")

@@ -16,22 +16,19 @@ from train.engine import run_job
 from train.losses import auxiliary_loss
 
 
-def build_teacher(cfg) -> torch.nn.Module:
-    """The full-precision teacher: frozen, eval mode, laid out like the student (same TP split,
-    FSDP2-sharded when the student is). Built on the first loss call, by every rank at once."""
-    import torch.distributed as dist
+def build_teacher(cfg, layout) -> torch.nn.Module:
+    """The full-precision teacher: frozen, eval mode, laid out like the student on the student's
+    mesh (layout: the job's train.parallel.ParallelLayout; same TP split, FSDP2-sharded when the
+    student is). Built on the first loss call, by every rank at once."""
+    from torch.distributed.tensor import DTensor
 
     from train.models import load_hf
-    from train.parallel import build_mesh, parallelize_frozen
+    from train.parallel import parallelize_frozen
 
-    device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
-    teacher = load_hf(cfg.distill.teacher_checkpoint).to(device).eval()
+    teacher = load_hf(cfg.distill.teacher_checkpoint).to(layout.device).eval()
     teacher.requires_grad_(False)
-    world_size = dist.get_world_size() if dist.is_initialized() else 1
-    mesh = build_mesh(world_size, cfg.parallel.tensor_parallel_size, torch.device(device).type,
-                      cfg.parallel.expert_parallel_size)
-    teacher = parallelize_frozen(teacher, cfg.parallel, mesh)
-    sharded = any(isinstance(p, torch.distributed.tensor.DTensor) for p in teacher.parameters())
+    teacher = parallelize_frozen(teacher, cfg.parallel, layout.mesh)
+    sharded = any(isinstance(p, DTensor) for p in teacher.parameters())
     logging.getLogger("train").info("teacher %s: frozen, eval mode, %s", cfg.distill.teacher_checkpoint,
                                     "sharded like the student" if sharded else "replicated")
     return teacher
@@ -45,15 +42,19 @@ def main(cfg) -> None:
         from train.launch.job import fail
 
         fail(str(error))
-    teacher = None
 
-    def loss_fn(student, inputs, targets, mask):
-        nonlocal teacher
-        teacher = teacher or build_teacher(cfg)
-        loss = distill_loss(student, teacher, inputs, targets, mask, cfg.distill, vocab)
-        return loss + auxiliary_loss(student)  # MoE students: load balancing (zero when dense)
+    def make_loss_fn(layout):
+        teacher = None
 
-    run_job("qad", cfg, loss_fn)
+        def loss_fn(student, inputs, targets, mask):
+            nonlocal teacher
+            teacher = teacher or build_teacher(cfg, layout)
+            loss = distill_loss(student, teacher, inputs, targets, mask, cfg.distill, vocab)
+            return loss + auxiliary_loss(student)  # MoE students: load balancing (zero when dense)
+
+        return loss_fn
+
+    run_job("qad", cfg, make_loss_fn=make_loss_fn)
 
 
 if __name__ == "__main__":

@@ -7,12 +7,19 @@ The loop only, and no utility module: within train/ only the job runner (train/e
 imports it. Its parts live where other jobs reach them without the loop: the losses in
 train/losses.py (language_model_loss is the default loss_fn), batch collation in
 train/data/collate.py, in-loop validation and early stopping in train/validation.py.
+
+Its components own their state and are created in Trainer.__init__: the checkpoints
+(CheckpointManager), the metrics sinks (MetricsLogger) and the training record
+(IterationMetrics), the non-finite guard (NonFiniteGuard), validation with early stopping
+(Validation) and the stop request (StopRequest). Ranks and sizes come from the job's
+ParallelLayout (train/parallel/layout.py); the trainer alone writes the stop file.
 """
 
 import json
 import logging
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 
@@ -26,11 +33,12 @@ from train.data.collate import to_batch
 from train.data.sampler import MicroBatchSampler, parse_iterations_to_skip
 from train.launch.job import JobContext
 from train.losses import language_model_loss
-from train.metrics import MetricsLogger, check_bad_streak, debug_nan, is_bad, iteration_metrics
+from train.metrics import IterationMetrics, MetricsLogger, NonFiniteGuard, NonFiniteStop, debug_nan, is_bad
 from train.optim import build_optimizer, fold_clipping_into_step, learning_rate
 from train.parallel import (build_zero_redundancy_optimizer, clip_gradients, expert_checkpoint_view, local_view,
                             wants_zero_redundancy_optimizer, zero_redundancy_optimizer_state_dict)
-from train.validation import build_early_stopping, early_stopping_verdict, eval_only, maybe_evaluate
+from train.parallel.layout import ParallelLayout
+from train.validation import Validation, build_early_stopping
 
 log = logging.getLogger("train")
 STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)  # the sbatch wrappers ask for B:USR2@<grace>
@@ -62,9 +70,9 @@ class TrainState:
 
 
 class Trainer:
-    def __init__(self, cfg, ctx: JobContext, model: torch.nn.Module, dataset, loss_fn=None,
+    def __init__(self, cfg, ctx: JobContext, layout: ParallelLayout, model: torch.nn.Module, dataset, loss_fn=None,
                  checkpoint_files: dict | None = None):
-        self.cfg, self.ctx, self.model, self.dataset = cfg, ctx, model, dataset
+        self.cfg, self.ctx, self.layout, self.model, self.dataset = cfg, ctx, layout, model, dataset
         self.checkpoint_files = checkpoint_files or {}  # {file name: object} saved by rank 0 in each checkpoint
         self.plan = ctx.plan
         self.loss_fn = loss_fn or language_model_loss
@@ -82,14 +90,21 @@ class Trainer:
         self.metrics = MetricsLogger(self.plan.paths.metrics_log if cfg.logging.jsonl else None,
                                      self.plan.paths.tensorboard if cfg.logging.tensorboard else None,
                                      enabled=ctx.is_main)
+        self.iteration_metrics = IterationMetrics(cfg, self.plan, layout.world_size, layout.device)
+        self.non_finite = NonFiniteGuard(cfg.training, self.checkpoints.latest_iteration, ctx.is_main)
         self.iterations_to_skip = set(parse_iterations_to_skip(cfg.data.iterations_to_skip))
         self.stop = StopRequest()
-        try:  # None unless early_stop_patience > 0
-            self.early_stopping = build_early_stopping(cfg.training)
+        try:  # the early-stopping tracker: None unless early_stop_patience > 0
+            early_stopping = build_early_stopping(cfg.training)
         except ValueError as error:
             from train.launch.job import fail
 
             fail(str(error))
+        self.validation = Validation(cfg, ctx, layout, self.metrics, early_stopping)
+
+    @property
+    def early_stopping(self):
+        return self.validation.early_stopping
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict:
@@ -156,19 +171,15 @@ class Trainer:
     def microbatches(self):
         total = self.plan.train_iters * self.plan.global_batch_size
         sampler = MicroBatchSampler(total, self.state.consumed_samples, self.cfg.training.micro_batch_size,
-                                    self.ctx.rank // self._model_parallel, self.plan.data_parallel_size)
+                                    self.layout.dp_rank, self.layout.dp_size)
         for indices in sampler:
-            yield to_batch([self.dataset[i] for i in indices], self.ctx.device)
-
-    @property
-    def _model_parallel(self) -> int:
-        return self.cfg.parallel.tensor_parallel_size * self.cfg.parallel.pipeline_parallel_size
+            yield to_batch([self.dataset[i] for i in indices], self.layout.device)
 
     def train_step(self, batches, accumulation: int) -> tuple[float, float]:
         """Forward/backward over `accumulation` micro-batches, then one optimizer step."""
-        total_loss = torch.zeros((), device=self.ctx.device)
+        total_loss = torch.zeros((), device=self.layout.device)
         # bf16: autocast the forward; parameters, gradients and AdamW state stay fp32 (master weights)
-        autocast = torch.autocast(torch.device(self.ctx.device).type, dtype=torch.bfloat16,
+        autocast = torch.autocast(torch.device(self.layout.device).type, dtype=torch.bfloat16,
                                   enabled=self.cfg.training.precision == "bf16")
         for _ in range(accumulation):
             inputs, targets, mask = next(batches)
@@ -191,14 +202,14 @@ class Trainer:
             self.resume()
         cfg, plan = self.cfg, self.plan
         if cfg.training.eval_only:
-            return eval_only(self)
+            return self.eval_only()
         if self.early_stopping is not None and self.early_stopping.stopped:
             log.info("early stopping: this run already stopped (best val_loss %.4f at iteration %s)",
                      self.early_stopping.best_loss, self.early_stopping.best_iteration)
             self.metrics.close()
             self.write_stop_file("early_stop")
             return "early_stop"
-        accumulation = plan.global_batch_size // (cfg.training.micro_batch_size * plan.data_parallel_size)
+        accumulation = plan.global_batch_size // (cfg.training.micro_batch_size * self.layout.dp_size)
         tokens_per_iter = plan.global_batch_size * cfg.data.seq_length
         batches = self.microbatches()
         started, reason = time.time(), "done"
@@ -213,7 +224,10 @@ class Trainer:
                 self.ctx.mark("first_step")
             loss = debug_nan(self, loss)
             bad = is_bad(loss, grad_norm)  # same on every rank: loss all-reduced, grads synced
-            check_bad_streak(self, bad)  # raises NonFiniteStop (exit 3) after max_bad_iterations
+            try:
+                self.non_finite.check(bad, self.state.iteration)
+            except NonFiniteStop as stop:  # after max_bad_iterations in a row
+                self.stop_non_finite(stop)
             skip = (self.state.iteration + 1) in self.iterations_to_skip or bad
             if skip:
                 self.state.skipped_iterations += 1
@@ -224,8 +238,10 @@ class Trainer:
             self.state.consumed_samples += plan.global_batch_size
             elapsed = time.time() - tick
             if self.state.iteration % cfg.training.log_interval == 0:
-                self.metrics.log(self.state.iteration, iteration_metrics(self, loss, lr, grad_norm, elapsed))
-            verdict = early_stopping_verdict(self, maybe_evaluate(self))  # every training.eval_interval
+                self.metrics.log(self.state.iteration,
+                                 self.iteration_metrics(self.model, self.state, loss, lr, grad_norm, elapsed))
+            evaluation = self.validation.maybe_evaluate(self.model, self.state.iteration)  # every eval_interval
+            verdict = self.validation.early_stopping_verdict(evaluation, self.state.iteration, self.keep_best)
             if self.state.iteration % cfg.checkpoint.save_interval == 0 or self.checkpoints.time_to_save():
                 self.save()
             if verdict == "stop":
@@ -247,12 +263,41 @@ class Trainer:
         log.info("stopped at iteration %d: %s", self.state.iteration, reason)
         return reason
 
-    def write_stop_file(self, reason: str) -> None:
-        """Tells the sbatch wrapper why training ended (it requeues after a signal save)."""
+    def keep_best(self, iteration: int) -> None:
+        """Early stopping found a new best: its checkpoint is saved and kept out of keep_last rotation."""
+        self.checkpoints.protected = {iteration}
+        self.save()
+
+    def eval_only(self) -> str:
+        """The eval-only job: one evaluation of the loaded weights, logged; no step, no save."""
+        log.info("eval-only: evaluating the weights at iteration %d (%s)", self.state.iteration,
+                 self.plan.resume.decision)
+        self.validation.evaluate_and_log(self.model, self.state.iteration, eval_only=True)
+        self.metrics.close()
+        log.info("stopped at iteration %d: eval_only", self.state.iteration)
+        return "eval_only"
+
+    def stop_non_finite(self, stop: NonFiniteStop) -> None:
+        """Ends the job after too many non-finite iterations in a row (exit 3), without saving."""
+        self.checkpoints.finalize()  # an asynchronous save of a good iteration still publishes
+        if self.ctx.is_main:
+            log.error(stop.message)
+            print(f"error: {stop.message}", file=sys.stderr, flush=True)
+        self.write_stop_file("non_finite", message=stop.message)
+        self.metrics.close()
+        raise stop
+
+    def write_stop_file(self, reason: str, message: str | None = None) -> None:
+        """Tells the sbatch wrapper why training ended (it requeues after a signal save); the
+        only writer of TRAIN_STOP_FILE."""
         path = os.environ.get("TRAIN_STOP_FILE")
         if path and self.ctx.is_main:
-            record = {"reason": reason, "iteration": self.state.iteration,
-                      "requeue": bool(self.cfg.checkpoint.requeue) and reason not in ("done", "early_stop"),
-                      "signal": self.stop.signal_name}
+            if reason == "non_finite":
+                record = {"reason": reason, "iteration": self.state.iteration, "requeue": False, "signal": None,
+                          "message": message}
+            else:
+                record = {"reason": reason, "iteration": self.state.iteration,
+                          "requeue": bool(self.cfg.checkpoint.requeue) and reason not in ("done", "early_stop"),
+                          "signal": self.stop.signal_name}
             with open(path, "w") as f:
                 json.dump(record, f)

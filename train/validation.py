@@ -2,11 +2,12 @@
 
     python -m pytest tests/integration/test_finetune.py tests/unit/test_lora.py
 
-The trainer's validation component (train/trainer.py calls maybe_evaluate, eval_only and
-early_stopping_verdict); fine-tuning's validate mode reuses evaluate(). Named for the job it
-does, validating the weights being trained, as opposed to train/compare.py (`python -m
-train.eval`: a student against its teacher) and train/finetune_validate.py (fine-tuning's
-mode=validate: a LoRA checkpoint's accuracy on a labeled set).
+The trainer's validation component, the Validation class: Trainer.__init__ creates it and it
+owns the valid split and the early-stopping tracker; fine-tuning's validate mode reuses its
+evaluate(). Named for the job it does, validating the weights being trained, as opposed to
+train/compare.py (`python -m train.eval`: a student against its teacher) and
+train/finetune_validate.py (fine-tuning's mode=validate: a LoRA checkpoint's accuracy on a
+labeled set).
 
 Every training.eval_interval iterations (0: never) each data-parallel rank runs
 training.eval_iters micro-batches of the valid split (the same samples every time, so
@@ -51,73 +52,83 @@ def eval_batches(dataset, eval_iters: int, micro_batch_size: int, dp_rank: int, 
         yield list(range(first, first + micro_batch_size))
 
 
-def eval_dataset(trainer):
-    """The valid split, built on first use (cached on the trainer); None without one."""
-    cache = trainer.__dict__.setdefault("_monitor_cache", {})
-    if "eval_dataset" not in cache:
-        from train.data.job_datasets import build_eval_dataset
+class Validation:
+    """The trainer's validation component (created in Trainer.__init__, held as trainer.validation):
+    the valid split (built on first use and kept), evaluate, the metrics record of each
+    evaluation, and the early-stopping tracker (None when off). Fine-tuning's validate mode
+    builds one without a tracker or sinks and calls evaluate()."""
 
-        inner = getattr(trainer.model, "module", trainer.model)
-        vocab_size = inner.args.vocab_size
-        cache["eval_dataset"] = build_eval_dataset(trainer.cfg, trainer.ctx, vocab_size)
-        if cache["eval_dataset"] is None:
-            log.warning("evaluation skipped: the datablend has no valid split")
-    return cache["eval_dataset"]
+    def __init__(self, cfg, ctx, layout, metrics=None, early_stopping: "EarlyStopping | None" = None):
+        self.cfg, self.ctx, self.layout, self.metrics = cfg, ctx, layout, metrics
+        self.early_stopping = early_stopping
+        self.interval = cfg.training.eval_interval
+        self._dataset, self._dataset_built = None, False
 
+    def dataset(self, model):
+        """The valid split, built on first use; None without one."""
+        if not self._dataset_built:
+            from train.data.job_datasets import build_eval_dataset
 
-@torch.no_grad()
-def evaluate(trainer) -> dict | None:
-    """{"val_loss", "val_ppl"} averaged over every data-parallel rank; None without a valid split."""
-    dataset = eval_dataset(trainer)
-    if dataset is None:
-        return None
-    cfg, ctx, model = trainer.cfg, trainer.ctx, trainer.model
-    mbs = cfg.training.micro_batch_size
-    model_parallel = cfg.parallel.tensor_parallel_size * cfg.parallel.pipeline_parallel_size
-    dp_size = trainer.plan.data_parallel_size
-    totals = torch.zeros(2, dtype=torch.float64)  # loss sum, token count
-    was_training = model.training
-    model.eval()
-    try:
-        for indices in eval_batches(dataset, cfg.training.eval_iters, mbs, ctx.rank // model_parallel, dp_size):
-            inputs, targets, mask = to_batch([dataset[i] for i in indices], ctx.device)
-            totals[0] += float(masked_cross_entropy_sum(model(inputs), targets, mask))
-            totals[1] += float(mask.sum())
-    finally:
-        model.train(was_training)
-    if dist.is_initialized():
-        totals = totals.to(ctx.device) if ctx.device.startswith("cuda") else totals
-        dist.all_reduce(totals, op=dist.ReduceOp.SUM)
-        totals = totals.cpu()
-    # tensor-parallel peers evaluated the same tokens: the ratio is unchanged by the duplication
-    loss = float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
-    ppl = math.exp(loss) if loss < 700 else float("inf")
-    return {"val_loss": loss, "val_ppl": ppl}
+            vocab_size = getattr(model, "module", model).args.vocab_size
+            self._dataset = build_eval_dataset(self.cfg, self.ctx, vocab_size)
+            self._dataset_built = True
+            if self._dataset is None:
+                log.warning("evaluation skipped: the datablend has no valid split")
+        return self._dataset
 
+    @torch.no_grad()
+    def evaluate(self, model) -> dict | None:
+        """{"val_loss", "val_ppl"} averaged over every data-parallel rank; None without a valid split."""
+        dataset = self.dataset(model)
+        if dataset is None:
+            return None
+        layout, device = self.layout, self.layout.device
+        totals = torch.zeros(2, dtype=torch.float64)  # loss sum, token count
+        was_training = model.training
+        model.eval()
+        try:
+            for indices in eval_batches(dataset, self.cfg.training.eval_iters, self.cfg.training.micro_batch_size,
+                                        layout.dp_rank, layout.dp_size):
+                inputs, targets, mask = to_batch([dataset[i] for i in indices], device)
+                totals[0] += float(masked_cross_entropy_sum(model(inputs), targets, mask))
+                totals[1] += float(mask.sum())
+        finally:
+            model.train(was_training)
+        if dist.is_initialized():
+            totals = totals.to(device) if device.startswith("cuda") else totals
+            dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+            totals = totals.cpu()
+        # tensor-parallel peers evaluated the same tokens: the ratio is unchanged by the duplication
+        loss = float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
+        ppl = math.exp(loss) if loss < 700 else float("inf")
+        return {"val_loss": loss, "val_ppl": ppl}
 
-def maybe_evaluate(trainer) -> dict | None:
-    """Evaluates and logs when the iteration is a multiple of training.eval_interval."""
-    interval = trainer.cfg.training.eval_interval
-    if not interval or trainer.state.iteration % interval:
-        return None
-    return evaluate_and_log(trainer)
+    def evaluate_and_log(self, model, iteration: int, **extra) -> dict | None:
+        metrics = self.evaluate(model)
+        if metrics is not None:
+            self.metrics.log(iteration, {**metrics, **extra})
+        return metrics
 
+    def maybe_evaluate(self, model, iteration: int) -> dict | None:
+        """Evaluates and logs when the iteration is a multiple of training.eval_interval."""
+        if not self.interval or iteration % self.interval:
+            return None
+        return self.evaluate_and_log(model, iteration)
 
-def evaluate_and_log(trainer, **extra) -> dict | None:
-    metrics = evaluate(trainer)
-    if metrics is not None:
-        trainer.metrics.log(trainer.state.iteration, {**metrics, **extra})
-    return metrics
-
-
-def eval_only(trainer) -> str:
-    """The eval-only job: one evaluation of the loaded weights, logged; no step, no save."""
-    log.info("eval-only: evaluating the weights at iteration %d (%s)", trainer.state.iteration,
-             trainer.plan.resume.decision)
-    evaluate_and_log(trainer, eval_only=True)
-    trainer.metrics.close()
-    log.info("stopped at iteration %d: eval_only", trainer.state.iteration)
-    return "eval_only"
+    def early_stopping_verdict(self, metrics: dict | None, iteration: int, keep_best) -> str | None:
+        """After an evaluation: keep_best(iteration) (the trainer protects and saves that
+        checkpoint) on a new best; "stop" when the patience ran out. None when there is no
+        tracker or no evaluation happened."""
+        tracker = self.early_stopping
+        if tracker is None or metrics is None:
+            return None
+        verdict = tracker.update(metrics["val_loss"], iteration)
+        if verdict == "improved":
+            keep_best(iteration)
+        log.info("early stopping: val_loss %.4f, best %.4f at iteration %s, %d/%d evaluations without "
+                 "improvement", metrics["val_loss"], tracker.best_loss, tracker.best_iteration,
+                 tracker.evaluations_without_improvement, tracker.patience)
+        return verdict
 
 
 @dataclass
@@ -153,19 +164,3 @@ def build_early_stopping(training_cfg) -> EarlyStopping | None:
         raise ValueError(f"training.early_stop_patience (EARLY_STOP_PATIENCE) = {patience} needs "
                          "training.eval_interval (EVAL_INTERVAL) > 0: it counts evaluations")
     return EarlyStopping(patience, float(training_cfg.get("early_stop_min_delta", 0.0)))
-
-
-def early_stopping_verdict(trainer, metrics: dict | None) -> str | None:
-    """After an evaluation: saves and protects the checkpoint of a new best; "stop" when the
-    patience ran out. None when there is no tracker or no evaluation happened."""
-    tracker = trainer.early_stopping
-    if tracker is None or metrics is None:
-        return None
-    verdict = tracker.update(metrics["val_loss"], trainer.state.iteration)
-    if verdict == "improved":
-        trainer.checkpoints.protected = {trainer.state.iteration}
-        trainer.save()
-    log.info("early stopping: val_loss %.4f, best %.4f at iteration %s, %d/%d evaluations without improvement",
-             metrics["val_loss"], tracker.best_loss, tracker.best_iteration,
-             tracker.evaluations_without_improvement, tracker.patience)
-    return verdict

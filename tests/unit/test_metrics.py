@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 from train import mfu as mfu_lib
-from train.metrics import MetricsLogger, NonFiniteStop, check_bad_streak, debug_nan, is_bad, iteration_metrics, memory_gb
+from train.metrics import IterationMetrics, MetricsLogger, NonFiniteGuard, NonFiniteStop, debug_nan, is_bad, memory_gb
 from train.models.registry import flops_per_token, get_model_args
 
 
@@ -53,11 +53,17 @@ def fake_trainer(tmp_path, log_params_norm=False, max_bad=3, debug_nan_at=None, 
     model.args = get_model_args("tiny-qwen3")
     with torch.no_grad():
         model.weight.fill_(1.0)
-    checkpoints = SimpleNamespace(latest_iteration=lambda: 4)
+    checkpoints = SimpleNamespace(latest_iteration=lambda: 4, finalize=lambda: None)
     return SimpleNamespace(cfg=cfg, model=model, plan=SimpleNamespace(global_batch_size=8, train_iters=100),
                            ctx=SimpleNamespace(world_size=world_size, device="cpu", is_main=True),
                            state=SimpleNamespace(iteration=6, skipped_iterations=1), checkpoints=checkpoints,
                            metrics=MetricsLogger(None, None, enabled=False))
+
+
+def iteration_metrics(trainer, *values):
+    """The record IterationMetrics makes for `trainer` (a fresh meter: it measures FLOPs once)."""
+    meter = IterationMetrics(trainer.cfg, trainer.plan, trainer.ctx.world_size, trainer.ctx.device)
+    return meter(trainer.model, trainer.state, *values)
 
 
 def test_iteration_metrics_on_cpu(tmp_path, monkeypatch):
@@ -97,21 +103,38 @@ def test_jsonl_nulls_and_non_finite_values(tmp_path, caplog):
 
 
 def test_bad_streak_stops_after_k_in_a_row(tmp_path, monkeypatch, capsys):
-    stop_file = tmp_path / "stop.json"
-    monkeypatch.setenv("TRAIN_STOP_FILE", str(stop_file))
     trainer = fake_trainer(tmp_path, max_bad=3)
     assert is_bad(float("nan"), 1.0) and is_bad(1.0, float("inf")) and not is_bad(1.0, 1.0)
-    check_bad_streak(trainer, True)
-    check_bad_streak(trainer, True)
-    check_bad_streak(trainer, False)  # a good iteration resets the count
-    check_bad_streak(trainer, True)
-    check_bad_streak(trainer, True)
+    guard = NonFiniteGuard(trainer.cfg.training, trainer.checkpoints.latest_iteration, is_main=True)
+    guard.check(True, 6)
+    guard.check(True, 6)
+    guard.check(False, 6)  # a good iteration resets the count
+    guard.check(True, 6)
+    guard.check(True, 6)
     with pytest.raises(NonFiniteStop) as stop:
-        check_bad_streak(trainer, True)
+        guard.check(True, 6)
+    assert stop.value.code == 3 and guard.streak == 3
+    assert "stopping: 3 consecutive iterations with non-finite loss/grad norm (iterations 5-7)" in stop.value.message
+    assert "last good checkpoint is iter_0000004" in stop.value.message
+
+
+def test_non_finite_stop_writes_the_stop_file_once(tmp_path, monkeypatch, capsys):
+    """The trainer ends the job: stderr line, stop file (its only writer), exit code 3."""
+    from train.trainer import Trainer
+
+    stop_file = tmp_path / "stop.json"
+    monkeypatch.setenv("TRAIN_STOP_FILE", str(stop_file))
+    trainer = fake_trainer(tmp_path)
+    trainer.cfg.checkpoint = {"requeue": True}
+    trainer.stop = SimpleNamespace(signal_name=None)
+    trainer.write_stop_file = lambda reason, message=None: Trainer.write_stop_file(trainer, reason, message)
+    with pytest.raises(NonFiniteStop) as stop:
+        Trainer.stop_non_finite(trainer, NonFiniteStop("stopping: 3 consecutive iterations; last good checkpoint "
+                                                       "is iter_0000004"))
     assert stop.value.code == 3
-    assert "stopping: 3 consecutive iterations with non-finite loss/grad norm" in stop.value.message
-    assert "last good checkpoint is iter_0000004" in capsys.readouterr().err
-    assert json.loads(stop_file.read_text())["requeue"] is False
+    assert "error: stopping: 3 consecutive iterations; last good checkpoint is iter_0000004" in capsys.readouterr().err
+    record = json.loads(stop_file.read_text())
+    assert record["reason"] == "non_finite" and record["requeue"] is False and record["iteration"] == 6
 
 
 def test_debug_nan_hook(tmp_path):

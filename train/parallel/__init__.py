@@ -2,6 +2,7 @@
 
     python -m pytest tests/unit/test_parallel_checks.py tests/integration/test_parallel.py
 
+    layout.py           ParallelLayout: rank, dp/tp/ep sizes, device and mesh, built once per job
     mesh.py             build_mesh: the ("dp", "tp") DeviceMesh (("edp", "ep", "tp") with EP), once per job
     tensor_parallel.py  DTensor plans per family (colwise q/k/v/gate/up, rowwise o/down)
     expert_parallel.py  EP: experts split over "ep", all-to-all token dispatch, expert gradients
@@ -13,9 +14,9 @@ Names resolve lazily so that `train.parallel.checks` stays importable without to
 """
 
 _EXPORTS = {
+    "ParallelLayout": "layout",
     "build_mesh": "mesh",
     "parallelize": "apply",
-    "apply_data_parallel": "apply",
     "parallelize_frozen": "apply",
     "apply_tensor_parallel": "tensor_parallel",
     "wants_zero_redundancy_optimizer": "data_parallel",

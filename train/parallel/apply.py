@@ -13,7 +13,6 @@
 
 import logging
 
-import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
@@ -21,7 +20,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from train.parallel.checks import check_engine_support, check_parallel_settings
 from train.parallel.data_parallel import apply_ddp, apply_fsdp
 from train.parallel.expert_parallel import apply_expert_parallel, expert_parameters
-from train.parallel.mesh import build_mesh, data_parallel_mesh
+from train.parallel.mesh import data_parallel_mesh
 from train.parallel.tensor_parallel import apply_tensor_parallel
 
 log = logging.getLogger("train")
@@ -77,16 +76,6 @@ def parallelize(model: nn.Module, parallel_cfg, mesh: DeviceMesh | None, device:
              tp, ep,
              "on" if parallel_cfg.activation_checkpointing else "off", "on" if parallel_cfg.compile else "off")
     return model
-
-
-def apply_data_parallel(model: nn.Module, parallel_cfg, device: str) -> nn.Module:
-    """The former entry point: builds the mesh from the process group, then parallelize()."""
-    import torch.distributed as dist
-
-    world_size = dist.get_world_size() if dist.is_initialized() else 1
-    mesh = build_mesh(world_size, parallel_cfg.tensor_parallel_size, torch.device(device).type,
-                      parallel_cfg.expert_parallel_size)
-    return parallelize(model, parallel_cfg, mesh, device)
 
 
 def parallelize_frozen(model: nn.Module, parallel_cfg, mesh: DeviceMesh | None) -> nn.Module:

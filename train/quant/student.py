@@ -44,11 +44,13 @@ def load_quantizer_state(checkpoint_dir: str | Path) -> dict | None:
     return torch.load(path, weights_only=False) if path.is_file() else None
 
 
-def prepare_student(model: torch.nn.Module, cfg, resume_dir: str | None, dataset=None, recipe: str | None = None):
+def prepare_student(model: torch.nn.Module, cfg, resume_dir: str | None, dataset=None, layout=None,
+                    recipe: str | None = None):
     """Quantizes the single-device student (before parallelize). Returns (model, record): record
     is what every checkpoint stores as quantizer_state.pt (None without quantization).
 
     resume_dir: the checkpoint being resumed (quantizers restored, no calibration), or None.
+    layout: the job's train.parallel.ParallelLayout (its TP size; None: one process, TP 1).
     recipe: cfg.quant.recipe unless given (a LoRA job's quantized base: lora.quantized_base).
     """
     from train.quant.recipes import quantize_model, quantizer_state, restore_quantizer_state
@@ -67,7 +69,7 @@ def prepare_student(model: torch.nn.Module, cfg, resume_dir: str | None, dataset
     else:
         batches = calibration_batches(dataset, cfg.quant.calibration_batches, cfg.training.micro_batch_size)
         model = quantize_model(model, recipe, batches)
-    tp = cfg.parallel.tensor_parallel_size
+    tp = layout.tp if layout is not None else 1
     if tp > 1:  # the quantizers split with their Linears: fail here, not inside parallelize
         from train.parallel.tensor_parallel import check_quantized_split
 
