@@ -260,8 +260,8 @@ def describe(memory: dict[str, float], capacity: float, gpu: str) -> str:
 def job_models(job: str, cfg):
     """(student ModelArgs, teacher ModelArgs or None, teacher bytes per element); None when unknown.
     From the HF config.json when the directory is readable here, else the registry by name."""
-    from train.launch.plan import registry_args
     from train.models.hf_adapters import args_from_hf_config
+    from train.models.registry import args_for_display_name
 
     def args_for(directory, name: str):
         config = hf_config(directory)
@@ -270,7 +270,7 @@ def job_models(job: str, cfg):
                 return args_from_hf_config(config, name=f"hf:{Path(directory).name}"), config
             except (KeyError, TypeError, ValueError):  # a config.json the job itself refuses, later
                 pass
-        return registry_args(name), None
+        return args_for_display_name(name), None
 
     student, _ = args_for(cfg.model.get("hf_checkpoint"), str(cfg.model.name))
     if job != "qad":

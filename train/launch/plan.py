@@ -22,6 +22,7 @@ from train.launch import cluster as cluster_lib
 from train.launch.conf import EXIT_USAGE, REPO_ROOT, ConfError, config_overrides, load_conf
 from train.launch.memory import (AUTO_ORDER, describe, fitting_alternatives, gpu_memory_bytes, job_layout,
                                  job_memory, job_models, resource_plan, resource_summary)
+from train.models.registry import args_for_display_name
 from train.launch.rundir import ResumeError, ResumeState, RunPaths, resume_state, run_paths
 
 
@@ -59,25 +60,6 @@ def compose_config(job: str, overrides: list[str]):
 
 # ----------------------------------------------------------------- model facts
 
-def registry_candidates(name: str) -> list[str]:
-    """'Qwen3-30B-A3B-Thinking-2507' -> the name, then shorter dash-prefixes, lowercased:
-    ... 'qwen3-30b-a3b', 'qwen3-30b', so display names find their architecture."""
-    parts = name.lower().split("-")
-    return [name] + ["-".join(parts[:n]) for n in range(len(parts), 0, -1)]
-
-
-def registry_args(model_name: str):
-    """The registry's ModelArgs for a model name (or a dash-prefix of it), else None."""
-    from train.models.registry import get_model_args
-
-    for name in registry_candidates(model_name):
-        try:
-            return get_model_args(name)
-        except ValueError:
-            continue
-    return None
-
-
 def model_facts(cfg) -> dict:
     """Experts of the model, from its HF config.json or the registry (None: unknown)."""
     hf_dir = cfg.model.get("hf_checkpoint")
@@ -85,7 +67,7 @@ def model_facts(cfg) -> dict:
         hf = json.loads((Path(hf_dir) / "config.json").read_text())
         return {"num_experts": int(hf.get("num_experts") or hf.get("num_local_experts") or 0),
                 "source": str(Path(hf_dir) / "config.json")}
-    args = registry_args(str(cfg.model.name))
+    args = args_for_display_name(str(cfg.model.name))
     if args is None:
         return {"num_experts": None, "source": None}
     return {"num_experts": int(args.num_experts or 0), "source": f"registry:{args.name}"}
@@ -123,7 +105,7 @@ def check_parallel(cfg, world_size: int, conf: str) -> int:
     # Experts from the HF config.json when there is one, else the registry (None: unknown).
     experts = model_facts(cfg)["num_experts"] if ep > 1 else None
     try:
-        check_parallel_settings(cfg.parallel, registry_args(str(cfg.model.name)), world_size, num_experts=experts)
+        check_parallel_settings(cfg.parallel, args_for_display_name(str(cfg.model.name)), world_size, num_experts=experts)
     except ParallelSettingsError as error:
         raise PlanError(f"{conf}: {error}") from None
     return data_parallel

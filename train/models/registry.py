@@ -283,6 +283,16 @@ def get_model_args(name: str) -> ModelArgs:
             f"unknown model {name!r}; known models: {', '.join(REGISTRY)}") from None
 
 
+def args_for_display_name(name: str) -> ModelArgs | None:
+    """The entry for a model's display name or its longest known dash-prefix, lowercased
+    ('Qwen3-30B-A3B-Thinking-2507' -> qwen3-30b-a3b), so confs' names find their shapes; else None."""
+    parts = name.lower().split("-")
+    for candidate in [name] + ["-".join(parts[:n]) for n in range(len(parts), 0, -1)]:
+        if candidate in REGISTRY:
+            return REGISTRY[candidate]
+    return None
+
+
 def count_parameters(args: ModelArgs) -> dict[str, int]:
     """Exact parameter counts of the model build_model(args) creates.
 
