@@ -22,7 +22,7 @@ import torch.distributed as dist
 def main(job: str, out: str, overrides: list[str]) -> None:
     from torch.distributed._tools.mem_tracker import MemTracker
 
-    from train.launch.memory import job_layout, job_memory, job_models
+    from train.launch.memory import job_split, job_memory, job_models
     from train.launch.plan import compose_config
     from train.losses import language_model_loss
     from train.models import build_model, init_weights
@@ -61,7 +61,7 @@ def main(job: str, out: str, overrides: list[str]) -> None:
     peak = tracker.get_tracker_snapshot("peak")
     categories = {str(kind): float(size) for kind, size in next(iter(peak.values())).items()}
     data_parallel = world // cfg.parallel.tensor_parallel_size
-    planned = job_memory(job, cfg, job_layout(cfg, data_parallel), job_models(job, cfg))
+    planned = job_memory(job, cfg, job_split(cfg, data_parallel), job_models(job, cfg))
     if int(os.environ.get("RANK", "0")) == 0:
         result = {"measured": categories["Total"], "planned": planned["total"] - planned["overhead"],
                   "categories": categories, "plan": planned}

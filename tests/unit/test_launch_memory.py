@@ -12,7 +12,7 @@ import re
 import pytest
 
 from train.launch.conf import CONF_VARIABLES
-from train.launch.memory import Layout, memory_breakdown, parse_slurm_time
+from train.launch.memory import Split, memory_breakdown, parse_slurm_time
 from train.launch.plan import PlanError, main, plan_from_conf
 from train.models.registry import get_model_args
 
@@ -42,15 +42,15 @@ def conf(tmp_path, text: str) -> str:
 
 def test_ddp_student_of_8b_holds_131_gb_of_weights_gradients_and_adamw(tmp_path):
     args = get_model_args("qwen3-8b")
-    memory = memory_breakdown(args, job="qad", layout=Layout(1, 1, 8, "ddp"), mbs=1, seq_length=4096,
+    memory = memory_breakdown(args, job="qad", layout=Split(1, 1, 8, "ddp"), mbs=1, seq_length=4096,
                               param_bytes=4, act_bytes=2, checkpointing=True)
     student = memory["parameters"] + memory["gradients"] + memory["optimizer"]
     assert 128e9 < student < 134e9  # 8.2B x (4 + 4 + 8) bytes
-    fsdp = memory_breakdown(args, job="qad", layout=Layout(1, 1, 8, "fsdp"), mbs=1, seq_length=4096,
+    fsdp = memory_breakdown(args, job="qad", layout=Split(1, 1, 8, "fsdp"), mbs=1, seq_length=4096,
                             param_bytes=4, act_bytes=2, checkpointing=True)
     assert fsdp["parameters"] == pytest.approx(memory["parameters"] / 8)
     assert fsdp["optimizer"] == pytest.approx(memory["optimizer"] / 8)
-    bf16 = memory_breakdown(args, job="qad", layout=Layout(1, 1, 8, "ddp"), mbs=1, seq_length=4096,
+    bf16 = memory_breakdown(args, job="qad", layout=Split(1, 1, 8, "ddp"), mbs=1, seq_length=4096,
                             param_bytes=2, act_bytes=2, checkpointing=True)
     assert bf16["optimizer"] == pytest.approx(memory["optimizer"] / 2)
 

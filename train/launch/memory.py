@@ -54,8 +54,9 @@ DEFAULT_GPU = "h100"
 
 
 @dataclass(frozen=True)
-class Layout:
-    """How a rank's share is cut: tp, ep, dp, and the data-parallel strategy."""
+class Split:
+    """How the plan cuts a rank's share: tp, ep, dp and the data-parallel strategy (sizes only;
+    the job's ParallelLayout in train/parallel/layout.py holds the real mesh)."""
     tp: int
     ep: int
     dp: int
@@ -75,7 +76,7 @@ def parameter_groups(args) -> dict[str, int]:
     return {"embedding": embedding, "experts": experts, "dense": total - embedding - experts}
 
 
-def local_elements(groups: dict[str, int], layout: Layout, fsdp_sharded: bool) -> float:
+def local_elements(groups: dict[str, int], layout: Split, fsdp_sharded: bool) -> float:
     """This rank's parameters: TP splits the dense layers and the vocabulary, EP the experts,
     FSDP2 the rest over dp (under EP > 1 the experts stay out of FSDP, split by EP only)."""
     non_experts = (groups["dense"] + groups["embedding"]) / layout.tp
@@ -95,7 +96,7 @@ def lora_elements(args, rank: int, targets: list[str]) -> int:
     return args.num_layers * sum(rank * sum(shapes[t]) for t in targets if t in shapes)
 
 
-def activation_bytes(args, tokens: int, act_bytes: int, layout: Layout) -> tuple[float, float]:
+def activation_bytes(args, tokens: int, act_bytes: int, layout: Split) -> tuple[float, float]:
     """(bytes backward keeps of `tokens` tokens through all layers, bytes of the largest layer)
     on this rank; TP splits the head and MLP widths. Per layer and token: the norm inputs of the
     fp32 residual stream (2 D x 4) and the norm outputs (2 D x 4, and their bf16 copies under
@@ -113,22 +114,25 @@ def activation_bytes(args, tokens: int, act_bytes: int, layout: Layout) -> tuple
     return tokens * (sum(per_layer) + 3 * D * 4), tokens * max(per_layer)  # + embedding out, final norm
 
 
-def loss_bytes(args, tokens: int, distill: bool, fused: bool) -> float:
-    """The loss's largest moment. Fused (train/losses.py, train/distill/chunked.py): a chunk of
-    fp32 logits (<= 1 GiB; QAD: the teacher's chunk beside it) and its softmax, the lm_head weight
-    gradient and the hidden-state gradient. Under TP (the vocabulary-split lm_head gathers the
-    whole vocabulary): whole fp32 logits, their log-softmax and gradient."""
+def loss_bytes(args, tokens: int, distill_rows: int | None, fused: bool) -> float:
+    """The loss's largest moment. Fused (train/losses.py): a chunk of fp32 logits (<= 1 GiB) and
+    its softmax, the lm_head weight gradient and the hidden-state gradient; QAD's KD loss
+    (train/distill/chunked.py) takes distill_rows positions a chunk, the teacher's logits beside.
+    Under TP (the vocabulary-split lm_head gathers the whole vocabulary): whole fp32 logits,
+    their log-softmax and gradient."""
     V, D = args.vocab_size, args.hidden_size
+    models = 1 if distill_rows is None else 2
     if not fused:
-        return 3 * tokens * V * 4 * (2 if distill else 1)
-    rows = max(1, min(tokens, LOSS_CHUNK_BYTES // (V * 4)))
-    chunk = rows * V * 4 * (2 if distill else 1)
+        return 3 * tokens * V * 4 * models
+    rows = max(1, min(tokens, distill_rows or LOSS_CHUNK_BYTES // (V * 4)))
+    chunk = rows * V * 4 * models
     return chunk * 2 + V * D * 4 + tokens * D * 4
 
 
-def memory_breakdown(args, *, job: str, layout: Layout, mbs: int, seq_length: int, param_bytes: int,
+def memory_breakdown(args, *, job: str, layout: Split, mbs: int, seq_length: int, param_bytes: int,
                      act_bytes: int, checkpointing: bool, accumulation: int = 1, teacher=None,
-                     teacher_bytes: int = 2, lora: tuple[int, list[str]] | None = None) -> dict[str, float]:
+                     teacher_bytes: int = 2, lora: tuple[int, list[str]] | None = None,
+                     distill_rows: int = 512) -> dict[str, float]:
     """Bytes per GPU by category (the module docstring says what each holds) and the peak, "total".
 
     The peak is what stays (parameters, gathered blocks, optimizer state, the teacher, DDP's
@@ -167,7 +171,7 @@ def memory_breakdown(args, *, job: str, layout: Layout, mbs: int, seq_length: in
     else:
         out["activations"], recomputed = activations, 0.0
     fused = layout.tp == 1
-    out["loss"] = loss_bytes(args, tokens, job == "qad", fused)
+    out["loss"] = loss_bytes(args, tokens, distill_rows if job == "qad" else None, fused)
     staying = sum(out[k] for k in ("parameters", "gathered", "ddp_buckets", "optimizer", "teacher"))
     earlier_gradients = out["gradients"] if accumulation > 1 else 0.0
     forward_end = out["autocast_weights"] + out["activations"] + out["loss"] + earlier_gradients
@@ -279,7 +283,7 @@ def job_models(job: str, cfg):
     return student, teacher, checkpoint_bytes(config)
 
 
-def job_memory(job: str, cfg, layout: Layout, models) -> dict[str, float] | None:
+def job_memory(job: str, cfg, layout: Split, models) -> dict[str, float] | None:
     student, teacher, teacher_bytes = models
     if student is None:
         return None
@@ -293,12 +297,12 @@ def job_memory(job: str, cfg, layout: Layout, models) -> dict[str, float] | None
         param_bytes=2 if cfg.model.param_dtype == "bfloat16" else 4,
         act_bytes=2 if cfg.training.precision == "bf16" else 4,
         checkpointing=bool(cfg.parallel.activation_checkpointing), accumulation=accumulation, teacher=teacher,
-        teacher_bytes=teacher_bytes, lora=lora)
+        teacher_bytes=teacher_bytes, lora=lora, distill_rows=int(cfg.distill.chunk_size))
 
 
-def job_layout(cfg, data_parallel: int) -> Layout:
+def job_split(cfg, data_parallel: int) -> Split:
     parallel = cfg.parallel
-    return Layout(int(parallel.tensor_parallel_size), int(parallel.expert_parallel_size), data_parallel,
+    return Split(int(parallel.tensor_parallel_size), int(parallel.expert_parallel_size), data_parallel,
                   str(parallel.data_parallel))
 
 
@@ -307,7 +311,7 @@ def resource_plan(job: str, cfg, env: dict[str, str], world_size: int, data_para
     """The plan's "resources": memory per GPU by category against the GPU's, and the time."""
     gpu, capacity = gpu_memory_bytes(env)
     models = job_models(job, cfg)
-    memory = job_memory(job, cfg, job_layout(cfg, data_parallel), models)
+    memory = job_memory(job, cfg, job_split(cfg, data_parallel), models)
     out = {"gpu": gpu, "gpu_memory_bytes": capacity, "memory_per_gpu_bytes": memory,
            "fits": memory is None or memory["total"] <= capacity,
            "tokens_per_step": gbs * int(cfg.data.seq_length),
@@ -345,7 +349,7 @@ def fitting_alternatives(job: str, cfg, world_size: int, data_parallel: int, cap
         variant = OmegaConf.create(variant)
         OmegaConf.update(variant, key, value)
         dp = world_size // variant.parallel.tensor_parallel_size
-        memory = job_memory(job, variant, job_layout(variant, dp), models)
+        memory = job_memory(job, variant, job_split(variant, dp), models)
         if memory is not None and memory["total"] <= capacity:
             found.append(f"{label} ({format_bytes(memory['total'])})")
     return found

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from train.launch import cluster as cluster_lib
 from train.launch.conf import EXIT_USAGE, REPO_ROOT, ConfError, config_overrides, load_conf
-from train.launch.memory import (AUTO_ORDER, describe, fitting_alternatives, gpu_memory_bytes, job_layout,
+from train.launch.memory import (AUTO_ORDER, describe, fitting_alternatives, gpu_memory_bytes, job_split,
                                  job_memory, job_models, resource_plan, resource_summary)
 from train.models.registry import args_for_display_name
 from train.launch.rundir import ResumeError, ResumeState, RunPaths, resume_state, run_paths
@@ -333,7 +333,7 @@ def choose_data_parallel(job: str, cfg, env: dict[str, str], world_size: int, co
             data_parallel = check_parallel(cfg, world_size, conf)
         except PlanError:  # e.g. TP with DDP, EP with ZeRO-1
             continue
-        memory = job_memory(job, cfg, job_layout(cfg, data_parallel), models)
+        memory = job_memory(job, cfg, job_split(cfg, data_parallel), models)
         if memory is None or memory["total"] <= capacity:
             return strategy
     return "fsdp"  # the leanest; the memory check then says what else would make it fit
