@@ -131,6 +131,7 @@ class DistillConfig:
     kd_config_path: Optional[str] = None  # KD_CFG_PATH: YAML merged into these keys (train/distill/kd_config.py)
     temperature: float = 1.0
     lm_loss_weight: float = 0.0
+    kd_loss_weight: float = 1.0  # weight of the KL term; 0 (with lm_loss_weight 1): QAT, the LM loss only
     chunk_size: int = 512  # token positions per chunk of the KD loss: bounds its (chunk, vocab) fp32 logits
     tokenizer_vocab_size: Optional[int] = None  # real tokens; lets vocabularies differ by padding only
 

@@ -44,6 +44,26 @@ def test_value_and_gradients_equal_naive(temperature, lm_loss_weight, chunk_size
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # fp32 math inside both
 
 
+@pytest.mark.parametrize("kd_loss_weight", [0.0, 0.5])
+def test_kd_loss_weight_scales_the_kl_term_only(kd_loss_weight):
+    # kd_loss_weight 0 with lm_loss_weight 1 is QAT: the cross entropy alone, teacher ignored
+    from train.losses import masked_cross_entropy
+    h, w, th, tw, targets, mask = tensors(2)
+    cfg = SimpleNamespace(temperature=2.0, lm_loss_weight=1.0, kd_loss_weight=kd_loss_weight)
+    expected = full_logits_loss(h @ w.T, th @ tw.T, targets, mask, cfg, None)
+    kl = naive(h, w, th, tw, targets, mask, 2.0, 0.0)
+    torch.testing.assert_close(expected, kd_loss_weight * kl + masked_cross_entropy(h @ w.T, targets, mask))
+    got = chunked_distill_loss(h, w, th, tw, targets, mask, temperature=2.0, lm_loss_weight=1.0, chunk_size=5,
+                               kd_loss_weight=kd_loss_weight)
+    torch.testing.assert_close(got, expected.float(), rtol=1e-6, atol=1e-6)
+    for a, b in zip(grads(got, h, w), grads(expected, h, w)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    if kd_loss_weight == 0:  # another teacher changes nothing
+        other = chunked_distill_loss(h, w, th + 5.0, tw, targets, mask, temperature=2.0, lm_loss_weight=1.0,
+                                     chunk_size=5, kd_loss_weight=0.0)
+        torch.testing.assert_close(other, got)
+
+
 def test_mask_excludes_tokens_and_empty_mask_is_zero():
     h, w, th, tw, targets, mask = tensors(1)
     mask[0] = 0  # a whole sequence out, including entire chunks

@@ -8,10 +8,10 @@ N = B x T positions. For each chunk of C positions (C = chunk_size):
 
     zs = h_s[c] @ W_s^T, zt = h_t[c] @ W_t^T          (C, V) in fp32
     ls = log_softmax(zs / T), lt = log_softmax(zt / T), pt = exp(lt)
-    loss += T^2 * sum_c m * sum_v pt (lt - ls)  +  w * sum_c m * (logsumexp(zs) - zs[target])
-    dloss/dzs = T * m * (exp(ls) - pt)  +  w * m * (softmax(zs) - onehot(target))
+    loss += k T^2 * sum_c m * sum_v pt (lt - ls)  +  w * sum_c m * (logsumexp(zs) - zs[target])
+    dloss/dzs = k T * m * (exp(ls) - pt)  +  w * m * (softmax(zs) - onehot(target))
 
-and the gradient is finished at once in the forward (Liger's "fused linear" trick):
+(k = kd_loss_weight, default 1; 0 leaves the LM term alone: QAT with the same job), and the gradient is finished at once in the forward (Liger's "fused linear" trick):
 grad_h[c] = g @ W_s and grad_W += g^T @ h_s[c]. Backward only scales the two stored
 gradients by the incoming scalar, so nothing of size (N, V) is kept for backward and
 no logits are recomputed: four (C, D) x (D, V) matmuls per chunk, the same as the naive
@@ -36,7 +36,7 @@ from train.losses import matmul_dtype
 class ChunkedDistillLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, teacher_hidden, teacher_weight, targets, mask, temperature: float,
-                lm_loss_weight: float, chunk_size: int, vocab: int | None):
+                lm_loss_weight: float, chunk_size: int, vocab: int | None, kd_loss_weight: float = 1.0):
         # hidden (N, D) student, weight (V_s, D); teacher_hidden (N, D_t), teacher_weight (V_t, D_t);
         # targets (N,) int64, mask (N,) float. Returns the scalar loss.
         device_type = hidden.device.type
@@ -65,10 +65,10 @@ class ChunkedDistillLoss(torch.autograd.Function):
                 # KL = sum_v pt (lt - ls), as two batched dot products: no (C, V) temporary
                 kl = (teacher_probs[:, None, :] @ log_teacher[:, :, None]
                       - teacher_probs[:, None, :] @ log_student[:, :, None]).flatten()  # (C,)
-                total += temperature**2 * (kl * m).sum()
+                total += kd_loss_weight * temperature**2 * (kl * m).sum()
                 del log_teacher
                 # d(T^2 KL)/dzs = T (softmax(zs / T) - pt), in the buffer of ls
-                grad = log_student.exp_().sub_(teacher_probs).mul_(temperature)  # (C, V)
+                grad = log_student.exp_().sub_(teacher_probs).mul_(temperature * kd_loss_weight)  # (C, V)
                 del teacher_probs, log_student
                 if lm_loss_weight:  # CE = -log_softmax(zs)[target]; dCE/dzs = softmax(zs) - onehot
                     probs = F.log_softmax(student, dim=-1)
@@ -96,14 +96,14 @@ class ChunkedDistillLoss(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         grad_hidden = grad_hidden * grad_output if grad_hidden is not None else None
         grad_weight = grad_weight * grad_output if grad_weight is not None else None
-        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None, None
 
 
 def chunked_distill_loss(hidden: torch.Tensor, weight: torch.Tensor, teacher_hidden: torch.Tensor,
                          teacher_weight: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, *,
                          temperature: float = 1.0, lm_loss_weight: float = 0.0, chunk_size: int = 512,
-                         vocab: int | None = None) -> torch.Tensor:
-    """T^2 KL(teacher || student) + lm_loss_weight x CE, means over the mask, chunk by chunk.
+                         vocab: int | None = None, kd_loss_weight: float = 1.0) -> torch.Tensor:
+    """kd_loss_weight x T^2 KL(teacher || student) + lm_loss_weight x CE, means over the mask, chunk by chunk.
 
     hidden (B, T, D) or (N, D); weight (V, D); teacher_* likewise; targets, mask (B, T) or (N,)."""
     if weight.shape[0] != teacher_weight.shape[0] and vocab is None:
@@ -118,4 +118,5 @@ def chunked_distill_loss(hidden: torch.Tensor, weight: torch.Tensor, teacher_hid
         hidden, weight = hidden.detach(), weight.detach()
     return ChunkedDistillLoss.apply(hidden.flatten(0, -2), weight, teacher_hidden.flatten(0, -2).detach(),
                                     teacher_weight.detach(), targets.flatten(), mask.flatten(),
-                                    float(temperature), float(lm_loss_weight), int(chunk_size), vocab)
+                                    float(temperature), float(lm_loss_weight), int(chunk_size), vocab,
+                                    float(kd_loss_weight))

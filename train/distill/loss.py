@@ -46,11 +46,13 @@ def _lm_head_quantized(lm_head: torch.nn.Module) -> bool:
 
 
 def full_logits_loss(logits, teacher_logits, targets, mask, distill_cfg, vocab: int | None) -> torch.Tensor:
-    """The naive loss on whole (B, T, V) logits: kd_loss_reference + lm_loss_weight x CE; the
+    """The naive loss on whole (B, T, V) logits: kd_loss_weight x kd_loss_reference + lm_loss_weight x CE; the
     reference for distill_loss and its fallback."""
     if vocab is not None:
         logits, teacher_logits = logits[..., :vocab], teacher_logits[..., :vocab]
-    loss = kd_loss_reference(logits, teacher_logits, mask, distill_cfg.temperature)
+    kd_weight = getattr(distill_cfg, "kd_loss_weight", 1.0)
+    loss = kd_weight * kd_loss_reference(logits, teacher_logits, mask, distill_cfg.temperature) if kd_weight \
+        else logits.sum() * 0.0
     if distill_cfg.lm_loss_weight:
         loss = loss + distill_cfg.lm_loss_weight * masked_cross_entropy(logits, targets, mask)
     return loss
@@ -58,9 +60,10 @@ def full_logits_loss(logits, teacher_logits, targets, mask, distill_cfg, vocab: 
 
 def distill_loss(student: torch.nn.Module, teacher: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
                  mask: torch.Tensor, distill_cfg, vocab: int | None = None) -> torch.Tensor:
-    """T^2 KL(teacher || student) + lm_loss_weight x CE over the loss mask; inputs/targets/mask (B, T).
+    """kd_loss_weight x T^2 KL(teacher || student) + lm_loss_weight x CE over the loss mask; inputs/targets/mask (B, T).
 
-    distill_cfg: temperature, lm_loss_weight, chunk_size (cfg.distill). vocab: compare only the
+    distill_cfg: temperature, lm_loss_weight, kd_loss_weight (default 1; 0 with lm_loss_weight 1 is QAT:
+    the same quantized student trained on the LM loss only), chunk_size (cfg.distill). vocab: compare only the
     first `vocab` logits (train.distill.kd_config.resolve_vocab); None: all of them."""
     inner = getattr(student, "module", student)  # DDP keeps the model in .module; FSDP2 in place
     hidden = student(inputs, return_hidden=True)  # (B, T, D)
@@ -74,4 +77,5 @@ def distill_loss(student: torch.nn.Module, teacher: torch.nn.Module, inputs: tor
         return full_logits_loss(inner.output_logits(hidden), teacher_logits, targets, mask, distill_cfg, vocab)
     return chunked_distill_loss(hidden, weight, teacher_hidden, teacher_weight, targets, mask,
                                 temperature=distill_cfg.temperature, lm_loss_weight=distill_cfg.lm_loss_weight,
-                                chunk_size=getattr(distill_cfg, "chunk_size", 512), vocab=vocab)
+                                chunk_size=getattr(distill_cfg, "chunk_size", 512), vocab=vocab,
+                                kd_loss_weight=getattr(distill_cfg, "kd_loss_weight", 1.0))
