@@ -57,13 +57,7 @@ def prepare(cache: Path, model: str, steps: int) -> tuple[Path, Path, dict]:
         build_corpus(corpus)
     if not (teacher / "config.json").exists():
         log(f"training the teacher: {model}, {steps} steps of {BATCH} x {SEQ} tokens")
-        import train.models
-        build = train.models.build_model  # train_teacher builds "tiny-qwen3": swap in --model
-        train.models.build_model = lambda _name, **kwargs: build(model, **kwargs)
-        try:
-            train_teacher(blend, teacher.with_suffix(".tmp"), steps)
-        finally:
-            train.models.build_model = build
+        train_teacher(blend, teacher.with_suffix(".tmp"), steps, model_name=model)
         teacher.with_suffix(".tmp").rename(teacher)
     ptq_json = teacher / "ptq.json"
     if not ptq_json.exists():

@@ -51,8 +51,8 @@ def build_corpus(tmp_path: Path) -> Path:
     return blend
 
 
-def train_teacher(blend: Path, directory: Path, steps: int = TEACHER_STEPS) -> None:
-    """tiny-qwen3 trained with AdamW on the train split, saved as an HF checkpoint directory."""
+def train_teacher(blend: Path, directory: Path, steps: int = TEACHER_STEPS, model_name: str = "tiny-qwen3") -> None:
+    """A registry model trained with AdamW on the train split, saved as an HF checkpoint directory."""
     from train.data import build_datasets
     from train.data.collate import to_batch
     from train.losses import masked_cross_entropy
@@ -62,7 +62,7 @@ def train_teacher(blend: Path, directory: Path, steps: int = TEACHER_STEPS) -> N
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     dataset = build_datasets(str(blend), SEQ, {"train": steps * BATCH}, seed=1)["train"]
-    model = init_weights(build_model("tiny-qwen3", device="cpu"), 1234)
+    model = init_weights(build_model(model_name, device="cpu"), 1234)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     for step in range(steps):
         inputs, targets, mask = to_batch([dataset[i] for i in range(step * BATCH, (step + 1) * BATCH)], "cpu")
