@@ -80,9 +80,10 @@ def test_the_gpu_type_and_memory_override(tmp_path, env):
     with pytest.raises(PlanError) as error:
         plan_from_conf("pretrain", path, [], {**env, "GPU_MEMORY_GB": "4"})
     assert "has 4.0 GB" in str(error.value)
-    with pytest.raises(PlanError) as error:
-        plan_from_conf("pretrain", path, [], {**env, "GPU_TYPE": "tpu-v5"})
-    assert "GPU_TYPE='tpu-v5'" in str(error.value) and "GPU_MEMORY_GB" in str(error.value)
+    for sharding in ([], ["parallel.data_parallel=auto"]):
+        with pytest.raises(PlanError) as error:
+            plan_from_conf("pretrain", path, sharding, {**env, "GPU_TYPE": "tpu-v5"})
+        assert "GPU_TYPE='tpu-v5'" in str(error.value) and "GPU_MEMORY_GB" in str(error.value)
 
 
 def test_dp_sharding_auto_takes_the_fastest_strategy_that_fits(tmp_path, env):

@@ -325,7 +325,10 @@ def plan_from_conf(job: str, config: str, user_overrides: list[str], env: dict[s
 
 def choose_data_parallel(job: str, cfg, env: dict[str, str], world_size: int, conf: str) -> str:
     """DP_SHARDING=auto: the fastest strategy (AUTO_ORDER) this layout allows whose plan fits the GPU."""
-    _, capacity = gpu_memory_bytes(env)
+    try:
+        _, capacity = gpu_memory_bytes(env)
+    except ValueError as error:  # GPU_TYPE not in the table
+        raise PlanError(f"{conf}: {error}") from None
     models = job_models(job, cfg)
     for strategy in AUTO_ORDER:
         cfg.parallel.data_parallel = strategy
