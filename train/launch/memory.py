@@ -51,6 +51,7 @@ SIGNAL_MARGIN_S = 300  # the wrappers' --signal=B:USR2@300: the save starts 5 mi
 GPU_MEMORY_GB = {"h100": 80, "h200": 141, "b200": 180, "gb200": 186, "a100-40gb": 40, "a100": 80,
                  "a100-80gb": 80}
 DEFAULT_GPU = "h100"
+AUTO_ORDER = ("ddp", "zero1", "fsdp_zero2", "fsdp")  # DP_SHARDING=auto, fastest first: fewer collectives
 
 
 @dataclass(frozen=True)
@@ -326,7 +327,7 @@ def resource_plan(job: str, cfg, env: dict[str, str], world_size: int, data_para
     return out
 
 
-def fitting_alternatives(job: str, cfg, world_size: int, data_parallel: int, capacity: float) -> list[str]:
+def fitting_alternatives(job: str, cfg, world_size: int, capacity: float) -> list[str]:
     """The single knobs that would bring the plan under `capacity`, each with its total."""
     from omegaconf import OmegaConf
 
@@ -345,17 +346,13 @@ def fitting_alternatives(job: str, cfg, world_size: int, data_parallel: int, cap
                       2 * parallel.tensor_parallel_size))
     found = []
     for label, key, value in tries:
-        variant = OmegaConf.to_container(cfg, resolve=True)
-        variant = OmegaConf.create(variant)
+        variant = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
         OmegaConf.update(variant, key, value)
         dp = world_size // variant.parallel.tensor_parallel_size
         memory = job_memory(job, variant, job_split(variant, dp), models)
         if memory is not None and memory["total"] <= capacity:
             found.append(f"{label} ({format_bytes(memory['total'])})")
     return found
-
-
-AUTO_ORDER = ("ddp", "zero1", "fsdp_zero2", "fsdp")  # fastest first: fewer collectives per step
 
 
 def resource_summary(resources: dict) -> str:

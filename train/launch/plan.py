@@ -348,7 +348,7 @@ def memory_problem(job: str, cfg, plan: JobPlan, conf: str) -> str | None:
     if resources["fits"]:
         return None
     capacity = resources["gpu_memory_bytes"]
-    knobs = fitting_alternatives(job, cfg, plan.cluster.world_size, plan.data_parallel_size, capacity)
+    knobs = fitting_alternatives(job, cfg, plan.cluster.world_size, capacity)
     hint = f"; fits with {' or '.join(knobs)}" if knobs else "; no single knob fits: combine DP_SHARDING=fsdp, " \
         "ACTIVATION_CHECKPOINTING=1, a smaller MBS, a larger TP_SIZE or more nodes"
     return (f"{conf}: the plan needs more memory than the GPU has: "
