@@ -1,11 +1,11 @@
-# make quickstart | make test | make test-fast | make tiny-checkpoints
+# make quickstart | make test | make test-fast | make tiny-checkpoints | make gpu-wheels
 # `make quickstart` and `make test` do all the set-up on a fresh machine (README.md).
 PYTHON ?= python3
 # The CPU wheel on machines without CUDA; GPU machines keep the torch they have.
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install malloc quickstart test test-fast tiny-checkpoints
+.PHONY: install malloc quickstart test test-fast tiny-checkpoints gpu-wheels
 
 install: malloc
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(TORCH_SPEC)"
@@ -23,6 +23,9 @@ malloc:
 # Pretrain a tiny Qwen3 on this machine: no SLURM, no GPU, 2 processes over gloo.
 quickstart: install
 	bash launchers/pretrain.sh --config conf.d/tiny-qwen3.conf
+
+gpu-wheels:
+	bash benchmarks/gpu/wheels.sh
 
 tiny-checkpoints: install
 	$(PYTHON) -m train.models.random_hf tiny-qwen3 runs/models/tiny-qwen3

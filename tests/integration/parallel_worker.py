@@ -29,7 +29,8 @@ WRAPPER_NAMES = ("_checkpoint_wrapped_module.", "_orig_mod.")  # inside names; D
 
 def parallel_cfg(**overrides):
     values = dict(tensor_parallel_size=1, pipeline_parallel_size=1, expert_parallel_size=1,
-                  data_parallel="ddp", activation_checkpointing=False, compile=False)
+                  data_parallel="ddp", activation_checkpointing=False, compile=False,
+                  fsdp_mixed_precision=False)
     return SimpleNamespace(**{**values, **overrides})
 
 
@@ -193,6 +194,26 @@ def case_fsdp_layout():
         assert p.to_local().shape[0] == expected, (n, p.to_local().shape, rows)
     names = set(model.state_dict())
     assert names == set(fresh_model("debug-qwen3").state_dict()), names ^ set(reference)
+
+
+def case_fsdp_mixed_precision():
+    """FSDP2's MixedPrecisionPolicy: blocks compute with bf16 weights, while the sharded parameters,
+    their gradients and the AdamW step stay fp32; the loss follows the fp32 reference closely."""
+    model = parallelize(fresh_model("debug-qwen3"), parallel_cfg(data_parallel="fsdp", fsdp_mixed_precision=True),
+                        build_mesh(2, 1), "cpu")
+    reference = fresh_model("debug-qwen3")
+    seen = []
+    model.layers[0].mlp.down_proj.register_forward_pre_hook(lambda module, _: seen.append(module.weight.dtype))
+    tokens = batch(reference.args.vocab_size, 0)
+    share = tokens.chunk(2)[dist.get_rank()]
+    loss = loss_of(model, share)
+    loss.backward()
+    assert seen == [torch.bfloat16], seen
+    for n, p in model.named_parameters():
+        assert p.dtype == torch.float32 and p.grad.dtype == torch.float32, (n, p.dtype, p.grad.dtype)
+    reference_loss = loss_of(reference, share)
+    assert abs(loss.item() - reference_loss.item()) < 2e-2 * reference_loss.item(), (loss.item(), reference_loss.item())
+    assert loss.item() != reference_loss.item()  # bf16 compute, not the fp32 path
 
 
 def case_tp_layout():

@@ -105,7 +105,7 @@ def run_worker(directory: Path, cases: list[str], worker: str = "parallel_worker
     return json.loads(results.read_text())
 
 
-LAYOUT_CASES = ["fsdp_layout", "tp_layout"]
+LAYOUT_CASES = ["fsdp_layout", "tp_layout", "fsdp_mixed_precision"]
 TRAINING_CASES = ["ddp", "zero1", "zero1_checkpoint", "fsdp_activation_checkpointing", "tp_qwen3", "tp_gpt2", "tp_llama2"]
 
 
@@ -121,7 +121,8 @@ def training(tmp_path_factory):
 
 @pytest.mark.parametrize("case", LAYOUT_CASES)
 def test_dtensor_layout(layouts, case):
-    """FSDP: every parameter Shard(0) on dim 0; TP: colwise/rowwise shards of the expected local shapes."""
+    """FSDP: every parameter Shard(0) on dim 0; TP: colwise/rowwise shards of the expected local shapes;
+    FSDP2's MixedPrecisionPolicy: bf16 compute over fp32 shards and gradients."""
     assert layouts[case] == "ok", layouts[case]
 
 

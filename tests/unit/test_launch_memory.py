@@ -136,3 +136,16 @@ def test_shipped_confs_fit_their_gpus_and_set_seq_length(name, job, nodes, env, 
     assert resources["fits"], resources["memory_per_gpu_bytes"]
     assert resources["memory_per_gpu_bytes"]["total"] > 20e9  # real sizes, not a tiny stand-in
     assert resources["time"]["step_s"] > 0
+
+
+def test_fsdp_mixed_precision_gathers_bf16_blocks_and_caches_no_autocast_copies():
+    """FSDP2's MixedPrecisionPolicy all-gathers each block in bf16 (half the fp32 block) and computes
+    with it, so autocast's bf16 weight copies do not exist; shards, gradients, AdamW stay fp32."""
+    args, split = get_model_args("qwen3-8b"), Split(tp=1, ep=1, dp=8, strategy="fsdp")
+    common = dict(job="pretrain", layout=split, mbs=1, seq_length=4096, param_bytes=4, act_bytes=2, checkpointing=True)
+    autocast, policy = memory_breakdown(args, **common), memory_breakdown(args, **common, fsdp_mixed_precision=True)
+    assert policy["gathered"] == pytest.approx(autocast["gathered"] / 2)
+    assert autocast["autocast_weights"] > 0 and policy["autocast_weights"] == 0
+    for key in ("parameters", "gradients", "optimizer", "activations"):
+        assert policy[key] == autocast[key], key
+    assert policy["total"] < autocast["total"]

@@ -133,7 +133,7 @@ def loss_bytes(args, tokens: int, distill_rows: int | None, fused: bool) -> floa
 def memory_breakdown(args, *, job: str, layout: Split, mbs: int, seq_length: int, param_bytes: int,
                      act_bytes: int, checkpointing: bool, accumulation: int = 1, teacher=None,
                      teacher_bytes: int = 2, lora: tuple[int, list[str]] | None = None,
-                     distill_rows: int = 512) -> dict[str, float]:
+                     distill_rows: int = 512, fsdp_mixed_precision: bool = False) -> dict[str, float]:
     """Bytes per GPU by category (the module docstring says what each holds) and the peak, "total".
 
     The peak is what stays (parameters, gathered blocks, optimizer state, the teacher, DDP's
@@ -151,7 +151,8 @@ def memory_breakdown(args, *, job: str, layout: Split, mbs: int, seq_length: int
     out["gathered"] = 0.0
     if fsdp:  # unsharded blocks: two at a time (fsdp), or all of them through backward (fsdp_zero2)
         sharded_experts = groups["experts"] if layout.ep == 1 else 0  # FSDP gathers them with their block
-        block = (groups["dense"] / layout.tp + sharded_experts) / args.num_layers * param_bytes
+        gathered_bytes = 2 if fsdp_mixed_precision else param_bytes  # MixedPrecisionPolicy gathers bf16
+        block = (groups["dense"] / layout.tp + sharded_experts) / args.num_layers * gathered_bytes
         out["gathered"] = 2 * block if layout.strategy == "fsdp" else block * args.num_layers
     out["gradients"] = trainable * trained_bytes
     out["ddp_buckets"] = trainable * trained_bytes if layout.dp > 1 and layout.strategy in ("ddp", "zero1") else 0.0
@@ -165,7 +166,9 @@ def memory_breakdown(args, *, job: str, layout: Split, mbs: int, seq_length: int
     if job == "qad":  # fake-quantized linear inputs kept for backward: one more copy of them
         activations, one_layer = activations * 1.5, one_layer * 1.5
     # bf16 autocast caches a bf16 copy of each fp32 weight it multiplies, through the backward
-    out["autocast_weights"] = params * 2 if act_bytes < 4 and param_bytes == 4 else 0.0
+    # (not under FSDP2's MixedPrecisionPolicy: its gathered blocks are already bf16)
+    autocast = act_bytes < 4 and param_bytes == 4 and not (fsdp and fsdp_mixed_precision)
+    out["autocast_weights"] = params * 2 if autocast else 0.0
     if checkpointing:  # block inputs stay; one block is recomputed at a time in the backward
         kept = tokens * args.num_layers * args.hidden_size * 4
         out["activations"], recomputed = kept, one_layer
@@ -298,7 +301,8 @@ def job_memory(job: str, cfg, layout: Split, models) -> dict[str, float] | None:
         param_bytes=2 if cfg.model.param_dtype == "bfloat16" else 4,
         act_bytes=2 if cfg.training.precision == "bf16" else 4,
         checkpointing=bool(cfg.parallel.activation_checkpointing), accumulation=accumulation, teacher=teacher,
-        teacher_bytes=teacher_bytes, lora=lora, distill_rows=int(cfg.distill.chunk_size))
+        teacher_bytes=teacher_bytes, lora=lora, distill_rows=int(cfg.distill.chunk_size),
+        fsdp_mixed_precision=bool(cfg.parallel.fsdp_mixed_precision))
 
 
 def job_split(cfg, data_parallel: int) -> Split:

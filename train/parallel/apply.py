@@ -69,7 +69,8 @@ def parallelize(model: nn.Module, parallel_cfg, mesh: DeviceMesh | None, device:
     strategy = parallel_cfg.data_parallel
     if dp > 1:
         if strategy in ("fsdp", "fsdp_zero2"):
-            model = apply_fsdp(model, dp_mesh, reshard_after_forward=strategy == "fsdp", ignored=experts)
+            model = apply_fsdp(model, dp_mesh, reshard_after_forward=strategy == "fsdp", ignored=experts,
+                               mixed_precision=parallel_cfg.fsdp_mixed_precision)
         else:  # ddp, zero1 (the optimizer shards its state: data_parallel.py)
             model = apply_ddp(model, dp_mesh, device, ignored=experts)
     log.info("parallelism: dp %d (%s) x tp %d x ep %d; activation checkpointing %s, compile %s", dp, strategy,

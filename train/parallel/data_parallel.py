@@ -13,7 +13,7 @@ gradients, two moments), dp data-parallel ranks:
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 
 def wants_zero_redundancy_optimizer(parallel_cfg) -> bool:
@@ -81,15 +81,21 @@ def apply_ddp(model: nn.Module, dp_mesh: DeviceMesh, device: str, ignored: set |
 
 
 def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, reshard_after_forward: bool,
-               ignored: set | frozenset = frozenset()) -> nn.Module:
+               ignored: set | frozenset = frozenset(), mixed_precision: bool = False) -> nn.Module:
     """FSDP2: each block is one all-gather/reduce-scatter unit; the root takes embeddings, norm, lm_head.
 
     Parameters become DTensors Shard(0) over dp_mesh (2-D DTensors when TP split them first).
     The root keeps its parameters gathered after forward: lm_head runs last in forward and first
-    in backward, so resharding it would only add an all-gather.
+    in backward, so resharding it would only add an all-gather. mixed_precision: FSDP2's
+    MixedPrecisionPolicy, the sharded fp32 parameters all-gathered and computed with in bf16 and
+    the gradients reduce-scattered in fp32 (half the all-gather bytes of bf16 autocast, which
+    gathers fp32 and casts after).
     """
     ignored = set(ignored) or None  # EP-sharded experts stay plain local tensors
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision \
+        else MixedPrecisionPolicy()
     for block in model.layers:
-        fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard_after_forward, ignored_params=ignored)
-    fully_shard(model, mesh=dp_mesh, reshard_after_forward=False, ignored_params=ignored)
+        fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard_after_forward, ignored_params=ignored,
+                    mp_policy=policy)
+    fully_shard(model, mesh=dp_mesh, reshard_after_forward=False, ignored_params=ignored, mp_policy=policy)
     return model
