@@ -128,3 +128,12 @@ def test_launcher_shell_output_writes_the_plan_and_exports_the_conf_as_sourcing_
 
     assert conf_part(planned.stdout) == conf_part(reference.stdout)
     assert conf_part(planned.stdout)["NCCL_DEBUG"] == "INFO warn" and "DROPPED_BY_CONF" not in conf_part(planned.stdout)
+
+
+def test_a_dry_run_with_a_missing_kd_file_still_plans(tmp_path, env):
+    conf = tmp_path / "qad.conf"
+    conf.write_text(f"export STUDENT_MODEL=tiny-qwen3\nexport TEACHER_MODEL=tiny-qwen3\nexport STUDENT_CKPT={tmp_path}/s\n"
+                    f"export TEACHER_CKPT={tmp_path}/t\nexport TP_SIZE=1\nexport MBS=2\nexport NUM_GPUS=2\n"
+                    f"export DATASET_NAME=synthetic\nexport KD_CFG_PATH={tmp_path}/kd.yaml\n")
+    plan = plan_from_conf("qad", str(conf), [], env, strict_paths=False)[0]
+    assert any("KD_CFG_PATH" in problem for problem in plan.path_problems) and plan.config_fingerprint

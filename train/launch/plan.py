@@ -295,11 +295,14 @@ def config_fingerprint(cfg) -> str:
     QAD entrypoint merges it before start_job (merging twice changes nothing). 16 hex digits."""
     from omegaconf import OmegaConf
 
-    from train.distill.kd_config import apply_kd_config  # torch-free
+    from train.distill.kd_config import KDConfigError, apply_kd_config  # torch-free
 
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))  # a copy: the caller's stays
-    if "distill" in cfg:
-        apply_kd_config(cfg.distill)
+    try:
+        if "distill" in cfg:
+            apply_kd_config(cfg.distill)
+    except KDConfigError:  # a path problem the plan reports (--dry-run); a real start stops there
+        pass
     return hashlib.sha256(OmegaConf.to_yaml(cfg).encode()).hexdigest()[:16]
 
 
