@@ -735,3 +735,19 @@ def test_a_dry_run_with_a_missing_kd_file_still_plans(tmp_path, env):
                     f"export DATASET_NAME=synthetic\nexport KD_CFG_PATH={tmp_path}/kd.yaml\n")
     plan = plan_from_conf("qad", str(conf), [], env, strict_paths=False)[0]
     assert any("KD_CFG_PATH" in problem for problem in plan.path_problems) and plan.config_fingerprint
+
+
+def test_qad_fingerprint_holds_after_the_entrypoint_merges_kd_cfg_path(tmp_path, env):
+    """train/qad.py merges KD_CFG_PATH into cfg.distill before start_job; the plan's fingerprint counts it."""
+    from train.distill.kd_config import apply_kd_config
+
+    kd = tmp_path / "kd.yaml"
+    kd.write_text("logit_kl_temperature: 2\nskip_lm_loss: true\n")
+    conf = write_conf(tmp_path, qad_conf(tmp_path / "s", extra=f"export DATASET_NAME=synthetic\nexport KD_CFG_PATH={kd}\n"))
+    plan, overrides, _ = plan_from_conf("qad", conf, [], env, strict_paths=False)
+    worker_cfg = compose_config("qad", overrides)
+    apply_kd_config(worker_cfg.distill)
+    assert worker_cfg.distill.temperature == 2 and worker_cfg.distill.lm_loss_weight == 0
+    assert config_fingerprint(worker_cfg) == plan.config_fingerprint
+    kd.write_text("logit_kl_temperature: 3\n")  # a KD file changed after the plan: another config
+    assert config_fingerprint(worker_cfg) != plan.config_fingerprint

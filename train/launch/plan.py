@@ -307,10 +307,11 @@ def config_fingerprint(cfg) -> str:
 
 
 def write_plan_file(plan: JobPlan) -> Path:
-    """The launcher's plan for its workers, written whole (temporary file, then rename)."""
+    """The launcher's plan for its workers, written whole (temporary file, then rename). Manual
+    multi-node: every node's launcher writes the same plan (its node rank aside) to the same name."""
     path = plan.paths.plan_file
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".tmp")
+    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     partial.write_text(plan.to_json())
     partial.replace(path)
     return path
