@@ -1,8 +1,10 @@
 # launchers/lib.sh: shared by slurm/*.sh (batch) and launchers/*.sh (interactive).
 # Source it, then: launch_job JOB batch|interactive [--config C] [--hf-token-file F]
 #                  [--hf-token V] [--dry-run] [-- key=value ...]
-# Validation and planning happen in `python -m train.launch.plan` before anything is
-# started: a bad conf exits 2 with one message, no job step, no run directory.
+# Validation and planning happen once, in `python -m train.launch.plan`, before anything is
+# started: a bad conf exits 2 with one message, no job step, no run directory. The plan sources
+# the conf, hands back its variables to export, and writes <run dir>/plans/plan_<datetime>_<jobid>.json,
+# which every worker reads (TRAIN_PLAN_FILE) instead of planning again.
 set -euo pipefail
 
 LAUNCHERS_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -46,15 +48,16 @@ parse_args() {  # sets CONFIG DRY_RUN OVERRIDES; exports HF_TOKEN
   done
 }
 
-plan_job() {  # JOB: validates the conf; sets RUN_DIR SLURM_LOG ... TRAIN_OVERRIDES
+plan_job() {  # JOB: validates the conf, writes the plan file; sets RUN_DIR SLURM_LOG ... TRAIN_OVERRIDES
+  # TRAIN_PLAN_FILE, and exports the conf's variables (NCCL_*, HF_TOKEN, ...) as sourcing it would
   local job=$1 plan
-  plan=$("$PYTHON" -m train.launch.plan --job "$job" --config "$CONFIG" --format shell -- "${OVERRIDES[@]}") ||
-    exit $?
+  plan=$("$PYTHON" -m train.launch.plan --job "$job" --config "$CONFIG" --format shell --write-plan \
+    -- "${OVERRIDES[@]}") || exit $?
   eval "$plan"
 }
 
-source_conf() {  # export the conf's variables to torchrun and the workers (NCCL_*, HF_TOKEN, ...)
-  # as the plan sourced it: errexit on, unset variables allowed (${MODELS_ROOT}/x in confs)
+source_conf() {  # preprocess (no plan): export the conf's variables to its process
+  # as the plan sources it: errexit on, unset variables allowed (${MODELS_ROOT}/x in confs)
   set -a +u
   # shellcheck disable=SC1090
   source "$CONF_PATH"
@@ -101,13 +104,12 @@ launch_job() {  # JOB MODE args...
       ${NNODES:+--nodes "$NNODES"} -- "${OVERRIDES[@]}"
   fi
   plan_job "$job"
-  source_conf
-  export RUN_DATETIME NNODES NUM_GPUS MASTER_ADDR MASTER_PORT
+  export RUN_DATETIME NNODES NUM_GPUS MASTER_ADDR MASTER_PORT TRAIN_PLAN_FILE
   export TRAIN_CONF_PATH=$CONF_PATH TRAIN_STOP_FILE="$RUN_DIR/logs/stop_${RUN_DATETIME}.json"
   mkdir -p "$RUN_DIR/logs"
   [[ $mode == batch ]] && tee_logs
   note "$job job: conf $CONF_PATH; $NNODES node(s) x $NUM_GPUS; rendezvous $MASTER_ADDR:$MASTER_PORT"
-  note "run dir $RUN_DIR; $RESUME_DECISION (iteration $RESUME_ITERATION)"
+  note "run dir $RUN_DIR; $RESUME_DECISION (iteration $RESUME_ITERATION); plan $TRAIN_PLAN_FILE"
   if [[ $mode == batch ]]; then
     run_forwarding_signals srun --nodes="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \
       "$LAUNCHERS_DIR/node.sh" "$job" "${TRAIN_OVERRIDES[@]}" || status=$?

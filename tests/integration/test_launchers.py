@@ -5,6 +5,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -62,6 +63,9 @@ def test_standalone_run_writes_the_design_layout(trained):
     assert len(list(logs.glob("tiny-qwen3_pretrain_*.config.yaml"))) == 2
     assert len(list(logs.glob("tiny-qwen3_*.env.log"))) == 2
     assert "world size 2 (1 nodes x 2 procs)" in first.stderr + first.stdout
+    plans = sorted((directory / "plans").glob("plan_*_nojob.json"))
+    assert len(plans) == 2  # one per launch, read by its workers
+    assert f"plan read from the launcher's {plans[0]}" in first.stdout + first.stderr
 
 
 @pytest.mark.slow
@@ -82,6 +86,68 @@ def test_second_run_resumes_at_the_next_iteration(trained):
     metrics = sorted((run_dir(root) / "logs").glob("*.jsonl"))
     iterations = [json.loads(line)["iteration"] for line in metrics[-1].read_text().splitlines()]
     assert iterations == [5, 6]
+
+
+def launcher_plan(root: Path, datetime: str, *overrides: str) -> tuple[dict, list[str]]:
+    """What lib.sh does first: plan and write the plan file. Returns (plan, the workers' overrides)."""
+    result = subprocess.run([sys.executable, "-m", "train.launch.plan", "--job", "pretrain", "--config", "tiny-qwen3",
+                             "--format", "shell", "--write-plan", "--", *overrides], cwd=REPO,
+                            env=launcher_env(root, RUN_DATETIME=datetime), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    path = next(line.partition("=")[2] for line in result.stdout.splitlines() if line.startswith("TRAIN_PLAN_FILE="))
+    plan = json.loads(Path(path).read_text())
+    command = plan["node_commands"][0]
+    return plan, command[command.index("train.pretrain") + 1:]
+
+
+def moved_plan(plan: dict, to: Path) -> Path:
+    """The plan with its run directory somewhere re-planning would never put it."""
+    text = json.dumps(plan).replace(plan["paths"]["run_dir"], str(to))
+    path = to.parent / f"moved_{plan['paths']['datetime']}.json"
+    path.write_text(text)
+    return path
+
+
+def run_workers(plan_file: Path, overrides: list[str], root: Path) -> str:
+    """torchrun with 2 gloo processes, as node.sh starts them."""
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                             "-m", "train.pretrain", *overrides], cwd=REPO, capture_output=True, text=True,
+                            env=launcher_env(root, TRAIN_PLAN_FILE=str(plan_file), OMP_NUM_THREADS="1"), timeout=240)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    return result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_workers_train_where_the_plan_file_says_and_rank0_rechecks_resume(tmp_path):
+    """Workers that planned again would write under root/<run name>; the plan file says moved/."""
+    root, moved = tmp_path / "runs", tmp_path / "moved"
+    first, first_overrides = launcher_plan(root, "20250101_000001", "training.train_iters=4", "checkpoint.save_interval=2")
+    # planned before the first run has saved anything: from_scratch, stale once the first run is done
+    second, second_overrides = launcher_plan(root, "20250101_000002", "training.train_iters=6", "checkpoint.save_interval=2")
+    assert first["resume"]["decision"] == second["resume"]["decision"] == "from_scratch"
+    first_file, second_file = moved_plan(first, moved), moved_plan(second, moved)
+    output = run_workers(first_file, first_overrides, root)
+    checkpoints = moved / "checkpoints" / "tiny-qwen3"
+    assert (checkpoints / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
+    assert not (run_dir(root) / "checkpoints").exists() and not (run_dir(root) / "logs").exists()
+    assert f"plan read from the launcher's {first_file}" in output
+    output = run_workers(second_file, second_overrides, root)
+    assert "resume decision changed since the plan: from_scratch at iteration 0, now resume at iteration 4" in output
+    metrics = moved / "logs" / "tiny-qwen3_pretrain_20250101_000002.jsonl"
+    assert [json.loads(line)["iteration"] for line in metrics.read_text().splitlines()] == [5, 6]
+    assert (checkpoints / "latest_checkpointed_iteration.txt").read_text().strip() == "6"
+
+
+def test_a_planning_error_on_rank0_stops_both_workers(tmp_path):
+    """No plan file (torchrun by hand): rank 0 plans; its error reaches rank 1 instead of a hang."""
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                             "-m", "train.pretrain", f"checkpoint.root={tmp_path}", "training.micro_batch_size=2",
+                             "training.global_batch_size=6"], cwd=REPO, capture_output=True, text=True,
+                            env=launcher_env(tmp_path, OMP_NUM_THREADS="1"), timeout=120)
+    assert result.returncode != 0
+    error = "error: <command line>: GBS=6 is not a multiple of MBS x data-parallel size = 2 x 2"
+    assert result.stderr.count(error) == 2, result.stderr[-3000:]
+    assert not tmp_path.joinpath("tiny-qwen3-Data-synthetic-lr0.0003").exists()
 
 
 def test_dry_run_prints_the_plan_and_creates_nothing(tmp_path):

@@ -1,9 +1,11 @@
 """Inside each worker process: ranks, the process group, the plan, the run directory.
 
-`start_job(job, cfg)` is the first thing every entrypoint calls. It cross-checks the
-ranks torchrun gave against what the launcher planned, points per-job caches at
-private directories, joins the process group, and (rank 0) writes the resolved config
-and the env log into the run directory.
+`start_job(job, cfg)` is the first thing every entrypoint calls. It reads the launcher's plan
+(TRAIN_PLAN_FILE) and checks it against torchrun's ranks and the config this worker composed,
+points per-job caches at private directories, joins the process group, and takes the plan from
+rank 0: rank 0 alone re-reads the checkpoint directory (the resume decision is current when
+training starts) or, without a plan file (an entrypoint started by hand), plans. Rank 0 then
+writes the resolved config and the env log into the run directory.
 """
 
 import datetime
@@ -14,14 +16,14 @@ import socket
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from train.launch import cluster as cluster_lib
 from train.launch.conf import EXIT_USAGE, ConfError
 from train.launch.memory import resource_summary
-from train.launch.plan import JobPlan, PlanError, build_plan
-from train.launch.rundir import ResumeError, env_log_text
+from train.launch.plan import JobPlan, PlanError, build_plan, config_fingerprint
+from train.launch.rundir import ResumeError, env_log_text, resume_state
 
 log = logging.getLogger("train")
 
@@ -67,16 +69,61 @@ def fail(message: str) -> None:
     sys.exit(EXIT_USAGE)
 
 
-def init_process_group(ctx: JobContext, backend: str, timeout_s: int) -> None:
+def init_process_group(device: str, local_rank: int, world_size: int, backend: str, timeout_s: int) -> None:
     import torch
     import torch.distributed as dist
 
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if ctx.device.startswith("cuda"):
-        torch.cuda.set_device(ctx.local_rank)
-    if ctx.world_size > 1 and not dist.is_initialized():
+    if device.startswith("cuda"):
+        torch.cuda.set_device(local_rank)
+    if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def read_plan_file(path: str, job: str, cfg, world_size: int) -> JobPlan:
+    """The launcher's plan, refused (exit 2, before the rendezvous) when it is not this job's."""
+    try:
+        plan = JobPlan.from_json(Path(path).read_text())
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        fail(f"TRAIN_PLAN_FILE={path}: not a readable plan ({error})")
+    if plan.job != job:
+        fail(f"TRAIN_PLAN_FILE={path}: a plan for a {plan.job} job, this is {job}")
+    if plan.cluster.world_size != world_size:
+        fail(f"TRAIN_PLAN_FILE={path}: torchrun started {world_size} processes, the plan has "
+             f"{plan.cluster.nnodes} node(s) x {plan.cluster.procs_per_node} = {plan.cluster.world_size}")
+    fingerprint = config_fingerprint(cfg)
+    if plan.config_fingerprint != fingerprint:
+        fail(f"TRAIN_PLAN_FILE={path}: planned for config {plan.config_fingerprint}, this worker composed "
+             f"{fingerprint} (its key=value overrides differ from the launcher's TRAIN_OVERRIDES)")
+    return plan
+
+
+def current_resume(plan: JobPlan, cfg) -> JobPlan:
+    """Rank 0: the resume decision as of now (a requeued or chained job may have saved since the plan)."""
+    resume = resume_state(plan.paths.checkpoints, cfg.model.hf_checkpoint)
+    if resume != plan.resume:
+        log.warning("resume decision changed since the plan: %s at iteration %d, now %s at iteration %d",
+                    plan.resume.decision, plan.resume.iteration, resume.decision, resume.iteration)
+    return replace(plan, resume=resume)
+
+
+def plan_from_rank0(make_plan) -> JobPlan:
+    """make_plan() on rank 0, broadcast to every rank (as the plan file's JSON); an error there
+    stops every rank with its message instead of leaving the others waiting."""
+    import torch.distributed as dist
+
+    answer = [None, None]  # [plan JSON, error message]
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            answer = [make_plan().to_json(), None]
+        except (ConfError, PlanError, ResumeError) as error:
+            answer = [None, str(error)]
+    if dist.is_initialized():
+        dist.broadcast_object_list(answer, src=0)
+    if answer[1] is not None:
+        fail(answer[1])
+    return JobPlan.from_json(answer[0])
 
 
 def start_job(job: str, cfg) -> JobContext:
@@ -92,21 +139,19 @@ def start_job(job: str, cfg) -> JobContext:
     set_job_caches(env, rank)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stdout,
                         format=f"[%(asctime)s rank{rank}] %(message)s", datefmt="%H:%M:%S", force=True)
-    planned = env.get("NNODES"), env.get("NUM_GPUS")
-    if all(planned) and int(planned[0]) * int(planned[1]) != world_size:
-        fail(f"torchrun started {world_size} processes, the launcher planned NNODES x NUM_GPUS = "
-             f"{planned[0]} x {planned[1]}")
+    plan_file = env.get("TRAIN_PLAN_FILE")
+    planned = read_plan_file(plan_file, job, cfg, world_size) if plan_file else None
     cluster = cluster_lib.ClusterEnv(
         "torchrun" if "RANK" in env else "single", world_size // procs_per_node,
         int(env.get("GROUP_RANK", 0)), env.get("MASTER_ADDR", "127.0.0.1"),
         int(env.get("MASTER_PORT", 0)), procs_per_node, env.get("SLURM_JOB_ID"))
-    try:
-        plan = build_plan(job, cfg, env, env.get("TRAIN_CONF_PATH", "<command line>"), cluster)
-    except (ConfError, PlanError, ResumeError) as error:
-        fail(str(error))
     device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    init_process_group(device, local_rank, world_size, cfg.parallel.backend, cfg.parallel.timeout_s)
+    if planned is not None:
+        plan = plan_from_rank0(lambda: current_resume(planned, cfg))
+    else:
+        plan = plan_from_rank0(lambda: build_plan(job, cfg, env, env.get("TRAIN_CONF_PATH", "<command line>"), cluster))
     ctx = JobContext(plan, rank, local_rank, world_size, device, timeline)
-    init_process_group(ctx, cfg.parallel.backend, cfg.parallel.timeout_s)
     ctx.mark("rendezvous_done")
     plan.paths.create()
     if ctx.is_main:
@@ -119,6 +164,7 @@ def start_job(job: str, cfg) -> JobContext:
     log.info("%s job: world size %d (%d nodes x %d procs), rank %d on %s, DP %d, GBS %d",
              job, world_size, cluster.nnodes, procs_per_node, rank, socket.gethostname(),
              plan.data_parallel_size, plan.global_batch_size)
+    log.info("plan %s", f"read from the launcher's {plan_file}" if plan_file else "made on rank 0 (no TRAIN_PLAN_FILE)")
     log.info("run dir %s; resume: %s at iteration %d (%s)", plan.paths.run_dir, plan.resume.decision,
              plan.resume.iteration, plan.resume.path or "-")
     log.info("plan: %s", resource_summary(plan.resources))

@@ -1,14 +1,17 @@
-"""The job plan: everything decided before training starts, computed the same way by the
-launchers (`python -m train.launch.plan`, before any expensive work) and by the Python
-entrypoints (cross-checked against torchrun's environment).
+"""The job plan: everything decided before training starts, computed once, by the launchers
+(`python -m train.launch.plan`, before any expensive work), and written into the run directory
+for the workers (train/launch/job.py reads it; entrypoints started by hand plan on rank 0).
 
     python -m train.launch.plan --job pretrain --config tiny-qwen3 [--dry-run] [-- key=value ...]
 
-prints the plan as JSON (--dry-run) or as shell assignments for launchers/lib.sh.
+prints the plan as JSON (--dry-run) or as shell assignments for launchers/lib.sh; --write-plan
+(the launchers) also writes it to <run dir>/plans/plan_<datetime>_<jobid>.json (TRAIN_PLAN_FILE).
 Every validation error: one line naming the conf and the variable, exit code 2.
 """
 
 import argparse
+import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -24,6 +27,8 @@ from train.launch.memory import (AUTO_ORDER, describe, fitting_alternatives, gpu
                                  job_memory, job_models, resource_plan, resource_summary)
 from train.models.registry import args_for_display_name
 from train.launch.rundir import ResumeError, ResumeState, RunPaths, resume_state, run_paths
+
+SHELL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # a variable bash can export (not BASH_FUNC_f%%)
 
 
 class PlanError(ValueError):
@@ -220,6 +225,22 @@ class JobPlan:
     node_commands: list[list[str]] = field(default_factory=list)
     parallel: dict = field(default_factory=dict)
     resources: dict = field(default_factory=dict)  # memory per GPU and time (train/launch/memory.py)
+    config_fingerprint: str = ""  # config_fingerprint(cfg): workers refuse a plan made for another config
+    # What sourcing the conf changed in the environment ({name: value, or None: unset}); the launcher
+    # exports it to the workers. Never written to the plan file: it may hold HF_TOKEN.
+    conf_environment: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def to_json(self) -> str:
+        """The plan file (TRAIN_PLAN_FILE): every field but conf_environment, paths as strings."""
+        data = dataclasses.asdict(self)
+        del data["conf_environment"]
+        return json.dumps(data, indent=1, default=str)
+
+    @classmethod
+    def from_json(cls, text: str) -> "JobPlan":
+        data = json.loads(text)
+        return cls(**{**data, "cluster": cluster_lib.ClusterEnv(**data["cluster"]),
+                      "paths": RunPaths.from_dict(data["paths"]), "resume": ResumeState(**data["resume"])})
 
     def as_dict(self) -> dict:
         return {
@@ -230,7 +251,7 @@ class JobPlan:
             "train_samples": self.train_samples, "train_iters": self.train_iters,
             "global_batch_size": self.global_batch_size, "model": self.model_facts,
             "parallel": self.parallel, "resources": self.resources,
-            "path_problems": self.path_problems,
+            "path_problems": self.path_problems, "config_fingerprint": self.config_fingerprint,
             "node_commands": [shlex.join(c) for c in self.node_commands],
         }
 
@@ -266,7 +287,34 @@ def build_plan(job: str, cfg, env: dict[str, str], conf: str, cluster: cluster_l
         raise PlanError(f"{conf}: {error}") from None
     return JobPlan(job, conf, cluster, paths, resume, data_parallel, gbs, iters, samples, blend,
                    facts, problems, parallel=parallel_layout(cfg, data_parallel, facts["num_experts"]),
-                   resources=resources)
+                   resources=resources, config_fingerprint=config_fingerprint(cfg))
+
+
+def config_fingerprint(cfg) -> str:
+    """sha256 of the resolved config the job trains with, KD_CFG_PATH merged into distill as the
+    QAD entrypoint merges it before start_job (merging twice changes nothing). 16 hex digits."""
+    from omegaconf import OmegaConf
+
+    from train.distill.kd_config import KDConfigError, apply_kd_config  # torch-free
+
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))  # a copy: the caller's stays
+    try:
+        if "distill" in cfg:
+            apply_kd_config(cfg.distill)
+    except KDConfigError:  # a path problem the plan reports (--dry-run); a real start stops there
+        pass
+    return hashlib.sha256(OmegaConf.to_yaml(cfg).encode()).hexdigest()[:16]
+
+
+def write_plan_file(plan: JobPlan) -> Path:
+    """The launcher's plan for its workers, written whole (temporary file, then rename). Manual
+    multi-node: every node's launcher writes the same plan (its node rank aside) to the same name."""
+    path = plan.paths.plan_file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    partial.write_text(plan.to_json())
+    partial.replace(path)
+    return path
 
 
 def parallel_layout(cfg, data_parallel: int, num_experts: int | None) -> dict:
@@ -294,6 +342,7 @@ def node_command(job: str, cluster: cluster_lib.ClusterEnv, node_rank: int, over
 def plan_from_conf(job: str, config: str, user_overrides: list[str], env: dict[str, str],
                    nnodes: int | None = None, strict_paths: bool = True) -> tuple[JobPlan, list[str], list[str]]:
     """Source the conf, compose the config, check everything. Returns (plan, overrides, warnings)."""
+    base_env = env
     path, env, values, warnings = load_conf(config, job, env)
     cluster = cluster_lib.detect(env, int(values["NUM_GPUS"]))
     if nnodes is not None:  # at submission time: the nodes the job will get
@@ -308,6 +357,7 @@ def plan_from_conf(job: str, config: str, user_overrides: list[str], env: dict[s
         cfg.parallel.data_parallel = choose_data_parallel(job, cfg, env, cluster.world_size, str(path))
         overrides.append(f"parallel.data_parallel={cfg.parallel.data_parallel}")
     plan = build_plan(job, cfg, env, str(path), cluster, strict_paths)
+    plan.conf_environment = environment_changes(base_env, env)
     from train.parallel.checks import ParallelSettingsError, check_engine_support  # torch-free
 
     try:  # a valid plan this engine cannot run (EP with ZeRO-1): refused, listed by --dry-run
@@ -321,6 +371,13 @@ def plan_from_conf(job: str, config: str, user_overrides: list[str], env: dict[s
     if problem and strict_paths and env.get("MEMORY_CHECK", "1").lower() not in ("0", "false", "no"):
         raise PlanError(problem)
     return plan, overrides, warnings + master_weight_warnings(cfg, str(path)) + ([problem] if problem else [])
+
+
+def environment_changes(before: dict[str, str], after: dict[str, str]) -> dict[str, str | None]:
+    """{name: new value, or None where the conf unset it}, for the variables bash can export."""
+    changed = {k: v for k, v in after.items() if before.get(k) != v}
+    changed.update((k, None) for k in before if k not in after)
+    return {k: v for k, v in sorted(changed.items()) if SHELL_NAME.fullmatch(k)}
 
 
 def choose_data_parallel(job: str, cfg, env: dict[str, str], world_size: int, conf: str) -> str:
@@ -373,8 +430,9 @@ def master_weight_warnings(cfg, conf: str) -> list[str]:
             "barely learns; drop model.param_dtype (fp32 master weights, the default) or raise LR"]
 
 
-def shell_exports(plan: JobPlan, overrides: list[str]) -> str:
-    """Assignments for launchers/lib.sh (eval'd); values shell-quoted."""
+def shell_exports(plan: JobPlan, overrides: list[str], plan_file: Path | None = None) -> str:
+    """Assignments for launchers/lib.sh (eval'd); values shell-quoted. Then the conf's variables,
+    exported as sourcing the conf with `set -a` would (the launcher no longer sources it again)."""
     values = {
         "CONF_PATH": plan.conf, "RUN_DIR": plan.paths.run_dir, "RUN_NAME": plan.paths.run_name,
         "CHECKPOINT_ROOT": plan.paths.root, "SLURM_LOG": plan.paths.slurm_log,
@@ -384,8 +442,11 @@ def shell_exports(plan: JobPlan, overrides: list[str]) -> str:
         "RUN_DATETIME": plan.paths.datetime,
         "RESUME_DECISION": plan.resume.decision, "RESUME_ITERATION": plan.resume.iteration,
     }
+    if plan_file is not None:
+        values["TRAIN_PLAN_FILE"] = plan_file
     lines = [f"{k}={shlex.quote(str(v))}" for k, v in values.items()]
     lines.append("TRAIN_OVERRIDES=(" + " ".join(shlex.quote(o) for o in overrides) + ")")
+    lines += [f"unset {k}" if v is None else f"export {k}={shlex.quote(v)}" for k, v in plan.conf_environment.items()]
     return "\n".join(lines)
 
 
@@ -408,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="print the plan as JSON")
     parser.add_argument("--nodes", type=int, help="nodes the job will get (submission time)")
     parser.add_argument("--format", choices=["json", "shell"], default="json")
+    parser.add_argument("--write-plan", action="store_true",
+                        help="write the plan to <run dir>/plans/ for the workers (TRAIN_PLAN_FILE)")
     parser.add_argument("overrides", nargs="*", help="Hydra key=value overrides (after --)")
     args = parser.parse_args(argv)
     if args.job == "preprocess":
@@ -428,8 +491,9 @@ def main(argv: list[str] | None = None) -> int:
     for message in warnings + plan.path_problems:
         print(f"warning: {message}", file=sys.stderr)
     print(f"plan: {resource_summary(plan.resources)}", file=sys.stderr)
+    plan_file = write_plan_file(plan) if args.write_plan and not args.dry_run else None
     if args.format == "shell":
-        print(shell_exports(plan, overrides))
+        print(shell_exports(plan, overrides, plan_file))
     else:
         print(json.dumps(plan.as_dict(), indent=2))
     return 0

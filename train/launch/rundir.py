@@ -4,7 +4,8 @@
     ├── <run name>/            RUN_DIR_QAD or RUN_DIR in logs_templates/names.conf
     │   ├── checkpoints/<model>/iter_0000200/ ... latest_checkpointed_iteration.txt
     │   ├── tensorboard/<model>/
-    │   └── logs/
+    │   ├── logs/
+    │   └── plans/plan_<datetime>_<jobid>.json   the launcher's plan, read by every worker
     └── logs_slurm/
 
 Resume rule: the tracker file exists -> resume everything from the iteration it names;
@@ -16,7 +17,7 @@ Stdlib only.
 import socket
 import string
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from train.launch.conf import REPO_ROOT
@@ -67,9 +68,15 @@ class RunPaths:
     resolved_config: Path
     slurm_log: Path
     slurm_err: Path
+    plan_file: Path  # the launcher's plan for the workers (TRAIN_PLAN_FILE)
 
     def as_dict(self) -> dict[str, str]:
         return {k: str(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, str]) -> "RunPaths":
+        """as_dict() read back (the plan file)."""
+        return cls(**{f.name: Path(data[f.name]) if f.type is Path else data[f.name] for f in fields(cls)})
 
     def create(self) -> None:
         """Safe when every node does it at once: mkdir -p semantics, nothing else."""
@@ -97,7 +104,8 @@ def run_paths(job: str, *, model: str, dataset: str, lr: float | str, root: str 
     run_dir = root / run_name
     return RunPaths(fields["datetime"], root, run_name, run_dir, run_dir / fill("CHECKPOINTS"), run_dir / fill("TENSORBOARD"),
                     run_dir / fill("TRAIN_LOG"), run_dir / fill("METRICS_LOG"), run_dir / fill("ENV_LOG"),
-                    run_dir / fill("RESOLVED_CONFIG"), root / fill("SLURM_LOG"), root / fill("SLURM_ERR"))
+                    run_dir / fill("RESOLVED_CONFIG"), root / fill("SLURM_LOG"), root / fill("SLURM_ERR"),
+                    run_dir / fill("PLAN_FILE"))
 
 
 @dataclass(frozen=True)
