@@ -9,8 +9,9 @@ default, offline), for the models a user compares side by side:
                 PTQ      the student's starting weights (model.hf_checkpoint) with the run's
                          quantizers: the same recipe, the amax calibrated at the run's start
                          (QAD trains the weights; the amax stay as calibrated)
-                QAD      the latest checkpoint (exported to a temporary HF directory), with the
-                         same quantizers: what an NVFP4 deployment computes
+                QAD      the latest checkpoint's weights (fp32) with the same quantizers: what
+                         an NVFP4 deployment computes; its tokenizer from the checkpoint's
+                         export to a temporary HF directory
     other run   the latest checkpoint, exported to a temporary directory (column: the job name)
     HF_DIR      an export or any HF directory, as it is (column: model)
 
@@ -91,7 +92,7 @@ def quantized_hf(directory: Path, source, amax: dict, dtype):
 
 def run_candidates(run_dir: Path, scratch: Path, dtype, tokenizer: str | None) -> list[Candidate]:
     """The models of a run directory: teacher, PTQ and QAD for a QAD run, else the run's model."""
-    from train.export import base_dir, export, hf_amax, load_student, read_source, tokenizer_dir
+    from train.export import base_dir, export, quantized_student_hf, read_source, tokenizer_dir
 
     source = read_source(run_dir, None, "hf")
     if tokenizer_dir(source.cfg, tokenizer) is None:  # before the export: lm-eval cannot run without one
@@ -110,9 +111,9 @@ def run_candidates(run_dir: Path, scratch: Path, dtype, tokenizer: str | None) -
         teacher = Candidate("teacher", str(teacher_dir), exported, model=load_plain(teacher_dir, dtype))
     ptq = Candidate("PTQ", str(start_dir), exported)
     qad = Candidate("QAD", str(source.checkpoint), exported)
-    if source.quantizers:
-        amax = hf_amax(load_student(source, "cpu", quantized=True))
-        ptq.model, qad.model = quantized_hf(start_dir, source, amax, dtype), quantized_hf(exported, source, amax, dtype)
+    if source.quantizers:  # the QAD student from its fp32 weights (the bf16 export would round before FP4)
+        qad_model, amax = quantized_student_hf(source, "cpu", scratch)
+        qad.model, ptq.model = qad_model.to(dtype), quantized_hf(start_dir, source, amax, dtype)
     else:
         ptq.model = load_plain(start_dir, dtype)
     return [teacher, ptq, qad]

@@ -228,28 +228,35 @@ def quantize_hf_model(hf_model, recipe: str, amax: dict, device: str):
     return hf_model
 
 
-def export_hf_nvfp4(source: Source, out: Path, device: str) -> None:
+def quantized_student_hf(source: Source, device: str, scratch_parent: Path) -> tuple:
+    """(transformers' model of the run's student in fp32, fake-quantized with the run's recipe
+    and amax; those amax under HF names). Built from the full-precision trained weights (saved
+    through a scratch directory under scratch_parent): the FP4 rounding must see them."""
     import torch
-    from modelopt.torch.export import export_hf_checkpoint
     from transformers import AutoModelForCausalLM
 
-    from train.models import save_hf
+    from train.models import build_model, save_hf
 
     student = load_student(source, device, quantized=True)
     amax = hf_amax(student)
     plain = {key: value for key, value in student.state_dict().items() if "_quantizer." not in key}
     args = student.args
     del student
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".export-fp32-") as scratch:
-        from train.models import build_model
-
+    with tempfile.TemporaryDirectory(dir=scratch_parent, prefix=".export-fp32-") as scratch:
         carrier = build_model(args, device="meta", dtype=next(iter(plain.values())).dtype)
         carrier.load_state_dict(plain, assign=True)
         carrier.tie_weights()
-        save_hf(carrier, scratch)  # full precision: the FP4 packing must see the trained weights
+        save_hf(carrier, scratch)
         del carrier, plain
         hf_model = AutoModelForCausalLM.from_pretrained(scratch, dtype=torch.float32).to(device).eval()
-    quantize_hf_model(hf_model, source.quantizers["recipe"], amax, device)
+    return quantize_hf_model(hf_model, source.quantizers["recipe"], amax, device), amax
+
+
+def export_hf_nvfp4(source: Source, out: Path, device: str) -> None:
+    import torch
+    from modelopt.torch.export import export_hf_checkpoint
+
+    hf_model, _ = quantized_student_hf(source, device, out.parent)
     # bf16 for what stays unquantized (embeddings, norms, lm_head): export_hf_checkpoint keeps
     # each tensor's dtype. The quantized linears keep fp32 weights and `dtype` is fp32 because the
     # export packs weight.to(dtype): the FP4 values then come from the trained weights exactly as

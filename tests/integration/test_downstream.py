@@ -104,5 +104,5 @@ def test_an_export_without_tokenizer_cannot_be_evaluated(qad_run, tmp_path, monk
                                        task_manager=TaskManager(include_defaults=False), limit=2, device="cpu")
 
     assert 0.0 <= evaluate(exported)["results"]["tiny_mc"]["acc,none"] <= 1.0
-    with pytest.raises(OSError, match="tokenizer|Tokenizer"):
+    with pytest.raises((AssertionError, OSError)):  # the issue's `assert len(context_enc) > 0`, or no tokenizer
         evaluate(bare)
