@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "random-hf": ("train.models.random_hf", "a seeded random registry model saved as an HF directory"),
     "export": ("train.export", "a run's checkpoint as an HF directory (bf16 or NVFP4)"),
     "eval": ("train.eval", "a student against its teacher: val loss, KL, top-1 agreement"),
+    "downstream": ("train.downstream", "benchmark accuracy (lm-eval) of teacher, PTQ and QAD student side by side"),
     "submit": ("train.submit", "check a .conf, then sbatch one job or a chain"),
     "status": ("train.status", "the runs under a checkpoint root, one line each"),
     "plot": ("train.plot", "PNG training curves of a run"),

@@ -1,4 +1,4 @@
-"""python -m train.export RUN_DIR --format hf|hf-nvfp4 --out DIR [--iteration N] [--device cpu|cuda]
+"""python -m train.export RUN_DIR --format hf|hf-nvfp4|peft --out DIR [--iteration N] [--tokenizer DIR] [--device cpu|cuda]
 
 Exports the model of a run directory's latest (or given) checkpoint:
 
@@ -10,6 +10,16 @@ Exports the model of a run directory's latest (or given) checkpoint:
               the trained amax, hf_quant_config.json (TensorRT-LLM, vLLM, SGLang read it).
               Runs on CPU (modelopt's export packs NVFP4 in plain PyTorch; our CPU NVFP4
               backend covers the fake quantization) or on a GPU with --device cuda.
+    peft      a LoRA fine-tuning run's adapters alone, as peft writes them: adapter_config.json
+              (base_model_name_or_path = the run's model.hf_checkpoint, r, lora_alpha,
+              target_modules, lora_dropout) + adapter_model.safetensors (fp32, peft's key names
+              base_model.model.<HF module>.lora_A.weight / lora_B.weight); loads with
+              PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), DIR).
+
+Every format also gets what serving stacks read beside the weights (train/serving.py): the
+tokenizer files of the run's model.hf_checkpoint (or of --tokenizer DIR; a pretraining run from
+a registry model records none, and the export then says so), bos/eos/pad ids in config.json and
+a generation_config.json (hf, hf-nvfp4), files 0644 under umask 022.
 
 How hf-nvfp4 is built: our student (quantizers restored from quantizer_state.pt, weights and
 amax from the DCP checkpoint) -> its full-precision weights saved as an HF directory ->
@@ -19,7 +29,8 @@ modelopt.torch.export.export_hf_checkpoint. Peak memory: about twice the fp32 mo
 
 The output directory appears complete or not at all: everything is written to DIR.tmp and
 renamed at the end. Errors (no checkpoint, unknown iteration, DIR exists, a run that was not
-quantized asked for hf-nvfp4): one `error:` line, exit 2, before any model is built.
+quantized asked for hf-nvfp4, a run without LoRA asked for peft, a --tokenizer directory
+without tokenizer files): one `error:` line, exit 2, before any model is built.
 """
 
 from __future__ import annotations
@@ -32,8 +43,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from train.serving import add_serving_files
+
 log = logging.getLogger("train")
-FORMATS = ("hf", "hf-nvfp4")
+FORMATS = ("hf", "hf-nvfp4", "peft")
 NVFP4_RECIPES = ("nvfp4", "nvfp4_mlp_only")
 EXIT_USAGE = 2
 
@@ -93,7 +106,33 @@ def read_source(run_dir: Path, iteration: int | None, export_format: str) -> Sou
         if not family_spec(family).nvfp4_export:
             supported = " and ".join(name for name, spec in SPECS.items() if spec.nvfp4_export)
             raise ExportError(f"--format hf-nvfp4 supports the {supported} families, not {family}")
+    if export_format == "peft" and cfg.job != "finetune":
+        raise ExportError(f"--format peft needs a LoRA fine-tuning run; {checkpoint} is a {cfg.job} run "
+                          "(no adapters: use --format hf)")
+    if export_format == "peft" and not OmegaConf.select(cfg, "model.hf_checkpoint"):
+        raise ExportError(f"--format peft: {checkpoint} has no model.hf_checkpoint, the base the adapters need")
     return Source(checkpoint, cfg, quantizers)
+
+
+def tokenizer_dir(cfg, tokenizer: str | None) -> Path | None:
+    """Where the export's tokenizer comes from: --tokenizer, else model.hf_checkpoint (None: unknown)."""
+    from train.serving import has_tokenizer
+
+    if tokenizer is not None:
+        if not has_tokenizer(tokenizer):
+            raise ExportError(f"--tokenizer {tokenizer}: no tokenizer there (needs tokenizer_config.json and "
+                              "tokenizer.json, vocab.json + merges.txt or tokenizer.model)")
+        return Path(tokenizer).absolute()
+    base = base_dir(cfg)
+    return base if base is not None and has_tokenizer(base) else None
+
+
+def base_dir(cfg) -> Path | None:
+    """The run's starting HF checkpoint directory, when it has one that still exists."""
+    from omegaconf import OmegaConf
+
+    hf_checkpoint = OmegaConf.select(cfg, "model.hf_checkpoint")
+    return Path(hf_checkpoint) if hf_checkpoint and Path(hf_checkpoint).is_dir() else None
 
 
 def model_args(cfg):
@@ -114,9 +153,10 @@ def model_args(cfg):
                           f"model.hf_checkpoint {hf_dir} has no config.json any more") from None
 
 
-def load_student(source: Source, device: str, quantized: bool):
+def load_student(source: Source, device: str, quantized: bool, merge: bool = True):
     """Our model with the checkpoint's weights (fp32 or the run's param dtype), on `device`.
-    quantized: re-create the quantizers (amax loaded too); else the plain model (amax ignored)."""
+    quantized: re-create the quantizers (amax loaded too); else the plain model (amax ignored).
+    merge: a LoRA run's adapters folded into the base weights; else left in place (peft layers)."""
     import torch
     import torch.distributed.checkpoint as dcp
 
@@ -137,7 +177,7 @@ def load_student(source: Source, device: str, quantized: bool):
     state = {"model": model.state_dict()}
     dcp.load(state, checkpoint_id=str(source.checkpoint))  # fills in place; optimizer and extra keys ignored
     model.load_state_dict(state["model"])
-    if lora:
+    if lora and merge:
         from train.lora import merge_lora
 
         model = merge_lora(model)
@@ -158,36 +198,65 @@ def hf_name(name: str) -> str:
     return name if name.startswith("lm_head") else f"model.{name}"
 
 
-def export_hf_nvfp4(source: Source, out: Path, device: str) -> None:
-    import torch
-    from modelopt.torch.export import export_hf_checkpoint
-    from transformers import AutoModelForCausalLM
+def export_peft(source: Source, out: Path, device: str) -> None:
+    from train.lora import save_peft_adapters
 
-    from train.models import save_hf
+    model = load_student(source, device, quantized=False, merge=False)
+    save_peft_adapters(model, source.cfg.lora, str(Path(source.cfg.model.hf_checkpoint).absolute()), out)
+
+
+def hf_amax(student) -> dict:
+    """A quantized student's amax buffers under transformers' names ({hf name: tensor})."""
+    return {hf_name(key): value for key, value in student.state_dict().items() if key.endswith("._amax")}
+
+
+def quantize_hf_model(hf_model, recipe: str, amax: dict, device: str):
+    """transformers' model fake-quantized with `recipe` and our amax values (returned in place).
+
+    Same recipe on transformers' modules (creates the same quantizers, modelopt's exclusions);
+    one dummy batch gives every input quantizer an amax buffer, overwritten with ours."""
+    import torch
+
     from train.quant.recipes import quantize_model
 
-    student = load_student(source, device, quantized=True)
-    amax = {hf_name(key): value for key, value in student.state_dict().items() if key.endswith("._amax")}
-    plain = {key: value for key, value in student.state_dict().items() if "_quantizer." not in key}
-    args = student.args
-    del student
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".export-fp32-") as scratch:
-        from train.models import build_model
-
-        carrier = build_model(args, device="meta", dtype=next(iter(plain.values())).dtype)
-        carrier.load_state_dict(plain, assign=True)
-        carrier.tie_weights()
-        save_hf(carrier, scratch)  # full precision: the FP4 packing must see the trained weights
-        del carrier, plain
-        hf_model = AutoModelForCausalLM.from_pretrained(scratch, dtype=torch.float32).to(device).eval()
-    # Same recipe on transformers' modules (creates the same quantizers, modelopt's exclusions);
-    # one dummy batch gives every input quantizer an amax buffer, overwritten with ours below.
-    quantize_model(hf_model, source.quantizers["recipe"], [torch.zeros(1, 16, dtype=torch.long)])
+    quantize_model(hf_model, recipe, [torch.zeros(1, 16, dtype=torch.long, device=device)])
     ours, theirs = set(amax), {key for key in hf_model.state_dict() if key.endswith("._amax")}
     if ours != theirs:
         raise ExportError(f"quantizers differ between our model and transformers': only ours "
                           f"{sorted(ours - theirs)[:5]}, only theirs {sorted(theirs - ours)[:5]}")
     hf_model.load_state_dict({key: value.to(device) for key, value in amax.items()}, strict=False)
+    return hf_model
+
+
+def quantized_student_hf(source: Source, device: str, scratch_parent: Path) -> tuple:
+    """(transformers' model of the run's student in fp32, fake-quantized with the run's recipe
+    and amax; those amax under HF names). Built from the full-precision trained weights (saved
+    through a scratch directory under scratch_parent): the FP4 rounding must see them."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from train.models import build_model, save_hf
+
+    student = load_student(source, device, quantized=True)
+    amax = hf_amax(student)
+    plain = {key: value for key, value in student.state_dict().items() if "_quantizer." not in key}
+    args = student.args
+    del student
+    with tempfile.TemporaryDirectory(dir=scratch_parent, prefix=".export-fp32-") as scratch:
+        carrier = build_model(args, device="meta", dtype=next(iter(plain.values())).dtype)
+        carrier.load_state_dict(plain, assign=True)
+        carrier.tie_weights()
+        save_hf(carrier, scratch)
+        del carrier, plain
+        hf_model = AutoModelForCausalLM.from_pretrained(scratch, dtype=torch.float32).to(device).eval()
+    return quantize_hf_model(hf_model, source.quantizers["recipe"], amax, device), amax
+
+
+def export_hf_nvfp4(source: Source, out: Path, device: str) -> None:
+    import torch
+    from modelopt.torch.export import export_hf_checkpoint
+
+    hf_model, _ = quantized_student_hf(source, device, out.parent)
     # bf16 for what stays unquantized (embeddings, norms, lm_head): export_hf_checkpoint keeps
     # each tensor's dtype. The quantized linears keep fp32 weights and `dtype` is fp32 because the
     # export packs weight.to(dtype): the FP4 values then come from the trained weights exactly as
@@ -204,8 +273,11 @@ def export_hf_nvfp4(source: Source, out: Path, device: str) -> None:
         export_hf_checkpoint(hf_model, dtype=torch.float32, export_dir=out)
 
 
+WRITERS = {"hf": export_hf, "hf-nvfp4": export_hf_nvfp4, "peft": export_peft}
+
+
 def export(run_dir: str | Path, export_format: str, out: str | Path, iteration: int | None = None,
-           device: str = "cpu") -> Path:
+           device: str = "cpu", tokenizer: str | Path | None = None) -> Path:
     """Writes the export to `out` (atomically); raises ExportError on bad input."""
     if export_format not in FORMATS:
         raise ExportError(f"--format {export_format!r}: unknown; known: {', '.join(FORMATS)}")
@@ -218,11 +290,13 @@ def export(run_dir: str | Path, export_format: str, out: str | Path, iteration: 
         if not torch.cuda.is_available():
             raise ExportError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
     source = read_source(Path(run_dir), iteration, export_format)
+    tokenizer = tokenizer_dir(source.cfg, None if tokenizer is None else str(tokenizer))
     temporary = out.with_name(f"{out.name}.tmp")
     shutil.rmtree(temporary, ignore_errors=True)  # leftover of a killed export
     temporary.mkdir(parents=True)
     try:
-        (export_hf if export_format == "hf" else export_hf_nvfp4)(source, temporary, device)
+        WRITERS[export_format](source, temporary, device)
+        add_serving_files(temporary, tokenizer, base_dir(source.cfg), model_files=export_format != "peft")
         temporary.rename(out)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
@@ -239,12 +313,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", required=True, choices=FORMATS, dest="export_format")
     parser.add_argument("--out", required=True, help="output directory (must not exist)")
     parser.add_argument("--iteration", type=int, help="checkpoint iteration (default: the latest)")
+    parser.add_argument("--tokenizer", help="tokenizer directory to copy (default: the run's model.hf_checkpoint)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="[%(asctime)s] %(message)s",
                         datefmt="%H:%M:%S")
     try:
-        export(args.run_dir, args.export_format, args.out, args.iteration, args.device)
+        export(args.run_dir, args.export_format, args.out, args.iteration, args.device, args.tokenizer)
     except ExportError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE

@@ -9,6 +9,9 @@
 - merge_lora(model): folds W + (alpha / rank) * B @ A into each base weight and puts the plain
   Linear back: our CausalLM again, with the state-dict keys it had before apply_lora
   (save_hf and train.export take it as is).
+- save_peft_adapters(model, lora_cfg, base, directory): the adapters alone as peft saves them
+  (adapter_config.json + adapter_model.safetensors under transformers' module names), for
+  `python -m train.export RUN_DIR --format peft`.
 - apply_quantized_base(model, recipe, calibration_batches): fake-quantizes the frozen base with
   train.quant.quantize_model before the adapters go in (the job does it through
   train.quant.student.prepare_student, in train/engine.py add_adapters, so that a resumed or
@@ -138,3 +141,45 @@ def apply_quantized_base(model: nn.Module, recipe: str, calibration_batches: lis
     model = quantize_model(model, recipe, calibration_batches)
     log.info("LoRA base quantized with recipe %s (%d calibration batches)", recipe, len(calibration_batches))
     return model
+
+
+def peft_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapters under peft's saved names: base_model.model.<HF module>.lora_{A,B}.weight.
+
+    Our module `layers.0.self_attn.q_proj` is transformers' `model.layers.0.self_attn.q_proj`
+    (the family's HF renaming of its weight); families whose HF layout fuses or transposes a
+    target (GPT-2's c_attn) have no one-to-one adapter and raise ValueError."""
+    from train.models.hf_adapters import to_hf_state_dict
+
+    model = getattr(model, "module", model)
+    state = {}
+    for name, layer in lora_layers(model):
+        weight = layer.get_base_layer().weight
+        try:
+            renamed = to_hf_state_dict({f"{name}.weight": weight}, model.args)
+        except (KeyError, ValueError):
+            renamed = {}
+        hf_key, hf_weight = next(iter(renamed.items()), (None, None))
+        if len(renamed) != 1 or hf_weight.shape != weight.shape or not hf_key.endswith(".weight"):
+            raise ValueError(f"peft export: {name} of the {model.args.family} family has no single HF module "
+                             "of the same shape; export the merged model with --format hf")
+        module = hf_key.removesuffix(".weight")
+        for part in ("lora_A", "lora_B"):
+            adapter = getattr(layer, part)[layer.active_adapters[0]].weight
+            state[f"base_model.model.{module}.{part}.weight"] = adapter.detach().to("cpu").contiguous()
+    return state
+
+
+def save_peft_adapters(model: nn.Module, lora_cfg, base_model: str, directory) -> None:
+    """adapter_config.json + adapter_model.safetensors, the files PeftModel.from_pretrained reads."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    check_lora_config(lora_cfg)
+    state = peft_adapter_state(model)
+    config = LoraConfig(r=int(lora_cfg.rank), lora_alpha=float(lora_cfg.alpha), lora_dropout=float(lora_cfg.dropout),
+                        target_modules=target_module_names(lora_cfg.target_modules), task_type="CAUSAL_LM",
+                        base_model_name_or_path=base_model, bias="none")
+    config.save_pretrained(str(directory))
+    save_file(state, str(directory) + "/adapter_model.safetensors", metadata={"format": "pt"})
+    log.info("saved %d LoRA adapter tensors for base %s", len(state), base_model)

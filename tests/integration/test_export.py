@@ -36,7 +36,7 @@ def test_unknown_format_names_the_known_ones(tmp_path, capsys):
         main([str(fake_run(tmp_path)), "--format", "gguf", "--out", str(tmp_path / "out")])
     assert exit_info.value.code == 2
     assert "invalid choice: 'gguf'" in capsys.readouterr().err
-    with pytest.raises(ExportError, match="'gguf': unknown; known: hf, hf-nvfp4"):
+    with pytest.raises(ExportError, match="'gguf': unknown; known: hf, hf-nvfp4, peft"):
         export(fake_run(tmp_path / "again"), "gguf", tmp_path / "out")
 
 
@@ -62,12 +62,15 @@ def test_nvfp4_export_of_an_unquantized_run_is_refused(tmp_path):
 
 @pytest.fixture(scope="module")
 def qad_run(tmp_path_factory) -> Path:
-    """Two QAD iterations (nvfp4 student, random tiny-qwen3 student and teacher)."""
+    """Two QAD iterations (nvfp4 student, random tiny-qwen3 student and teacher; the student's
+    directory holds a tokenizer, as a real checkpoint does)."""
+    from tests.fixtures.synthetic_data import build_tokenizer, generate_documents
     from train.models import build_model, init_weights, save_hf
 
     root = tmp_path_factory.mktemp("qad")
     for name, seed in (("student", 1), ("teacher", 2)):
         save_hf(init_weights(build_model("tiny-qwen3", device="cpu"), seed), root / name)
+    build_tokenizer(str(root / "student"), generate_documents(50, 40), 400)
     command = [sys.executable, "-m", "train.qad", f"checkpoint.root={root}", "model.name=tiny-qwen3",
                f"model.hf_checkpoint={root / 'student'}", "distill.teacher_model=tiny-qwen3",
                f"distill.teacher_checkpoint={root / 'teacher'}", "data.source=synthetic",
@@ -92,6 +95,7 @@ def test_hf_export_loads_in_transformers_with_our_logits(qad_run, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     hf_model = AutoModelForCausalLM.from_pretrained(out)
     assert hf_model.dtype == torch.bfloat16
+    assert_serving_files(out, qad_run.parent / "student")
     ours = load_student(read_source(qad_run, None, "hf"), "cpu", quantized=False)
     tokens = torch.randint(0, 2048, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -102,6 +106,70 @@ def test_hf_export_loads_in_transformers_with_our_logits(qad_run, tmp_path):
     start = AutoModelForCausalLM.from_pretrained(qad_run.parent / "student")
     assert not torch.equal(start.model.layers[0].mlp.up_proj.weight.bfloat16(),
                            hf_model.model.layers[0].mlp.up_proj.weight)
+
+
+def assert_serving_files(out: Path, base: Path) -> None:
+    """What vLLM and lm-eval read beside the weights: the base's tokenizer, the eos id in config.json
+    and generation_config.json, every file readable by others (0644 under umask 022)."""
+    import json
+    import stat
+
+    from transformers import AutoTokenizer, GenerationConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer("the cat").input_ids == AutoTokenizer.from_pretrained(base)("the cat").input_ids
+    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == eos
+    assert GenerationConfig.from_pretrained(out).eos_token_id == eos
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in out.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
+
+
+def run_without_hf_checkpoint(qad_run: Path, root: Path) -> Path:
+    """A copy of the run whose model.hf_checkpoint is gone: rebuilt from the registry name, no
+    tokenizer known (as a pretraining run from a registry model)."""
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    run = root / qad_run.name
+    shutil.copytree(qad_run, run)
+    for config_path in run.glob("checkpoints/*/iter_*/config.yaml"):
+        cfg = OmegaConf.load(config_path)
+        cfg.model.hf_checkpoint = str(root / "gone")
+        OmegaConf.save(cfg, config_path)
+    return run
+
+
+@pytest.mark.slow
+def test_a_run_without_tokenizer_exports_with_a_note_or_with_tokenizer_dir(qad_run, tmp_path):
+    from train.serving import has_tokenizer
+
+    run = run_without_hf_checkpoint(qad_run, tmp_path)
+    result = subprocess.run([sys.executable, "-m", "train.export", str(run), "--format", "hf", "--out",
+                             str(tmp_path / "plain")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "no tokenizer known" in result.stdout + result.stderr and not has_tokenizer(tmp_path / "plain")
+    out = export(run, "hf", tmp_path / "with-tokenizer", tokenizer=qad_run.parent / "student")
+    assert_serving_files(out, qad_run.parent / "student")
+
+
+def test_tokenizer_option_without_tokenizer_files_is_refused(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main([str(fake_run(tmp_path)), "--format", "hf", "--out", str(tmp_path / "out"),
+                 "--tokenizer", str(tmp_path / "empty")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: --tokenizer ") and "no tokenizer there" in error
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
+
+
+def test_peft_export_of_a_run_without_lora_is_one_error_line(tmp_path, capsys):
+    assert main([str(fake_run(tmp_path)), "--format", "peft", "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith("error: --format peft needs a LoRA fine-tuning run; ")
+    assert "is a pretrain run" in error and not (tmp_path / "out.tmp").exists()
 
 
 def dequantize(tensors: dict, name: str, shape) -> torch.Tensor:
@@ -127,6 +195,7 @@ def test_nvfp4_export_holds_the_trained_fake_quantized_weights(qad_run, tmp_path
     from train.export import load_student, read_source
 
     out = export(qad_run, "hf-nvfp4", tmp_path / "nvfp4")
+    assert_serving_files(out, qad_run.parent / "student")
     quant_config = json.loads((out / "hf_quant_config.json").read_text())["quantization"]
     assert quant_config["quant_algo"] == "NVFP4" and quant_config["group_size"] == 16
     assert "lm_head" in quant_config["exclude_modules"]

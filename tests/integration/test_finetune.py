@@ -159,36 +159,72 @@ def test_lora_on_a_quantized_base_trains_and_validates(tmp_path, base, labeled_s
     assert (root / RUN / "checkpoints/tiny-qwen3/iter_0000002/quantizer_state.pt").is_file()
 
 
-@pytest.mark.slow
-def test_finetune_run_exports_to_hf_with_the_adapted_logits(early_stopped, base, tmp_path):
-    """python -m train.export RUN_DIR --format hf: the adapters merged into bf16 weights that
-    transformers loads; its logits are those of base + LoRA loaded from the same checkpoint."""
+def export_run(root: Path, export_format: str, out: Path) -> None:
+    exported = subprocess.run([sys.executable, "-m", "train.export", str(root / EARLY_RUN), "--format", export_format,
+                               "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert exported.returncode == 0, output(exported)
+
+
+def base_and_adapted_logits(root: Path, base: Path, tokens):
+    """(logits of the base, of base + LoRA from the early-stopped run's iteration 6), ours, fp32."""
+    from types import SimpleNamespace
+
     import torch
     import torch.distributed.checkpoint as dcp
-    from transformers import AutoModelForCausalLM
 
     from train.lora import apply_lora
     from train.models import load_hf
 
-    root, trained, _ = early_stopped
-    assert trained.returncode == 0, output(trained)
-    out = tmp_path / "exported"
-    exported = subprocess.run([sys.executable, "-m", "train.export", str(root / EARLY_RUN), "--format", "hf",
-                               "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert exported.returncode == 0, output(exported)
-    tokens = torch.randint(0, 400, (2, 24), generator=torch.Generator().manual_seed(0))
     model = load_hf(base).eval()
     with torch.no_grad():
         base_logits = model(tokens)
-    from types import SimpleNamespace
-
     model = apply_lora(model, SimpleNamespace(rank=4, alpha=8.0, dropout=0.05, target_modules="q_proj,k_proj,v_proj,o_proj"))
     state = {"model": model.state_dict()}
     dcp.load(state, checkpoint_id=str(root / EARLY_RUN / "checkpoints/tiny-qwen3/iter_0000006"))
     model.load_state_dict(state["model"])
     with torch.no_grad():
-        adapted = model.eval()(tokens)
-        hf_logits = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()(tokens).logits
+        return base_logits, model.eval()(tokens)
+
+
+@pytest.mark.slow
+def test_finetune_run_exports_to_hf_with_the_adapted_logits(early_stopped, base, tmp_path):
+    """python -m train.export RUN_DIR --format hf: the adapters merged into bf16 weights that
+    transformers loads; its logits are those of base + LoRA loaded from the same checkpoint."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    root, trained, _ = early_stopped
+    assert trained.returncode == 0, output(trained)
+    export_run(root, "hf", tmp_path / "exported")
+    tokens = torch.randint(0, 400, (2, 24), generator=torch.Generator().manual_seed(0))
+    base_logits, adapted = base_and_adapted_logits(root, base, tokens)
+    with torch.no_grad():
+        hf_logits = AutoModelForCausalLM.from_pretrained(tmp_path / "exported", dtype=torch.float32).eval()(tokens).logits
     moved = (adapted - base_logits).abs().max().item()
     error = (hf_logits - adapted).abs().max().item()
     assert error < 0.1 * moved, (error, moved)  # bf16 rounding only; the adapters' effect is 10x larger
+
+
+@pytest.mark.slow
+def test_finetune_run_exports_peft_adapters_that_peft_loads_with_our_logits(early_stopped, base, tmp_path):
+    """python -m train.export RUN_DIR --format peft: PeftModel.from_pretrained(base, DIR) computes
+    the logits of our base + LoRA from the same checkpoint (fp32: tight); the tokenizer comes along."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root, trained, _ = early_stopped
+    assert trained.returncode == 0, output(trained)
+    out = tmp_path / "adapters"
+    export_run(root, "peft", out)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(base) and (config["r"], config["lora_alpha"]) == (4, 8.0)
+    assert AutoTokenizer.from_pretrained(out)("Is a lemon a fruit?").input_ids == \
+        AutoTokenizer.from_pretrained(base)("Is a lemon a fruit?").input_ids
+    tokens = torch.randint(0, 400, (2, 24), generator=torch.Generator().manual_seed(0))
+    base_logits, adapted = base_and_adapted_logits(root, base, tokens)
+    with torch.no_grad():
+        peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), out)
+        peft_logits = peft_model.eval()(tokens).logits
+    moved = (adapted - base_logits).abs().max().item()
+    assert moved > 1e-2 and (peft_logits - adapted).abs().max().item() < 1e-4 * max(moved, 1.0)

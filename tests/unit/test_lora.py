@@ -88,6 +88,49 @@ def test_merged_model_saves_as_hf_and_transformers_agrees(tmp_path):
     torch.testing.assert_close(hf(tokens).logits, adapted, atol=1e-4, rtol=1e-4)
 
 
+
+@pytest.mark.parametrize("family_model", ["debug-qwen3", "debug-llama3"])
+def test_peft_adapters_load_in_peft_with_our_logits(tmp_path, family_model):
+    """save_peft_adapters -> PeftModel.from_pretrained(transformers' base, dir): the adapted logits
+    of ours, tight in fp32; in bf16 within bf16 rounding, far below the adapters' effect."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from train.lora import save_peft_adapters
+    from train.models import save_hf
+
+    base = init_weights(build_model(family_model, device="cpu"), 0).eval()
+    save_hf(base, tmp_path / "base")
+    tokens = torch.randint(0, base.args.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base_logits = base(tokens)
+    model = apply_lora(base, lora_cfg(dropout=0.1)).eval()
+    randomize_adapters(model)
+    save_peft_adapters(model, lora_cfg(dropout=0.1), str(tmp_path / "base"), tmp_path / "adapters")
+    config = json.loads((tmp_path / "adapters" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (4, 8.0, 0.1)
+    assert sorted(config["target_modules"]) == ["down_proj", "q_proj", "v_proj"]
+    assert config["base_model_name_or_path"] == str(tmp_path / "base") and config["peft_type"] == "LORA"
+    with torch.no_grad():
+        adapted = model(tokens)
+        for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 0.1)):
+            hf_base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=dtype)
+            peft_model = PeftModel.from_pretrained(hf_base, tmp_path / "adapters").eval()
+            logits = peft_model(tokens).logits.float()
+            moved = (adapted - base_logits).abs().max().item()
+            error = (logits - adapted).abs().max().item()
+            assert error < tolerance * moved, (dtype, error, moved)
+
+
+def test_peft_adapter_names_are_peft_s():
+    from train.lora import peft_adapter_state
+
+    model = apply_lora(tiny_model(), lora_cfg(target_modules="q_proj"))
+    names = sorted(peft_adapter_state(model))
+    assert names[:2] == ["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+                         "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"]
+    assert len(names) == 2 * model.args.num_layers
+
 def reference_greedy(model, prompt, steps, stop_ids):
     tokens, out = list(prompt), []
     for _ in range(steps):
