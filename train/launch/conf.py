@@ -249,6 +249,11 @@ def config_overrides(job: str, values: dict[str, object]) -> dict[str, object]:
     return overrides
 
 
+def without_job(base_env: dict[str, str] | None) -> dict[str, str]:
+    """The environment a conf is sourced in: JOB left out, so that JOB is the conf's own."""
+    return {k: v for k, v in (os.environ if base_env is None else base_env).items() if k != "JOB"}
+
+
 def conf_job(path: Path, env: dict[str, str]) -> str | None:
     """The conf's JOB (env: after sourcing it), checked; None when it sets none."""
     job = env.get("JOB")
@@ -264,11 +269,6 @@ def job_of_conf(config: str, base_env: dict[str, str] | None = None) -> str:
     if job is None:
         raise ConfError(f"{path}: no JOB: add `export JOB=pretrain|qad|finetune` to the conf, or pass --job")
     return job
-
-
-def without_job(base_env: dict[str, str] | None) -> dict[str, str]:
-    """The environment a conf is sourced in: JOB left out, so that JOB is the conf's own."""
-    return {k: v for k, v in (os.environ if base_env is None else base_env).items() if k != "JOB"}
 
 
 def load_conf(config: str, job: str, base_env: dict[str, str] | None = None):
