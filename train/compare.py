@@ -186,13 +186,14 @@ def load_run_student(checkpoint: Path, device) -> torch.nn.Module:
     from omegaconf import OmegaConf
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
+    from train.config import to_job_config
     from train.engine import master_dtype
     from train.models import build_model, load_hf
     from train.quant.student import load_quantizer_state
 
-    cfg = OmegaConf.load(checkpoint / "config.yaml")
+    cfg = to_job_config(OmegaConf.load(checkpoint / "config.yaml"))
     dtype = master_dtype(cfg.model)  # the dtype the run trained (and checkpointed) in
-    if cfg.model.get("hf_checkpoint"):
+    if cfg.model.hf_checkpoint:
         model = load_hf(cfg.model.hf_checkpoint, dtype)
     else:
         model = build_model(str(cfg.model.name), device="cpu", dtype=dtype)

@@ -1,16 +1,19 @@
 """The typed config tree, registered in Hydra's ConfigStore.
 
-configs/<job>.yaml picks groups (model/, data/, optim/, ...) on top of these schemas;
+configs/<job>.yaml picks groups (data/, optim/, ...) on top of these schemas;
 `???` marks what must be given. Values from a .conf file arrive through the
 environment and are applied in one place: train/launch/conf.py (CONF_VARIABLES).
 Precedence, lowest first: schema default < configs/ YAML < .conf < key=value on the CLI.
+
+Each entrypoint turns the composed DictConfig into a JobConfig once (to_job_config) and
+hands the typed sections on: a key's default lives here and nowhere else.
 """
 
 from dataclasses import dataclass, field
 from typing import Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 
 @dataclass
@@ -191,6 +194,16 @@ class JobConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def to_job_config(cfg: "JobConfig | DictConfig | dict") -> JobConfig:
+    """The typed tree of a composed (or hand-built) config: checked against the schema, schema
+    defaults for what it leaves out. A JobConfig comes back as it is.
+
+    Raises omegaconf's errors naming the key: an unknown key, a wrong type, a `???` left."""
+    if isinstance(cfg, JobConfig):
+        return cfg
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(JobConfig), cfg))
 
 
 def register_configs() -> None:

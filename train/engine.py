@@ -4,6 +4,7 @@ import logging
 
 import torch
 
+from train.config import JobConfig, ModelConfig, to_job_config
 from train.data.job_datasets import build_train_dataset
 from train.launch.job import fail, start_job
 from train.parallel import ParallelLayout, parallelize
@@ -11,7 +12,18 @@ from train.parallel import ParallelLayout, parallelize
 log = logging.getLogger("train")
 
 
-def master_dtype(model_cfg) -> torch.dtype:
+def job_config(composed) -> JobConfig:
+    """The composed DictConfig as the typed JobConfig, once, right after Hydra; a key the
+    schema does not know, a wrong type or a `???` left is one error line naming the key."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return to_job_config(composed)
+    except OmegaConfBaseException as error:
+        fail(f"the config does not compose: {str(error).splitlines()[0]} ({error.full_key})")
+
+
+def master_dtype(model_cfg: ModelConfig) -> torch.dtype:
     """The dtype of the weights a job trains, and so of their gradients and AdamW state.
 
     fp32 whatever the checkpoint holds: real HF checkpoints are bf16, and bf16 has 8 significant
@@ -20,12 +32,12 @@ def master_dtype(model_cfg) -> torch.dtype:
     return torch.bfloat16 if model_cfg.param_dtype == "bfloat16" else torch.float32
 
 
-def build_job_model(cfg, ctx):
+def build_job_model(cfg: JobConfig, ctx):
     """The model on this rank's device in master_dtype: from HF weights, or seeded initialization."""
     from train.models import build_model, init_weights, load_hf, stored_dtype
 
     dtype = master_dtype(cfg.model)
-    if cfg.model.get("hf_checkpoint") and ctx.plan.resume.decision != "from_scratch":
+    if cfg.model.hf_checkpoint and ctx.plan.resume.decision != "from_scratch":
         model = load_hf(cfg.model.hf_checkpoint, dtype, device=ctx.device)
         log.info("weights from %s: stored in %s, trained in %s (model.param_dtype)", cfg.model.hf_checkpoint,
                  str(stored_dtype(cfg.model.hf_checkpoint)).removeprefix("torch."), str(dtype).removeprefix("torch."))
@@ -38,7 +50,7 @@ def build_job_model(cfg, ctx):
     return model
 
 
-def add_adapters(model, cfg, ctx, dataset, layout: ParallelLayout):
+def add_adapters(model, cfg: JobConfig, ctx, dataset, layout: ParallelLayout):
     """Fine-tuning: the base fake-quantized when lora.quantized_base names a recipe, then the LoRA
     adapters. Returns (model, quantizer record for each checkpoint or None).
 
@@ -55,7 +67,7 @@ def add_adapters(model, cfg, ctx, dataset, layout: ParallelLayout):
     return apply_lora(model, cfg.lora), record
 
 
-def run_job(job: str, cfg, loss_fn=None, make_loss_fn=None) -> str:
+def run_job(job: str, cfg: JobConfig, loss_fn=None, make_loss_fn=None) -> str:
     """loss_fn(model, inputs, targets, mask), or make_loss_fn(layout) that returns one (a loss that
     needs the job's parallel layout: the QAD teacher goes on the student's mesh)."""
     from train.trainer import Trainer

@@ -89,10 +89,11 @@ def find_checkpoint(run_dir: Path, iteration: int | None) -> Path:
 def read_source(run_dir: Path, iteration: int | None, export_format: str) -> Source:
     from omegaconf import OmegaConf
 
+    from train.config import to_job_config
     from train.quant.student import load_quantizer_state
 
     checkpoint = find_checkpoint(run_dir, iteration)
-    cfg = OmegaConf.load(checkpoint / "config.yaml")
+    cfg = to_job_config(OmegaConf.load(checkpoint / "config.yaml"))
     quantizers = load_quantizer_state(checkpoint)
     if export_format == "hf-nvfp4":
         recipe = quantizers["recipe"] if quantizers else None
@@ -143,7 +144,7 @@ def model_args(cfg):
     from train.models.errors import UnknownModelError
     from train.models.hf_adapters import args_from_hf_config
 
-    hf_dir = cfg.model.get("hf_checkpoint")
+    hf_dir = cfg.model.hf_checkpoint
     if hf_dir and (Path(hf_dir) / "config.json").is_file():
         return args_from_hf_config(json.loads((Path(hf_dir) / "config.json").read_text()), name=str(cfg.model.name))
     try:
@@ -163,7 +164,7 @@ def load_student(source: Source, device: str, quantized: bool, merge: bool = Tru
     from train.models import build_model
 
     cfg = source.cfg
-    dtype = torch.bfloat16 if cfg.model.get("param_dtype") == "bfloat16" else torch.float32
+    dtype = torch.bfloat16 if cfg.model.param_dtype == "bfloat16" else torch.float32
     model = build_model(model_args(cfg), device=device, dtype=dtype, seed=None)
     if quantized:
         from train.quant.recipes import restore_quantizer_state

@@ -7,19 +7,20 @@ accuracy of the run's latest checkpoint on a labeled set (train/finetune_validat
 Usually started by launchers/finetune.sh or slurm/finetune.sh through torchrun."""
 
 import hydra
+from omegaconf import DictConfig
 
-import train.config  # noqa: F401  registers the schemas
-from train.engine import run_job
+from train.engine import job_config, run_job
 from train.launch.job import fail
 
 MODES = ("train", "validate")
 
 
 @hydra.main(config_path="../configs", config_name="finetune", version_base=None)
-def main(cfg) -> None:
+def main(composed: DictConfig) -> None:
     from train.lora import check_lora_config, check_quantized_base
     from train.finetune_validate import LabeledSetError, check_validate_inputs, run_validate
 
+    cfg = job_config(composed)
     mode = str(cfg.mode)
     if mode not in MODES:
         fail(f"mode (MODE) = {mode!r} is not one of {', '.join(MODES)}")

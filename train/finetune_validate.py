@@ -46,6 +46,8 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
+from train.config import JobConfig, ValidateConfig
+
 log = logging.getLogger("train")
 THINK_BLOCK = re.compile(r"<think>.*?(</think>|$)", re.DOTALL)
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>")  # chat templates' turn ends: stop there too
@@ -126,7 +128,7 @@ def prompt_token_ids(tokenizer, prompt: str, enable_thinking: bool) -> list[int]
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def answer_records(model, tokenizer, records: list[dict], labels: list[str], validate_cfg, device: str) -> list[dict]:
+def answer_records(model, tokenizer, records: list[dict], labels: list[str], validate_cfg: ValidateConfig, device: str) -> list[dict]:
     """Generated answers and their scores for `records` (one rank's share)."""
     from train.generate import greedy_generate
 
@@ -142,11 +144,11 @@ def answer_records(model, tokenizer, records: list[dict], labels: list[str], val
     return rows
 
 
-def load_tokenizer(cfg):
+def load_tokenizer(cfg: JobConfig):
     """The tokenizer (validate.tokenizer, else model.hf_checkpoint), with a chat template."""
     from transformers import AutoTokenizer
 
-    directory = cfg.validate.get("tokenizer") or cfg.model.get("hf_checkpoint")
+    directory = cfg.validate.tokenizer or cfg.model.hf_checkpoint
     if not directory or not Path(directory).is_dir():
         raise LabeledSetError(f"validate.tokenizer: no tokenizer directory (got {directory!r}; "
                               "default: model.hf_checkpoint / BASE_CKPT)")
@@ -159,11 +161,11 @@ def load_tokenizer(cfg):
     return tokenizer
 
 
-def check_validate_inputs(cfg) -> tuple[list[dict], object]:
+def check_validate_inputs(cfg: JobConfig) -> tuple[list[dict], object]:
     """The labeled set and the tokenizer, or LabeledSetError: cheap, before any model is built."""
-    if not cfg.validate.get("val_set"):
+    if not cfg.validate.val_set:
         raise LabeledSetError("mode=validate needs validate.val_set (VAL_SET): a JSONL of prompt/label/category")
-    records = load_labeled_set(cfg.validate.val_set, cfg.validate.get("max_samples"))
+    records = load_labeled_set(cfg.validate.val_set, cfg.validate.max_samples)
     return records, load_tokenizer(cfg)
 
 
@@ -173,7 +175,7 @@ def write_atomically(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
-def load_latest_lora_checkpoint(model, ctx, cfg) -> int:
+def load_latest_lora_checkpoint(model, ctx, cfg: JobConfig) -> int:
     """Fills the model (base + adapters) from the run's latest checkpoint; its iteration."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
@@ -191,7 +193,7 @@ def load_latest_lora_checkpoint(model, ctx, cfg) -> int:
     return plan.resume.iteration
 
 
-def run_validate(cfg, records: list[dict], tokenizer) -> dict | None:
+def run_validate(cfg: JobConfig, records: list[dict], tokenizer) -> dict | None:
     """The validate job; returns the summary on rank 0 (None elsewhere)."""
     import torch
     import torch.distributed as dist

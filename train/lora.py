@@ -28,6 +28,8 @@ import logging
 import torch
 from torch import nn
 
+from train.config import LoraConfig
+
 log = logging.getLogger("train")
 LORA_MARKER = "lora_"  # peft's parameter names: ...q_proj.lora_A.default.weight
 
@@ -37,7 +39,7 @@ def target_module_names(target_modules: str) -> list[str]:
     return [name.strip() for name in str(target_modules).split(",") if name.strip()]
 
 
-def check_lora_config(lora_cfg) -> None:
+def check_lora_config(lora_cfg: LoraConfig) -> None:
     """ValueError naming the key, before any model is built."""
     if int(lora_cfg.rank) < 1:
         raise ValueError(f"lora.rank (LORA_RANK) = {lora_cfg.rank} must be at least 1")
@@ -49,9 +51,9 @@ def check_lora_config(lora_cfg) -> None:
         raise ValueError("lora.target_modules (LORA_TARGET_MODULES) is empty")
 
 
-def apply_lora(model: nn.Module, lora_cfg) -> nn.Module:
+def apply_lora(model: nn.Module, lora_cfg: LoraConfig) -> nn.Module:
     """peft LoRA adapters on the named linear layers; the base weights freeze."""
-    from peft import LoraConfig, inject_adapter_in_model
+    from peft import LoraConfig as PeftLoraConfig, inject_adapter_in_model
 
     check_lora_config(lora_cfg)
     targets = target_module_names(lora_cfg.target_modules)
@@ -60,7 +62,7 @@ def apply_lora(model: nn.Module, lora_cfg) -> nn.Module:
     if unknown:
         raise ValueError(f"lora.target_modules (LORA_TARGET_MODULES): {', '.join(unknown)} not among the "
                          f"model's linear layers ({', '.join(sorted(present))})")
-    config = LoraConfig(r=int(lora_cfg.rank), lora_alpha=float(lora_cfg.alpha), lora_dropout=float(lora_cfg.dropout),
+    config = PeftLoraConfig(r=int(lora_cfg.rank), lora_alpha=float(lora_cfg.alpha), lora_dropout=float(lora_cfg.dropout),
                         target_modules=targets)
     model = inject_adapter_in_model(config, model)
     for name, parameter in model.named_parameters():
@@ -115,13 +117,12 @@ def disable_lora_quantizers(model: nn.Module) -> int:
     return disabled
 
 
-def quantized_base_recipe(lora_cfg) -> str:
+def quantized_base_recipe(lora_cfg: LoraConfig) -> str:
     """lora.quantized_base as a quant recipe name: "none" when unset."""
-    recipe = lora_cfg.get("quantized_base") if hasattr(lora_cfg, "get") else getattr(lora_cfg, "quantized_base", None)
-    return str(recipe) if recipe else "none"
+    return str(lora_cfg.quantized_base) if lora_cfg.quantized_base else "none"
 
 
-def check_quantized_base(lora_cfg) -> None:
+def check_quantized_base(lora_cfg: LoraConfig) -> None:
     """ValueError naming the key for a recipe train.quant does not know (before any model is built)."""
     from train.quant.recipes import RECIPES
 

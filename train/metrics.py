@@ -154,7 +154,7 @@ def is_bad(loss: float, grad_norm: float) -> bool:
 
 def debug_nan(trainer, loss: float) -> float:
     """training.debug_nan_at_iteration=N[,M-K]: report a NaN loss at those iterations (tests)."""
-    spec = str(trainer.cfg.training.get("debug_nan_at_iteration") or "").strip()
+    spec = str(trainer.cfg.training.debug_nan_at_iteration or "").strip()
     if not spec:
         return loss
     from train.data.sampler import parse_iterations_to_skip
@@ -168,7 +168,7 @@ class NonFiniteGuard:
     then stops the job without saving (the last good checkpoint stays the latest)."""
 
     def __init__(self, training_cfg, latest_checkpoint, is_main: bool):
-        self.limit = training_cfg.get("max_bad_iterations", 5)
+        self.limit = training_cfg.max_bad_iterations
         self.latest_checkpoint = latest_checkpoint  # () -> the last saved iteration, or None
         self.is_main = is_main
         self.streak = 0

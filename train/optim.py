@@ -4,8 +4,10 @@ import math
 
 import torch
 
+from train.config import OptimConfig
 
-def build_optimizer(model: torch.nn.Module, optim_cfg) -> torch.optim.AdamW:
+
+def build_optimizer(model: torch.nn.Module, optim_cfg: OptimConfig) -> torch.optim.AdamW:
     """Weight decay on matrices only: norms, biases and gains (ndim < 2) are not decayed."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
@@ -33,7 +35,7 @@ def expert_parameter_ids(model: torch.nn.Module) -> set[int]:
             for p in module.parameters(recurse=False)}
 
 
-def learning_rate(iteration: int, total_iters: int, optim_cfg) -> float:
+def learning_rate(iteration: int, total_iters: int, optim_cfg: OptimConfig) -> float:
     """LR for optimizer step `iteration` (0-based) of `total_iters`."""
     peak, floor, warmup = optim_cfg.lr, optim_cfg.min_lr, optim_cfg.warmup_iters
     if warmup and iteration < warmup:

@@ -3,14 +3,14 @@
 Usually started by launchers/pretrain.sh or slurm/pretrain.sh through torchrun."""
 
 import hydra
+from omegaconf import DictConfig
 
-import train.config  # noqa: F401  registers the schemas
-from train.engine import run_job
+from train.engine import job_config, run_job
 
 
 @hydra.main(config_path="../configs", config_name="pretrain", version_base=None)
-def main(cfg) -> None:
-    run_job("pretrain", cfg)
+def main(composed: DictConfig) -> None:
+    run_job("pretrain", job_config(composed))
 
 
 if __name__ == "__main__":

@@ -8,15 +8,16 @@ import logging
 
 import hydra
 import torch
+from omegaconf import DictConfig
 
-import train.config  # noqa: F401  registers the schemas
+from train.config import JobConfig
 from train.distill.kd_config import KDConfigError, check_distill_config
 from train.distill.loss import distill_loss
-from train.engine import run_job
+from train.engine import job_config, run_job
 from train.losses import auxiliary_loss
 
 
-def build_teacher(cfg, layout) -> torch.nn.Module:
+def build_teacher(cfg: JobConfig, layout) -> torch.nn.Module:
     """The full-precision teacher: frozen, eval mode, laid out like the student on the student's
     mesh (layout: the job's train.parallel.ParallelLayout; same TP split, FSDP2-sharded when the
     student is). Built on the first loss call, by every rank at once."""
@@ -35,7 +36,8 @@ def build_teacher(cfg, layout) -> torch.nn.Module:
 
 
 @hydra.main(config_path="../configs", config_name="qad", version_base=None)
-def main(cfg) -> None:
+def main(composed: DictConfig) -> None:
+    cfg = job_config(composed)
     try:  # KD_CFG_PATH merged into cfg.distill; the vocabulary rule, before any model is built
         vocab = check_distill_config(cfg)
     except KDConfigError as error:

@@ -1,8 +1,9 @@
 """python -m train.submit --config C [--job J] [--chain N] [--dependency afterany|afterok]
                          [--hf-token-file F] [sbatch options ...] [-- key=value ...]
 
-Validates the conf here, before anything is queued, then submits slurm/<job>.sh N times,
-each job depending on the previous one, and prints the job ids. Every job resumes from
+Validates the conf here, before anything is queued, then submits slurm/<job>.sh N times
+(<job>: the conf's JOB; --job must agree), each job depending on the previous one, and
+prints the job ids. Every job resumes from
 the latest checkpoint of the run (docs/runs.md, resume rule), so a chain continues one run.
 Chained jobs do not requeue themselves (REQUEUE=0): the next job in the chain resumes.
 """
@@ -14,16 +15,8 @@ import subprocess
 import sys
 
 from train.launch.cluster import ClusterError
-from train.launch.conf import EXIT_USAGE, REPO_ROOT, ConfError, resolve_conf_path
+from train.launch.conf import EXIT_USAGE, REPO_ROOT, ConfError, job_of_conf, resolve_conf_path
 from train.launch.plan import PlanError, plan_from_conf
-
-
-def infer_job(config: str) -> str:
-    """qad when the conf names a teacher, finetune when it sets LoRA, else pretrain."""
-    text = resolve_conf_path(config).read_text()
-    if "TEACHER_CKPT" in text:
-        return "qad"
-    return "finetune" if "LORA_RANK" in text else "pretrain"
 
 
 def nodes_option(sbatch_options: list[str]) -> int | None:
@@ -49,7 +42,7 @@ def sbatch_command(job: str, args, sbatch_options: list[str], dependency: str | 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.submit", description=__doc__.split("\n\n")[1])
     parser.add_argument("--config", required=True)
-    parser.add_argument("--job", choices=["qad", "pretrain", "finetune"])
+    parser.add_argument("--job", choices=["qad", "pretrain", "finetune"], help="default: the conf's JOB")
     parser.add_argument("--chain", type=int, default=1, help="jobs to submit, each after the previous")
     parser.add_argument("--dependency", choices=["afterany", "afterok"], default="afterany")
     parser.add_argument("--hf-token-file")
@@ -67,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         args.config_path = resolve_conf_path(args.config)
-        job = args.job or infer_job(args.config)
         env = dict(os.environ)
+        job = args.job or job_of_conf(args.config, env)
         if args.hf_token_file:
             env["HF_TOKEN"] = open(args.hf_token_file).read().strip()
         plan_from_conf(job, args.config, overrides, env, nodes_option(sbatch_options) or 1)

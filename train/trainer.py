@@ -82,9 +82,8 @@ class Trainer:
                           else build_optimizer(model, cfg.optim))
         self.state = TrainState()
         self.checkpoints = CheckpointManager(
-            self.plan.paths.checkpoints, cfg.checkpoint.keep_last, keep_every=cfg.checkpoint.get("keep_every", 0),
-            save_interval_s=cfg.checkpoint.get("save_interval_s", 0.0),
-            async_save=cfg.checkpoint.get("async_save", False))
+            self.plan.paths.checkpoints, cfg.checkpoint.keep_last, keep_every=cfg.checkpoint.keep_every,
+            save_interval_s=cfg.checkpoint.save_interval_s, async_save=cfg.checkpoint.async_save)
         self.checkpoints.clean_leftovers()  # *.tmp of a save that was killed
         self._saved_iteration = None  # the iteration this process last saved or resumed from
         self.metrics = MetricsLogger(self.plan.paths.metrics_log if cfg.logging.jsonl else None,

@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
+from train.config import JobConfig, TrainingConfig
 from train.data.collate import to_batch
 from train.losses import masked_cross_entropy_sum
 
@@ -58,7 +59,7 @@ class Validation:
     evaluation, and the early-stopping tracker (None when off). Fine-tuning's validate mode
     builds one without a tracker or sinks and calls evaluate()."""
 
-    def __init__(self, cfg, ctx, layout, metrics=None, early_stopping: "EarlyStopping | None" = None):
+    def __init__(self, cfg: JobConfig, ctx, layout, metrics=None, early_stopping: "EarlyStopping | None" = None):
         self.cfg, self.ctx, self.layout, self.metrics = cfg, ctx, layout, metrics
         self.early_stopping = early_stopping
         self.interval = cfg.training.eval_interval
@@ -156,11 +157,11 @@ class EarlyStopping:
         return asdict(self)
 
 
-def build_early_stopping(training_cfg) -> EarlyStopping | None:
-    patience = int(training_cfg.get("early_stop_patience", 0) or 0)
+def build_early_stopping(training_cfg: TrainingConfig) -> EarlyStopping | None:
+    patience = training_cfg.early_stop_patience
     if patience <= 0:
         return None
     if not training_cfg.eval_interval:
         raise ValueError(f"training.early_stop_patience (EARLY_STOP_PATIENCE) = {patience} needs "
                          "training.eval_interval (EVAL_INTERVAL) > 0: it counts evaluations")
-    return EarlyStopping(patience, float(training_cfg.get("early_stop_min_delta", 0.0)))
+    return EarlyStopping(patience, training_cfg.early_stop_min_delta)

@@ -36,14 +36,13 @@ def status_kb(field: str) -> int:
 
 
 def child(variant: str, seq: int, vocab: int, hidden_size: int, chunk_size: int) -> dict:
-    from types import SimpleNamespace
-
     import torch
 
+    from train.config import DistillConfig
     from train.distill.chunked import chunked_distill_loss
     from train.distill.loss import full_logits_loss
 
-    cfg = SimpleNamespace(temperature=2.0, lm_loss_weight=0.5)
+    cfg = DistillConfig(temperature=2.0, lm_loss_weight=0.5)
 
     def inputs(length: int):
         g = torch.Generator().manual_seed(0)

@@ -6,13 +6,12 @@ AdamW steps equal a single-device student that sees the whole batch. The teacher
 plain single-device model on every rank. Rank 0 writes {case: "ok" | traceback}.
 """
 
-from types import SimpleNamespace
-
 import torch
 import torch.distributed as dist
 
 from parallel_worker import (assert_step_matches, assert_weights_match, fresh_model, optim_cfg,  # same folder
                              parallel_cfg)
+from train.config import DistillConfig
 from train.distill.loss import distill_loss
 from train.models import init_weights
 from train.optim import build_optimizer
@@ -20,7 +19,7 @@ from train.parallel import build_mesh, parallelize, parallelize_frozen
 from worker_cases import cases_of, run_cases
 
 GLOBAL_BATCH, SEQ_LEN = 4, 16
-DISTILL = SimpleNamespace(temperature=2.0, lm_loss_weight=0.5, chunk_size=24)  # chunks cross sequences
+DISTILL = DistillConfig(temperature=2.0, lm_loss_weight=0.5, chunk_size=24)  # chunks cross sequences
 
 
 def batch(vocab: int, step: int):

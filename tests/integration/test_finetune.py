@@ -178,7 +178,9 @@ def base_and_adapted_logits(root: Path, base: Path, tokens):
     model = load_hf(base).eval()
     with torch.no_grad():
         base_logits = model(tokens)
-    model = apply_lora(model, SimpleNamespace(rank=4, alpha=8.0, dropout=0.05, target_modules="q_proj,k_proj,v_proj,o_proj"))
+    from train.config import LoraConfig
+
+    model = apply_lora(model, LoraConfig(rank=4, alpha=8.0, dropout=0.05, target_modules="q_proj,k_proj,v_proj,o_proj"))
     state = {"model": model.state_dict()}
     dcp.load(state, checkpoint_id=str(root / EARLY_RUN / "checkpoints/tiny-qwen3/iter_0000006"))
     model.load_state_dict(state["model"])

@@ -146,7 +146,7 @@ def test_every_validation_rule_fails_the_job_before_any_step(slurm_workdir):
 
 def test_submit_validates_before_queueing_and_chains(slurm_workdir):
     bad = slurm_workdir / "bad.conf"
-    bad.write_text("export MODEL=tiny-qwen3\nexport MBS=x\n")
+    bad.write_text("export JOB=pretrain\nexport MODEL=tiny-qwen3\nexport MBS=x\n")
     queued = set(squeue_ids())
     result = subprocess.run([sys.executable, "-m", "train.submit", "--config", str(bad)], cwd=REPO,
                             capture_output=True, text=True)

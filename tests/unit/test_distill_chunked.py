@@ -1,10 +1,9 @@
 """python -m pytest tests/unit/test_distill_chunked.py  (chunked KD loss == naive full-logits loss)"""
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
+from train.config import DistillConfig
 from train.distill.chunked import chunked_distill_loss
 from train.distill.loss import distill_loss, full_logits_loss
 from train.models import build_model, init_weights
@@ -24,7 +23,7 @@ def tensors(seed=0, vocab_student=V, vocab_teacher=V):
 
 
 def naive(hidden, weight, teacher_hidden, teacher_weight, targets, mask, temperature, lm_loss_weight, vocab=None):
-    cfg = SimpleNamespace(temperature=temperature, lm_loss_weight=lm_loss_weight)
+    cfg = DistillConfig(temperature=temperature, lm_loss_weight=lm_loss_weight)
     return full_logits_loss(hidden @ weight.T, teacher_hidden @ teacher_weight.T, targets, mask, cfg, vocab)
 
 
@@ -49,7 +48,7 @@ def test_kd_loss_weight_scales_the_kl_term_only(kd_loss_weight):
     # kd_loss_weight 0 with lm_loss_weight 1 is QAT: the cross entropy alone, teacher ignored
     from train.losses import masked_cross_entropy
     h, w, th, tw, targets, mask = tensors(2)
-    cfg = SimpleNamespace(temperature=2.0, lm_loss_weight=1.0, kd_loss_weight=kd_loss_weight)
+    cfg = DistillConfig(temperature=2.0, lm_loss_weight=1.0, kd_loss_weight=kd_loss_weight)
     expected = full_logits_loss(h @ w.T, th @ tw.T, targets, mask, cfg, None)
     kl = naive(h, w, th, tw, targets, mask, 2.0, 0.0)
     torch.testing.assert_close(expected, kd_loss_weight * kl + masked_cross_entropy(h @ w.T, targets, mask))
@@ -121,7 +120,7 @@ def test_distill_loss_on_models_matches_full_logits():
     targets = torch.randint(0, student.args.vocab_size, (2, 10))
     mask = torch.ones(2, 10)
     mask[1, 7:] = 0
-    cfg = SimpleNamespace(temperature=2.0, lm_loss_weight=0.5, chunk_size=6)
+    cfg = DistillConfig(temperature=2.0, lm_loss_weight=0.5, chunk_size=6)
     loss = distill_loss(student, teacher, inputs, targets, mask, cfg)
     got = grads(loss, *student.parameters())
     expected_loss = full_logits_loss(student(inputs), teacher(inputs), targets, mask, cfg, None)

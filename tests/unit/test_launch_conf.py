@@ -11,8 +11,10 @@ from train.launch.conf import (
     CONF_VARIABLES,
     REDACTED,
     ConfError,
+    JOBS,
     config_overrides,
     is_secret,
+    job_of_conf,
     job_values,
     load_conf,
     redact,
@@ -395,13 +397,44 @@ def test_every_config_key_exists_in_the_schema():
 
 
 @pytest.mark.parametrize("conf", sorted(p.name for p in CONF_DIR.glob("*.conf")))
-def test_every_shipped_conf_loads_for_its_job(conf, base_env):
+def test_every_shipped_conf_names_its_job_and_loads_for_it_only(conf, base_env):
     text = (CONF_DIR / conf).read_text()
-    job = "qad" if "STUDENT_MODEL" in text else "finetune" if "LORA_RANK" in text else "pretrain"
+    expected = "qad" if "STUDENT_MODEL" in text else "finetune" if "LORA_RANK" in text else "pretrain"
+    job = job_of_conf(conf, base_env)
+    assert job == expected
     base_env["MODELS_ROOT"] = "/models"
     path, _, values, warnings = load_conf(conf, job, base_env)
     assert path == CONF_DIR / conf and warnings == []
     assert values["NUM_GPUS"] >= 1 and values["TP_SIZE"] >= 1
+    for other in set(JOBS) - {job}:
+        with pytest.raises(ConfError, match=f"JOB={job}: this conf is for a {job} job, not {other}"):
+            load_conf(conf, other, base_env)
+
+
+# ----------------------------------------------------------------- JOB: the job a conf is for
+
+def test_a_conf_of_another_job_is_refused_naming_the_conf_and_both_jobs(tmp_path, base_env):
+    path = write_conf(tmp_path, "export JOB=pretrain\nexport MODEL=tiny-qwen3\n")
+    with pytest.raises(ConfError) as error:
+        load_conf(str(path), "finetune", base_env)
+    assert str(error.value).startswith(f"{path}: JOB=pretrain: this conf is for a pretrain job, not finetune")
+    assert load_conf(str(path), "pretrain", base_env)[2]["MODEL"] == "tiny-qwen3"
+
+
+def test_job_must_be_a_known_job(tmp_path, base_env):
+    path = write_conf(tmp_path, "export JOB=sft\nexport MODEL=tiny-qwen3\n")
+    for call in (lambda: load_conf(str(path), "pretrain", base_env), lambda: job_of_conf(str(path), base_env)):
+        with pytest.raises(ConfError, match=f"{path}: JOB='sft' is not one of qad, pretrain, finetune"):
+            call()
+
+
+def test_job_is_the_confs_own_never_the_callers(tmp_path, base_env):
+    """A JOB exported in the caller's shell neither refuses a conf without JOB nor names its job."""
+    path = write_conf(tmp_path, "export MODEL=tiny-qwen3\n")
+    base_env["JOB"] = "qad"
+    assert load_conf(str(path), "pretrain", base_env)[2]["MODEL"] == "tiny-qwen3"
+    with pytest.raises(ConfError, match=f"{path}: no JOB: add `export JOB=pretrain|qad|finetune`"):
+        job_of_conf(str(path), base_env)
 
 
 # ----------------------------------------------------------------- secrets

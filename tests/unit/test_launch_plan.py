@@ -751,3 +751,48 @@ def test_qad_fingerprint_holds_after_the_entrypoint_merges_kd_cfg_path(tmp_path,
     assert config_fingerprint(worker_cfg) == plan.config_fingerprint
     kd.write_text("logit_kl_temperature: 3\n")  # a KD file changed after the plan: another config
     assert config_fingerprint(worker_cfg) != plan.config_fingerprint
+
+
+# ----------------------------------------------------------------- one spelling per setting; the conf's job
+
+@pytest.mark.parametrize("job,override,spelling", [
+    ("pretrain", "parallel=fsdp", "write parallel.data_parallel=fsdp (or DP_SHARDING=fsdp in the conf)"),
+    ("qad", "quant=fp8", "write quant.recipe=fp8 (or QUANT_RECIPE=fp8 in the conf)"),
+    ("finetune", "quant=nvfp4", "write lora.quantized_base=nvfp4 (or QUANT_RECIPE=nvfp4 in the conf)"),
+    ("pretrain", "model=tiny-llama3", "write model.name=tiny-llama3 (or MODEL=tiny-llama3 in the conf)"),
+])
+def test_former_group_overrides_are_one_error_line_with_the_key_to_write(job, override, spelling, tmp_path,
+                                                                          monkeypatch, capsys):
+    for key, value in cli_env(tmp_path).items():
+        monkeypatch.setenv(key, value)
+    text = {"pretrain": TINY_PRETRAIN, "qad": qad_conf(tmp_path / "absent"),
+            "finetune": TINY_PRETRAIN + f"export BASE_CKPT={tmp_path / 'absent'}\n"}[job]
+    conf = write_conf(tmp_path, text)
+    assert main(["--job", job, "--config", conf, "--dry-run", "--", "training.train_iters=3", override]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.splitlines() == [f"error: {conf}: override {override}: there is no "
+                                              f"{override.split('=')[0]}/ config group; {spelling}"]
+
+
+def test_the_spelling_the_refusal_names_composes(tmp_path, env):
+    conf = write_conf(tmp_path, TINY_PRETRAIN)
+    plan, overrides, _ = plan_from_conf("pretrain", conf, ["parallel.data_parallel=fsdp", "model.name=tiny-llama3"],
+                                        env, strict_paths=False)
+    assert plan.parallel["data_parallel_strategy"] == "fsdp" and plan.paths.run_name.startswith("tiny-llama3-")
+    dp_sharding = write_conf(tmp_path, TINY_PRETRAIN + "export DP_SHARDING=fsdp\n", "fsdp.conf")
+    assert plan_from_conf("pretrain", dp_sharding, [], env)[0].parallel["data_parallel_strategy"] == "fsdp"
+
+
+@pytest.mark.parametrize("launcher,args,message", [
+    ("qad", ["--config", "conf.d/tiny-qwen3.conf"],
+     "JOB=pretrain: this conf is for a pretrain job, not qad (launchers/pretrain.sh, slurm/pretrain.sh)"),
+    ("pretrain", ["--config", "tiny-qwen3", "--", "parallel=fsdp"],
+     "override parallel=fsdp: there is no parallel/ config group; "
+     "write parallel.data_parallel=fsdp (or DP_SHARDING=fsdp in the conf)"),
+])
+def test_launchers_refuse_at_plan_time_with_one_line(launcher, args, message, tmp_path):
+    result = subprocess.run(["bash", str(REPO / "launchers" / f"{launcher}.sh"), *args], capture_output=True,
+                            text=True, env=cli_env(tmp_path), cwd=REPO, timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == [f"error: {REPO / 'conf.d/tiny-qwen3.conf'}: {message}"]
+    assert not (tmp_path / "runs").exists()

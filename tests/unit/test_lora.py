@@ -2,11 +2,11 @@
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 
+from train.config import LoraConfig, TrainingConfig
 from train.validation import EarlyStopping, build_early_stopping
 from train.generate import greedy_generate
 from train.lora import apply_lora, check_lora_config, lora_layers, merge_lora
@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def lora_cfg(**overrides):
     values = dict(rank=4, alpha=8.0, dropout=0.0, target_modules="q_proj,v_proj,down_proj")
-    return SimpleNamespace(**{**values, **overrides})
+    return LoraConfig(**{**values, **overrides})
 
 
 def tiny_model(seed: int = 0):
@@ -199,10 +199,9 @@ def test_early_stopping_counts_evaluations_without_improvement():
     assert tracker.update(1.5, 30) == "improved" and tracker.best_iteration == 30
     assert tracker.update(1.6, 40) == "wait"
     assert tracker.update(1.45, 50) == "stop" and tracker.stopped
-    assert build_early_stopping(SimpleNamespace(early_stop_patience=0, eval_interval=0, get=lambda k, d=None: 0)) is None
-    cfg = {"early_stop_patience": 3, "early_stop_min_delta": 0.0, "eval_interval": 0}
+    assert build_early_stopping(TrainingConfig(early_stop_patience=0, eval_interval=0)) is None
     with pytest.raises(ValueError, match="EVAL_INTERVAL"):
-        build_early_stopping(SimpleNamespace(**cfg, get=cfg.get))
+        build_early_stopping(TrainingConfig(early_stop_patience=3, eval_interval=0))
 
 
 def test_protected_checkpoint_survives_rotation(tmp_path):

@@ -9,6 +9,7 @@ themselves are train/data/build.py's.
 
 import numpy as np
 
+from train.config import JobConfig
 from train.launch.job import JobContext
 
 
@@ -30,7 +31,7 @@ class SyntheticSequences:
         return {"tokens": tokens.astype(np.int64), "loss_mask": np.ones(self.seq_length, np.float32)}
 
 
-def build_train_dataset(cfg, ctx: JobContext, vocab_size: int):
+def build_train_dataset(cfg: JobConfig, ctx: JobContext, vocab_size: int):
     if cfg.data.source == "synthetic":
         return SyntheticSequences(vocab_size, cfg.data.seq_length, cfg.data.seed)
     from train.data import build_datasets
@@ -45,7 +46,7 @@ def build_train_dataset(cfg, ctx: JobContext, vocab_size: int):
 EVAL_SEED_OFFSET = 7919  # the synthetic valid split: same generator, other sequences
 
 
-def build_eval_dataset(cfg, ctx: JobContext, vocab_size: int):
+def build_eval_dataset(cfg: JobConfig, ctx: JobContext, vocab_size: int):
     """The valid split for evaluation; None when the blend has no valid split."""
     if cfg.data.source == "synthetic":
         return SyntheticSequences(vocab_size, cfg.data.seq_length, cfg.data.seed + EVAL_SEED_OFFSET)

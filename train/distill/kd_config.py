@@ -26,6 +26,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: importing train.config loads Hydra
+    from train.config import DistillConfig, JobConfig
 
 KEYS = ("temperature", "lm_loss_weight", "chunk_size", "tokenizer_vocab_size")
 MEGATRON_KEYS = ("logit_kl_temperature", "skip_lm_loss", "kd_loss_scale", "logit_layers",
@@ -99,13 +103,13 @@ def load_kd_config(path: str) -> dict:
     return settings
 
 
-def apply_kd_config(distill_cfg) -> None:
+def apply_kd_config(distill_cfg: DistillConfig) -> None:
     """Merges the file at distill_cfg.kd_config_path (if any) into distill_cfg, in place."""
-    path = distill_cfg.get("kd_config_path")
+    path = distill_cfg.kd_config_path
     if not path:
         return
     for key, value in load_kd_config(str(path)).items():
-        distill_cfg[key] = value
+        setattr(distill_cfg, key, value)
 
 
 def tokenizer_size(directory: str | None) -> int | None:
@@ -145,17 +149,17 @@ def hf_vocab_size(directory: str) -> int:
         raise KDConfigError(f"{config}: cannot read vocab_size ({error})") from None
 
 
-def check_distill_config(cfg) -> int | None:
+def check_distill_config(cfg: JobConfig) -> int | None:
     """At QAD job start, before any model is built: merge KD_CFG_PATH, apply the vocabulary rule.
 
     Returns the vocabulary the KD loss compares on (None: all logits); raises KDConfigError."""
     distill = cfg.distill
     apply_kd_config(distill)
-    student_dir, teacher_dir = cfg.model.get("hf_checkpoint"), distill.get("teacher_checkpoint")
+    student_dir, teacher_dir = cfg.model.hf_checkpoint, distill.teacher_checkpoint
     if not student_dir or not teacher_dir:
         return None
     student_vocab, teacher_vocab = hf_vocab_size(student_dir), hf_vocab_size(teacher_dir)
     if student_vocab == teacher_vocab:
         return None
-    known = distill.get("tokenizer_vocab_size") or tokenizer_size(teacher_dir) or tokenizer_size(student_dir)
+    known = distill.tokenizer_vocab_size or tokenizer_size(teacher_dir) or tokenizer_size(student_dir)
     return resolve_vocab(student_vocab, teacher_vocab, known)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
+from train.config import DistillConfig
 from train.distill.chunked import chunked_distill_loss
 from train.losses import masked_cross_entropy
 
@@ -45,12 +46,12 @@ def _lm_head_quantized(lm_head: torch.nn.Module) -> bool:
                for name in ("input_quantizer", "weight_quantizer", "output_quantizer"))
 
 
-def full_logits_loss(logits, teacher_logits, targets, mask, distill_cfg, vocab: int | None) -> torch.Tensor:
+def full_logits_loss(logits, teacher_logits, targets, mask, distill_cfg: DistillConfig, vocab: int | None) -> torch.Tensor:
     """The naive loss on whole (B, T, V) logits: kd_loss_weight x kd_loss_reference + lm_loss_weight x CE; the
     reference for distill_loss and its fallback."""
     if vocab is not None:
         logits, teacher_logits = logits[..., :vocab], teacher_logits[..., :vocab]
-    kd_weight = getattr(distill_cfg, "kd_loss_weight", 1.0)
+    kd_weight = distill_cfg.kd_loss_weight
     loss = kd_weight * kd_loss_reference(logits, teacher_logits, mask, distill_cfg.temperature) if kd_weight \
         else logits.sum() * 0.0
     if distill_cfg.lm_loss_weight:
@@ -59,7 +60,7 @@ def full_logits_loss(logits, teacher_logits, targets, mask, distill_cfg, vocab: 
 
 
 def distill_loss(student: torch.nn.Module, teacher: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
-                 mask: torch.Tensor, distill_cfg, vocab: int | None = None) -> torch.Tensor:
+                 mask: torch.Tensor, distill_cfg: DistillConfig, vocab: int | None = None) -> torch.Tensor:
     """kd_loss_weight x T^2 KL(teacher || student) + lm_loss_weight x CE over the loss mask; inputs/targets/mask (B, T).
 
     distill_cfg: temperature, lm_loss_weight, kd_loss_weight (default 1; 0 with lm_loss_weight 1 is QAT:
@@ -77,5 +78,5 @@ def distill_loss(student: torch.nn.Module, teacher: torch.nn.Module, inputs: tor
         return full_logits_loss(inner.output_logits(hidden), teacher_logits, targets, mask, distill_cfg, vocab)
     return chunked_distill_loss(hidden, weight, teacher_hidden, teacher_weight, targets, mask,
                                 temperature=distill_cfg.temperature, lm_loss_weight=distill_cfg.lm_loss_weight,
-                                chunk_size=getattr(distill_cfg, "chunk_size", 512), vocab=vocab,
-                                kd_loss_weight=getattr(distill_cfg, "kd_loss_weight", 1.0))
+                                chunk_size=distill_cfg.chunk_size, vocab=vocab,
+                                kd_loss_weight=distill_cfg.kd_loss_weight)

@@ -39,6 +39,9 @@ def _var(name, key, kind, help, jobs=JOBS, required_for=(), default=None):
 
 QAD, PRE, FT = ("qad",), ("pretrain",), ("finetune",)
 CONF_VARIABLES: dict[str, ConfVariable] = {v.name: v for v in [
+    # --- the job the conf is for: a launcher of another job refuses it; train.submit picks the wrapper ---
+    _var("JOB", None, "str", "pretrain | qad | finetune: the job this conf is for (the conf's own value, never "
+         "the caller's environment)"),
     # --- QAD (the variables of the QAD users' own guide) ---
     _var("STUDENT_MODEL", "model.name", "str", "student model name (run dir, checkpoints/<model>)", QAD, QAD),
     _var("TEACHER_MODEL", "distill.teacher_model", "str", "teacher model name (run dir name)", QAD, QAD),
@@ -248,13 +251,41 @@ def config_overrides(job: str, values: dict[str, object]) -> dict[str, object]:
     return overrides
 
 
+def without_job(base_env: dict[str, str] | None) -> dict[str, str]:
+    """The environment a conf is sourced in: JOB left out, so that JOB is the conf's own."""
+    return {k: v for k, v in (os.environ if base_env is None else base_env).items() if k != "JOB"}
+
+
+def conf_job(path: Path, env: dict[str, str]) -> str | None:
+    """The conf's JOB (env: after sourcing it), checked; None when it sets none."""
+    job = env.get("JOB")
+    if job is not None and job not in JOBS:
+        raise ConfError(f"{path}: JOB={job!r} is not one of {', '.join(JOBS)}")
+    return job
+
+
+def job_of_conf(config: str, base_env: dict[str, str] | None = None) -> str:
+    """The job a conf names (JOB=...): train.submit queues that job's wrapper."""
+    path = resolve_conf_path(config)
+    job = conf_job(path, sourced_environment(path, without_job(base_env)))
+    if job is None:
+        raise ConfError(f"{path}: no JOB: add `export JOB=pretrain|qad|finetune` to the conf, or pass --job")
+    return job
+
+
 def load_conf(config: str, job: str, base_env: dict[str, str] | None = None):
-    """Resolve, source and type-check a conf. Returns (path, env after sourcing, values, warnings)."""
+    """Resolve, source and type-check a conf. Returns (path, env after sourcing, values, warnings).
+
+    A conf whose JOB names another job is refused: its variables mean something else there."""
     if job not in JOBS:
         raise ConfError(f"unknown job {job!r} (known: {', '.join(JOBS)})")
     path = resolve_conf_path(config)
-    base_env = dict(os.environ if base_env is None else base_env)
+    base_env = without_job(base_env)
     env = sourced_environment(path, base_env)
+    declared = conf_job(path, env)
+    if declared not in (None, job):
+        raise ConfError(f"{path}: JOB={declared}: this conf is for a {declared} job, not {job} "
+                        f"(launchers/{declared}.sh, slurm/{declared}.sh)")
     conf_vars = {k: v for k, v in env.items() if base_env.get(k) != v}
     return path, env, job_values(job, env, path), unknown_variable_warnings(conf_vars, path)
 

@@ -33,13 +33,18 @@ SLURM jobs the wrapper's time limit (#SBATCH --time, or SBATCH_TIMELIMIT) implie
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from train.mfu import peak_flops_for_name
+
+if TYPE_CHECKING:  # annotations only: importing train.config loads Hydra
+    from train.config import JobConfig
 
 GIB = 2**30
 OVERHEAD_BYTES, OVERHEAD_SHARE = 3 * GIB, 0.05
@@ -265,7 +270,7 @@ def describe(memory: dict[str, float], capacity: float, gpu: str) -> str:
 
 # ----------------------------------------------------------------- a job's plan
 
-def job_models(job: str, cfg):
+def job_models(job: str, cfg: JobConfig):
     """(student ModelArgs, teacher ModelArgs or None, teacher bytes per element); None when unknown.
     From the HF config.json when the directory is readable here, else the registry by name."""
     from train.models.hf_adapters import args_from_hf_config
@@ -280,14 +285,14 @@ def job_models(job: str, cfg):
                 pass
         return args_for_display_name(name), None
 
-    student, _ = args_for(cfg.model.get("hf_checkpoint"), str(cfg.model.name))
+    student, _ = args_for(cfg.model.hf_checkpoint, str(cfg.model.name))
     if job != "qad":
         return student, None, 2
-    teacher, config = args_for(cfg.distill.get("teacher_checkpoint"), str(cfg.distill.teacher_model))
+    teacher, config = args_for(cfg.distill.teacher_checkpoint, str(cfg.distill.teacher_model))
     return student, teacher, checkpoint_bytes(config)
 
 
-def job_memory(job: str, cfg, layout: Split, models) -> dict[str, float] | None:
+def job_memory(job: str, cfg: JobConfig, layout: Split, models) -> dict[str, float] | None:
     student, teacher, teacher_bytes = models
     if student is None:
         return None
@@ -305,13 +310,13 @@ def job_memory(job: str, cfg, layout: Split, models) -> dict[str, float] | None:
         fsdp_mixed_precision=bool(cfg.parallel.fsdp_mixed_precision))
 
 
-def job_split(cfg, data_parallel: int) -> Split:
+def job_split(cfg: JobConfig, data_parallel: int) -> Split:
     parallel = cfg.parallel
     return Split(int(parallel.tensor_parallel_size), int(parallel.expert_parallel_size), data_parallel,
                   str(parallel.data_parallel))
 
 
-def resource_plan(job: str, cfg, env: dict[str, str], world_size: int, data_parallel: int, gbs: int,
+def resource_plan(job: str, cfg: JobConfig, env: dict[str, str], world_size: int, data_parallel: int, gbs: int,
                   iters: int | None, slurm_dir: Path) -> dict:
     """The plan's "resources": memory per GPU by category against the GPU's, and the time."""
     gpu, capacity = gpu_memory_bytes(env)
@@ -331,10 +336,8 @@ def resource_plan(job: str, cfg, env: dict[str, str], world_size: int, data_para
     return out
 
 
-def fitting_alternatives(job: str, cfg, world_size: int, capacity: float) -> list[str]:
+def fitting_alternatives(job: str, cfg: JobConfig, world_size: int, capacity: float) -> list[str]:
     """The single knobs that would bring the plan under `capacity`, each with its total."""
-    from omegaconf import OmegaConf
-
     models = job_models(job, cfg)
     parallel, training = cfg.parallel, cfg.training
     tries = []
@@ -350,8 +353,9 @@ def fitting_alternatives(job: str, cfg, world_size: int, capacity: float) -> lis
                       2 * parallel.tensor_parallel_size))
     found = []
     for label, key, value in tries:
-        variant = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-        OmegaConf.update(variant, key, value)
+        variant = copy.deepcopy(cfg)
+        section, name = key.split(".")
+        setattr(getattr(variant, section), name, value)
         dp = world_size // variant.parallel.tensor_parallel_size
         memory = job_memory(job, variant, job_split(variant, dp), models)
         if memory is not None and memory["total"] <= capacity:

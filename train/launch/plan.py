@@ -9,6 +9,8 @@ prints the plan as JSON (--dry-run) or as shell assignments for launchers/lib.sh
 Every validation error: one line naming the conf and the variable, exit code 2.
 """
 
+from __future__ import annotations
+
 import argparse
 import dataclasses
 import hashlib
@@ -20,6 +22,7 @@ import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from train.launch import cluster as cluster_lib
 from train.launch.conf import EXIT_USAGE, REPO_ROOT, ConfError, config_overrides, load_conf
@@ -29,6 +32,8 @@ from train.models.registry import args_for_display_name
 from train.launch.rundir import ResumeError, ResumeState, RunPaths, resume_state, run_paths
 
 SHELL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # a variable bash can export (not BASH_FUNC_f%%)
+if TYPE_CHECKING:  # annotations only: importing train.config loads Hydra
+    from train.config import JobConfig
 
 
 class PlanError(ValueError):
@@ -63,11 +68,31 @@ def compose_config(job: str, overrides: list[str]):
         return compose(config_name=job, overrides=overrides)
 
 
+# Config groups that were one key each, now plain keys: group -> (config key, conf variable).
+# quant= on a fine-tuning job sets the base's recipe, lora.quantized_base.
+FORMER_GROUPS = {"parallel": ("parallel.data_parallel", "DP_SHARDING"), "quant": ("quant.recipe", "QUANT_RECIPE"),
+                 "model": ("model.name", "MODEL")}
+
+
+def check_override_spelling(job: str, overrides: list[str], conf: str) -> None:
+    """PlanError for a former group override (parallel=fsdp) naming the spelling to use instead."""
+    for override in overrides:
+        match = re.fullmatch(r"[+~]*(\w+)(?:@[\w.]*)?=(.*)", override, re.S)
+        if not match or match.group(1) not in FORMER_GROUPS:
+            continue
+        group, value = match.groups()
+        key, variable = FORMER_GROUPS[group]
+        if job == "finetune" and group == "quant":
+            key = "lora.quantized_base"
+        raise PlanError(f"{conf}: override {override}: there is no {group}/ config group; "
+                        f"write {key}={value} (or {variable}={value} in the conf)")
+
+
 # ----------------------------------------------------------------- model facts
 
-def model_facts(cfg) -> dict:
+def model_facts(cfg: JobConfig) -> dict:
     """Experts of the model, from its HF config.json or the registry (None: unknown)."""
-    hf_dir = cfg.model.get("hf_checkpoint")
+    hf_dir = cfg.model.hf_checkpoint
     if hf_dir and (Path(hf_dir) / "config.json").is_file():
         hf = json.loads((Path(hf_dir) / "config.json").read_text())
         return {"num_experts": int(hf.get("num_experts") or hf.get("num_local_experts") or 0),
@@ -78,9 +103,9 @@ def model_facts(cfg) -> dict:
     return {"num_experts": int(args.num_experts or 0), "source": f"registry:{args.name}"}
 
 
-def check_model_name(cfg, conf: str) -> None:
+def check_model_name(cfg: JobConfig, conf: str) -> None:
     """A job that builds its model from the registry needs a name the registry knows."""
-    if cfg.model.get("hf_checkpoint"):
+    if cfg.model.hf_checkpoint:
         return
     from train.models.registry import get_model_args
 
@@ -92,7 +117,7 @@ def check_model_name(cfg, conf: str) -> None:
 
 # ----------------------------------------------------------------- checks
 
-def check_parallel(cfg, world_size: int, conf: str) -> int:
+def check_parallel(cfg: JobConfig, world_size: int, conf: str) -> int:
     """Returns the data-parallel size; raises PlanError on sizes that do not fit."""
     tp, pp, ep = (cfg.parallel.tensor_parallel_size, cfg.parallel.pipeline_parallel_size,
                   cfg.parallel.expert_parallel_size)
@@ -116,7 +141,7 @@ def check_parallel(cfg, world_size: int, conf: str) -> int:
     return data_parallel
 
 
-def check_quant(cfg, job: str, conf: str) -> None:
+def check_quant(cfg: JobConfig, job: str, conf: str) -> None:
     """QAD: the quantization recipe is one we know (QUANT_RECIPE / quant.recipe); fine-tuning:
     the base's recipe (QUANT_RECIPE / lora.quantized_base)."""
     if job not in ("qad", "finetune"):
@@ -125,7 +150,7 @@ def check_quant(cfg, job: str, conf: str) -> None:
 
     known = [*RECIPES, "none"]
     if job == "finetune":
-        recipe = cfg.lora.get("quantized_base")
+        recipe = cfg.lora.quantized_base
         if recipe and str(recipe) not in known:
             raise PlanError(f"{conf}: QUANT_RECIPE: unknown quantization recipe {recipe!r} "
                             f"(lora.quantized_base); known: {', '.join(known)}")
@@ -146,7 +171,7 @@ PATH_FIELDS = {  # config key -> (conf variable, must be a directory)
 }
 
 
-def blend_path(cfg) -> str | None:
+def blend_path(cfg: JobConfig) -> str | None:
     if cfg.data.source != "blend":
         return None
     if cfg.data.blend_path:
@@ -154,17 +179,16 @@ def blend_path(cfg) -> str | None:
     return str(Path(cfg.data.datacache_dir) / f"datablend_{cfg.data.dataset_name}.json")
 
 
-def path_problems(cfg, conf: str) -> list[str]:
+def path_problems(cfg: JobConfig, conf: str) -> list[str]:
     """Every missing path at once: checkpoints, YAMLs, the blend and its prefixes."""
-    from omegaconf import OmegaConf
-
     problems = []
     for key, (variable, is_dir) in PATH_FIELDS.items():
-        value = OmegaConf.select(cfg, key)
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
         if value and not (Path(value).is_dir() if is_dir else Path(value).is_file()):
             kind = "directory" if is_dir else "file"
             problems.append(f"{conf}: {variable}: {kind} {value} does not exist")
-    kd_config = OmegaConf.select(cfg, "distill.kd_config_path")
+    kd_config = cfg.distill.kd_config_path
     if kd_config and Path(kd_config).is_file():
         from train.distill.kd_config import KDConfigError, load_kd_config  # torch-free
 
@@ -193,7 +217,7 @@ def blend_content_problems(blend: str, conf: str) -> list[str]:
     return []
 
 
-def default_train_samples(cfg, blend: str | None) -> int | None:
+def default_train_samples(cfg: JobConfig, blend: str | None) -> int | None:
     if cfg.data.train_samples:
         return int(cfg.data.train_samples)
     if blend is None or not Path(blend).is_file():
@@ -256,7 +280,7 @@ class JobPlan:
         }
 
 
-def build_plan(job: str, cfg, env: dict[str, str], conf: str, cluster: cluster_lib.ClusterEnv,
+def build_plan(job: str, cfg: JobConfig, env: dict[str, str], conf: str, cluster: cluster_lib.ClusterEnv,
                strict_paths: bool = True) -> JobPlan:
     check_model_name(cfg, conf)
     data_parallel = check_parallel(cfg, cluster.world_size, conf)
@@ -277,7 +301,7 @@ def build_plan(job: str, cfg, env: dict[str, str], conf: str, cluster: cluster_l
     paths = run_paths(job, model=str(cfg.model.name), dataset=str(cfg.data.dataset_name), lr=cfg.optim.lr,
                       root=cfg.checkpoint.root, teacher=cfg.distill.teacher_model, env=env)
     try:
-        resume = resume_state(paths.checkpoints, cfg.model.get("hf_checkpoint"))
+        resume = resume_state(paths.checkpoints, cfg.model.hf_checkpoint)
     except ResumeError as error:
         raise PlanError(f"{conf}: {error}") from None
     facts = model_facts(cfg)
@@ -317,7 +341,7 @@ def write_plan_file(plan: JobPlan) -> Path:
     return path
 
 
-def parallel_layout(cfg, data_parallel: int, num_experts: int | None) -> dict:
+def parallel_layout(cfg: JobConfig, data_parallel: int, num_experts: int | None) -> dict:
     """How the ranks split: TP inside a node, EP over data-parallel ranks (Megatron's layout).
 
     expert_data_parallel: ranks holding the same experts (dp / EP); experts_per_rank: E / EP.
@@ -348,10 +372,13 @@ def plan_from_conf(job: str, config: str, user_overrides: list[str], env: dict[s
     if nnodes is not None:  # at submission time: the nodes the job will get
         cluster = cluster_lib.ClusterEnv("slurm", nnodes, 0, "<first node>", cluster.master_port,
                                          cluster.procs_per_node, None)
+    check_override_spelling(job, user_overrides, str(path))
     overrides = conf_hydra_overrides(job, values) + list(user_overrides)
-    try:
-        cfg = compose_config(job, overrides)
-    except Exception as error:  # Hydra's message names the bad key or value
+    from train.config import to_job_config
+
+    try:  # typed once, as the entrypoints do: a `???` left or a wrong type fails here
+        cfg = to_job_config(compose_config(job, overrides))
+    except Exception as error:  # Hydra's and omegaconf's messages name the bad key or value
         raise PlanError(f"{path}: the config does not compose: {error}") from None
     if cfg.parallel.data_parallel == "auto":  # the workers get the chosen strategy as an override
         cfg.parallel.data_parallel = choose_data_parallel(job, cfg, env, cluster.world_size, str(path))
@@ -380,7 +407,7 @@ def environment_changes(before: dict[str, str], after: dict[str, str]) -> dict[s
     return {k: v for k, v in sorted(changed.items()) if SHELL_NAME.fullmatch(k)}
 
 
-def choose_data_parallel(job: str, cfg, env: dict[str, str], world_size: int, conf: str) -> str:
+def choose_data_parallel(job: str, cfg: JobConfig, env: dict[str, str], world_size: int, conf: str) -> str:
     """DP_SHARDING=auto: the fastest strategy (AUTO_ORDER) this layout allows whose plan fits the GPU."""
     try:
         _, capacity = gpu_memory_bytes(env)
@@ -399,7 +426,7 @@ def choose_data_parallel(job: str, cfg, env: dict[str, str], world_size: int, co
     return "fsdp"  # the leanest; the memory check then says what else would make it fit
 
 
-def memory_problem(job: str, cfg, plan: JobPlan, conf: str) -> str | None:
+def memory_problem(job: str, cfg: JobConfig, plan: JobPlan, conf: str) -> str | None:
     """A plan over the GPU's memory: the breakdown and the single knobs that would make it fit."""
     resources = plan.resources
     if resources["fits"]:
@@ -420,7 +447,7 @@ TYPICAL_WEIGHT = 0.02
 BF16_SMALLEST_UPDATE = 2.0 ** (math.floor(math.log2(TYPICAL_WEIGHT)) - 8)
 
 
-def master_weight_warnings(cfg, conf: str) -> list[str]:
+def master_weight_warnings(cfg: JobConfig, conf: str) -> list[str]:
     """model.param_dtype=bfloat16 (no fp32 master weights) with an LR that bf16 rounds away."""
     lr = float(cfg.optim.lr)
     if cfg.model.param_dtype != "bfloat16" or lr >= BF16_SMALLEST_UPDATE:

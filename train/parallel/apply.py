@@ -17,6 +17,7 @@ from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
 
+from train.config import ParallelConfig
 from train.parallel.checks import check_engine_support, check_parallel_settings
 from train.parallel.data_parallel import apply_ddp, apply_fsdp
 from train.parallel.expert_parallel import apply_expert_parallel, expert_parameters
@@ -44,7 +45,7 @@ def apply_compile(model: nn.Module) -> None:
         block.compile()
 
 
-def parallelize(model: nn.Module, parallel_cfg, mesh: DeviceMesh | None, device: str) -> nn.Module:
+def parallelize(model: nn.Module, parallel_cfg: ParallelConfig, mesh: DeviceMesh | None, device: str) -> nn.Module:
     """Returns the model to train: `model` itself (TP, FSDP), or a DDP wrapper around it."""
     world_size = mesh.size() if mesh is not None else 1
     check_parallel_settings(parallel_cfg, getattr(model, "args", None), world_size)
@@ -79,7 +80,7 @@ def parallelize(model: nn.Module, parallel_cfg, mesh: DeviceMesh | None, device:
     return model
 
 
-def parallelize_frozen(model: nn.Module, parallel_cfg, mesh: DeviceMesh | None) -> nn.Module:
+def parallelize_frozen(model: nn.Module, parallel_cfg: ParallelConfig, mesh: DeviceMesh | None) -> nn.Module:
     """A frozen model (the QAD teacher) laid out like the student: the same TP split and expert
     split (EP), and FSDP2 sharding when the student uses FSDP (the teacher's weights then cost
     1/dp per rank). Under ddp/zero1 it stays replicated: DDP has nothing to do for a model

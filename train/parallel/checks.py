@@ -3,7 +3,14 @@
     python -c "from train.parallel.checks import check_parallel_settings"   (no torch import)
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from train.models.family import family_spec
+
+if TYPE_CHECKING:  # annotations only: importing train.config loads Hydra
+    from train.config import ParallelConfig
 
 DATA_PARALLEL_STRATEGIES = {
     "ddp": "DistributedDataParallel: full replicas, gradients all-reduced",
@@ -17,7 +24,7 @@ class ParallelSettingsError(ValueError):
     """A parallel setting that cannot work; the message names the variable."""
 
 
-def check_parallel_settings(parallel_cfg, model_args=None, world_size: int | None = None,
+def check_parallel_settings(parallel_cfg: ParallelConfig, model_args=None, world_size: int | None = None,
                             num_experts: int | None = None) -> None:
     """Raises ParallelSettingsError; model_args (train.models.registry.ModelArgs) adds the TP shape checks.
 
@@ -54,7 +61,7 @@ def check_parallel_settings(parallel_cfg, model_args=None, world_size: int | Non
                                             f"{model_args.name}")
 
 
-def check_expert_parallel(parallel_cfg, model_args=None, world_size: int | None = None,
+def check_expert_parallel(parallel_cfg: ParallelConfig, model_args=None, world_size: int | None = None,
                           num_experts: int | None = None) -> None:
     """EP splits the experts over data-parallel ranks: it must divide both, and needs experts."""
     ep = parallel_cfg.expert_parallel_size
@@ -79,7 +86,7 @@ def check_expert_parallel(parallel_cfg, model_args=None, world_size: int | None 
                 "add nodes or lower EP_SIZE")
 
 
-def check_engine_support(parallel_cfg) -> None:
+def check_engine_support(parallel_cfg: ParallelConfig) -> None:
     """Combinations a plan accepts (Megatron runs them) that this engine refuses at start."""
     ep = parallel_cfg.expert_parallel_size
     if ep > 1 and parallel_cfg.data_parallel == "zero1":

@@ -15,13 +15,15 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from train.config import OptimConfig, ParallelConfig
 
-def wants_zero_redundancy_optimizer(parallel_cfg) -> bool:
+
+def wants_zero_redundancy_optimizer(parallel_cfg: ParallelConfig) -> bool:
     """True when the trainer must build its optimizer with build_zero_redundancy_optimizer."""
     return parallel_cfg.data_parallel == "zero1"
 
 
-def build_zero_redundancy_optimizer(model: nn.Module, optim_cfg, dp_mesh: DeviceMesh | None = None):
+def build_zero_redundancy_optimizer(model: nn.Module, optim_cfg: OptimConfig, dp_mesh: DeviceMesh | None = None):
     """AdamW as train.optim.build_optimizer builds it, its state sharded over the data-parallel ranks.
 
     Each rank owns whole parameters (greedy by size), steps them, then broadcasts them to the

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 from torch.distributed.device_mesh import DeviceMesh
 
+from train.config import ParallelConfig
+
 
 @dataclass(frozen=True)
 class ParallelLayout:
@@ -52,7 +54,7 @@ class ParallelLayout:
         return self.rank == 0
 
     @classmethod
-    def build(cls, ctx, parallel_cfg, with_mesh: bool = True) -> "ParallelLayout":
+    def build(cls, ctx, parallel_cfg: ParallelConfig, with_mesh: bool = True) -> "ParallelLayout":
         """From the job context (rank, world size, device) and cfg.parallel; builds the DeviceMesh
         (train/parallel/mesh.py build_mesh) unless with_mesh is False."""
         import torch

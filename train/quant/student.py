@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from train.config import JobConfig
+
 log = logging.getLogger("train")
 QUANTIZER_STATE_FILE = "quantizer_state.pt"  # in each iter_XXXXXXX/ of a quantized run
 NO_QUANTIZATION = "none"  # quant.recipe=none: plain distillation, full-precision student
@@ -44,7 +46,7 @@ def load_quantizer_state(checkpoint_dir: str | Path) -> dict | None:
     return torch.load(path, weights_only=False) if path.is_file() else None
 
 
-def prepare_student(model: torch.nn.Module, cfg, resume_dir: str | None, dataset=None, layout=None,
+def prepare_student(model: torch.nn.Module, cfg: JobConfig, resume_dir: str | None, dataset=None, layout=None,
                     recipe: str | None = None):
     """Quantizes the single-device student (before parallelize). Returns (model, record): record
     is what every checkpoint stores as quantizer_state.pt (None without quantization).
