@@ -321,7 +321,8 @@ def config_fingerprint(cfg) -> str:
 
     from train.distill.kd_config import KDConfigError, apply_kd_config  # torch-free
 
-    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))  # a copy: the caller's stays
+    # a plain copy (the caller's stays): of the typed JobConfig or of a composed DictConfig alike
+    cfg = OmegaConf.create(OmegaConf.to_container(OmegaConf.create(cfg), resolve=True))
     try:
         if "distill" in cfg:
             apply_kd_config(cfg.distill)
