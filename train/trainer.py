@@ -36,7 +36,7 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_s
                                                      set_state_dict)
 
 from train.checkpoint import CheckpointManager
-from train.data.collate import to_batch
+from train.data.collate import Prefetcher, to_batch
 from train.data.sampler import MicroBatchSampler, parse_iterations_to_skip
 from train.launch.job import JobContext
 from train.losses import language_model_loss
@@ -209,12 +209,14 @@ class Trainer:
                  self.state.iteration, self.state.consumed_samples)
 
     # ---------------------------------------------------------------- loop
-    def microbatches(self):
+    def microbatches(self, depth: int) -> Prefetcher:
+        """This rank's micro-batches from consumed_samples on, read and collated (pinned, copied
+        asynchronously on CUDA) by a background thread up to `depth` micro-batches ahead."""
         total = self.plan.train_iters * self.plan.global_batch_size
         sampler = MicroBatchSampler(total, self.state.consumed_samples, self.cfg.training.micro_batch_size,
                                     self.layout.dp_rank, self.layout.dp_size)
-        for indices in sampler:
-            yield to_batch([self.dataset[i] for i in indices], self.layout.device)
+        return Prefetcher((to_batch([self.dataset[i] for i in indices], self.layout.device) for indices in sampler),
+                          depth)
 
     def train_step(self, batches, accumulation: int) -> tuple[float, float]:
         """Forward/backward over `accumulation` micro-batches, then the gradient norm (clipping);
@@ -246,7 +248,7 @@ class Trainer:
             return "early_stop"
         accumulation = plan.global_batch_size // (cfg.training.micro_batch_size * self.layout.dp_size)
         tokens_per_iter = plan.global_batch_size * cfg.data.seq_length
-        batches = self.microbatches()
+        batches = self.microbatches(depth=2 * accumulation)  # the next step's micro-batches, while this one runs
         started, reason = time.time(), "done"
         self.model.train()
         while self.state.iteration < plan.train_iters:
@@ -292,6 +294,7 @@ class Trainer:
         else:
             if self.state.iteration % cfg.checkpoint.save_interval:
                 self.save()
+        batches.close()  # the prefetch thread (it may be reading ahead)
         self.checkpoints.finalize()  # an async save publishes before the process exits
         self.metrics.close()
         self.write_stop_file(reason)
