@@ -7,8 +7,7 @@ export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
 job=$1
 shift
 export NODE_RANK=${SLURM_NODEID:-${NODE_RANK:-0}}
-# A free CPU machine: one intra-op thread per process unless asked otherwise.
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# Threads per worker: OMP_NUM_THREADS if set, else this node's cores / its workers (train/launch/node.py).
 mapfile -d '' -t torchrun_cmd < <("${PYTHON:-python3}" -m train.launch.node "$job" "$@")
 [[ ${#torchrun_cmd[@]} -gt 0 ]] || exit 2
 echo "[node $NODE_RANK $(hostname)] ${torchrun_cmd[*]}" >&2

@@ -83,7 +83,7 @@ class TrainingConfig:
     global_batch_size: Optional[int] = None  # GBS; default MBS x data-parallel size
     train_iters: Optional[int] = None  # default: train_samples // GBS
     seed: int = 1234
-    precision: str = "fp32"  # fp32 | bf16 (autocast, fp32 master weights)
+    precision: str = "fp32"  # fp32 (CPU) | bf16 (autocast, fp32 master weights): every GPU conf sets bf16
     log_interval: int = 1
     log_params_norm: bool = False
     eval_interval: int = 0  # 0: no evaluation; else val_loss/val_ppl every N iterations

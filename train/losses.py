@@ -8,6 +8,12 @@ masked_cross_entropy(logits, targets, mask) = sum(mask * ce) / max(sum(mask), 1)
 the loss-masked tokens (masked_cross_entropy_sum: the numerator). Training (language_model_loss),
 in-loop validation (train/validation.py) and the KD loss's LM term all use this one definition.
 
+`tokens` (every token loss here and in train/distill/): the denominator of the token sum. None
+is this micro-batch's own mask count (its mean). The trainer passes one number for every
+micro-batch of a step, the global batch's loss tokens per micro-batch (train/trainer.py
+loss_tokens), so that the step's loss and gradient are the global token mean whatever the
+split into micro-batches, accumulation steps and data-parallel ranks.
+
 The fused path, linear_cross_entropy: the same value computed from the final hidden states in
 row chunks, so the (N, vocab) fp32 logits never exist whole. For each chunk of C positions (rows
 of hidden (N, D), weight (V, D)):
@@ -49,9 +55,15 @@ def masked_cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, mask: 
     return (losses * mask.flatten()).sum()
 
 
-def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross entropy over the loss mask: the training loss's LM term."""
-    return masked_cross_entropy_sum(logits, targets, mask) / mask.sum().clamp(min=1)
+def mask_tokens(mask: torch.Tensor, tokens: torch.Tensor | float | None = None) -> torch.Tensor | float:
+    """The denominator of a masked token mean: `tokens` when given, else the mask's count (at least 1)."""
+    return mask.sum().clamp(min=1) if tokens is None else tokens
+
+
+def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                         tokens: torch.Tensor | float | None = None) -> torch.Tensor:
+    """Next-token cross entropy summed over the loss mask / tokens (None: the mask's mean)."""
+    return masked_cross_entropy_sum(logits, targets, mask) / mask_tokens(mask, tokens)
 
 
 def fused_loss_applies(lm_head: nn.Module) -> bool:
@@ -63,12 +75,12 @@ def fused_loss_applies(lm_head: nn.Module) -> bool:
 
 class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, mask, chunk_rows: int):
-        # hidden (N, D), weight (V, D), targets (N,) int64, mask (N,) float -> scalar mean loss
+    def forward(ctx, hidden, weight, targets, mask, chunk_rows: int, tokens):
+        # hidden (N, D), weight (V, D), targets (N,) int64, mask (N,) float -> scalar loss sum / tokens
         dtype = matmul_dtype(hidden.device.type, weight.dtype)
+        # a frozen weight (LoRA's lm_head) gets no gradient: no (V, C) @ (C, D) per chunk
         want_hidden_grad, want_weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        count = mask.sum().clamp(min=1)
-        row_weight = mask / count  # (N,) each position's share of the mean
+        row_weight = mask / mask_tokens(mask, tokens)  # (N,) each position's share of the loss
         w = weight.to(dtype)  # a view when no cast is needed
         grad_hidden = torch.zeros_like(hidden) if want_hidden_grad else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
@@ -106,12 +118,14 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         grad_hidden = grad_hidden * grad_output if grad_hidden is not None else None
         grad_weight = grad_weight * grad_output if grad_weight is not None else None
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         mask: torch.Tensor, chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
-    """Masked mean cross entropy of logits = hidden @ weight^T, chunk by chunk.
+                         mask: torch.Tensor, chunk_bytes: int = CHUNK_BYTES,
+                         tokens: torch.Tensor | float | None = None) -> torch.Tensor:
+    """Masked cross entropy of logits = hidden @ weight^T summed / tokens (None: the mask's mean),
+    chunk by chunk.
 
     hidden (B, T, D) or (N, D); weight (V, D) (lm_head.weight, read after the model's forward so
     that FSDP2 has unsharded it); targets, mask (B, T) or (N,)."""
@@ -119,7 +133,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         hidden, weight = hidden.detach(), weight.detach()
     chunk_rows = max(1, chunk_bytes // (4 * weight.shape[0]))
     return LinearCrossEntropy.apply(hidden.flatten(0, -2), weight, targets.flatten(), mask.flatten().float(),
-                                    chunk_rows)
+                                    chunk_rows, tokens)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -133,8 +147,10 @@ def auxiliary_loss(model: nn.Module) -> torch.Tensor:
     return unwrap(model).auxiliary_loss()
 
 
-def language_model_loss(model, inputs, targets, mask) -> torch.Tensor:
-    """The default training loss: masked next-token cross entropy plus auxiliary_loss.
+def language_model_loss(model, inputs, targets, mask, tokens: torch.Tensor | float | None = None) -> torch.Tensor:
+    """The default training loss: masked next-token cross entropy (summed / tokens; None: the
+    micro-batch's mean) plus auxiliary_loss (a mean over this micro-batch's routed tokens, whatever
+    `tokens` is).
 
     Fused with lm_head (linear_cross_entropy: chunked, no whole fp32 logits) when lm_head is a
     plain Linear; through the logits for a TP-split, quantized or adapted lm_head. The model runs
@@ -145,7 +161,7 @@ def language_model_loss(model, inputs, targets, mask) -> torch.Tensor:
     hidden = model(inputs, return_hidden=True)  # (B, T, D)
     # decided after the forward: FSDP2 has unsharded lm_head.weight by now (a DTensor before it)
     if fused_loss_applies(inner.lm_head) and not torch.compiler.is_compiling():
-        loss = linear_cross_entropy(hidden, inner.lm_head.weight, targets, mask)
+        loss = linear_cross_entropy(hidden, inner.lm_head.weight, targets, mask, tokens=tokens)
     else:
-        loss = masked_cross_entropy(inner.output_logits(hidden), targets, mask)
+        loss = masked_cross_entropy(inner.output_logits(hidden), targets, mask, tokens)
     return loss + auxiliary_loss(model)

@@ -48,11 +48,12 @@ def main(composed: DictConfig) -> None:
     def make_loss_fn(layout):
         teacher = None
 
-        def loss_fn(student, inputs, targets, mask):
+        def loss_fn(student, inputs, targets, mask, tokens=None):
             nonlocal teacher
             teacher = teacher or build_teacher(cfg, layout)
-            loss = distill_loss(student, teacher, inputs, targets, mask, cfg.distill, vocab)
-            return loss + auxiliary_loss(student)  # MoE students: load balancing (zero when dense)
+            loss = distill_loss(student, teacher, inputs, targets, mask, cfg.distill, vocab, tokens)
+            # MoE students: load balancing, a mean over this micro-batch (zero when dense)
+            return loss + auxiliary_loss(student)
 
         return loss_fn
 

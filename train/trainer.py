@@ -3,6 +3,13 @@
 One iteration = one optimizer step over a global batch of GBS sequences:
 GBS = MBS x data-parallel size x gradient-accumulation steps.
 
+The step's loss is token-weighted: the sum of the per-token losses over every loss-mask token
+of the global batch, divided by the number of those tokens (loss_tokens: one all-reduce of the
+count per step, before the backward passes), so its value and gradient do not depend on how
+GBS is split; the MoE auxiliary loss stays a mean per micro-batch, averaged over the step's
+micro-batches. Gradients are reduced over the data-parallel ranks once per step, in the last
+micro-batch's backward (train.parallel.gradient_sync).
+
 The loop only, and no utility module: within train/ only the job runner (train/engine.py)
 imports it. Its parts live where other jobs reach them without the loop: the losses in
 train/losses.py (language_model_loss is the default loss_fn), batch collation in
@@ -29,14 +36,14 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_s
                                                      set_state_dict)
 
 from train.checkpoint import CheckpointManager
-from train.data.collate import to_batch
+from train.data.collate import Prefetcher, to_batch
 from train.data.sampler import MicroBatchSampler, parse_iterations_to_skip
 from train.launch.job import JobContext
 from train.losses import language_model_loss
 from train.metrics import IterationMetrics, MetricsLogger, NonFiniteGuard, NonFiniteStop, debug_nan, is_bad
 from train.optim import build_optimizer, fold_clipping_into_step, learning_rate
-from train.parallel import (build_zero_redundancy_optimizer, clip_gradients, expert_checkpoint_view, local_view,
-                            wants_zero_redundancy_optimizer, zero_redundancy_optimizer_state_dict)
+from train.parallel import (build_zero_redundancy_optimizer, clip_gradients, expert_checkpoint_view, gradient_sync,
+                            local_view, wants_zero_redundancy_optimizer, zero_redundancy_optimizer_state_dict)
 from train.parallel.layout import ParallelLayout
 from train.validation import Validation, build_early_stopping
 
@@ -60,6 +67,44 @@ class StopRequest:
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
+
+
+def loss_tokens(micro_batches: list, layout: ParallelLayout) -> torch.Tensor:
+    """The denominator of every micro-batch's token loss in one step: N / (accumulation x dp),
+    N the loss-mask tokens of the global batch (this rank's micro-batches, summed over the ranks
+    by one all-reduce; the TP ranks of a data-parallel rank hold the same batches).
+
+    Each micro-batch then contributes sum_mb x accumulation x dp / N; the trainer divides by
+    accumulation and DDP / FSDP2 average gradients over the dp ranks, which leaves sum / N over
+    the global batch exactly."""
+    count = sum(mask.sum(dtype=torch.float64) for _, _, mask in micro_batches)  # exact up to 2^53 tokens
+    if dist.is_initialized() and layout.world_size > 1:
+        dist.all_reduce(count)
+        count = count / layout.tp
+    return (count.clamp(min=1) / (len(micro_batches) * layout.dp_size)).float()
+
+
+def accumulate_gradients(model, loss_fn, micro_batches: list, layout: ParallelLayout, precision: str,
+                         sync_every_micro_batch: bool = False) -> torch.Tensor:
+    """Forward and backward of one step's micro-batches [(inputs, targets, mask)], gradients
+    reduced over the data-parallel ranks once, in the last backward; in every backward with
+    sync_every_micro_batch (FSDP2 ZeRO-3, DP_SHARDING=fsdp: skipping the reduce-scatter would keep
+    whole unsharded gradients on every rank until the last micro-batch, the memory FSDP is chosen
+    to save). Returns this rank's share of the step's loss: the mean over the ranks is the logged
+    loss (the global token mean)."""
+    accumulation = len(micro_batches)
+    tokens = loss_tokens(micro_batches, layout)
+    total_loss = torch.zeros((), device=layout.device)
+    # bf16: autocast the forward; parameters, gradients and AdamW state stay fp32 (master weights)
+    autocast = torch.autocast(torch.device(layout.device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    for index, (inputs, targets, mask) in enumerate(micro_batches):
+        with gradient_sync(model, sync=sync_every_micro_batch or index == accumulation - 1):
+            with autocast:
+                # the auxiliary (MoE) term is per micro-batch: / accumulation makes it the step's mean
+                loss = loss_fn(model, inputs, targets, mask, tokens=tokens) / accumulation
+            loss.backward()
+        total_loss += loss.detach()
+    return total_loss
 
 
 @dataclass
@@ -167,25 +212,22 @@ class Trainer:
                  self.state.iteration, self.state.consumed_samples)
 
     # ---------------------------------------------------------------- loop
-    def microbatches(self):
+    def microbatches(self, depth: int) -> Prefetcher:
+        """This rank's micro-batches from consumed_samples on, read and collated (pinned, copied
+        asynchronously on CUDA) by a background thread up to `depth` micro-batches ahead."""
         total = self.plan.train_iters * self.plan.global_batch_size
         sampler = MicroBatchSampler(total, self.state.consumed_samples, self.cfg.training.micro_batch_size,
                                     self.layout.dp_rank, self.layout.dp_size)
-        for indices in sampler:
-            yield to_batch([self.dataset[i] for i in indices], self.layout.device)
+        return Prefetcher((to_batch([self.dataset[i] for i in indices], self.layout.device) for indices in sampler),
+                          depth)
 
     def train_step(self, batches, accumulation: int) -> tuple[float, float]:
-        """Forward/backward over `accumulation` micro-batches, then one optimizer step."""
-        total_loss = torch.zeros((), device=self.layout.device)
-        # bf16: autocast the forward; parameters, gradients and AdamW state stay fp32 (master weights)
-        autocast = torch.autocast(torch.device(self.layout.device).type, dtype=torch.bfloat16,
-                                  enabled=self.cfg.training.precision == "bf16")
-        for _ in range(accumulation):
-            inputs, targets, mask = next(batches)
-            with autocast:
-                loss = self.loss_fn(self.model, inputs, targets, mask) / accumulation
-            loss.backward()
-            total_loss += loss.detach()
+        """Forward/backward over `accumulation` micro-batches, then the gradient norm (clipping);
+        the optimizer step is the caller's. Returns (the step's loss, the gradient norm)."""
+        micro_batches = [next(batches) for _ in range(accumulation)]  # all of them: loss_tokens counts first
+        total_loss = accumulate_gradients(self.model, self.loss_fn, micro_batches, self.layout,
+                                          self.cfg.training.precision,
+                                          sync_every_micro_batch=self.cfg.parallel.data_parallel == "fsdp")
         # fused AdamW: the clipping factor goes into the next optimizer.step() (train/optim.py)
         grad_norm = fold_clipping_into_step(self.model, self.optimizer, self.cfg.optim.grad_clip)
         if grad_norm is None:
@@ -210,7 +252,7 @@ class Trainer:
             return "early_stop"
         accumulation = plan.global_batch_size // (cfg.training.micro_batch_size * self.layout.dp_size)
         tokens_per_iter = plan.global_batch_size * cfg.data.seq_length
-        batches = self.microbatches()
+        batches = self.microbatches(depth=2 * accumulation)  # the next step's micro-batches, while this one runs
         started, reason = time.time(), "done"
         self.model.train()
         while self.state.iteration < plan.train_iters:
@@ -256,6 +298,7 @@ class Trainer:
         else:
             if self.state.iteration % cfg.checkpoint.save_interval:
                 self.save()
+        batches.close()  # the prefetch thread (it may be reading ahead)
         self.checkpoints.finalize()  # an async save publishes before the process exits
         self.metrics.close()
         self.write_stop_file(reason)

@@ -58,7 +58,9 @@ def our_step(model, precision: str):
     optim_cfg = OmegaConf.create({"lr": 3e-4, "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8,
                                   "grad_clip": 1.0})
     optimizer = build_optimizer(model, optim_cfg)
-    trainer = SimpleNamespace(model=model, optimizer=optimizer, ctx=SimpleNamespace(device="cpu"),
+    from train.parallel.layout import ParallelLayout
+
+    trainer = SimpleNamespace(model=model, optimizer=optimizer, layout=ParallelLayout(1, 0, 1, 1, "cpu"),
                               cfg=SimpleNamespace(optim=optim_cfg, training=SimpleNamespace(precision=precision)),
                               loss_fn=language_model_loss)
 

@@ -128,3 +128,35 @@ def test_distill_loss_on_models_matches_full_logits():
     torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-6)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_frozen_teacher_and_frozen_weight_cost_no_gradient():
+    """Per chunk: student and teacher logits, grad_hidden, and grad_weight only for a trainable
+    weight; nothing for the teacher (its inputs are detached)."""
+    from torch.profiler import profile
+
+    hidden, weight, teacher_hidden, teacher_weight, targets, mask = tensors()
+    mask[:] = 1
+    teacher_hidden.requires_grad_(), teacher_weight.requires_grad_()  # detached by the loss all the same
+
+    def matmuls(weight) -> int:
+        with profile() as profiler:
+            chunked_distill_loss(hidden, weight, teacher_hidden, teacher_weight, targets, mask,
+                                 chunk_size=6).backward()
+        return sum(event.name in ("aten::mm", "aten::addmm", "aten::addmm_") for event in profiler.events())
+
+    chunks = B * T // 6
+    assert matmuls(weight) == 4 * chunks
+    assert matmuls(weight.detach()) == 3 * chunks
+    assert teacher_hidden.grad is None and teacher_weight.grad is None
+
+
+def test_tokens_sets_the_denominator():
+    hidden, weight, teacher_hidden, teacher_weight, targets, mask = tensors()
+    kwargs = dict(temperature=2.0, lm_loss_weight=0.5, chunk_size=5)
+    mean = chunked_distill_loss(hidden, weight, teacher_hidden, teacher_weight, targets, mask, **kwargs)
+    summed = chunked_distill_loss(hidden, weight, teacher_hidden, teacher_weight, targets, mask, tokens=30.0, **kwargs)
+    torch.testing.assert_close(summed, mean * mask.sum() / 30, check_dtype=False)
+    cfg = SimpleNamespace(temperature=2.0, lm_loss_weight=0.5)
+    reference = full_logits_loss(hidden @ weight.T, teacher_hidden @ teacher_weight.T, targets, mask, cfg, None, 30.0)
+    torch.testing.assert_close(summed, reference, check_dtype=False)

@@ -476,3 +476,12 @@ def test_docs_conf_table_is_the_generated_one():
         "`python -m train.launch.conf --update-docs`")
     table = text.split(conf_lib.TABLE_START)[1].split(conf_lib.TABLE_END)[0]
     assert all(f"| `{name}` |" in table for name in CONF_VARIABLES)
+
+
+def test_every_shipped_conf_states_its_precision():
+    """GPU confs train in bf16 (autocast, fp32 master weights); the tiny CPU ones in fp32."""
+    for path in sorted(CONF_DIR.glob("*.conf")):
+        lines = [line for line in path.read_text().splitlines() if line.startswith("export PRECISION=")]
+        wanted = "fp32" if path.name.startswith("tiny-") else "bf16"
+        assert len(lines) == 1 and lines[0].removesuffix("}").endswith(wanted), \
+            f"{path.name}: {lines or 'no PRECISION'} (wanted {wanted})"

@@ -55,6 +55,22 @@ def test_ddp_student_of_8b_holds_131_gb_of_weights_gradients_and_adamw(tmp_path)
     assert bf16["optimizer"] == pytest.approx(memory["optimizer"] / 2)
 
 
+def test_fsdp_zero2_accumulation_holds_whole_gradients_until_the_step_reduces_them():
+    """gradient_sync: fsdp_zero2 reduce-scatters once per step, so accumulated gradients are
+    unsharded; fsdp (ZeRO-3) reduce-scatters every micro-batch and keeps them sharded."""
+    args = get_model_args("qwen3-8b")
+    common = dict(job="qad", mbs=1, seq_length=4096, param_bytes=4, act_bytes=2, checkpointing=True)
+    one = memory_breakdown(args, layout=Split(1, 1, 8, "fsdp_zero2"), accumulation=1, **common)
+    four = memory_breakdown(args, layout=Split(1, 1, 8, "fsdp_zero2"), accumulation=4, **common)
+    ddp = memory_breakdown(args, layout=Split(1, 1, 8, "ddp"), accumulation=4, **common)
+    assert four["gradients"] == pytest.approx(8 * one["gradients"]) == pytest.approx(ddp["gradients"])
+    zero3 = memory_breakdown(args, layout=Split(1, 1, 8, "fsdp"), accumulation=4, **common)
+    assert zero3["gradients"] == pytest.approx(one["gradients"])
+    lora = memory_breakdown(args, layout=Split(1, 1, 8, "fsdp_zero2"), accumulation=4, lora=(16, ["q_proj"]), **common)
+    lora_one = memory_breakdown(args, layout=Split(1, 1, 8, "fsdp_zero2"), accumulation=1, lora=(16, ["q_proj"]), **common)
+    assert lora["gradients"] == pytest.approx(8 * lora_one["gradients"])
+
+
 def test_a_plan_over_the_gpu_is_refused_with_the_knobs_that_fit(tmp_path, env):
     path = conf(tmp_path, BIG.replace("MBS=4", "MBS=1") + "export ACTIVATION_CHECKPOINTING=1\nexport PRECISION=bf16\n")
     with pytest.raises(PlanError) as error:

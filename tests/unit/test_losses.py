@@ -88,3 +88,35 @@ def test_model_loss_equals_logits_loss_tied_and_untied():
         torch.testing.assert_close(fused, naive)
         for n, p in model.named_parameters():
             torch.testing.assert_close(fused_grads[n], p.grad, atol=1e-6, rtol=1e-4, msg=f"{name}: {n}")
+
+
+def matmuls(run) -> int:
+    """Matrix multiplies run by run(), from the torch profiler."""
+    from torch.profiler import profile
+
+    with profile() as profiler:
+        run()
+    return sum(event.name in ("aten::mm", "aten::addmm", "aten::addmm_") for event in profiler.events())
+
+
+def test_frozen_weight_costs_no_weight_gradient():
+    """A frozen lm_head (LoRA): per chunk the logits and grad_hidden, not grad_weight (V, C) @ (C, D)."""
+    hidden, weight, targets, mask = _inputs()
+    mask[:] = 1  # every chunk computes
+    chunks = 24 // 6
+
+    def run(weight):
+        linear_cross_entropy(hidden, weight, targets, mask, chunk_bytes=4 * 50 * 6).backward()
+
+    assert matmuls(lambda: run(weight)) == 3 * chunks
+    assert matmuls(lambda: run(weight.detach())) == 2 * chunks
+
+
+def test_tokens_sets_the_denominator():
+    """tokens replaces the mask count: the global-batch denominator the trainer passes."""
+    hidden, weight, targets, mask = _inputs()
+    mean = linear_cross_entropy(hidden, weight, targets, mask)
+    scaled = linear_cross_entropy(hidden, weight, targets, mask, tokens=torch.tensor(40.0))
+    torch.testing.assert_close(scaled, mean * mask.sum() / 40)
+    logits = (hidden @ weight.T)[None]
+    torch.testing.assert_close(masked_cross_entropy(logits, targets[None], mask[None], 40.0), scaled)

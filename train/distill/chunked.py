@@ -17,8 +17,10 @@ gradients by the incoming scalar, so nothing of size (N, V) is kept for backward
 no logits are recomputed: four (C, D) x (D, V) matmuls per chunk, the same as the naive
 loss. Peak extra memory: a few (C, V) fp32 tensors + grad_W (V, D) + grad_h (N, D).
 
-Both terms are means over the loss mask (sum / mask.sum()), like train.distill.loss.kd_loss_reference
-and train.losses.masked_cross_entropy.
+Both terms are sums over the loss mask divided by `tokens` (None: mask.sum(), the mean), like
+train.distill.loss.kd_loss_reference and train.losses.masked_cross_entropy; the trainer passes
+the global batch's loss tokens per micro-batch (train/trainer.py loss_tokens). The teacher's
+inputs are detached: no gradient is computed for them.
 
 `vocab` (optional) restricts both softmaxes to the first `vocab` logits: the rule for a
 teacher and a student whose vocabularies differ only by padding rows past the tokenizer's size
@@ -30,21 +32,22 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from train.losses import matmul_dtype
+from train.losses import mask_tokens, matmul_dtype
 
 
 class ChunkedDistillLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, teacher_hidden, teacher_weight, targets, mask, temperature: float,
-                lm_loss_weight: float, chunk_size: int, vocab: int | None, kd_loss_weight: float = 1.0):
+                lm_loss_weight: float, chunk_size: int, vocab: int | None, kd_loss_weight: float = 1.0,
+                tokens=None):
         # hidden (N, D) student, weight (V_s, D); teacher_hidden (N, D_t), teacher_weight (V_t, D_t);
-        # targets (N,) int64, mask (N,) float. Returns the scalar loss.
+        # targets (N,) int64, mask (N,) float. Returns the scalar loss sum / tokens.
         device_type = hidden.device.type
         dtype = matmul_dtype(device_type, weight.dtype)
         vocab = vocab or weight.shape[0]
         want_hidden_grad, want_weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         mask = mask.float()
-        count = mask.sum().clamp(min=1)
+        count = mask_tokens(mask, tokens)
         w_s, w_t = weight[:vocab].to(dtype), teacher_weight[:vocab].to(dtype)  # views unless cast
         grad_hidden = torch.zeros_like(hidden) if want_hidden_grad else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight_grad else None
@@ -96,14 +99,16 @@ class ChunkedDistillLoss(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         grad_hidden = grad_hidden * grad_output if grad_hidden is not None else None
         grad_weight = grad_weight * grad_output if grad_weight is not None else None
-        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None, None, None
 
 
 def chunked_distill_loss(hidden: torch.Tensor, weight: torch.Tensor, teacher_hidden: torch.Tensor,
                          teacher_weight: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, *,
                          temperature: float = 1.0, lm_loss_weight: float = 0.0, chunk_size: int = 512,
-                         vocab: int | None = None, kd_loss_weight: float = 1.0) -> torch.Tensor:
-    """kd_loss_weight x T^2 KL(teacher || student) + lm_loss_weight x CE, means over the mask, chunk by chunk.
+                         vocab: int | None = None, kd_loss_weight: float = 1.0,
+                         tokens: torch.Tensor | float | None = None) -> torch.Tensor:
+    """kd_loss_weight x T^2 KL(teacher || student) + lm_loss_weight x CE, sums over the mask / tokens
+    (None: means over the mask), chunk by chunk.
 
     hidden (B, T, D) or (N, D); weight (V, D); teacher_* likewise; targets, mask (B, T) or (N,)."""
     if weight.shape[0] != teacher_weight.shape[0] and vocab is None:
@@ -119,4 +124,4 @@ def chunked_distill_loss(hidden: torch.Tensor, weight: torch.Tensor, teacher_hid
     return ChunkedDistillLoss.apply(hidden.flatten(0, -2), weight, teacher_hidden.flatten(0, -2).detach(),
                                     teacher_weight.detach(), targets.flatten(), mask.flatten(),
                                     float(temperature), float(lm_loss_weight), int(chunk_size), vocab,
-                                    float(kd_loss_weight))
+                                    float(kd_loss_weight), tokens)

@@ -25,20 +25,20 @@ from torch.distributed.tensor import DTensor
 
 from train.config import DistillConfig
 from train.distill.chunked import chunked_distill_loss
-from train.losses import masked_cross_entropy
+from train.losses import mask_tokens, masked_cross_entropy
 
 
 def kd_loss_reference(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
-                      temperature: float) -> torch.Tensor:
-    """KL(teacher || student) per token at temperature T, scaled by T^2, mean over the mask: the
-    naive definition on whole logits. logits: (B, T, V); mask: (B, T)."""
+                      temperature: float, tokens: torch.Tensor | float | None = None) -> torch.Tensor:
+    """KL(teacher || student) per token at temperature T, scaled by T^2, summed over the mask / tokens
+    (None: the mean over the mask): the naive definition on whole logits. logits: (B, T, V); mask: (B, T)."""
     if student_logits.shape[-1] != teacher_logits.shape[-1]:
         raise ValueError(f"vocabulary mismatch: student {student_logits.shape[-1]} vs teacher "
                          f"{teacher_logits.shape[-1]} logits")
     student = F.log_softmax(student_logits.float() / temperature, dim=-1)
     teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     per_token = (teacher.exp() * (teacher - student)).sum(-1)  # (B, T)
-    return (per_token * mask).sum() / mask.sum().clamp(min=1) * temperature**2
+    return (per_token * mask).sum() / mask_tokens(mask, tokens) * temperature**2
 
 
 def _lm_head_quantized(lm_head: torch.nn.Module) -> bool:
@@ -46,26 +46,29 @@ def _lm_head_quantized(lm_head: torch.nn.Module) -> bool:
                for name in ("input_quantizer", "weight_quantizer", "output_quantizer"))
 
 
-def full_logits_loss(logits, teacher_logits, targets, mask, distill_cfg: DistillConfig, vocab: int | None) -> torch.Tensor:
+def full_logits_loss(logits, teacher_logits, targets, mask, distill_cfg: DistillConfig, vocab: int | None,
+                     tokens: torch.Tensor | float | None = None) -> torch.Tensor:
     """The naive loss on whole (B, T, V) logits: kd_loss_weight x kd_loss_reference + lm_loss_weight x CE; the
     reference for distill_loss and its fallback."""
     if vocab is not None:
         logits, teacher_logits = logits[..., :vocab], teacher_logits[..., :vocab]
     kd_weight = distill_cfg.kd_loss_weight
-    loss = kd_weight * kd_loss_reference(logits, teacher_logits, mask, distill_cfg.temperature) if kd_weight \
+    loss = kd_weight * kd_loss_reference(logits, teacher_logits, mask, distill_cfg.temperature, tokens) if kd_weight \
         else logits.sum() * 0.0
     if distill_cfg.lm_loss_weight:
-        loss = loss + distill_cfg.lm_loss_weight * masked_cross_entropy(logits, targets, mask)
+        loss = loss + distill_cfg.lm_loss_weight * masked_cross_entropy(logits, targets, mask, tokens)
     return loss
 
 
 def distill_loss(student: torch.nn.Module, teacher: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
-                 mask: torch.Tensor, distill_cfg: DistillConfig, vocab: int | None = None) -> torch.Tensor:
+                 mask: torch.Tensor, distill_cfg: DistillConfig, vocab: int | None = None,
+                 tokens: torch.Tensor | float | None = None) -> torch.Tensor:
     """kd_loss_weight x T^2 KL(teacher || student) + lm_loss_weight x CE over the loss mask; inputs/targets/mask (B, T).
 
     distill_cfg: temperature, lm_loss_weight, kd_loss_weight (default 1; 0 with lm_loss_weight 1 is QAT:
     the same quantized student trained on the LM loss only), chunk_size (cfg.distill). vocab: compare only the
-    first `vocab` logits (train.distill.kd_config.resolve_vocab); None: all of them."""
+    first `vocab` logits (train.distill.kd_config.resolve_vocab); None: all of them. tokens: the
+    denominator of both terms' sums over the mask (train.losses); None: their means."""
     inner = getattr(student, "module", student)  # DDP keeps the model in .module; FSDP2 in place
     hidden = student(inputs, return_hidden=True)  # (B, T, D)
     with torch.no_grad():  # the teacher may be FSDP2-sharded or TP-split like the student: its forward too
@@ -75,8 +78,8 @@ def distill_loss(student: torch.nn.Module, teacher: torch.nn.Module, inputs: tor
     if isinstance(weight, DTensor) or isinstance(teacher_weight, DTensor) or _lm_head_quantized(inner.lm_head):
         with torch.no_grad():
             teacher_logits = teacher.output_logits(teacher_hidden)
-        return full_logits_loss(inner.output_logits(hidden), teacher_logits, targets, mask, distill_cfg, vocab)
+        return full_logits_loss(inner.output_logits(hidden), teacher_logits, targets, mask, distill_cfg, vocab, tokens)
     return chunked_distill_loss(hidden, weight, teacher_hidden, teacher_weight, targets, mask,
                                 temperature=distill_cfg.temperature, lm_loss_weight=distill_cfg.lm_loss_weight,
                                 chunk_size=distill_cfg.chunk_size, vocab=vocab,
-                                kd_loss_weight=distill_cfg.kd_loss_weight)
+                                kd_loss_weight=distill_cfg.kd_loss_weight, tokens=tokens)

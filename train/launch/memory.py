@@ -10,7 +10,9 @@ Bytes per GPU, for this rank's share of the model (tp, ep and data-parallel shar
                   a LoRA base counts its frozen weights the same way, the adapters in fp32
     gathered      FSDP2: the unsharded blocks it all-gathers (fsdp: two blocks, the current one and
                   the prefetched next; fsdp_zero2: every block stays gathered for backward)
-    gradients     trainable P_local x master bytes
+    gradients     trainable P_local x master bytes; fsdp_zero2 with accumulation > 1: unsharded (its
+                  gradients are reduce-scattered once per step, train.parallel.gradient_sync; fsdp
+                  reduce-scatters each micro-batch's and keeps them sharded)
     ddp_buckets   DDP and ZeRO-1 on more than one rank: the all-reduce buckets, a second copy
     optimizer     AdamW's exp_avg + exp_avg_sq: trainable P_local x 2 x master bytes (ZeRO-1: / dp)
     teacher       QAD: the frozen teacher in its checkpoint's dtype, split like the student
@@ -160,6 +162,9 @@ def memory_breakdown(args, *, job: str, layout: Split, mbs: int, seq_length: int
         block = (groups["dense"] / layout.tp + sharded_experts) / args.num_layers * gathered_bytes
         out["gathered"] = 2 * block if layout.strategy == "fsdp" else block * args.num_layers
     out["gradients"] = trainable * trained_bytes
+    if layout.strategy == "fsdp_zero2" and accumulation > 1:  # reduce-scattered in the last micro-batch only:
+        # whole gradients until then (fsdp, ZeRO-3, reduce-scatters every micro-batch: trainer.accumulate_gradients)
+        out["gradients"] *= (local_elements(groups, layout, False) / params) if lora is None else layout.dp
     out["ddp_buckets"] = trainable * trained_bytes if layout.dp > 1 and layout.strategy in ("ddp", "zero1") else 0.0
     optimizer = trainable * 2 * trained_bytes
     out["optimizer"] = optimizer / layout.dp if layout.strategy == "zero1" else optimizer

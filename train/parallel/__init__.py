@@ -6,7 +6,7 @@
     mesh.py             build_mesh: the ("dp", "tp") DeviceMesh (("edp", "ep", "tp") with EP), once per job
     tensor_parallel.py  DTensor plans per family (colwise q/k/v/gate/up, rowwise o/down)
     expert_parallel.py  EP: experts split over "ep", all-to-all token dispatch, expert gradients
-    data_parallel.py    ddp | fsdp | fsdp_zero2 | zero1 (and the ZeRO-1 optimizer)
+    data_parallel.py    ddp | fsdp | fsdp_zero2 | zero1 (and the ZeRO-1 optimizer), gradient_sync
     apply.py            parallelize: TP, then activation checkpointing, then compile, then DP
     checks.py           torch-free validation (the launch plan may call it)
 
@@ -22,6 +22,7 @@ _EXPORTS = {
     "wants_zero_redundancy_optimizer": "data_parallel",
     "build_zero_redundancy_optimizer": "data_parallel",
     "zero_redundancy_optimizer_state_dict": "data_parallel",
+    "gradient_sync": "data_parallel",
     "apply_expert_parallel": "expert_parallel",
     "clip_gradients": "expert_parallel",
     "expert_checkpoint_view": "expert_parallel",

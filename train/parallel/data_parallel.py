@@ -8,12 +8,18 @@ gradients, two moments), dp data-parallel ranks:
     zero1       8 P + 8 P / dp         DDP, but each rank keeps and steps 1/dp of the moments
     fsdp_zero2  ~16 P / dp + gathered  FSDP2, parameters stay gathered from forward to backward
     fsdp        16 P / dp + one block  FSDP2, parameters resharded after forward (ZeRO-3)
+
+Gradients are synchronized once per optimizer step (gradient_sync): with accumulation the
+micro-batches before the last keep their gradients local (DDP no_sync; FSDP2 keeps full
+unsharded gradients of its parameters until the last micro-batch's reduce-scatter).
 """
+
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from train.config import OptimConfig, ParallelConfig
 
@@ -101,3 +107,20 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, reshard_after_forward: boo
                     mp_policy=policy)
     fully_shard(model, mesh=dp_mesh, reshard_after_forward=False, ignored_params=ignored, mp_policy=policy)
     return model
+
+
+@contextmanager
+def gradient_sync(model: nn.Module, sync: bool):
+    """Around one micro-batch's forward and backward: sync=False keeps its gradients local (they
+    add up in .grad), sync=True (the step's last micro-batch) reduces the accumulated sum over the
+    data-parallel ranks: one all-reduce (DDP) or reduce-scatter (FSDP2) per step, not per
+    micro-batch. Expert gradients (EP) are outside both and reduced once per step anyway
+    (expert_parallel.reduce_expert_gradients). Other models (one process, TP only): nothing to do."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        with nullcontext() if sync else model.no_sync():
+            yield
+    elif isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(sync)  # every FSDP2 module of the model (recursive)
+        yield
+    else:
+        yield
