@@ -157,6 +157,6 @@ def test_tokens_sets_the_denominator():
     mean = chunked_distill_loss(hidden, weight, teacher_hidden, teacher_weight, targets, mask, **kwargs)
     summed = chunked_distill_loss(hidden, weight, teacher_hidden, teacher_weight, targets, mask, tokens=30.0, **kwargs)
     torch.testing.assert_close(summed, mean * mask.sum() / 30, check_dtype=False)
-    cfg = SimpleNamespace(temperature=2.0, lm_loss_weight=0.5)
+    cfg = DistillConfig(temperature=2.0, lm_loss_weight=0.5)
     reference = full_logits_loss(hidden @ weight.T, teacher_hidden @ teacher_weight.T, targets, mask, cfg, None, 30.0)
     torch.testing.assert_close(summed, reference, check_dtype=False)
