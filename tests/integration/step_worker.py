@@ -22,6 +22,7 @@ from parallel_worker import clean, fresh_model, full, optim_cfg, parallel_cfg
 from train.data.sampler import MicroBatchSampler
 from train.distill.loss import distill_loss
 from train.losses import language_model_loss
+from train.config import DistillConfig
 from train.models import init_weights
 from train.optim import build_optimizer
 from train.parallel import ParallelLayout, build_mesh, parallelize
@@ -30,7 +31,7 @@ from worker_cases import cases_of, run_cases
 
 GLOBAL_BATCH, SEQ_LEN = 16, 24
 SPLITS = {1: (1, 16), 2: (4, 2), 4: (2, 2)}  # world size -> (micro-batch size, accumulation)
-DISTILL = SimpleNamespace(temperature=2.0, lm_loss_weight=0.5, chunk_size=20)
+DISTILL = DistillConfig(temperature=2.0, lm_loss_weight=0.5, chunk_size=20)
 
 
 def chat_batch(vocab: int, step: int = 0):
@@ -148,7 +149,9 @@ def case_sync_fsdp_every_micro_batch():
     """DP_SHARDING=fsdp (ZeRO-3) keeps its gradients sharded: one reduce-scatter per micro-batch."""
     once = gradient_collectives("fsdp", 1, every=True)
     accumulated = gradient_collectives("fsdp", 4, every=True)
-    assert once[0] > 0 and accumulated == (4 * once[0], 4 * once[1]), (accumulated, once)
+    # calls 4x; bytes 4x up to a few scalars (FSDP2's per-backward bookkeeping)
+    assert once[0] > 0 and accumulated[0] == 4 * once[0], (accumulated, once)
+    assert abs(accumulated[1] - 4 * once[1]) <= 64, (accumulated, once)
 
 
 def assert_accumulation_keeps_weights(strategy: str) -> None:
