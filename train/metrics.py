@@ -3,8 +3,12 @@
 JSONL (logs/<model>_<job>_<datetime>.jsonl): one JSON object per line, each with
 "iteration" and "time". Training records (every training.log_interval):
 
-    loss lr grad_norm [params_norm] iter_time_s tokens_per_s tokens_per_s_per_device
+    loss [kd_loss lm_loss] lr grad_norm [params_norm] iter_time_s tokens_per_s tokens_per_s_per_device
     flops_per_token mfu memory_allocated_gb memory_peak_gb skipped train_iters
+
+kd_loss and lm_loss (QAD) are the unweighted terms of loss, T^2 KL and CE, each only when the
+job computes it (lm_loss when distill.lm_loss_weight > 0): loss = kd_loss_weight x kd_loss +
+lm_loss_weight x lm_loss (+ the MoE auxiliary loss).
 
 Evaluation records (every training.eval_interval, and the one of an eval-only job):
 val_loss val_ppl (+ "eval_only": true). Values that do not exist on the device (MFU on
@@ -114,7 +118,8 @@ class IterationMetrics:
         self.flops_per_token: float | None = None
         self.peak_flops: float | None = None
 
-    def __call__(self, model, state, loss: float, lr: float, grad_norm: float, elapsed: float) -> dict:
+    def __call__(self, model, state, loss: float, lr: float, grad_norm: float, elapsed: float,
+                 loss_terms: dict | None = None) -> dict:
         cfg, plan = self.cfg, self.plan
         tokens = plan.global_batch_size * cfg.data.seq_length
         tokens_per_s = tokens / elapsed if elapsed > 0 else 0.0
@@ -123,7 +128,7 @@ class IterationMetrics:
             self.flops_per_token = mfu_lib.model_flops_per_token(model, cfg.data.seq_length)
             self.peak_flops = mfu_lib.device_peak_flops(self.device)
         allocated, peak = memory_gb(self.device)
-        metrics = {"loss": loss, "lr": lr, "grad_norm": grad_norm}
+        metrics = {"loss": loss, **(loss_terms or {}), "lr": lr, "grad_norm": grad_norm}
         if cfg.training.log_params_norm:
             metrics["params_norm"] = params_norm(model)
         metrics.update({

@@ -4,6 +4,7 @@ Reads RUN_DIR/logs/*.jsonl of every job start of the run (train/runlogs.py merge
 in iteration order) and writes, with matplotlib's Agg backend, into RUN_DIR/plots/:
 
     loss.png (training loss, validation loss on top)   val_loss.png   lr.png
+    loss_terms.png (QAD: the loss's terms kd_loss and lm_loss)
     tokens_per_s.png   mfu.png   grad_norm.png   memory.png   overview.png (all in a grid)
 
 A curve with no values (MFU on a CPU, no evaluation) is left out and named on stdout.
@@ -21,6 +22,8 @@ EXIT_USAGE = 2
 CURVES = {
     "loss": ("Loss", "loss", [("train", "loss", "train"), ("eval", "val_loss", "validation")]),
     "val_loss": ("Validation loss", "loss", [("eval", "val_loss", "validation")]),
+    "loss_terms": ("QAD loss terms", "loss", [("train", "kd_loss", "kd_loss (T^2 KL)"),
+                                             ("train", "lm_loss", "lm_loss (CE)")]),
     "lr": ("Learning rate", "lr", [("train", "lr", "lr")]),
     "tokens_per_s": ("Throughput", "tokens/s", [("train", "tokens_per_s", "all devices"),
                                                  ("train", "tokens_per_s_per_device", "per device")]),

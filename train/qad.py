@@ -49,8 +49,8 @@ def main(cfg) -> None:
         def loss_fn(student, inputs, targets, mask):
             nonlocal teacher
             teacher = teacher or build_teacher(cfg, layout)
-            loss = distill_loss(student, teacher, inputs, targets, mask, cfg.distill, vocab)
-            return loss + auxiliary_loss(student)  # MoE students: load balancing (zero when dense)
+            loss, terms = distill_loss(student, teacher, inputs, targets, mask, cfg.distill, vocab)
+            return loss + auxiliary_loss(student), terms  # MoE students: load balancing (zero when dense)
 
         return loss_fn
 

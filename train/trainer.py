@@ -32,7 +32,7 @@ from train.checkpoint import CheckpointManager
 from train.data.collate import to_batch
 from train.data.sampler import MicroBatchSampler, parse_iterations_to_skip
 from train.launch.job import JobContext
-from train.losses import language_model_loss
+from train.losses import language_model_loss, split_loss
 from train.metrics import IterationMetrics, MetricsLogger, NonFiniteGuard, NonFiniteStop, debug_nan, is_bad
 from train.optim import build_optimizer, fold_clipping_into_step, learning_rate
 from train.parallel import (build_zero_redundancy_optimizer, clip_gradients, expert_checkpoint_view, local_view,
@@ -81,6 +81,7 @@ class Trainer:
         self.optimizer = (build_zero_redundancy_optimizer(model, cfg.optim) if self.zero1
                           else build_optimizer(model, cfg.optim))
         self.state = TrainState()
+        self.loss_terms: dict[str, float] = {}  # the last step's loss terms (QAD: kd_loss, lm_loss), for the logs
         self.checkpoints = CheckpointManager(
             self.plan.paths.checkpoints, cfg.checkpoint.keep_last, keep_every=cfg.checkpoint.get("keep_every", 0),
             save_interval_s=cfg.checkpoint.get("save_interval_s", 0.0),
@@ -176,25 +177,33 @@ class Trainer:
             yield to_batch([self.dataset[i] for i in indices], self.layout.device)
 
     def train_step(self, batches, accumulation: int) -> tuple[float, float]:
-        """Forward/backward over `accumulation` micro-batches, then one optimizer step."""
+        """Forward/backward over `accumulation` micro-batches, then one optimizer step. The loss terms
+        a loss_fn returns (train.losses.split_loss) are averaged the same way into self.loss_terms."""
         total_loss = torch.zeros((), device=self.layout.device)
+        terms: dict[str, torch.Tensor] = {}
         # bf16: autocast the forward; parameters, gradients and AdamW state stay fp32 (master weights)
         autocast = torch.autocast(torch.device(self.layout.device).type, dtype=torch.bfloat16,
                                   enabled=self.cfg.training.precision == "bf16")
         for _ in range(accumulation):
             inputs, targets, mask = next(batches)
             with autocast:
-                loss = self.loss_fn(self.model, inputs, targets, mask) / accumulation
+                loss, micro_terms = split_loss(self.loss_fn(self.model, inputs, targets, mask))
+                loss = loss / accumulation
             loss.backward()
             total_loss += loss.detach()
+            for name, value in micro_terms.items():
+                terms[name] = terms.get(name, 0.0) + value.float() / accumulation
         # fused AdamW: the clipping factor goes into the next optimizer.step() (train/optim.py)
         grad_norm = fold_clipping_into_step(self.model, self.optimizer, self.cfg.optim.grad_clip)
         if grad_norm is None:
             # clip_grad_norm_; under EP it first finishes the expert gradients (train/parallel/expert_parallel.py)
             grad_norm = clip_gradients(self.model, self.cfg.optim.grad_clip)
+        reduced = torch.stack([total_loss.float(), *terms.values()])  # one all-reduce for the loss and its terms
         if dist.is_initialized():
-            dist.all_reduce(total_loss, op=dist.ReduceOp.AVG)
-        return total_loss.item(), grad_norm.item()
+            dist.all_reduce(reduced, op=dist.ReduceOp.AVG)
+        values = reduced.tolist()
+        self.loss_terms = dict(zip(terms, values[1:]))
+        return values[0], grad_norm.item()
 
     def train(self) -> str:
         """Runs to train_iters; returns why it stopped: done | signal | time_budget | early_stop."""
@@ -238,8 +247,8 @@ class Trainer:
             self.state.consumed_samples += plan.global_batch_size
             elapsed = time.time() - tick
             if self.state.iteration % cfg.training.log_interval == 0:
-                self.metrics.log(self.state.iteration,
-                                 self.iteration_metrics(self.model, self.state, loss, lr, grad_norm, elapsed))
+                self.metrics.log(self.state.iteration, self.iteration_metrics(
+                    self.model, self.state, loss, lr, grad_norm, elapsed, self.loss_terms))
             evaluation = self.validation.maybe_evaluate(self.model, self.state.iteration)  # every eval_interval
             verdict = self.validation.early_stopping_verdict(evaluation, self.state.iteration, self.keep_best)
             if self.state.iteration % cfg.checkpoint.save_interval == 0 or self.checkpoints.time_to_save():
