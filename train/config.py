@@ -169,6 +169,9 @@ class ValidateConfig:
 class LoggingConfig:
     tensorboard: bool = True  # scalars in tensorboard/<model>/
     jsonl: bool = True  # logs/<model>_<job>_<datetime>.jsonl (train/metrics.py lists the keys)
+    wandb_project: str = ""  # WANDB_PROJECT: W&B logging next to TensorBoard, rank 0 (train/wandb_sink.py); "": off
+    wandb_entity: str = ""  # WANDB_ENTITY: W&B user or team ("": the account's default)
+    wandb_mode: str = ""  # WANDB_MODE: online | offline | disabled ("": wandb's own default, online)
 
 
 @dataclass

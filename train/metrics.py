@@ -1,4 +1,5 @@
-"""Metrics fan-out on rank 0: one console line, a JSONL run log, TensorBoard scalars.
+"""Metrics fan-out on rank 0: one console line, a JSONL run log, TensorBoard scalars, W&B (when
+logging.wandb_project is set: train/wandb_sink.py).
 
 JSONL (logs/<model>_<job>_<datetime>.jsonl): one JSON object per line, each with
 "iteration" and "time". Training records (every training.log_interval):
@@ -42,7 +43,9 @@ def format_value(value) -> str:
 
 
 class MetricsLogger:
-    def __init__(self, jsonl_path: Path | None, tensorboard_dir: Path | None, enabled: bool):
+    """The sinks: console, JSONL, TensorBoard and (wandb: train/wandb_sink.py WandbSink) W&B."""
+
+    def __init__(self, jsonl_path: Path | None, tensorboard_dir: Path | None, enabled: bool, wandb=None):
         self.enabled = enabled
         self.jsonl = open(jsonl_path, "a") if enabled and jsonl_path else None
         self.tensorboard = None
@@ -50,6 +53,7 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tensorboard = SummaryWriter(str(tensorboard_dir))
+        self.wandb = wandb if enabled else None
 
     def log(self, iteration: int, metrics: dict) -> None:
         if not self.enabled:
@@ -60,17 +64,23 @@ class MetricsLogger:
             record = {"iteration": iteration, "time": time.time(), **metrics}
             self.jsonl.write(json.dumps({k: json_safe(v) for k, v in record.items()}) + "\n")
             self.jsonl.flush()
+        scalars = {key: value for key, value in metrics.items()
+                   if key not in NOT_SCALARS and isinstance(value, (int, float)) and not isinstance(value, bool)}
         if self.tensorboard:
-            for key, value in metrics.items():
-                if key not in NOT_SCALARS and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.tensorboard.add_scalar(key, value, iteration)
+            for key, value in scalars.items():
+                self.tensorboard.add_scalar(key, value, iteration)
             self.tensorboard.flush()
+        if self.wandb:
+            self.wandb.log(iteration, scalars)
 
     def close(self) -> None:
         if self.jsonl:
             self.jsonl.close()
         if self.tensorboard:
             self.tensorboard.close()
+        if self.wandb:
+            self.wandb.close()
+            self.wandb = None
 
 
 def json_safe(value):

@@ -39,6 +39,7 @@ from train.parallel import (build_zero_redundancy_optimizer, clip_gradients, exp
                             wants_zero_redundancy_optimizer, zero_redundancy_optimizer_state_dict)
 from train.parallel.layout import ParallelLayout
 from train.validation import Validation, build_early_stopping
+from train.wandb_sink import start_wandb
 
 log = logging.getLogger("train")
 STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)  # the sbatch wrappers ask for B:USR2@<grace>
@@ -90,7 +91,7 @@ class Trainer:
         self._saved_iteration = None  # the iteration this process last saved or resumed from
         self.metrics = MetricsLogger(self.plan.paths.metrics_log if cfg.logging.jsonl else None,
                                      self.plan.paths.tensorboard if cfg.logging.tensorboard else None,
-                                     enabled=ctx.is_main)
+                                     enabled=ctx.is_main, wandb=start_wandb(cfg, self.plan, ctx.is_main))
         self.iteration_metrics = IterationMetrics(cfg, self.plan, layout.world_size, layout.device)
         self.non_finite = NonFiniteGuard(cfg.training, self.checkpoints.latest_iteration, ctx.is_main)
         self.iterations_to_skip = set(parse_iterations_to_skip(cfg.data.iterations_to_skip))

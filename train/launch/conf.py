@@ -108,6 +108,9 @@ CONF_VARIABLES: dict[str, ConfVariable] = {v.name: v for v in [
     _var("ACTIVATION_CHECKPOINTING", "parallel.activation_checkpointing", "bool", "recompute each block's activations in backward"),
     _var("COMPILE", "parallel.compile", "bool", "torch.compile each transformer block"),
     _var("TIME_BUDGET_S", "training.time_budget_s", "float", "stop cleanly after this many seconds"),
+    _var("WANDB_PROJECT", "logging.wandb_project", "str", "W&B project: metrics to W&B too (rank 0); unset: off"),
+    _var("WANDB_ENTITY", "logging.wandb_entity", "str", "W&B user or team"),
+    _var("WANDB_MODE", "logging.wandb_mode", "str", "online | offline (no network; `wandb sync` later) | disabled"),
     # --- launcher-only: where the job runs ---
     _var("NNODES", None, "int", "nodes (manual multi-node; SLURM sets it otherwise)"),
     _var("NODE_RANK", None, "int", "this node's rank (manual multi-node)"),

@@ -235,9 +235,19 @@ class JobPlan:
         }
 
 
+WANDB_MODES = ("", "online", "offline", "disabled")  # "": wandb's default
+
+
+def check_logging(cfg, conf: str) -> None:
+    if cfg.logging.wandb_mode not in WANDB_MODES:
+        raise PlanError(f"{conf}: WANDB_MODE={cfg.logging.wandb_mode!r} (logging.wandb_mode) is not one of "
+                        "online, offline, disabled")
+
+
 def build_plan(job: str, cfg, env: dict[str, str], conf: str, cluster: cluster_lib.ClusterEnv,
                strict_paths: bool = True) -> JobPlan:
     check_model_name(cfg, conf)
+    check_logging(cfg, conf)
     data_parallel = check_parallel(cfg, cluster.world_size, conf)
     check_quant(cfg, job, conf)
     problems = path_problems(cfg, conf)
