@@ -59,6 +59,7 @@ class PreprocessConfig:
     streaming: bool = False  # HF hub input: stream instead of loading the cached dataset
     word_cache: bool = True  # plain text: cache each word's ids where exact (train/data/word_cache.py)
     malloc: str = "auto"  # auto | system | mimalloc | tcmalloc | jemalloc | /path/lib.so (train/data/malloc.py)
+    datablend: Optional[str] = None  # also write this datablend JSON: the train (and valid) outputs at weight 1
 
 
 @dataclass

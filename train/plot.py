@@ -7,7 +7,8 @@ in iteration order) and writes, with matplotlib's Agg backend, into RUN_DIR/plot
     loss_terms.png (QAD: the loss's terms kd_loss and lm_loss)
     tokens_per_s.png   mfu.png   grad_norm.png   memory.png   overview.png (all in a grid)
 
-A curve with no values (MFU on a CPU, no evaluation) is left out and named on stdout.
+A curve with no values (MFU on a CPU, no evaluation) is left out and named on stdout; the
+last line gives the first and last training loss.
 Errors (no such directory, no metric logs) print `error: ...` and exit 2.
 """
 
@@ -122,7 +123,19 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     for path in written:
         print(path)
+    summary = loss_summary(merged_records(Path(args.run_dir))[0])
+    if summary:
+        print(summary)
     return 0
+
+
+def loss_summary(train: list[dict]) -> str | None:
+    """'loss 7.61 (iteration 1) -> 5.78 (iteration 80)': the first and last logged training loss."""
+    points = list(zip(*series(train, "loss")))
+    if len(points) < 2:
+        return None
+    (first_iteration, first), (last_iteration, last) = points[0], points[-1]
+    return f"loss {first:.3f} (iteration {first_iteration}) -> {last:.3f} (iteration {last_iteration})"
 
 
 if __name__ == "__main__":

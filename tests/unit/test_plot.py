@@ -40,6 +40,7 @@ def test_plot_writes_valid_pngs(tmp_path, capsys):
     write_run(tmp_path, [("20250101_000000", [train_record(i, 5.0 - i / 10, mfu=0.3) for i in range(1, 7)]
                           + [{"iteration": 3, "val_loss": 4.9, "val_ppl": 134.3}])])
     assert plot.main([str(tmp_path)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "loss 4.900 (iteration 1) -> 4.400 (iteration 6)"
     names = {p.name for p in (tmp_path / "plots").iterdir()}
     assert {"loss.png", "val_loss.png", "lr.png", "tokens_per_s.png", "mfu.png", "overview.png"} <= names
     for path in (tmp_path / "plots").iterdir():
