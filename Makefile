@@ -20,15 +20,20 @@ malloc:
 	    { $(MIMALLOC_APT) || { apt-get update -q >/dev/null 2>&1 && $(MIMALLOC_APT); }; }; } || \
 	  echo "note: libmimalloc2.0 not installed (needs root and apt); preprocessing uses glibc's malloc"
 
-# Pretrain a tiny Qwen3 on this machine: no SLURM, no GPU, 2 processes over gloo.
+# A tiny Qwen3 learns real text on this machine (no SLURM, no GPU, 2 processes over gloo): corpus,
+# tokenizer, preprocessing, about a minute of pretraining, plots. Each step is skipped when done.
 quickstart: install
-	bash launchers/pretrain.sh --config conf.d/tiny-qwen3.conf
+	PYTHON=$(PYTHON) bash launchers/quickstart.sh
 
 gpu-wheels:
 	bash benchmarks/gpu/wheels.sh
 
+# Random tiny-qwen3 weights and a tokenizer with a chat template (LoRA validate mode needs one).
+QUICKSTART_CORPUS = data/quickstart/stdlib.jsonl
 tiny-checkpoints: install
 	$(PYTHON) -m train.models.random_hf tiny-qwen3 runs/models/tiny-qwen3
+	@[ -f $(QUICKSTART_CORPUS) ] || $(PYTHON) -m train.data corpus --output $(QUICKSTART_CORPUS)
+	$(PYTHON) -m train.data tokenizer --input $(QUICKSTART_CORPUS) --vocab-size 1024 --output runs/models/tiny-qwen3
 
 # Everything, the real local SLURM cluster included (needs root: it installs slurm + munge).
 test: install

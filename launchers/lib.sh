@@ -1,6 +1,6 @@
 # launchers/lib.sh: shared by slurm/*.sh (batch) and launchers/*.sh (interactive).
 # Source it, then: launch_job JOB batch|interactive [--config C] [--hf-token-file F]
-#                  [--hf-token V] [--dry-run] [-- key=value ...]
+#                  [--hf-token V] [--dry-run] [POSITIONAL ...] [-- key=value | VAR=value ...]
 # Validation and planning happen once, in `python -m train.launch.plan`, before anything is
 # started: a bad conf exits 2 with one message, no job step, no run directory. The plan sources
 # the conf, hands back its variables to export, and writes <run dir>/plans/plan_<datetime>_<jobid>.json,
@@ -22,12 +22,17 @@ usage: $1 --config CONF [--hf-token-file FILE] [--dry-run] [-- key=value ...]
   --hf-token-file FILE  read HF_TOKEN from FILE (never written to logs)
   --hf-token VALUE      accepted for compatibility; prefer the file or HF_TOKEN in the environment
   --dry-run             print the plan as JSON and exit
-  -- key=value ...      Hydra overrides, e.g. optim.lr=1e-5 training.train_iters=100
+  -- key=value ...      Hydra overrides, e.g. optim.lr=1e-5 training.train_iters=100,
+                        or conf variables over the conf's, e.g. LR=1e-6 DATASET_NAME=mix
+  qad: POSITIONAL       the QAD guide's form: LR TEACHER_MODEL DATASET_NAME STUDENT_MODEL KD_CFG_PATH
 EOF
 }
 
-parse_args() {  # sets CONFIG DRY_RUN OVERRIDES; exports HF_TOKEN
-  CONFIG="" DRY_RUN=0 OVERRIDES=()
+# The QAD users' guide passes these after --config, in this order: `qad.sh --config C 1e-6 Qwen3-8B ...`
+QAD_POSITIONAL=(LR TEACHER_MODEL DATASET_NAME STUDENT_MODEL KD_CFG_PATH)
+
+parse_args() {  # sets CONFIG DRY_RUN OVERRIDES POSITIONAL; exports HF_TOKEN
+  CONFIG="" DRY_RUN=0 OVERRIDES=() POSITIONAL=()
   while (($#)); do
     case "$1" in
       --config) [[ $# -ge 2 ]] || die "--config needs a value"; CONFIG=$2; shift 2 ;;
@@ -43,8 +48,29 @@ parse_args() {  # sets CONFIG DRY_RUN OVERRIDES; exports HF_TOKEN
       -h | --help) usage "$0"; exit 0 ;;
       --) shift; OVERRIDES+=("$@"); break ;;
       *=*) OVERRIDES+=("$1"); shift ;;
-      *) usage "$0"; die "unknown argument: $1" ;;
+      -*) usage "$0"; die "unknown argument: $1" ;;
+      *) POSITIONAL+=("$1"); shift ;;
     esac
+  done
+}
+
+read_positional() {  # JOB: the QAD guide's positional values -> conf variables (VAR=value) in OVERRIDES
+  local job=$1 i named=()
+  ((${#POSITIONAL[@]})) || return 0
+  [[ $job == qad ]] || { usage "$0"; die "unknown argument: ${POSITIONAL[0]} (positional values are for qad.sh)"; }
+  ((${#POSITIONAL[@]} <= ${#QAD_POSITIONAL[@]})) ||
+    die "${#POSITIONAL[@]} positional values; qad.sh takes at most ${#QAD_POSITIONAL[@]}: ${QAD_POSITIONAL[*]}"
+  for i in "${!POSITIONAL[@]}"; do
+    named+=("${QAD_POSITIONAL[i]}=${POSITIONAL[i]}")
+  done
+  echo "note: positional arguments read as ${named[*]} (named form: -- ${named[*]})" >&2
+  OVERRIDES=("${named[@]}" "${OVERRIDES[@]}")
+}
+
+export_command_line_variables() {  # VAR=value overrides win over the conf in the workers' environment too
+  local override
+  for override in "${OVERRIDES[@]}"; do
+    if [[ $override =~ ^[A-Z][A-Z0-9_]*= ]]; then export "${override?}"; fi
   done
 }
 
@@ -98,12 +124,14 @@ launch_job() {  # JOB MODE args...
   export LAUNCH_T0=${LAUNCH_T0:-$(date +%s.%N)}  # startup timeline (benchmarks/launch_latency)
   parse_args "$@"
   [[ -n $CONFIG ]] || { usage "$0"; die "--config is required"; }
+  read_positional "$job"
   export TRAIN_JOB=$job
   if ((DRY_RUN)); then
     exec "$PYTHON" -m train.launch.plan --job "$job" --config "$CONFIG" --dry-run \
       ${NNODES:+--nodes "$NNODES"} -- "${OVERRIDES[@]}"
   fi
   plan_job "$job"
+  export_command_line_variables
   export RUN_DATETIME NNODES NUM_GPUS MASTER_ADDR MASTER_PORT TRAIN_PLAN_FILE
   export TRAIN_CONF_PATH=$CONF_PATH TRAIN_STOP_FILE="$RUN_DIR/logs/stop_${RUN_DATETIME}.json"
   mkdir -p "$RUN_DIR/logs"
@@ -124,6 +152,7 @@ launch_preprocess() {  # MODE [--config C] [--dry-run] [-- key=value ...]: one p
   local mode=$1
   shift
   parse_args "$@"
+  read_positional preprocess
   if [[ -n $CONFIG ]]; then
     CONF_PATH=$("$PYTHON" -c 'import sys; from train.launch.conf import resolve_conf_path as r; print(r(sys.argv[1]))' \
       "$CONFIG" 2>/dev/null) || die "--config $CONFIG: no such file or conf.d/ name"

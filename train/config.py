@@ -62,6 +62,7 @@ class PreprocessConfig:
     streaming: bool = False  # HF hub input: stream instead of loading the cached dataset
     word_cache: bool = True  # plain text: cache each word's ids where exact (train/data/word_cache.py)
     malloc: str = "auto"  # auto | system | mimalloc | tcmalloc | jemalloc | /path/lib.so (train/data/malloc.py)
+    datablend: Optional[str] = None  # also write this datablend JSON: the train (and valid) outputs at weight 1
 
 
 @dataclass
@@ -176,6 +177,9 @@ class ValidateConfig:
 class LoggingConfig:
     tensorboard: bool = True  # scalars in tensorboard/<model>/
     jsonl: bool = True  # logs/<model>_<job>_<datetime>.jsonl (train/metrics.py lists the keys)
+    wandb_project: str = ""  # WANDB_PROJECT: W&B logging next to TensorBoard, rank 0 (train/wandb_sink.py); "": off
+    wandb_entity: str = ""  # WANDB_ENTITY: W&B user or team ("": the account's default)
+    wandb_mode: str = ""  # WANDB_MODE: online | offline | disabled ("": wandb's own default, online)
 
 
 @dataclass

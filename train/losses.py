@@ -165,3 +165,9 @@ def language_model_loss(model, inputs, targets, mask, tokens: torch.Tensor | flo
     else:
         loss = masked_cross_entropy(inner.output_logits(hidden), targets, mask, tokens)
     return loss + auxiliary_loss(model)
+
+
+def split_loss(result) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A loss_fn returns the loss, or (loss, terms): terms {name: detached scalar} are parts of it the
+    metrics log next to it (QAD: kd_loss, lm_loss). -> (loss, terms)."""
+    return result if isinstance(result, tuple) else (result, {})

@@ -1,10 +1,15 @@
-"""Metrics fan-out on rank 0: one console line, a JSONL run log, TensorBoard scalars.
+"""Metrics fan-out on rank 0: one console line, a JSONL run log, TensorBoard scalars, W&B (when
+logging.wandb_project is set: train/wandb_sink.py).
 
 JSONL (logs/<model>_<job>_<datetime>.jsonl): one JSON object per line, each with
 "iteration" and "time". Training records (every training.log_interval):
 
-    loss lr grad_norm [params_norm] iter_time_s tokens_per_s tokens_per_s_per_device
+    loss [kd_loss lm_loss] lr grad_norm [params_norm] iter_time_s tokens_per_s tokens_per_s_per_device
     flops_per_token mfu memory_allocated_gb memory_peak_gb skipped train_iters
+
+kd_loss and lm_loss (QAD) are the unweighted terms of loss, T^2 KL and CE, each only when the
+job computes it (lm_loss when distill.lm_loss_weight > 0): loss = kd_loss_weight x kd_loss +
+lm_loss_weight x lm_loss (+ the MoE auxiliary loss).
 
 Evaluation records (every training.eval_interval, and the one of an eval-only job):
 val_loss val_ppl (+ "eval_only": true). Values that do not exist on the device (MFU on
@@ -38,7 +43,9 @@ def format_value(value) -> str:
 
 
 class MetricsLogger:
-    def __init__(self, jsonl_path: Path | None, tensorboard_dir: Path | None, enabled: bool):
+    """The sinks: console, JSONL, TensorBoard and (wandb: train/wandb_sink.py WandbSink) W&B."""
+
+    def __init__(self, jsonl_path: Path | None, tensorboard_dir: Path | None, enabled: bool, wandb=None):
         self.enabled = enabled
         self.jsonl = open(jsonl_path, "a") if enabled and jsonl_path else None
         self.tensorboard = None
@@ -46,6 +53,7 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tensorboard = SummaryWriter(str(tensorboard_dir))
+        self.wandb = wandb if enabled else None
 
     def log(self, iteration: int, metrics: dict) -> None:
         if not self.enabled:
@@ -56,17 +64,23 @@ class MetricsLogger:
             record = {"iteration": iteration, "time": time.time(), **metrics}
             self.jsonl.write(json.dumps({k: json_safe(v) for k, v in record.items()}) + "\n")
             self.jsonl.flush()
+        scalars = {key: value for key, value in metrics.items()
+                   if key not in NOT_SCALARS and isinstance(value, (int, float)) and not isinstance(value, bool)}
         if self.tensorboard:
-            for key, value in metrics.items():
-                if key not in NOT_SCALARS and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.tensorboard.add_scalar(key, value, iteration)
+            for key, value in scalars.items():
+                self.tensorboard.add_scalar(key, value, iteration)
             self.tensorboard.flush()
+        if self.wandb:
+            self.wandb.log(iteration, scalars)
 
     def close(self) -> None:
         if self.jsonl:
             self.jsonl.close()
         if self.tensorboard:
             self.tensorboard.close()
+        if self.wandb:
+            self.wandb.close()
+            self.wandb = None
 
 
 def json_safe(value):
@@ -114,7 +128,8 @@ class IterationMetrics:
         self.flops_per_token: float | None = None
         self.peak_flops: float | None = None
 
-    def __call__(self, model, state, loss: float, lr: float, grad_norm: float, elapsed: float) -> dict:
+    def __call__(self, model, state, loss: float, lr: float, grad_norm: float, elapsed: float,
+                 loss_terms: dict | None = None) -> dict:
         cfg, plan = self.cfg, self.plan
         tokens = plan.global_batch_size * cfg.data.seq_length
         tokens_per_s = tokens / elapsed if elapsed > 0 else 0.0
@@ -123,7 +138,7 @@ class IterationMetrics:
             self.flops_per_token = mfu_lib.model_flops_per_token(model, cfg.data.seq_length)
             self.peak_flops = mfu_lib.device_peak_flops(self.device)
         allocated, peak = memory_gb(self.device)
-        metrics = {"loss": loss, "lr": lr, "grad_norm": grad_norm}
+        metrics = {"loss": loss, **(loss_terms or {}), "lr": lr, "grad_norm": grad_norm}
         if cfg.training.log_params_norm:
             metrics["params_norm"] = params_norm(model)
         metrics.update({

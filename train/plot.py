@@ -4,9 +4,11 @@ Reads RUN_DIR/logs/*.jsonl of every job start of the run (train/runlogs.py merge
 in iteration order) and writes, with matplotlib's Agg backend, into RUN_DIR/plots/:
 
     loss.png (training loss, validation loss on top)   val_loss.png   lr.png
+    loss_terms.png (QAD: the loss's terms kd_loss and lm_loss)
     tokens_per_s.png   mfu.png   grad_norm.png   memory.png   overview.png (all in a grid)
 
-A curve with no values (MFU on a CPU, no evaluation) is left out and named on stdout.
+A curve with no values (MFU on a CPU, no evaluation) is left out and named on stdout; the
+last line gives the first and last training loss.
 Errors (no such directory, no metric logs) print `error: ...` and exit 2.
 """
 
@@ -21,6 +23,8 @@ EXIT_USAGE = 2
 CURVES = {
     "loss": ("Loss", "loss", [("train", "loss", "train"), ("eval", "val_loss", "validation")]),
     "val_loss": ("Validation loss", "loss", [("eval", "val_loss", "validation")]),
+    "loss_terms": ("QAD loss terms", "loss", [("train", "kd_loss", "kd_loss (T^2 KL)"),
+                                             ("train", "lm_loss", "lm_loss (CE)")]),
     "lr": ("Learning rate", "lr", [("train", "lr", "lr")]),
     "tokens_per_s": ("Throughput", "tokens/s", [("train", "tokens_per_s", "all devices"),
                                                  ("train", "tokens_per_s_per_device", "per device")]),
@@ -119,7 +123,19 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     for path in written:
         print(path)
+    summary = loss_summary(merged_records(Path(args.run_dir))[0])
+    if summary:
+        print(summary)
     return 0
+
+
+def loss_summary(train: list[dict]) -> str | None:
+    """'loss 7.61 (iteration 1) -> 5.78 (iteration 80)': the first and last logged training loss."""
+    points = list(zip(*series(train, "loss")))
+    if len(points) < 2:
+        return None
+    (first_iteration, first), (last_iteration, last) = points[0], points[-1]
+    return f"loss {first:.3f} (iteration {first_iteration}) -> {last:.3f} (iteration {last_iteration})"
 
 
 if __name__ == "__main__":

@@ -51,9 +51,9 @@ def main(composed: DictConfig) -> None:
         def loss_fn(student, inputs, targets, mask, tokens=None):
             nonlocal teacher
             teacher = teacher or build_teacher(cfg, layout)
-            loss = distill_loss(student, teacher, inputs, targets, mask, cfg.distill, vocab, tokens)
+            loss, terms = distill_loss(student, teacher, inputs, targets, mask, cfg.distill, vocab, tokens)
             # MoE students: load balancing, a mean over this micro-batch (zero when dense)
-            return loss + auxiliary_loss(student)
+            return loss + auxiliary_loss(student), terms
 
         return loss_fn
 

@@ -39,13 +39,14 @@ from train.checkpoint import CheckpointManager
 from train.data.collate import Prefetcher, to_batch
 from train.data.sampler import MicroBatchSampler, parse_iterations_to_skip
 from train.launch.job import JobContext
-from train.losses import language_model_loss
+from train.losses import language_model_loss, split_loss
 from train.metrics import IterationMetrics, MetricsLogger, NonFiniteGuard, NonFiniteStop, debug_nan, is_bad
 from train.optim import build_optimizer, fold_clipping_into_step, learning_rate
 from train.parallel import (build_zero_redundancy_optimizer, clip_gradients, expert_checkpoint_view, gradient_sync,
                             local_view, wants_zero_redundancy_optimizer, zero_redundancy_optimizer_state_dict)
 from train.parallel.layout import ParallelLayout
 from train.validation import Validation, build_early_stopping
+from train.wandb_sink import start_wandb
 
 log = logging.getLogger("train")
 STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)  # the sbatch wrappers ask for B:USR2@<grace>
@@ -85,26 +86,30 @@ def loss_tokens(micro_batches: list, layout: ParallelLayout) -> torch.Tensor:
 
 
 def accumulate_gradients(model, loss_fn, micro_batches: list, layout: ParallelLayout, precision: str,
-                         sync_every_micro_batch: bool = False) -> torch.Tensor:
+                         sync_every_micro_batch: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Forward and backward of one step's micro-batches [(inputs, targets, mask)], gradients
     reduced over the data-parallel ranks once, in the last backward; in every backward with
     sync_every_micro_batch (FSDP2 ZeRO-3, DP_SHARDING=fsdp: skipping the reduce-scatter would keep
     whole unsharded gradients on every rank until the last micro-batch, the memory FSDP is chosen
-    to save). Returns this rank's share of the step's loss: the mean over the ranks is the logged
-    loss (the global token mean)."""
+    to save). Returns this rank's share of the step's loss (the mean over the ranks is the logged
+    loss, the global token mean) and of its terms ({name: share}, e.g. QAD's kd_loss, lm_loss)."""
     accumulation = len(micro_batches)
     tokens = loss_tokens(micro_batches, layout)
     total_loss = torch.zeros((), device=layout.device)
+    terms: dict[str, torch.Tensor] = {}
     # bf16: autocast the forward; parameters, gradients and AdamW state stay fp32 (master weights)
     autocast = torch.autocast(torch.device(layout.device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
     for index, (inputs, targets, mask) in enumerate(micro_batches):
         with gradient_sync(model, sync=sync_every_micro_batch or index == accumulation - 1):
             with autocast:
                 # the auxiliary (MoE) term is per micro-batch: / accumulation makes it the step's mean
-                loss = loss_fn(model, inputs, targets, mask, tokens=tokens) / accumulation
+                loss, micro_terms = split_loss(loss_fn(model, inputs, targets, mask, tokens=tokens))
+                loss = loss / accumulation
             loss.backward()
         total_loss += loss.detach()
-    return total_loss
+        for name, value in micro_terms.items():  # divided by the same tokens as the loss
+            terms[name] = terms.get(name, 0.0) + value.float() / accumulation
+    return total_loss, terms
 
 
 @dataclass
@@ -126,6 +131,7 @@ class Trainer:
         self.optimizer = (build_zero_redundancy_optimizer(model, cfg.optim) if self.zero1
                           else build_optimizer(model, cfg.optim))
         self.state = TrainState()
+        self.loss_terms: dict[str, float] = {}  # the last step's loss terms (QAD: kd_loss, lm_loss), for the logs
         self.checkpoints = CheckpointManager(
             self.plan.paths.checkpoints, cfg.checkpoint.keep_last, keep_every=cfg.checkpoint.keep_every,
             save_interval_s=cfg.checkpoint.save_interval_s, async_save=cfg.checkpoint.async_save)
@@ -133,7 +139,7 @@ class Trainer:
         self._saved_iteration = None  # the iteration this process last saved or resumed from
         self.metrics = MetricsLogger(self.plan.paths.metrics_log if cfg.logging.jsonl else None,
                                      self.plan.paths.tensorboard if cfg.logging.tensorboard else None,
-                                     enabled=ctx.is_main)
+                                     enabled=ctx.is_main, wandb=start_wandb(cfg, self.plan, ctx.is_main))
         self.iteration_metrics = IterationMetrics(cfg, self.plan, layout.world_size, layout.device)
         self.non_finite = NonFiniteGuard(cfg.training, self.checkpoints.latest_iteration, ctx.is_main)
         self.iterations_to_skip = set(parse_iterations_to_skip(cfg.data.iterations_to_skip))
@@ -223,19 +229,23 @@ class Trainer:
 
     def train_step(self, batches, accumulation: int) -> tuple[float, float]:
         """Forward/backward over `accumulation` micro-batches, then the gradient norm (clipping);
-        the optimizer step is the caller's. Returns (the step's loss, the gradient norm)."""
+        the optimizer step is the caller's. Returns (the step's loss, the gradient norm); the loss
+        terms a loss_fn returns (train.losses.split_loss) go to self.loss_terms, reduced the same way."""
         micro_batches = [next(batches) for _ in range(accumulation)]  # all of them: loss_tokens counts first
-        total_loss = accumulate_gradients(self.model, self.loss_fn, micro_batches, self.layout,
-                                          self.cfg.training.precision,
-                                          sync_every_micro_batch=self.cfg.parallel.data_parallel == "fsdp")
+        total_loss, terms = accumulate_gradients(self.model, self.loss_fn, micro_batches, self.layout,
+                                                 self.cfg.training.precision,
+                                                 sync_every_micro_batch=self.cfg.parallel.data_parallel == "fsdp")
         # fused AdamW: the clipping factor goes into the next optimizer.step() (train/optim.py)
         grad_norm = fold_clipping_into_step(self.model, self.optimizer, self.cfg.optim.grad_clip)
         if grad_norm is None:
             # clip_grad_norm_; under EP it first finishes the expert gradients (train/parallel/expert_parallel.py)
             grad_norm = clip_gradients(self.model, self.cfg.optim.grad_clip)
+        reduced = torch.stack([total_loss.float(), *terms.values()])  # one all-reduce for the loss and its terms
         if dist.is_initialized():
-            dist.all_reduce(total_loss, op=dist.ReduceOp.AVG)
-        return total_loss.item(), grad_norm.item()
+            dist.all_reduce(reduced, op=dist.ReduceOp.AVG)
+        values = reduced.tolist()
+        self.loss_terms = dict(zip(terms, values[1:]))
+        return values[0], grad_norm.item()
 
     def train(self) -> str:
         """Runs to train_iters; returns why it stopped: done | signal | time_budget | early_stop."""
@@ -279,8 +289,8 @@ class Trainer:
             self.state.consumed_samples += plan.global_batch_size
             elapsed = time.time() - tick
             if self.state.iteration % cfg.training.log_interval == 0:
-                self.metrics.log(self.state.iteration,
-                                 self.iteration_metrics(self.model, self.state, loss, lr, grad_norm, elapsed))
+                self.metrics.log(self.state.iteration, self.iteration_metrics(
+                    self.model, self.state, loss, lr, grad_norm, elapsed, self.loss_terms))
             evaluation = self.validation.maybe_evaluate(self.model, self.state.iteration)  # every eval_interval
             verdict = self.validation.early_stopping_verdict(evaluation, self.state.iteration, self.keep_best)
             if self.state.iteration % cfg.checkpoint.save_interval == 0 or self.checkpoints.time_to_save():

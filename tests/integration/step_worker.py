@@ -97,7 +97,7 @@ def assert_token_weighted(strategy: str, distill: bool) -> None:
     micro_batch_size, accumulation = SPLITS[layout.world_size]
     mine = micro_batches(batch, micro_batch_size, layout.dp_rank, layout.dp_size)
     assert len(mine) == accumulation
-    loss = accumulate_gradients(model, loss_fn, mine, layout, "fp32")
+    loss, _ = accumulate_gradients(model, loss_fn, mine, layout, "fp32")
     dist.all_reduce(loss, op=dist.ReduceOp.AVG)  # the logged loss, as Trainer.train_step reduces it
     torch.testing.assert_close(loss, reference_loss.detach(), rtol=1e-5, atol=1e-6)
     reference_grads = {n: p.grad for n, p in reference.named_parameters()}

@@ -114,6 +114,21 @@ def test_validation_fraction_splits_documents(tmp_path, tokenizer_dir, texts):
     assert not any(tuple(valid[i]) in train_set for i in range(len(valid)))
 
 
+def test_datablend_option_writes_a_blend_of_the_outputs(tmp_path, tokenizer_dir, texts):
+    """datablend=PATH: the blend a job reads (DATACACHE_DIR/datablend_<name>.json), prefixes relative to it."""
+    from train.data.blend import load_blend
+
+    source = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in texts])
+    cache = tmp_path / "cache"
+    summary = preprocess(make_config(input=source, tokenizer=tokenizer_dir, output_prefix=str(cache / "docs"),
+                                     validation_fraction=0.2, datablend=str(cache / "datablend_docs.json")))
+    assert json.loads((cache / "datablend_docs.json").read_text()) == {
+        "train": [1.0, "docs_text_document"], "valid": [1.0, "docs_valid_text_document"]}
+    blend = load_blend(str(cache / "datablend_docs.json"))  # checks the pairs exist
+    assert blend.prefixes("train") == [str(cache / "docs_text_document")]
+    assert str(cache / "datablend_docs.json") in summary.outputs
+
+
 @pytest.mark.parametrize("kind", ["json_array", "parquet"])
 def test_other_local_formats(tmp_path, tokenizer_dir, texts, kind):
     records = [{"body": t} for t in texts[:40]]

@@ -100,14 +100,27 @@ def test_qad_resume_restores_the_quantizers_and_repeats_the_losses_bitwise(tmp_p
 
 @pytest.mark.slow
 def test_qad_on_two_ranks_with_fsdp_shards_the_teacher_too(tmp_path, models):
+    """Also: the loss's terms kd_loss and lm_loss logged beside it (console, JSONL, TensorBoard), and
+    modelopt's warnings and prints once per job, not once per rank and module class."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     result = qad(tmp_path, models, "20260101_000001", "training.train_iters=2", "checkpoint.save_interval=2",
-                 "parallel.data_parallel=fsdp", procs=2)
+                 "parallel.data_parallel=fsdp", "distill.lm_loss_weight=0.5", "logging.tensorboard=true", procs=2)
     output = result.stdout + result.stderr
     assert "teacher" in output and "sharded like the student" in output
     assert "dp 2 (fsdp)" in output
     final = checkpoints(tmp_path) / "iter_0000002"
     assert (final / "quantizer_state.pt").is_file() and AMAX in dcp_keys(final)
-    assert all(isinstance(loss, float) for loss in losses(tmp_path, "20260101_000001").values())
+    records = [json.loads(line) for line in next((tmp_path / RUN / "logs").glob("*.jsonl")).read_text().splitlines()]
+    assert len(records) == 2
+    for record in records:  # loss = kd_loss_weight (1) x kd_loss + lm_loss_weight x lm_loss
+        assert record["loss"] == pytest.approx(record["kd_loss"] + 0.5 * record["lm_loss"], rel=1e-5)
+        assert 0 < record["kd_loss"] < record["lm_loss"]
+    assert "| kd_loss " in output and "| lm_loss " in output
+    events = EventAccumulator(str(next((tmp_path / RUN / "tensorboard").iterdir()))).Reload()
+    assert {"loss", "kd_loss", "lm_loss"} <= set(events.Tags()["scalars"])
+    assert output.count("no parallel_state is set") == 1  # modelopt warns per rank and module class
+    assert output.count("Inserted 90 quantizers") == 1  # modelopt prints on every rank
 
 
 def test_unknown_recipe_is_refused_before_the_job_starts(tmp_path, models):

@@ -1,7 +1,7 @@
 """python -m pytest tests/integration/test_qad_acceptance.py  (QAD on CPU wins back a clear share of the NVFP4 PTQ loss)
 
 Real text (stdlib docstrings, a locally trained BPE, train.preprocess with a valid split, a
-datablend), as in test_real_text.py. A tiny Qwen3 teacher is trained on it (in process, one
+datablend), as in the quick start (test_quickstart.py). A tiny Qwen3 teacher is trained on it (in process, one
 thread, then saved as an HF directory); `python -m train.eval --quant nvfp4` measures its NVFP4
 PTQ student; the real `python -m train.qad` job distills the quantized student from the teacher
 on the same corpus; `python -m train.eval --student RUN_DIR` measures it again.
@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_real_text import stdlib_docstrings  # same folder
 from tests.fixtures.synthetic_data import build_tokenizer
+from train.data.corpus import stdlib_docstrings
 
 REPO = Path(__file__).resolve().parents[2]
 SEQ, BATCH, EVAL_BATCHES = 128, 8, 6

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from train.config import DistillConfig
-from train.distill.chunked import chunked_distill_loss
-from train.distill.loss import distill_loss, full_logits_loss
+from train.distill.chunked import chunked_distill_loss, chunked_distill_terms
+from train.distill.loss import distill_loss, full_logits_loss, full_logits_terms, kd_loss_reference
+from train.losses import masked_cross_entropy
 from train.models import build_model, init_weights
 
 B, T, D, V = 2, 12, 16, 40
@@ -121,9 +122,14 @@ def test_distill_loss_on_models_matches_full_logits():
     mask = torch.ones(2, 10)
     mask[1, 7:] = 0
     cfg = DistillConfig(temperature=2.0, lm_loss_weight=0.5, chunk_size=6)
-    loss = distill_loss(student, teacher, inputs, targets, mask, cfg)
+    loss, terms = distill_loss(student, teacher, inputs, targets, mask, cfg)
     got = grads(loss, *student.parameters())
-    expected_loss = full_logits_loss(student(inputs), teacher(inputs), targets, mask, cfg, None)
+    expected_loss, expected_terms = full_logits_terms(student(inputs), teacher(inputs), targets, mask, cfg, None)
+    assert set(terms) == set(expected_terms) == {"kd_loss", "lm_loss"}
+    for name in terms:  # the logged terms: unweighted T^2 KL and CE, no gradient
+        assert not terms[name].requires_grad
+        torch.testing.assert_close(terms[name], expected_terms[name], rtol=1e-4, atol=1e-4)  # fp32 KL of ~0.05
+    torch.testing.assert_close(loss, terms["kd_loss"] + 0.5 * terms["lm_loss"], rtol=1e-5, atol=1e-6)
     expected = grads(expected_loss, *student.parameters())
     torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-6)
     for a, b in zip(got, expected):
@@ -160,3 +166,20 @@ def test_tokens_sets_the_denominator():
     cfg = DistillConfig(temperature=2.0, lm_loss_weight=0.5)
     reference = full_logits_loss(hidden @ weight.T, teacher_hidden @ teacher_weight.T, targets, mask, cfg, None, 30.0)
     torch.testing.assert_close(summed, reference, check_dtype=False)
+
+
+def test_terms_are_the_unweighted_kl_and_cross_entropy_and_lm_loss_only_when_weighted():
+    """kd_loss = T^2 KL, lm_loss = CE (what the logs show), whatever their weights; no lm_loss at weight 0."""
+    h, w, th, tw, targets, mask = tensors(seed=3)
+    logits, teacher_logits = h @ w.T, th @ tw.T
+    kl = kd_loss_reference(logits, teacher_logits, mask, 2.0)
+    ce = masked_cross_entropy(logits, targets, mask)
+    loss, terms = chunked_distill_terms(h, w, th, tw, targets, mask, temperature=2.0, lm_loss_weight=0.25,
+                                        kd_loss_weight=3.0, chunk_size=5)
+    torch.testing.assert_close(terms["kd_loss"].double(), kl, rtol=1e-5, atol=1e-6)  # fp32 sums
+    torch.testing.assert_close(terms["lm_loss"].double(), ce, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss.double(), 3.0 * kl + 0.25 * ce, rtol=1e-5, atol=1e-6)
+    _, kd_only = chunked_distill_terms(h, w, th, tw, targets, mask, temperature=2.0, chunk_size=5)
+    assert set(kd_only) == {"kd_loss"}
+    cfg = DistillConfig(temperature=2.0, lm_loss_weight=1.0, kd_loss_weight=0.0)
+    assert set(full_logits_terms(logits, teacher_logits, targets, mask, cfg, None)[1]) == {"lm_loss"}

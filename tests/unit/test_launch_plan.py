@@ -108,6 +108,14 @@ def test_tp_times_pp_must_divide_the_gpus(tmp_path, env):
     assert conf in message and "TP_SIZE x PP_SIZE = 3 x 1 = 3" in message and "8 GPUs" in message
 
 
+def test_wandb_settings_come_from_the_conf_and_a_bad_mode_is_refused(tmp_path, env):
+    conf = write_conf(tmp_path, TINY_PRETRAIN + "export WANDB_PROJECT=qad-sweep\nexport WANDB_MODE=offline\n")
+    command = plan_from_conf("pretrain", conf, [], env)[0].node_commands[0]
+    assert "logging.wandb_project=qad-sweep" in command and "logging.wandb_mode=offline" in command
+    with pytest.raises(PlanError, match="WANDB_MODE='ofline' .* is not one of online, offline, disabled"):
+        plan_from_conf("pretrain", conf, ["WANDB_MODE=ofline"], env)
+
+
 def test_tp_leaves_the_data_parallel_size(tmp_path, env):
     conf = write_conf(tmp_path, TINY_PRETRAIN + "export NUM_GPUS=8\nexport TP_SIZE=2\nexport DP_SHARDING=fsdp\n")
     assert plan_from_conf("pretrain", conf, [], env)[0].data_parallel_size == 4

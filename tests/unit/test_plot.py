@@ -40,6 +40,7 @@ def test_plot_writes_valid_pngs(tmp_path, capsys):
     write_run(tmp_path, [("20250101_000000", [train_record(i, 5.0 - i / 10, mfu=0.3) for i in range(1, 7)]
                           + [{"iteration": 3, "val_loss": 4.9, "val_ppl": 134.3}])])
     assert plot.main([str(tmp_path)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "loss 4.900 (iteration 1) -> 4.400 (iteration 6)"
     names = {p.name for p in (tmp_path / "plots").iterdir()}
     assert {"loss.png", "val_loss.png", "lr.png", "tokens_per_s.png", "mfu.png", "overview.png"} <= names
     for path in (tmp_path / "plots").iterdir():
@@ -52,7 +53,15 @@ def test_cpu_run_without_mfu_or_eval_skips_those_curves(tmp_path, capsys):
     assert plot.main([str(tmp_path), "--out", str(out)]) == 0
     names = {p.name for p in out.iterdir()}
     assert "mfu.png" not in names and "val_loss.png" not in names and "loss.png" in names
+    assert "loss_terms.png" not in names  # a pretraining run has no QAD terms
     assert "mfu: no values" in capsys.readouterr().out
+
+
+def test_qad_run_plots_its_loss_terms(tmp_path):
+    write_run(tmp_path, [("20250101_000000", [{**train_record(i, 1.0), "kd_loss": 0.5, "lm_loss": 2.0}
+                                              for i in range(1, 4)])])
+    assert plot.main([str(tmp_path)]) == 0
+    assert (tmp_path / "plots" / "loss_terms.png").read_bytes()[:8] == PNG_MAGIC
 
 
 @pytest.mark.parametrize("make", ["missing", "empty"])

@@ -1,4 +1,4 @@
-"""Data tools: python -m train.data {inspect,blend} --help"""
+"""Data tools: python -m train.data {inspect,blend,corpus,tokenizer} --help"""
 
 import sys
 

@@ -1,5 +1,7 @@
-"""`python -m train.data inspect PREFIX [--tokenizer DIR] [--vocab-size N]` and
-`python -m train.data blend --recipe RECIPE.yaml --out DIR [--seq-length N]`."""
+"""`python -m train.data inspect PREFIX [--tokenizer DIR] [--vocab-size N]`,
+`python -m train.data blend --recipe RECIPE.yaml --out DIR [--seq-length N]`,
+`python -m train.data corpus --output X.jsonl [--documents N]` (train/data/corpus.py) and
+`python -m train.data tokenizer --input X.jsonl --vocab-size N --output DIR` (train/data/tokenizer.py)."""
 
 import argparse
 import os
@@ -52,17 +54,36 @@ def main(argv: list[str] | None = None) -> int:
     blend_parser.add_argument("--recipe", required=True, help="recipe .yaml or .json")
     blend_parser.add_argument("--out", required=True, help="directory for datablend_<name>.json")
     blend_parser.add_argument("--seq-length", type=int, default=4096, help="for the samples column")
+    corpus_parser = commands.add_parser("corpus", help="write a small real-text JSONL (the stdlib's docstrings)")
+    corpus_parser.add_argument("--output", required=True, help="the .jsonl to write")
+    corpus_parser.add_argument("--documents", type=int, default=1500, help="docstrings to write")
+    tokenizer_parser = commands.add_parser("tokenizer", help="train a byte-level BPE on a JSONL; save an HF tokenizer")
+    tokenizer_parser.add_argument("--input", required=True, help="JSONL, one record per line")
+    tokenizer_parser.add_argument("--vocab-size", type=int, required=True, help="tokens, special ones included")
+    tokenizer_parser.add_argument("--output", required=True, help="HF tokenizer directory to write")
+    tokenizer_parser.add_argument("--text-field", default="text", help="the records' text key")
     args = parser.parse_args(argv)
     try:
         if args.command == "inspect":
             inspect(args.prefix, args.tokenizer, args.vocab_size, args.sample)
+        elif args.command == "corpus":
+            from train.data.corpus import write_corpus
+
+            print(f"wrote {args.output}: {write_corpus(args.output, args.documents):,} documents")
+        elif args.command == "tokenizer":
+            from train.data.tokenizer import build_tokenizer, read_texts
+
+            texts = read_texts(args.input, args.text_field)
+            print(f"wrote {build_tokenizer(args.output, texts, args.vocab_size)}: byte-level BPE of up to "
+                  f"{args.vocab_size:,} tokens (fewer if the text has fewer merges) from {len(texts):,} records, "
+                  "ChatML chat template")
         else:
             from train.data.blend_recipe import write_blend
 
             path, report = write_blend(args.recipe, args.out, args.seq_length)
             print("\n".join(report))
             print(f"wrote {path}")
-    except DataError as error:
+    except (DataError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

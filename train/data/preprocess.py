@@ -63,7 +63,8 @@ class PreprocessSummary:
             f"seconds:          {self.seconds:.1f} ({rate:,.0f} tokens/s)",
             f"malloc:           {self.malloc}",
         ]
-        return lines + [f"wrote:            {prefix}.bin/.idx" for prefix in self.outputs]
+        return lines + [f"wrote:            {output}" + ("" if output.endswith(".json") else ".bin/.idx")
+                        for output in self.outputs]
 
 
 def _check(config) -> None:
@@ -140,6 +141,18 @@ def _split_documents(result, goes_valid: np.ndarray):
             yield split, result.tokens[token_choice], result.lengths[document_choice], mask
 
 
+def write_datablend(path: str, prefixes: dict[str, str]) -> str:
+    """datablend JSON (train/data/blend.py's form) naming each split's output at weight 1; prefixes
+    relative to the blend's directory, so the two can move together. Returns the path."""
+    directory = os.path.dirname(os.path.abspath(path))
+    blend = {split: [1.0, os.path.relpath(os.path.abspath(prefix), directory)] for split, prefix in prefixes.items()}
+    os.makedirs(directory, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(blend, f, indent=1)
+    os.replace(path + ".tmp", path)
+    return path
+
+
 def preprocess(config) -> PreprocessSummary:
     """Run the whole conversion; DataError on bad input before anything final is written."""
     started = time.monotonic()
@@ -199,6 +212,8 @@ def preprocess(config) -> PreprocessSummary:
             writer.discard()
         raise
     summary.outputs = [writer.prefix for writer in every_writer]
+    if config.datablend:
+        summary.outputs.append(write_datablend(config.datablend, {split: prefixes[split] for split in splits}))
     summary.seconds = time.monotonic() - started
     summary.malloc = malloc.loaded() or "glibc"
     return summary

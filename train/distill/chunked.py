@@ -20,7 +20,9 @@ loss. Peak extra memory: a few (C, V) fp32 tensors + grad_W (V, D) + grad_h (N, 
 Both terms are sums over the loss mask divided by `tokens` (None: mask.sum(), the mean), like
 train.distill.loss.kd_loss_reference and train.losses.masked_cross_entropy; the trainer passes
 the global batch's loss tokens per micro-batch (train/trainer.py loss_tokens). The teacher's
-inputs are detached: no gradient is computed for them.
+inputs are detached: no gradient is computed for them. chunked_distill_terms also
+returns the terms unweighted, for the logs: kd_loss = T^2 KL and (only when lm_loss_weight > 0,
+the only time it is computed) lm_loss = CE.
 
 `vocab` (optional) restricts both softmaxes to the first `vocab` logits: the rule for a
 teacher and a student whose vocabularies differ only by padding rows past the tokenizer's size
@@ -41,7 +43,8 @@ class ChunkedDistillLoss(torch.autograd.Function):
                 lm_loss_weight: float, chunk_size: int, vocab: int | None, kd_loss_weight: float = 1.0,
                 tokens=None):
         # hidden (N, D) student, weight (V_s, D); teacher_hidden (N, D_t), teacher_weight (V_t, D_t);
-        # targets (N,) int64, mask (N,) float. Returns the scalar loss sum / tokens.
+        # targets (N,) int64, mask (N,) float. Returns the scalar loss sum / tokens and its two unweighted
+        # terms (T^2 KL, CE, each sum / tokens: no gradient flows through them).
         device_type = hidden.device.type
         dtype = matmul_dtype(device_type, weight.dtype)
         vocab = vocab or weight.shape[0]
@@ -51,7 +54,8 @@ class ChunkedDistillLoss(torch.autograd.Function):
         w_s, w_t = weight[:vocab].to(dtype), teacher_weight[:vocab].to(dtype)  # views unless cast
         grad_hidden = torch.zeros_like(hidden) if want_hidden_grad else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight_grad else None
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        kd_total = torch.zeros((), dtype=torch.float32, device=hidden.device)  # sum of T^2 KL over the mask
+        lm_total = torch.zeros((), dtype=torch.float32, device=hidden.device)  # sum of CE over the mask
         with torch.autocast(device_type, enabled=False):  # dtypes are explicit below
             for start in range(0, hidden.shape[0], chunk_size):
                 rows = slice(start, start + chunk_size)
@@ -68,7 +72,7 @@ class ChunkedDistillLoss(torch.autograd.Function):
                 # KL = sum_v pt (lt - ls), as two batched dot products: no (C, V) temporary
                 kl = (teacher_probs[:, None, :] @ log_teacher[:, :, None]
                       - teacher_probs[:, None, :] @ log_student[:, :, None]).flatten()  # (C,)
-                total += kd_loss_weight * temperature**2 * (kl * m).sum()
+                kd_total += temperature**2 * (kl * m).sum()
                 del log_teacher
                 # d(T^2 KL)/dzs = T (softmax(zs / T) - pt), in the buffer of ls
                 grad = log_student.exp_().sub_(teacher_probs).mul_(temperature * kd_loss_weight)  # (C, V)
@@ -76,7 +80,7 @@ class ChunkedDistillLoss(torch.autograd.Function):
                 if lm_loss_weight:  # CE = -log_softmax(zs)[target]; dCE/dzs = softmax(zs) - onehot
                     probs = F.log_softmax(student, dim=-1)
                     picked = probs.gather(1, targets[rows, None]).squeeze(1)  # (C,)
-                    total += lm_loss_weight * (-picked * m).sum()
+                    lm_total += (-picked * m).sum()
                     probs.exp_().scatter_add_(1, targets[rows, None], torch.full_like(picked[:, None], -1.0))
                     grad.add_(probs, alpha=lm_loss_weight)
                     del probs
@@ -92,10 +96,12 @@ class ChunkedDistillLoss(torch.autograd.Function):
                         grad_weight[:vocab].add_((grad.T @ h).float())
                 del grad
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype) if grad_weight is not None else None)
-        return total / count
+        kd, lm = kd_total / count, lm_total / count
+        ctx.mark_non_differentiable(kd, lm)
+        return kd_loss_weight * kd + lm_loss_weight * lm, kd, lm
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def backward(ctx, grad_output, _kd_grad, _lm_grad):
         grad_hidden, grad_weight = ctx.saved_tensors
         grad_hidden = grad_hidden * grad_output if grad_hidden is not None else None
         grad_weight = grad_weight * grad_output if grad_weight is not None else None
@@ -103,14 +109,23 @@ class ChunkedDistillLoss(torch.autograd.Function):
 
 
 def chunked_distill_loss(hidden: torch.Tensor, weight: torch.Tensor, teacher_hidden: torch.Tensor,
-                         teacher_weight: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, *,
-                         temperature: float = 1.0, lm_loss_weight: float = 0.0, chunk_size: int = 512,
-                         vocab: int | None = None, kd_loss_weight: float = 1.0,
-                         tokens: torch.Tensor | float | None = None) -> torch.Tensor:
+                         teacher_weight: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                         **settings) -> torch.Tensor:
     """kd_loss_weight x T^2 KL(teacher || student) + lm_loss_weight x CE, sums over the mask / tokens
     (None: means over the mask), chunk by chunk.
 
-    hidden (B, T, D) or (N, D); weight (V, D); teacher_* likewise; targets, mask (B, T) or (N,)."""
+    hidden (B, T, D) or (N, D); weight (V, D); teacher_* likewise; targets, mask (B, T) or (N,);
+    settings: the keywords of chunked_distill_terms."""
+    return chunked_distill_terms(hidden, weight, teacher_hidden, teacher_weight, targets, mask, **settings)[0]
+
+
+def chunked_distill_terms(hidden: torch.Tensor, weight: torch.Tensor, teacher_hidden: torch.Tensor,
+                          teacher_weight: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, *,
+                          temperature: float = 1.0, lm_loss_weight: float = 0.0, chunk_size: int = 512,
+                          vocab: int | None = None, kd_loss_weight: float = 1.0,
+                          tokens: torch.Tensor | float | None = None) -> tuple[torch.Tensor, dict]:
+    """(the loss of chunked_distill_loss, {"kd_loss": T^2 KL, ["lm_loss": CE]}): the terms unweighted,
+    detached and divided by the same `tokens`; lm_loss only when lm_loss_weight > 0."""
     if weight.shape[0] != teacher_weight.shape[0] and vocab is None:
         raise ValueError(f"vocabulary mismatch: student {weight.shape[0]} vs teacher {teacher_weight.shape[0]} "
                          "logits (only padding past the tokenizer's size may differ: pass vocab=)")
@@ -121,7 +136,8 @@ def chunked_distill_loss(hidden: torch.Tensor, weight: torch.Tensor, teacher_hid
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if not torch.is_grad_enabled():  # no backward will come: skip the gradient work in forward
         hidden, weight = hidden.detach(), weight.detach()
-    return ChunkedDistillLoss.apply(hidden.flatten(0, -2), weight, teacher_hidden.flatten(0, -2).detach(),
-                                    teacher_weight.detach(), targets.flatten(), mask.flatten(),
-                                    float(temperature), float(lm_loss_weight), int(chunk_size), vocab,
-                                    float(kd_loss_weight), tokens)
+    loss, kd, lm = ChunkedDistillLoss.apply(
+        hidden.flatten(0, -2), weight, teacher_hidden.flatten(0, -2).detach(), teacher_weight.detach(),
+        targets.flatten(), mask.flatten(), float(temperature), float(lm_loss_weight), int(chunk_size), vocab,
+        float(kd_loss_weight), tokens)
+    return loss, {"kd_loss": kd, **({"lm_loss": lm} if lm_loss_weight else {})}

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from train.config import DistillConfig
-from train.distill.chunked import chunked_distill_loss
+from train.distill.chunked import chunked_distill_terms
 from train.losses import mask_tokens, masked_cross_entropy
 
 
@@ -50,20 +50,32 @@ def full_logits_loss(logits, teacher_logits, targets, mask, distill_cfg: Distill
                      tokens: torch.Tensor | float | None = None) -> torch.Tensor:
     """The naive loss on whole (B, T, V) logits: kd_loss_weight x kd_loss_reference + lm_loss_weight x CE; the
     reference for distill_loss and its fallback."""
+    return full_logits_terms(logits, teacher_logits, targets, mask, distill_cfg, vocab, tokens)[0]
+
+
+def full_logits_terms(logits, teacher_logits, targets, mask, distill_cfg: DistillConfig, vocab: int | None,
+                      tokens: torch.Tensor | float | None = None) -> tuple[torch.Tensor, dict]:
+    """(full_logits_loss, its computed terms unweighted and detached: kd_loss when kd_loss_weight > 0,
+    lm_loss when lm_loss_weight > 0)."""
     if vocab is not None:
         logits, teacher_logits = logits[..., :vocab], teacher_logits[..., :vocab]
     kd_weight = distill_cfg.kd_loss_weight
-    loss = kd_weight * kd_loss_reference(logits, teacher_logits, mask, distill_cfg.temperature, tokens) if kd_weight \
-        else logits.sum() * 0.0
+    loss, terms = logits.sum() * 0.0, {}
+    if kd_weight:
+        kd = kd_loss_reference(logits, teacher_logits, mask, distill_cfg.temperature, tokens)
+        loss, terms["kd_loss"] = kd_weight * kd, kd.detach()
     if distill_cfg.lm_loss_weight:
-        loss = loss + distill_cfg.lm_loss_weight * masked_cross_entropy(logits, targets, mask, tokens)
-    return loss
+        lm = masked_cross_entropy(logits, targets, mask, tokens)
+        loss, terms["lm_loss"] = loss + distill_cfg.lm_loss_weight * lm, lm.detach()
+    return loss, terms
 
 
 def distill_loss(student: torch.nn.Module, teacher: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
                  mask: torch.Tensor, distill_cfg: DistillConfig, vocab: int | None = None,
-                 tokens: torch.Tensor | float | None = None) -> torch.Tensor:
+                 tokens: torch.Tensor | float | None = None) -> tuple[torch.Tensor, dict]:
     """kd_loss_weight x T^2 KL(teacher || student) + lm_loss_weight x CE over the loss mask; inputs/targets/mask (B, T).
+    Returns (loss, terms): terms {"kd_loss": T^2 KL, "lm_loss": CE}, unweighted and detached, for the logs
+    (each only when computed: lm_loss when lm_loss_weight > 0).
 
     distill_cfg: temperature, lm_loss_weight, kd_loss_weight (default 1; 0 with lm_loss_weight 1 is QAT:
     the same quantized student trained on the LM loss only), chunk_size (cfg.distill). vocab: compare only the
@@ -78,8 +90,9 @@ def distill_loss(student: torch.nn.Module, teacher: torch.nn.Module, inputs: tor
     if isinstance(weight, DTensor) or isinstance(teacher_weight, DTensor) or _lm_head_quantized(inner.lm_head):
         with torch.no_grad():
             teacher_logits = teacher.output_logits(teacher_hidden)
-        return full_logits_loss(inner.output_logits(hidden), teacher_logits, targets, mask, distill_cfg, vocab, tokens)
-    return chunked_distill_loss(hidden, weight, teacher_hidden, teacher_weight, targets, mask,
-                                temperature=distill_cfg.temperature, lm_loss_weight=distill_cfg.lm_loss_weight,
-                                chunk_size=distill_cfg.chunk_size, vocab=vocab,
-                                kd_loss_weight=distill_cfg.kd_loss_weight, tokens=tokens)
+        return full_logits_terms(inner.output_logits(hidden), teacher_logits, targets, mask, distill_cfg, vocab,
+                                 tokens)
+    return chunked_distill_terms(hidden, weight, teacher_hidden, teacher_weight, targets, mask,
+                                 temperature=distill_cfg.temperature, lm_loss_weight=distill_cfg.lm_loss_weight,
+                                 chunk_size=distill_cfg.chunk_size, vocab=vocab,
+                                 kd_loss_weight=distill_cfg.kd_loss_weight, tokens=tokens)

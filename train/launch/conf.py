@@ -8,6 +8,7 @@ they are validated. It imports neither torch nor Hydra: the launchers call it
 
 import difflib
 import os
+import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,6 +113,9 @@ CONF_VARIABLES: dict[str, ConfVariable] = {v.name: v for v in [
     _var("FSDP_MIXED_PRECISION", "parallel.fsdp_mixed_precision", "bool",
          "FSDP2 MixedPrecisionPolicy: bf16 all-gather and compute, fp32 reduce-scatter (DP_SHARDING=fsdp)"),
     _var("TIME_BUDGET_S", "training.time_budget_s", "float", "stop cleanly after this many seconds"),
+    _var("WANDB_PROJECT", "logging.wandb_project", "str", "W&B project: metrics to W&B too (rank 0); unset: off"),
+    _var("WANDB_ENTITY", "logging.wandb_entity", "str", "W&B user or team"),
+    _var("WANDB_MODE", "logging.wandb_mode", "str", "online | offline (no network; `wandb sync` later) | disabled"),
     # --- launcher-only: where the job runs ---
     _var("NNODES", None, "int", "nodes (manual multi-node; SLURM sets it otherwise)"),
     _var("NODE_RANK", None, "int", "this node's rank (manual multi-node)"),
@@ -141,13 +145,47 @@ def redact(env: dict[str, str]) -> dict[str, str]:
 
 def resolve_conf_path(config: str) -> Path:
     """--config takes a path (relative to the current directory or to the checkout), or a
-    bare name found in conf.d/ (with or without .conf)."""
+    bare name found in conf.d/ (with or without .conf). A YAML or JSON file is refused by name."""
     for candidate in (Path(config), REPO_ROOT / config, CONF_DIR / config, CONF_DIR / f"{config}.conf"):
         if candidate.is_file():
+            if looks_like_yaml(candidate):
+                raise ConfError(f"--config {config}: a YAML/JSON file, not a bash conf (`export VAR=value` lines, "
+                                "as in conf.d/); KD settings go in KD_CFG_PATH, config keys after `--`")
             return candidate.resolve()
     known = sorted(p.stem for p in CONF_DIR.glob("*.conf"))
     raise ConfError(f"--config {config}: no such file, and no conf.d/{config}.conf "
                     f"(known: {', '.join(known)})")
+
+
+YAML_KEY = re.compile(r"^[A-Za-z_][\w.-]*:(\s|$)")  # `key:` or `key: value` (bash has no such line)
+
+
+def looks_like_yaml(path: Path) -> bool:
+    """By suffix (.yaml .yml .json), or a first non-comment line that is a YAML key or a JSON brace."""
+    if path.suffix.lower() in (".yaml", ".yml", ".json"):
+        return True
+    for line in path.read_text(errors="replace").splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            return bool(YAML_KEY.match(line)) or line == "---" or line.startswith("{")
+    return False
+
+
+def command_line_variables(overrides: list[str], config: str) -> tuple[dict[str, str], list[str]]:
+    """Splits the launcher's overrides into conf variables (`LR=1e-6`: a CONF_VARIABLES name, upper case)
+    and Hydra ones (`optim.lr=1e-6`). Conf variables on the command line win over the conf."""
+    variables, hydra = {}, []
+    for override in overrides:
+        name, _, value = override.partition("=")
+        if not re.fullmatch(r"[A-Z][A-Z0-9_]*", name):
+            hydra.append(override)
+        elif name in CONF_VARIABLES:
+            variables[name] = value
+        else:
+            close = difflib.get_close_matches(name, CONF_VARIABLES, n=1)
+            raise ConfError(f"--config {config}: {override}: {name} is not a conf variable"
+                            + (f" (did you mean {close[0]}?)" if close else ""))
+    return variables, hydra
 
 
 # errexit: a failing command stops the conf (as in lib.sh, which sources under set -e);
@@ -273,15 +311,17 @@ def job_of_conf(config: str, base_env: dict[str, str] | None = None) -> str:
     return job
 
 
-def load_conf(config: str, job: str, base_env: dict[str, str] | None = None):
-    """Resolve, source and type-check a conf. Returns (path, env after sourcing, values, warnings).
+def load_conf(config: str, job: str, base_env: dict[str, str] | None = None,
+              command_line: dict[str, str] | None = None):
+    """Resolve, source and type-check a conf; command_line: conf variables given after --config
+    (command_line_variables), set over the conf's. Returns (path, env after sourcing, values, warnings).
 
     A conf whose JOB names another job is refused: its variables mean something else there."""
     if job not in JOBS:
         raise ConfError(f"unknown job {job!r} (known: {', '.join(JOBS)})")
     path = resolve_conf_path(config)
     base_env = without_job(base_env)
-    env = sourced_environment(path, base_env)
+    env = {**sourced_environment(path, base_env), **(command_line or {})}
     declared = conf_job(path, env)
     if declared not in (None, job):
         raise ConfError(f"{path}: JOB={declared}: this conf is for a {declared} job, not {job} "

@@ -64,6 +64,30 @@ def set_job_caches(env: dict[str, str], rank: int) -> None:
         os.environ.setdefault(variable, str(base / f"{name}-{job}-rank{rank}"))
 
 
+class WarningsOnce:
+    """Python warnings (modelopt, transformers, torch) at most once per job: rank 0 shows each
+    warning site (file and line) once, through the log, so it reaches the train log too; the other
+    ranks show none (they run the same code and would repeat rank 0's). Installed by start_job."""
+
+    def __init__(self):
+        self.seen: set[tuple[str, int]] = set()
+
+    def __call__(self, message, category, filename, lineno, file=None, line=None) -> None:
+        if (filename, lineno) in self.seen:
+            return
+        self.seen.add((filename, lineno))
+        log.warning("%s: %s (%s:%d; shown once per job)", category.__name__, message, filename, lineno)
+
+
+def show_warnings_once(is_main: bool) -> None:
+    import warnings
+
+    if is_main:
+        warnings.showwarning = WarningsOnce()
+    else:
+        warnings.simplefilter("ignore")
+
+
 def fail(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(EXIT_USAGE)
@@ -139,6 +163,7 @@ def start_job(job: str, cfg) -> JobContext:
     set_job_caches(env, rank)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stdout,
                         format=f"[%(asctime)s rank{rank}] %(message)s", datefmt="%H:%M:%S", force=True)
+    show_warnings_once(rank == 0)
     plan_file = env.get("TRAIN_PLAN_FILE")
     planned = read_plan_file(plan_file, job, cfg, world_size) if plan_file else None
     cluster = cluster_lib.ClusterEnv(

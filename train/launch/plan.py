@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from train.launch import cluster as cluster_lib
-from train.launch.conf import EXIT_USAGE, REPO_ROOT, ConfError, config_overrides, load_conf
+from train.launch.conf import EXIT_USAGE, REPO_ROOT, ConfError, command_line_variables, config_overrides, load_conf
 from train.launch.memory import (AUTO_ORDER, describe, fitting_alternatives, gpu_memory_bytes, job_split,
                                  job_memory, job_models, resource_plan, resource_summary)
 from train.models.registry import args_for_display_name
@@ -280,9 +280,19 @@ class JobPlan:
         }
 
 
+WANDB_MODES = ("", "online", "offline", "disabled")  # "": wandb's default
+
+
+def check_logging(cfg: JobConfig, conf: str) -> None:
+    if cfg.logging.wandb_mode not in WANDB_MODES:
+        raise PlanError(f"{conf}: WANDB_MODE={cfg.logging.wandb_mode!r} (logging.wandb_mode) is not one of "
+                        "online, offline, disabled")
+
+
 def build_plan(job: str, cfg: JobConfig, env: dict[str, str], conf: str, cluster: cluster_lib.ClusterEnv,
                strict_paths: bool = True) -> JobPlan:
     check_model_name(cfg, conf)
+    check_logging(cfg, conf)
     data_parallel = check_parallel(cfg, cluster.world_size, conf)
     check_quant(cfg, job, conf)
     problems = path_problems(cfg, conf)
@@ -366,9 +376,11 @@ def node_command(job: str, cluster: cluster_lib.ClusterEnv, node_rank: int, over
 
 def plan_from_conf(job: str, config: str, user_overrides: list[str], env: dict[str, str],
                    nnodes: int | None = None, strict_paths: bool = True) -> tuple[JobPlan, list[str], list[str]]:
-    """Source the conf, compose the config, check everything. Returns (plan, overrides, warnings)."""
+    """Source the conf, compose the config, check everything. Returns (plan, overrides, warnings).
+    user_overrides: Hydra `key=value`s and conf variables `VAR=value` (these win over the conf)."""
     base_env = env
-    path, env, values, warnings = load_conf(config, job, env)
+    command_line, user_overrides = command_line_variables(list(user_overrides), config)
+    path, env, values, warnings = load_conf(config, job, env, command_line)
     cluster = cluster_lib.detect(env, int(values["NUM_GPUS"]))
     if nnodes is not None:  # at submission time: the nodes the job will get
         cluster = cluster_lib.ClusterEnv("slurm", nnodes, 0, "<first node>", cluster.master_port,

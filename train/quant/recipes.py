@@ -14,6 +14,8 @@ world, so all ranks end up with the same quantizers.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import time
 from typing import TYPE_CHECKING, Iterable
@@ -69,6 +71,15 @@ def quantizer_counts(model: torch.nn.Module) -> tuple[int, int]:
     return enabled, len(quantizers) - enabled
 
 
+def rank_zero_prints():
+    """modelopt prints ("Inserted N quantizers") on every rank: only rank 0's reach stdout."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return contextlib.redirect_stdout(io.StringIO())
+    return contextlib.nullcontext()
+
+
 def quantize_model(model: torch.nn.Module, recipe: str,
                    calibration_batches: Iterable[torch.Tensor] | None = None) -> torch.nn.Module:
     """Fake-quantizes `model` in place with the named recipe; returns it.
@@ -94,7 +105,8 @@ def quantize_model(model: torch.nn.Module, recipe: str,
                          tuple(tokens.shape), time.time() - started)
 
     started = time.time()
-    model = mtq.quantize(model, config, forward_loop if batches else None)
+    with rank_zero_prints():
+        model = mtq.quantize(model, config, forward_loop if batches else None)
     enabled, disabled = quantizer_counts(model)
     log.info("quantized with recipe %s (%s) in %.1f s over %d calibration batches: "
              "%d quantizers enabled, %d disabled", recipe, RECIPES[recipe], time.time() - started,
@@ -116,4 +128,5 @@ def restore_quantizer_state(model: torch.nn.Module, state: dict) -> torch.nn.Mod
     import modelopt.torch.opt as mto
 
     register_modules(model)
-    return mto.restore_from_modelopt_state(model, state)
+    with rank_zero_prints():
+        return mto.restore_from_modelopt_state(model, state)
