@@ -84,7 +84,7 @@ class Trainer:
         self.checkpoints = CheckpointManager(
             self.plan.paths.checkpoints, cfg.checkpoint.keep_last, keep_every=cfg.checkpoint.get("keep_every", 0),
             save_interval_s=cfg.checkpoint.get("save_interval_s", 0.0),
-            async_save=cfg.checkpoint.get("async_save", False))
+            async_save=cfg.checkpoint.get("async_save", False), max_failed_saves=cfg.checkpoint.max_failed_saves)
         self.checkpoints.clean_leftovers()  # *.tmp of a save that was killed
         self._saved_iteration = None  # the iteration this process last saved or resumed from
         self.metrics = MetricsLogger(self.plan.paths.metrics_log if cfg.logging.jsonl else None,
@@ -142,19 +142,19 @@ class Trainer:
         from omegaconf import OmegaConf
 
         config_yaml = OmegaConf.to_yaml(self.cfg, resolve=True) if self.ctx.is_main else None
-        self.checkpoints.save(self.state.iteration, self.tensors(), self.state_dict(), config_yaml,
-                              files=self.checkpoint_files)
-        self._saved_iteration = self.state.iteration
+        if self.checkpoints.save(self.state.iteration, self.tensors(), self.state_dict(), config_yaml,
+                                 files=self.checkpoint_files) is not None:  # None: failed, logged, retried later
+            self._saved_iteration = self.state.iteration
 
     def resume(self) -> None:
-        from train.checkpoint import CheckpointMismatch
+        from train.checkpoint import CheckpointDamaged, CheckpointMismatch
         from train.launch.job import fail
 
         iteration = self.plan.resume.iteration
         tensors = self.tensors()
         try:
             trainer_state = self.checkpoints.load(iteration, tensors, model_name=str(self.cfg.model.name))
-        except CheckpointMismatch as error:
+        except (CheckpointMismatch, CheckpointDamaged) as error:
             fail(str(error))
         if self.zero1:  # the optimizer's own tensors were filled in place by the load
             set_model_state_dict(self.model, tensors["model"])

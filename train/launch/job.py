@@ -121,6 +121,8 @@ def start_job(job: str, cfg) -> JobContext:
              plan.data_parallel_size, plan.global_batch_size)
     log.info("run dir %s; resume: %s at iteration %d (%s)", plan.paths.run_dir, plan.resume.decision,
              plan.resume.iteration, plan.resume.path or "-")
+    for damaged in plan.resume.skipped:
+        log.warning("skipped damaged checkpoint %s", damaged)
     log.info("plan: %s", resource_summary(plan.resources))
     if plan.blend_path:
         log.info("datablend %s, train samples %s", plan.blend_path, plan.train_samples)

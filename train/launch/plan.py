@@ -320,7 +320,10 @@ def plan_from_conf(job: str, config: str, user_overrides: list[str], env: dict[s
     problem = memory_problem(job, cfg, plan, str(path))
     if problem and strict_paths and env.get("MEMORY_CHECK", "1").lower() not in ("0", "false", "no"):
         raise PlanError(problem)
-    return plan, overrides, warnings + master_weight_warnings(cfg, str(path)) + ([problem] if problem else [])
+    skipped = [f"skipping damaged checkpoint {damaged}; resuming from {plan.resume.path}"
+               for damaged in plan.resume.skipped]
+    return plan, overrides, (warnings + skipped + master_weight_warnings(cfg, str(path))
+                             + ([problem] if problem else []))
 
 
 def choose_data_parallel(job: str, cfg, env: dict[str, str], world_size: int, conf: str) -> str:
