@@ -53,6 +53,13 @@ plan_job() {  # JOB: validates the conf; sets RUN_DIR SLURM_LOG ... TRAIN_OVERRI
   eval "$plan"
 }
 
+take_run_lock() {  # one job per run dir (train/launch/runlock.py); released when this shell exits
+  ((PLAN_NODE_RANK == 0)) || return 0
+  "$PYTHON" -m train.launch.runlock acquire "$RUN_DIR" --pid $$ || exit $?
+  export RUN_LOCK_PID=$$
+  trap '"$PYTHON" -m train.launch.runlock release "$RUN_DIR" --pid '$$' || true' EXIT
+}
+
 source_conf() {  # export the conf's variables to torchrun and the workers (NCCL_*, HF_TOKEN, ...)
   # as the plan sourced it: errexit on, unset variables allowed (${MODELS_ROOT}/x in confs)
   set -a +u
@@ -101,6 +108,7 @@ launch_job() {  # JOB MODE args...
       ${NNODES:+--nodes "$NNODES"} -- "${OVERRIDES[@]}"
   fi
   plan_job "$job"
+  take_run_lock
   source_conf
   export RUN_DATETIME NNODES NUM_GPUS MASTER_ADDR MASTER_PORT
   export TRAIN_CONF_PATH=$CONF_PATH TRAIN_STOP_FILE="$RUN_DIR/logs/stop_${RUN_DATETIME}.json"

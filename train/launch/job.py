@@ -22,6 +22,7 @@ from train.launch.conf import EXIT_USAGE, ConfError
 from train.launch.memory import resource_summary
 from train.launch.plan import JobPlan, PlanError, build_plan
 from train.launch.rundir import ResumeError, env_log_text
+from train.launch.runlock import RunLocked, hold_in_worker
 
 log = logging.getLogger("train")
 
@@ -104,6 +105,12 @@ def start_job(job: str, cfg) -> JobContext:
         plan = build_plan(job, cfg, env, env.get("TRAIN_CONF_PATH", "<command line>"), cluster)
     except (ConfError, PlanError, ResumeError) as error:
         fail(str(error))
+    lock_warnings = []
+    if rank == 0:  # one job per run directory (train/launch/runlock.py), before anything is written
+        try:
+            lock_warnings = hold_in_worker(plan.paths.run_dir, env)
+        except RunLocked as error:
+            fail(str(error))
     device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     ctx = JobContext(plan, rank, local_rank, world_size, device, timeline)
     init_process_group(ctx, cfg.parallel.backend, cfg.parallel.timeout_s)
@@ -121,6 +128,8 @@ def start_job(job: str, cfg) -> JobContext:
              plan.data_parallel_size, plan.global_batch_size)
     log.info("run dir %s; resume: %s at iteration %d (%s)", plan.paths.run_dir, plan.resume.decision,
              plan.resume.iteration, plan.resume.path or "-")
+    for warning in lock_warnings:
+        log.warning("%s", warning)
     for damaged in plan.resume.skipped:
         log.warning("skipped damaged checkpoint %s", damaged)
     log.info("plan: %s", resource_summary(plan.resources))

@@ -386,6 +386,7 @@ def shell_exports(plan: JobPlan, overrides: list[str]) -> str:
         "MASTER_ADDR": plan.cluster.master_addr, "MASTER_PORT": plan.cluster.master_port,
         "RUN_DATETIME": plan.paths.datetime,
         "RESUME_DECISION": plan.resume.decision, "RESUME_ITERATION": plan.resume.iteration,
+        "PLAN_NODE_RANK": plan.cluster.node_rank,  # node 0's launcher takes the run lock
     }
     lines = [f"{k}={shlex.quote(str(v))}" for k, v in values.items()]
     lines.append("TRAIN_OVERRIDES=(" + " ".join(shlex.quote(o) for o in overrides) + ")")
