@@ -116,6 +116,7 @@ launch_job() {  # JOB MODE args...
   [[ $mode == batch ]] && tee_logs
   note "$job job: conf $CONF_PATH; $NNODES node(s) x $NUM_GPUS; rendezvous $MASTER_ADDR:$MASTER_PORT"
   note "run dir $RUN_DIR; $RESUME_DECISION (iteration $RESUME_ITERATION)"
+  export TRAIN_LIFELINE="$(hostname):$$"  # workers die with this shell (train/launch/lifeline.py)
   if [[ $mode == batch ]]; then
     run_forwarding_signals srun --nodes="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \
       "$LAUNCHERS_DIR/node.sh" "$job" "${TRAIN_OVERRIDES[@]}" || status=$?

@@ -39,6 +39,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from train.launch.lifeline import process_start
+
 LOCK_FILE = "run.lock"
 HEARTBEAT_S = 60  # rank 0 touches the lock file this often
 STALE_AFTER_S = 600  # a holder we cannot ask (other host, no squeue) is dead after this much silence
@@ -60,15 +62,6 @@ class Holder:
     def describe(self) -> str:
         job = f"SLURM job {self.slurm_job_id}" if self.slurm_job_id else "a job"
         return f"{job} on {self.host} (pid {self.pid}, since {self.started})"
-
-
-def process_start(pid: int) -> str | None:
-    """Start time of a process in clock ticks since boot (/proc/<pid>/stat field 22); None if gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]  # fields after "(comm)" start at field 3
 
 
 def this_holder(pid: int, env: dict[str, str]) -> Holder:
