@@ -24,19 +24,19 @@ usage: $1 --config CONF [--hf-token-file FILE] [--dry-run] [-- key=value ...]
 EOF
 }
 
-parse_args() {  # sets CONFIG DRY_RUN OVERRIDES; exports HF_TOKEN
-  CONFIG="" DRY_RUN=0 OVERRIDES=()
+parse_args() {  # sets CONFIG DRY_RUN OVERRIDES CLI_HF_TOKEN; exports HF_TOKEN
+  CONFIG="" DRY_RUN=0 OVERRIDES=() CLI_HF_TOKEN=""
   while (($#)); do
     case "$1" in
       --config) [[ $# -ge 2 ]] || die "--config needs a value"; CONFIG=$2; shift 2 ;;
       --config=*) CONFIG=${1#*=}; shift ;;
       --hf-token-file) [[ $# -ge 2 ]] || die "--hf-token-file needs a value"
         [[ -r $2 ]] || die "--hf-token-file $2: not a readable file"
-        HF_TOKEN=$(tr -d '[:space:]' <"$2"); export HF_TOKEN; shift 2 ;;
+        HF_TOKEN=$(tr -d '[:space:]' <"$2"); export HF_TOKEN; CLI_HF_TOKEN=$HF_TOKEN; shift 2 ;;
       --hf-token) [[ $# -ge 2 ]] || die "--hf-token needs a value"
         echo "warning: --hf-token puts the token in the job's arguments, which SLURM stores" \
           "(visible in 'scontrol show job'); use --hf-token-file FILE or export HF_TOKEN" >&2
-        HF_TOKEN=$2; export HF_TOKEN; shift 2 ;;
+        HF_TOKEN=$2; export HF_TOKEN; CLI_HF_TOKEN=$HF_TOKEN; shift 2 ;;
       --dry-run) DRY_RUN=1; shift ;;
       -h | --help) usage "$0"; exit 0 ;;
       --) shift; OVERRIDES+=("$@"); break ;;
@@ -66,6 +66,11 @@ source_conf() {  # export the conf's variables to torchrun and the workers (NCCL
   # shellcheck disable=SC1090
   source "$CONF_PATH"
   set +a -u
+  if [[ -n $CLI_HF_TOKEN ]]; then  # the command line's token wins over the conf's
+    [[ -z ${HF_TOKEN:-} || $HF_TOKEN == "$CLI_HF_TOKEN" ]] ||
+      echo "warning: HF_TOKEN is set in $CONF_PATH and given on the command line: using the command line's" >&2
+    export HF_TOKEN=$CLI_HF_TOKEN
+  fi
 }
 
 tee_logs() {  # batch jobs: copy stdout/stderr into logs_slurm/ under names from logs_templates/

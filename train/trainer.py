@@ -62,6 +62,17 @@ class StopRequest:
         return bool(flag.item())
 
 
+def schedule_change(saved: dict | None, train_iters: int, iteration: int, optim) -> str | None:
+    """One line when a resumed run's TRAIN_ITERS differs from the checkpoint's: the LR schedule
+    (a function of the iteration and TRAIN_ITERS, train/optim.py) is recomputed over the new length."""
+    saved_iters = (saved or {}).get("train_iters")
+    if saved_iters in (None, train_iters):
+        return None
+    before, after = learning_rate(iteration, saved_iters, optim), learning_rate(iteration, train_iters, optim)
+    return (f"TRAIN_ITERS changed on resume: {saved_iters} -> {train_iters}; the {optim.schedule} LR schedule is "
+            f"recomputed over {train_iters} iterations: LR at iteration {iteration} {before:.4g} -> {after:.4g}")
+
+
 @dataclass
 class TrainState:
     iteration: int = 0  # optimizer steps done
@@ -164,6 +175,10 @@ class Trainer:
                            optim_state_dict=tensors["optimizer"])
         self.load_state_dict(trainer_state)
         self._saved_iteration = self.state.iteration
+        change = schedule_change(trainer_state.get("scheduler"), self.plan.train_iters, self.state.iteration,
+                                 self.cfg.optim)
+        if change:
+            log.warning("%s", change)
         log.info("resumed from %s: iteration %d, %d samples consumed", self.checkpoints.path(iteration),
                  self.state.iteration, self.state.consumed_samples)
 

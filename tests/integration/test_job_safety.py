@@ -108,3 +108,19 @@ def test_kill_9_of_the_launcher_group_during_start_up_ends_every_worker(tmp_path
         os.killpg(launcher.pid, signal.SIGKILL) if launcher.poll() is None else None
     assert not startup_file(tmp_path)  # killed before the first step
     assert survivors == {}
+
+
+@pytest.mark.parametrize("conf_token,warned", [("hf_FAKE_conf_value", True), ("", False)])
+def test_the_command_line_token_wins_over_the_conf(tmp_path, conf_token, warned):
+    conf = tmp_path / "with-token.conf"
+    conf.write_text((REPO / "conf.d/tiny-qwen3.conf").read_text() + f"export HF_TOKEN={conf_token}\n")
+    token_file = tmp_path / "token.txt"
+    token_file.write_text("hf_FAKE_file_value\n")
+    script = (f'source launchers/lib.sh; parse_args --config {conf} --hf-token-file {token_file}; '
+              f'CONF_PATH={conf}; source_conf; [[ $HF_TOKEN == hf_FAKE_file_value ]] && echo file-token-used')
+    result = subprocess.run(["bash", "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60,
+                            env=launcher_env(tmp_path, "token"))
+    assert result.stdout.strip() == "file-token-used", result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == (1 if warned else 0)
+    assert all(str(conf) in w and "command line" in w and "hf_FAKE" not in w for w in warnings)

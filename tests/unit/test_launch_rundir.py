@@ -17,6 +17,7 @@ from train.launch.rundir import (
     checkpoint_problem,
     env_log_text,
     format_lr,
+    legacy_note,
     load_templates,
     read_tracker,
     resume_state,
@@ -57,16 +58,32 @@ def test_qad_run_layout(tmp_path):
 def test_pretrain_run_name_has_no_teacher(tmp_path):
     paths = run_paths("pretrain", model="tiny-qwen3", dataset="synthetic", lr=1e-3, root=tmp_path,
                       teacher="ignored", env={"RUN_DATETIME": STAMP})
-    assert paths.run_name == "tiny-qwen3-Data-synthetic-lr0.001"
+    assert paths.run_name == "tiny-qwen3-pretrain-Data-synthetic-lr0.001"
     assert paths.train_log == tmp_path / paths.run_name / "logs" / f"tiny-qwen3_pretrain_{STAMP}.log"
     assert "ignored" not in str(paths.as_dict())
 
 
-def test_finetune_uses_the_plain_run_name(tmp_path):
-    paths = run_paths("finetune", model="qwen3-0.6b", dataset="alpaca_chat", lr="2e-4", root=tmp_path,
-                      teacher=None, env={"RUN_DATETIME": STAMP})
-    assert paths.run_name == "qwen3-0.6b-Data-alpaca_chat-lr0.0002"
-    assert paths.train_log.name == f"qwen3-0.6b_finetune_{STAMP}.log"
+def test_pretraining_and_fine_tuning_of_one_model_get_their_own_run_dirs(tmp_path):
+    names = {job: run_paths(job, model="qwen3-0.6b", dataset="alpaca_chat", lr="2e-4", root=tmp_path, teacher=None,
+                            env={"RUN_DATETIME": STAMP}).run_name for job in ("pretrain", "finetune")}
+    assert names == {"pretrain": "qwen3-0.6b-pretrain-Data-alpaca_chat-lr0.0002",
+                     "finetune": "qwen3-0.6b-finetune-Data-alpaca_chat-lr0.0002"}
+
+
+def test_an_old_style_run_dir_of_the_same_job_stays_in_use(tmp_path):
+    old = tmp_path / "tiny-qwen3-Data-synthetic-lr0.001"
+    (old / "logs").mkdir(parents=True)
+    (old / "logs" / "tiny-qwen3_pretrain_20250101_000000.log").write_text("")
+
+    def paths(job):
+        return run_paths(job, model="tiny-qwen3", dataset="synthetic", lr=1e-3, root=tmp_path, teacher=None,
+                         env={"RUN_DATETIME": STAMP})
+
+    assert (paths("pretrain").run_dir, paths("pretrain").legacy) == (old, True)
+    assert "old-style run directory" in legacy_note(paths("pretrain"), "pretrain")[0]
+    assert paths("finetune").run_name == "tiny-qwen3-finetune-Data-synthetic-lr0.001"  # not its run
+    (tmp_path / "tiny-qwen3-pretrain-Data-synthetic-lr0.001").mkdir()
+    assert not paths("pretrain").legacy  # a new-style directory exists: it wins
 
 
 def test_outside_slurm_the_log_names_say_local(tmp_path):

@@ -23,7 +23,7 @@ from train.launch.conf import EXIT_USAGE, REPO_ROOT, ConfError, config_overrides
 from train.launch.memory import (AUTO_ORDER, describe, fitting_alternatives, gpu_memory_bytes, job_split,
                                  job_memory, job_models, resource_plan, resource_summary)
 from train.models.registry import args_for_display_name
-from train.launch.rundir import ResumeError, ResumeState, RunPaths, resume_state, run_paths
+from train.launch.rundir import ResumeError, ResumeState, RunPaths, legacy_note, resume_state, run_paths
 
 
 class PlanError(ValueError):
@@ -320,8 +320,8 @@ def plan_from_conf(job: str, config: str, user_overrides: list[str], env: dict[s
     problem = memory_problem(job, cfg, plan, str(path))
     if problem and strict_paths and env.get("MEMORY_CHECK", "1").lower() not in ("0", "false", "no"):
         raise PlanError(problem)
-    skipped = [f"skipping damaged checkpoint {damaged}; resuming from {plan.resume.path}"
-               for damaged in plan.resume.skipped]
+    skipped = legacy_note(plan.paths, job) + [f"skipping damaged checkpoint {damaged}; resuming from "
+                                              f"{plan.resume.path}" for damaged in plan.resume.skipped]
     return plan, overrides, (warnings + skipped + master_weight_warnings(cfg, str(path))
                              + ([problem] if problem else []))
 

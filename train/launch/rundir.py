@@ -146,6 +146,7 @@ class RunPaths:
     resolved_config: Path
     slurm_log: Path
     slurm_err: Path
+    legacy: bool = False  # an old-style run directory (RUN_DIR_LEGACY in names.conf) kept for this run
 
     def as_dict(self) -> dict[str, str]:
         return {k: str(v) for k, v in asdict(self).items()}
@@ -173,10 +174,26 @@ def run_paths(job: str, *, model: str, dataset: str, lr: float | str, root: str 
 
     root = Path(root).absolute()
     run_name = fill("RUN_DIR_QAD" if job == "qad" else "RUN_DIR")
+    legacy = job != "qad" and is_legacy_run_of(root / run_name, root / fill("RUN_DIR_LEGACY"), job)
+    if legacy:
+        run_name = fill("RUN_DIR_LEGACY")
     run_dir = root / run_name
     return RunPaths(fields["datetime"], root, run_name, run_dir, run_dir / fill("CHECKPOINTS"), run_dir / fill("TENSORBOARD"),
                     run_dir / fill("TRAIN_LOG"), run_dir / fill("METRICS_LOG"), run_dir / fill("ENV_LOG"),
-                    run_dir / fill("RESOLVED_CONFIG"), root / fill("SLURM_LOG"), root / fill("SLURM_ERR"))
+                    run_dir / fill("RESOLVED_CONFIG"), root / fill("SLURM_LOG"), root / fill("SLURM_ERR"), legacy)
+
+
+def is_legacy_run_of(run_dir: Path, legacy_dir: Path, job: str) -> bool:
+    """The old-style directory holds a run of this job (its logs name the job: TRAIN_LOG), and
+    the new-style one does not exist yet: keep resuming there."""
+    return not run_dir.exists() and any((legacy_dir / "logs").glob(f"*_{job}_*"))
+
+
+def legacy_note(paths: RunPaths, job: str) -> list[str]:
+    if not paths.legacy:
+        return []
+    return [f"{paths.run_dir}: an old-style run directory holding this {job} run (before job types were in run "
+            "names, logs_templates/names.conf): it stays in use; a new run gets the job in its name"]
 
 
 @dataclass(frozen=True)
