@@ -124,3 +124,22 @@ def test_the_command_line_token_wins_over_the_conf(tmp_path, conf_token, warned)
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
     assert len(warnings) == (1 if warned else 0)
     assert all(str(conf) in w and "command line" in w and "hf_FAKE" not in w for w in warnings)
+
+
+@pytest.mark.slow
+def test_failed_saves_let_training_go_on_then_stop_the_job_with_one_error_line(tmp_path):
+    """Every save fails (files over 48 KB cannot be written, as on a full disk): the first failure is
+    a warning and training goes on; the second in a row (max_failed_saves=2) stops the job."""
+    overrides = "training.train_iters=8 checkpoint.save_interval=2 checkpoint.max_failed_saves=2"
+    script = f"trap '' XFSZ; ulimit -f 48; exec bash launchers/pretrain.sh --config tiny-qwen3 -- {overrides}"
+    result = subprocess.run(["bash", "-c", script], cwd=REPO, env=launcher_env(tmp_path, "disk"),
+                            capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "checkpoint at iteration 2 not saved" in output and "File too large" in output
+    assert "iter 3 |" in output  # training went on after the first failure
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "2 checkpoint saves in a row failed, the last at iteration 4" in errors[0], output[-3000:]
+    assert "iter 5 |" not in output
+    checkpoints = next(tmp_path.glob("*/checkpoints/tiny-qwen3"))
+    assert list(checkpoints.iterdir()) == []  # no .tmp left, no tracker
