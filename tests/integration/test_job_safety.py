@@ -97,13 +97,28 @@ def test_kill_9_of_the_launcher_group_after_the_first_step_ends_every_worker(tmp
     assert not (startup_file(tmp_path)[0].parents[1] / "run.lock").exists()  # released at exit
 
 
+def kill_and_count_survivors(launcher: subprocess.Popen, marker: str, target: str) -> dict[int, str]:
+    """kill -9 the launcher's process group, or only torchrun, or only node.sh; then who is left after 10 s."""
+    if target == "group":
+        return kill_group_and_count_survivors(launcher, marker)
+    needle = {"torchrun": "torchrun", "node.sh": "launchers/node.sh"}[target]
+    pid = next(pid for pid, cmd in marked_processes(marker).items() if needle in cmd)
+    os.kill(pid, signal.SIGKILL)
+    time.sleep(10)
+    survivors = marked_processes(marker)
+    for pid in survivors:  # a failing test leaves no worker behind
+        os.kill(pid, signal.SIGKILL)
+    return survivors
+
+
 @pytest.mark.slow
-def test_kill_9_of_the_launcher_group_during_start_up_ends_every_worker(tmp_path):
+@pytest.mark.parametrize("target", ["group", "torchrun", "node.sh"])
+def test_kill_9_during_start_up_ends_every_worker(tmp_path, target):
     marker = uuid.uuid4().hex
     launcher = start_launcher(tmp_path, marker, LONG)
     try:
         wait_for(lambda: len(workers(marker)) == 2, 120, "two worker processes")
-        survivors = kill_group_and_count_survivors(launcher, marker)
+        survivors = kill_and_count_survivors(launcher, marker, target)
     finally:
         os.killpg(launcher.pid, signal.SIGKILL) if launcher.poll() is None else None
     assert not startup_file(tmp_path)  # killed before the first step
