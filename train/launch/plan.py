@@ -320,9 +320,9 @@ def plan_from_conf(job: str, config: str, user_overrides: list[str], env: dict[s
     problem = memory_problem(job, cfg, plan, str(path))
     if problem and strict_paths and env.get("MEMORY_CHECK", "1").lower() not in ("0", "false", "no"):
         raise PlanError(problem)
-    skipped = legacy_note(plan.paths, job) + [f"skipping damaged checkpoint {damaged}; resuming from "
-                                              f"{plan.resume.path}" for damaged in plan.resume.skipped]
-    return plan, overrides, (warnings + skipped + master_weight_warnings(cfg, str(path))
+    run_dir_notes = legacy_note(plan.paths, job) + [f"skipping damaged checkpoint {damaged}; resuming from "
+                                                    f"{plan.resume.path}" for damaged in plan.resume.skipped]
+    return plan, overrides, (warnings + run_dir_notes + master_weight_warnings(cfg, str(path))
                              + ([problem] if problem else []))
 
 
