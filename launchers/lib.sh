@@ -31,19 +31,19 @@ EOF
 # The QAD users' guide passes these after --config, in this order: `qad.sh --config C 1e-6 Qwen3-8B ...`
 QAD_POSITIONAL=(LR TEACHER_MODEL DATASET_NAME STUDENT_MODEL KD_CFG_PATH)
 
-parse_args() {  # sets CONFIG DRY_RUN OVERRIDES POSITIONAL; exports HF_TOKEN
-  CONFIG="" DRY_RUN=0 OVERRIDES=() POSITIONAL=()
+parse_args() {  # sets CONFIG DRY_RUN OVERRIDES POSITIONAL CLI_HF_TOKEN; exports HF_TOKEN
+  CONFIG="" DRY_RUN=0 OVERRIDES=() POSITIONAL=() CLI_HF_TOKEN=""
   while (($#)); do
     case "$1" in
       --config) [[ $# -ge 2 ]] || die "--config needs a value"; CONFIG=$2; shift 2 ;;
       --config=*) CONFIG=${1#*=}; shift ;;
       --hf-token-file) [[ $# -ge 2 ]] || die "--hf-token-file needs a value"
         [[ -r $2 ]] || die "--hf-token-file $2: not a readable file"
-        HF_TOKEN=$(tr -d '[:space:]' <"$2"); export HF_TOKEN; shift 2 ;;
+        HF_TOKEN=$(tr -d '[:space:]' <"$2"); export HF_TOKEN; CLI_HF_TOKEN=$HF_TOKEN; shift 2 ;;
       --hf-token) [[ $# -ge 2 ]] || die "--hf-token needs a value"
         echo "warning: --hf-token puts the token in the job's arguments, which SLURM stores" \
           "(visible in 'scontrol show job'); use --hf-token-file FILE or export HF_TOKEN" >&2
-        HF_TOKEN=$2; export HF_TOKEN; shift 2 ;;
+        HF_TOKEN=$2; export HF_TOKEN; CLI_HF_TOKEN=$HF_TOKEN; shift 2 ;;
       --dry-run) DRY_RUN=1; shift ;;
       -h | --help) usage "$0"; exit 0 ;;
       --) shift; OVERRIDES+=("$@"); break ;;
@@ -82,12 +82,27 @@ plan_job() {  # JOB: validates the conf, writes the plan file; sets RUN_DIR SLUR
   eval "$plan"
 }
 
+take_run_lock() {  # one job per run dir (train/launch/runlock.py); released when this shell exits
+  ((PLAN_NODE_RANK == 0)) || return 0
+  "$PYTHON" -m train.launch.runlock acquire "$RUN_DIR" --pid $$ || exit $?
+  export RUN_LOCK_PID=$$
+  trap '"$PYTHON" -m train.launch.runlock release "$RUN_DIR" --pid '$$' || true' EXIT
+}
+
+prefer_command_line_token() {  # --hf-token-file / --hf-token win over the conf's HF_TOKEN
+  [[ -n $CLI_HF_TOKEN ]] || return 0
+  [[ -z ${HF_TOKEN:-} || $HF_TOKEN == "$CLI_HF_TOKEN" ]] ||
+    echo "warning: HF_TOKEN is set in $CONF_PATH and given on the command line: using the command line's" >&2
+  export HF_TOKEN=$CLI_HF_TOKEN
+}
+
 source_conf() {  # preprocess (no plan): export the conf's variables to its process
   # as the plan sources it: errexit on, unset variables allowed (${MODELS_ROOT}/x in confs)
   set -a +u
   # shellcheck disable=SC1090
   source "$CONF_PATH"
   set +a -u
+  prefer_command_line_token
 }
 
 tee_logs() {  # batch jobs: copy stdout/stderr into logs_slurm/ under names from logs_templates/
@@ -131,6 +146,8 @@ launch_job() {  # JOB MODE args...
       ${NNODES:+--nodes "$NNODES"} -- "${OVERRIDES[@]}"
   fi
   plan_job "$job"
+  take_run_lock
+  prefer_command_line_token
   export_command_line_variables
   export RUN_DATETIME NNODES NUM_GPUS MASTER_ADDR MASTER_PORT TRAIN_PLAN_FILE
   export TRAIN_CONF_PATH=$CONF_PATH TRAIN_STOP_FILE="$RUN_DIR/logs/stop_${RUN_DATETIME}.json"
@@ -138,6 +155,7 @@ launch_job() {  # JOB MODE args...
   [[ $mode == batch ]] && tee_logs
   note "$job job: conf $CONF_PATH; $NNODES node(s) x $NUM_GPUS; rendezvous $MASTER_ADDR:$MASTER_PORT"
   note "run dir $RUN_DIR; $RESUME_DECISION (iteration $RESUME_ITERATION); plan $TRAIN_PLAN_FILE"
+  export TRAIN_LIFELINE="$(hostname):$$"  # workers die with this shell (train/launch/lifeline.py)
   if [[ $mode == batch ]]; then
     run_forwarding_signals srun --nodes="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \
       "$LAUNCHERS_DIR/node.sh" "$job" "${TRAIN_OVERRIDES[@]}" || status=$?

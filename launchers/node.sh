@@ -12,6 +12,8 @@ mapfile -d '' -t torchrun_cmd < <("${PYTHON:-python3}" -m train.launch.node "$jo
 [[ ${#torchrun_cmd[@]} -gt 0 ]] || exit 2
 echo "[node $NODE_RANK $(hostname)] ${torchrun_cmd[*]}" >&2
 cd "$REPO_ROOT"
+# the workers die with this task and with the launcher (train/launch/lifeline.py)
+export TRAIN_LIFELINE="${TRAIN_LIFELINE:-} $(hostname):$$"
 # torchrun ignores USR2/TERM (its default would kill it and orphan the workers); the
 # workers install handlers of their own, finish the iteration, save and exit cleanly.
 (trap '' USR2 TERM; exec "${torchrun_cmd[@]}") &

@@ -35,4 +35,4 @@ bash "$REPO_ROOT/launchers/pretrain.sh" --config tiny-qwen3 -- DATASET_NAME=stdl
   SEQ_LENGTH=128 MBS=8 GBS=16 TRAIN_ITERS="$TRAIN_ITERS" LR=3e-3 WARMUP_ITERS=5 LOG_INTERVAL=5 \
   EVAL_INTERVAL=40 EVAL_ITERS=4 SAVE_INTERVAL=40 "$@"
 step "plots"
-"$PYTHON" -m train.plot "$QAD_CHECKPOINT_ROOT/tiny-qwen3-Data-stdlib-lr0.003"
+"$PYTHON" -m train.plot "$QAD_CHECKPOINT_ROOT/tiny-qwen3-pretrain-Data-stdlib-lr0.003"

@@ -8,13 +8,21 @@
     │   │                             parameter shapes, world size (rank 0)
     │   ├── rng_rank<r>.pt            RNG states (python, numpy, torch, cuda) of every rank
     │   ├── quantizer_state.pt        QAD: how the student was quantized (train/quant/student.py)
-    │   └── config.yaml               the resolved config of the run that saved it
+    │   ├── config.yaml               the resolved config of the run that saved it
+    │   └── manifest.json             size and head/tail crc32 of every file, written last
+    │                                 (train/launch/rundir.py: verified at plan time)
     └── latest_checkpointed_iteration.txt   the iteration, written last
 
 Save: every rank writes into iter_XXXXXXX.tmp, all ranks meet at a barrier, rank 0
 checks the files, renames the directory and only then replaces the tracker file (via a
 temporary file and rename). A kill at any moment leaves the tracker pointing at a
 complete checkpoint, or at the previous one; the next start removes leftover *.tmp.
+
+A failed save (disk full, I/O error, on any rank) removes its iter_XXXXXXX.tmp, logs the
+cause in one line on rank 0 and training goes on from the previous checkpoint; after
+`max_failed_saves` failures in a row every rank stops with one error line (exit 4).
+Ranks agree on the outcome of each step of a save (one all_gather_object of the causes
+on a gloo group), so no rank enters a collective the others have left.
 Durability (a crash of the machine, not just of the process): every file is fsynced by
 the rank that wrote it before the barrier (the DCP shards by their writer threads, right
 after each file is written), rank 0 fsyncs the directory before the rename, the parent
@@ -48,10 +56,13 @@ kept; the rest are removed after each publish.
 
 import contextlib
 import ctypes
+import json
 import logging
 import os
+import queue
 import random
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -61,13 +72,30 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.filesystem import FileSystem
 
-from train.launch.rundir import TRACKER_FILE, checkpoint_dir_name, read_tracker
+from torch.distributed.checkpoint.api import CheckpointException
+
+from train.launch.rundir import (MANIFEST_FILE, TRACKER_FILE, checkpoint_dir_name, checkpoint_iterations,
+                                 checkpoint_manifest, read_tracker)
 
 log = logging.getLogger("train")
 
 
 class CheckpointMismatch(RuntimeError):
     """The checkpoint was written by a different model (name or parameter shapes)."""
+
+
+class CheckpointDamaged(RuntimeError):
+    """A shard file is shorter than DCP's metadata says (an older checkpoint, without manifest)."""
+
+
+class CheckpointSaveFailed(SystemExit):
+    """Raised on every rank after max_failed_saves failed saves in a row (exit 4)."""
+
+    EXIT_CODE = 4
+
+    def __init__(self, message: str):
+        super().__init__(self.EXIT_CODE)
+        self.message = message
 
 
 def barrier() -> None:
@@ -98,10 +126,19 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def checkpoint_iterations(directory: Path) -> list[int]:
-    """Iterations of the published checkpoints (iter_NNNNNNN directories), ascending."""
-    return sorted(int(p.name[len("iter_"):]) for p in Path(directory).glob("iter_*")
-                  if p.is_dir() and p.name[len("iter_"):].isdigit())
+def os_error_of(error: BaseException | None) -> OSError | None:
+    """The OSError behind an error (itself, or in its __context__ chain), if any."""
+    while error is not None and not isinstance(error, OSError):
+        error = error.__context__
+    return error
+
+
+def failure_cause(error: BaseException) -> str:
+    """One line: the first underlying exception of a DCP CheckpointException, or the error itself."""
+    if isinstance(error, CheckpointException) and error.failures:
+        error = next(iter(error.failures.values()))
+        error = error[0] if isinstance(error, tuple) else error
+    return f"{type(error).__name__}: {error}".splitlines()[0]
 
 
 def tensor_shapes(state: dict, prefix: str = "") -> dict[str, tuple]:
@@ -183,10 +220,27 @@ class _WritebackStream:
 
 
 class _WritebackFileSystem(FileSystem):
+    """Streams with early write-back; a failed write (disk full, I/O error) is recorded in
+    `errors` and ends its writer thread quietly. DCP's writer threads would otherwise print a
+    traceback each and drop their files' records from the metadata, so the save would look
+    complete (torch 2.x's _write_files_from_queue stops on queue.Empty); DurableWriter.write_data
+    raises the recorded error once, on the thread that called it."""
+
+    def __init__(self):
+        super().__init__()
+        self.errors: list[BaseException] = []
+
     @contextlib.contextmanager
     def create_stream(self, path, mode):
         with super().create_stream(path, mode) as stream:
-            yield _WritebackStream(stream) if "w" in mode else stream
+            if "w" not in mode:
+                yield stream
+                return
+            try:
+                yield _WritebackStream(stream)
+            except (OSError, RuntimeError) as error:  # torch.save's zip writer wraps the OSError
+                self.errors.append(error)
+                raise queue.Empty from error
 
 
 class DurableWriter(dcp.FileSystemWriter):
@@ -205,16 +259,40 @@ class DurableWriter(dcp.FileSystemWriter):
         # meanwhile also skips its CRC32, which nothing reads)
         crc32 = torch.serialization.get_crc32_options()
         torch.serialization.set_crc32_options(False)
+        self.fs.errors.clear()
         try:
-            return super().write_data(plan, planner)
+            future = super().write_data(plan, planner)
         finally:
             torch.serialization.set_crc32_options(crc32)
+        written = len(future.wait())
+        if self.fs.errors or written < len(plan.items):
+            cause = next((e for e in map(os_error_of, self.fs.errors) if e is not None), None)
+            raise OSError(getattr(cause, "errno", None), f"{cause.strerror if cause else 'a writer thread failed'} "
+                          f"({written} of {len(plan.items)} tensor records written to {self.path})")
+        return future
+
+
+def check_shard_sizes(directory: Path) -> None:
+    """Every shard file at least as long as the records DCP's metadata places in it (cheap: sizes
+    only; the manifest, when there is one, was verified at plan time)."""
+    needed: dict[str, int] = {}
+    for info in (dcp.FileSystemReader(str(directory)).read_metadata().storage_data or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        path = Path(directory) / name
+        actual = path.stat().st_size if path.is_file() else None
+        if actual is None or actual < size:
+            raise CheckpointDamaged(f"checkpoint {directory} is damaged: {name} has "
+                                    f"{'no file' if actual is None else f'{actual} bytes'}, its metadata needs "
+                                    f"{size} bytes; remove {Path(directory).name} to resume from the previous one")
 
 
 class CheckpointManager:
     def __init__(self, directory: Path, keep_last: int, keep_every: int = 0, save_interval_s: float = 0.0,
-                 async_save: bool = False, write_threads: int = 4):
+                 async_save: bool = False, write_threads: int = 4, max_failed_saves: int = 3):
         self.directory = Path(directory)
+        self.max_failed_saves = max_failed_saves  # failed saves in a row before the job stops
+        self.failed_saves = 0
         self.write_threads = write_threads  # DCP writer threads per rank (files __<rank>_<thread>.distcp)
         self.keep_last = keep_last
         self.keep_every = keep_every
@@ -257,38 +335,89 @@ class CheckpointManager:
 
     # ------------------------------------------------------------ save
     def save(self, iteration: int, tensors: dict, trainer_state: dict, config_yaml: str | None = None,
-             files: dict | None = None) -> Path:
+             files: dict | None = None) -> Path | None:
         """tensors: model/optimizer state (DCP, sharded); trainer_state: small picklable dict;
-        files: {file name: picklable object} that rank 0 writes with torch.save (checked at publish)."""
+        files: {file name: picklable object} that rank 0 writes with torch.save (checked at publish).
+        Returns the checkpoint's path, or None when the save failed (module docstring)."""
         self.finalize()  # an earlier async save publishes first
         final, temporary = self.path(iteration), self.directory / f"{checkpoint_dir_name(iteration)}.tmp"
+        self.last_save_time = time.time()
+        steps = [lambda: self._prepare(temporary),
+                 lambda: self._write_small_files(temporary, tensors, trainer_state, config_yaml, files)]
+        if self._use_async():
+            steps.append(lambda: self._start_async(tensors, iteration, temporary, final))
+        else:
+            steps += [lambda: dcp.save(tensors, storage_writer=self._writer(temporary)),
+                      lambda: self._publish(iteration, temporary, final) if rank() == 0 else None]
+        for step in steps:
+            if not self._agreed_ok(step, iteration, temporary):
+                return None
+        barrier()
+        if self._pending is None:
+            self.failed_saves = 0
+        return final
+
+    def _prepare(self, temporary: Path) -> None:
         if rank() == 0:
             shutil.rmtree(temporary, ignore_errors=True)  # leftover of a killed save
             temporary.mkdir(parents=True)
-        barrier()
+
+    def _write_small_files(self, temporary: Path, tensors: dict, trainer_state: dict, config_yaml: str | None,
+                           files: dict | None) -> None:
         torch_save_durably(rng_state(), temporary / f"rng_rank{rank()}.pt")
+        if rank() != 0:
+            return
+        trainer_state = {**trainer_state, "world_size": world_size(),
+                         "model_shapes": tensor_shapes(tensors.get("model", {})),
+                         "extra_files": sorted(files or {})}
+        for name, value in (files or {}).items():
+            torch_save_durably(value, temporary / name)
+        torch_save_durably(trainer_state, temporary / "trainer.pt")
+        if config_yaml is not None:
+            (temporary / "config.yaml").write_text(config_yaml)
+            fsync_path(temporary / "config.yaml")
+
+    def _start_async(self, tensors: dict, iteration: int, temporary: Path, final: Path) -> None:
+        future = dcp.async_save(tensors, storage_writer=self._writer(temporary),
+                                process_group=self._background_group())
+        self._pending = (future, iteration, temporary, final)
+
+    def _agreed_ok(self, step, iteration: int, temporary: Path) -> bool:
+        """Runs one step of a save on every rank; all ranks learn whether any failed. On a
+        failure: the temporary directory goes, rank 0 logs the cause, and after
+        max_failed_saves failures in a row CheckpointSaveFailed stops every rank."""
+        cause = None
+        try:
+            step()
+        except (OSError, CheckpointException, RuntimeError) as error:  # disk full, EIO, an incomplete publish
+            cause = failure_cause(error)
+        causes = [cause]
+        if dist.is_initialized():
+            causes = [None] * world_size()
+            dist.all_gather_object(causes, cause, group=self._status_group())
+        failed = [(r, c) for r, c in enumerate(causes) if c is not None]
+        if not failed:
+            return True
+        self.failed_saves += 1
         if rank() == 0:
-            trainer_state = {**trainer_state, "world_size": world_size(),
-                             "model_shapes": tensor_shapes(tensors.get("model", {})),
-                             "extra_files": sorted(files or {})}
-            for name, value in (files or {}).items():
-                torch_save_durably(value, temporary / name)
-            torch_save_durably(trainer_state, temporary / "trainer.pt")
-            if config_yaml is not None:
-                (temporary / "config.yaml").write_text(config_yaml)
-                fsync_path(temporary / "config.yaml")
-        self.last_save_time = time.time()
-        if self._use_async():
-            future = dcp.async_save(tensors, storage_writer=self._writer(temporary),
-                                    process_group=self._background_group())
-            self._pending = (future, iteration, temporary, final)
-            return final
-        dcp.save(tensors, storage_writer=self._writer(temporary))
-        barrier()
-        if rank() == 0:
-            self._publish(iteration, temporary, final)
-        barrier()
-        return final
+            shutil.rmtree(temporary, ignore_errors=True)
+            where = f" (rank {failed[0][0]})" if world_size() > 1 else ""
+            log.warning("checkpoint at iteration %d not saved%s: %s; removed %s, keeping %s (failed save %d of "
+                        "checkpoint.max_failed_saves=%d in a row)", iteration, where, failed[0][1], temporary.name,
+                        self._latest_name(), self.failed_saves, self.max_failed_saves)
+        if self.failed_saves >= self.max_failed_saves:
+            message = (f"{self.failed_saves} checkpoint saves in a row failed, the last at iteration {iteration}: "
+                       f"{failed[0][1]}; stopping (latest checkpoint: {self._latest_name()}, "
+                       "checkpoint.max_failed_saves)")
+            if rank() == 0:
+                log.error(message)
+                print(f"error: {message}", file=sys.stderr, flush=True)
+            raise CheckpointSaveFailed(message)
+        return False
+
+    def _latest_name(self) -> str:
+        latest = read_tracker(self.directory)
+        return checkpoint_dir_name(latest) if latest is not None else "no checkpoint"
 
     def _writer(self, temporary: Path) -> dcp.FileSystemWriter:
         return DurableWriter(temporary, thread_count=self.write_threads)
@@ -301,6 +430,12 @@ class CheckpointManager:
         if getattr(self, "_group", None) is None:
             self._group = dist.new_group(backend="gloo")
         return self._group
+
+    def _status_group(self):
+        """A gloo group of its own for agreeing on a save's outcome (never busy with an async save)."""
+        if getattr(self, "_status", None) is None:
+            self._status = dist.new_group(backend="gloo")
+        return self._status
 
     def _use_async(self) -> bool:
         if not self.async_save:
@@ -318,14 +453,19 @@ class CheckpointManager:
             return
         future, iteration, temporary, final = self._pending
         self._pending = None
+        if not self._agreed_ok(lambda: self._wait(future), iteration, temporary):
+            return
+        if self._agreed_ok(lambda: self._publish(iteration, temporary, final) if rank() == 0 else None,
+                           iteration, temporary):
+            self.failed_saves = 0
+        barrier()
+
+    @staticmethod
+    def _wait(future) -> None:
         result = future.result()
         upload = getattr(result, "upload_completion", None)  # AsyncSaveResponse on newer torch
         if upload is not None:
             upload.result()
-        barrier()
-        if rank() == 0:
-            self._publish(iteration, temporary, final)
-        barrier()
 
     def _publish(self, iteration: int, temporary: Path, final: Path) -> None:
         saved = torch.load(temporary / "trainer.pt", weights_only=False)
@@ -335,6 +475,9 @@ class CheckpointManager:
         missing = [name for name in expected if not (temporary / name).is_file()]
         if missing:
             raise RuntimeError(f"checkpoint {temporary} is incomplete: missing {missing}")
+        manifest = temporary / MANIFEST_FILE  # last: it lists every file (train/launch/rundir.py)
+        manifest.write_text(json.dumps(checkpoint_manifest(temporary), indent=1))
+        fsync_path(manifest)
         # every file is fsynced by its writer; make their names durable, then the rename, then the tracker
         fsync_path(temporary)
         if final.exists():
@@ -359,7 +502,12 @@ class CheckpointManager:
                 and not (self.keep_every > 0 and old % self.keep_every == 0)]
 
     def _purge(self, keep: int) -> None:
-        for old in self.purgeable(checkpoint_iterations(self.directory), keep):
+        iterations = checkpoint_iterations(self.directory)
+        for newer in [i for i in iterations if i > keep]:  # the damaged checkpoints this run resumed past
+            log.warning("removed %s: newer than the checkpoint just saved (skipped as damaged at resume)",
+                        self.path(newer))
+            shutil.rmtree(self.path(newer), ignore_errors=True)
+        for old in self.purgeable([i for i in iterations if i <= keep], keep):
             shutil.rmtree(self.path(old), ignore_errors=True)
 
     # ------------------------------------------------------------ load
@@ -398,6 +546,7 @@ class CheckpointManager:
         """Fills `tensors` in place from DCP; returns the trainer state. Restores this rank's RNG."""
         directory = self.path(iteration)
         self.check_compatible(iteration, tensors, model_name)
+        check_shard_sizes(directory)
         dcp.load(tensors, checkpoint_id=str(directory))
         rng_file = directory / f"rng_rank{rank()}.pt"
         if rng_file.is_file():

@@ -129,6 +129,7 @@ class CheckpointConfig:
     async_save: bool = False  # dcp.async_save with CUDA; synchronous on CPU
     save_on_signal: bool = True  # SIGUSR2/SIGTERM: finish the iteration, save, stop
     requeue: bool = True  # ask the sbatch wrapper to `scontrol requeue` after a signal save
+    max_failed_saves: int = 3  # failed saves (disk full, I/O error) in a row before the job stops (exit 4)
 
 
 @dataclass

@@ -112,6 +112,17 @@ def accumulate_gradients(model, loss_fn, micro_batches: list, layout: ParallelLa
     return total_loss, terms
 
 
+def schedule_change(saved: dict | None, train_iters: int, iteration: int, optim) -> str | None:
+    """One line when a resumed run's TRAIN_ITERS differs from the checkpoint's: the LR schedule
+    (a function of the iteration and TRAIN_ITERS, train/optim.py) is recomputed over the new length."""
+    saved_iters = (saved or {}).get("train_iters")
+    if saved_iters in (None, train_iters):
+        return None
+    before, after = learning_rate(iteration, saved_iters, optim), learning_rate(iteration, train_iters, optim)
+    return (f"TRAIN_ITERS changed on resume: {saved_iters} -> {train_iters}; the {optim.schedule} LR schedule is "
+            f"recomputed over {train_iters} iterations: LR at iteration {iteration} {before:.4g} -> {after:.4g}")
+
+
 @dataclass
 class TrainState:
     iteration: int = 0  # optimizer steps done
@@ -134,7 +145,8 @@ class Trainer:
         self.loss_terms: dict[str, float] = {}  # the last step's loss terms (QAD: kd_loss, lm_loss), for the logs
         self.checkpoints = CheckpointManager(
             self.plan.paths.checkpoints, cfg.checkpoint.keep_last, keep_every=cfg.checkpoint.keep_every,
-            save_interval_s=cfg.checkpoint.save_interval_s, async_save=cfg.checkpoint.async_save)
+            save_interval_s=cfg.checkpoint.save_interval_s, async_save=cfg.checkpoint.async_save,
+            max_failed_saves=cfg.checkpoint.max_failed_saves)
         self.checkpoints.clean_leftovers()  # *.tmp of a save that was killed
         self._saved_iteration = None  # the iteration this process last saved or resumed from
         self.metrics = MetricsLogger(self.plan.paths.metrics_log if cfg.logging.jsonl else None,
@@ -192,19 +204,19 @@ class Trainer:
         from omegaconf import OmegaConf
 
         config_yaml = OmegaConf.to_yaml(self.cfg, resolve=True) if self.ctx.is_main else None
-        self.checkpoints.save(self.state.iteration, self.tensors(), self.state_dict(), config_yaml,
-                              files=self.checkpoint_files)
-        self._saved_iteration = self.state.iteration
+        if self.checkpoints.save(self.state.iteration, self.tensors(), self.state_dict(), config_yaml,
+                                 files=self.checkpoint_files) is not None:  # None: failed, logged, retried later
+            self._saved_iteration = self.state.iteration
 
     def resume(self) -> None:
-        from train.checkpoint import CheckpointMismatch
+        from train.checkpoint import CheckpointDamaged, CheckpointMismatch
         from train.launch.job import fail
 
         iteration = self.plan.resume.iteration
         tensors = self.tensors()
         try:
             trainer_state = self.checkpoints.load(iteration, tensors, model_name=str(self.cfg.model.name))
-        except CheckpointMismatch as error:
+        except (CheckpointMismatch, CheckpointDamaged) as error:
             fail(str(error))
         if self.zero1:  # the optimizer's own tensors were filled in place by the load
             set_model_state_dict(self.model, tensors["model"])
@@ -214,6 +226,10 @@ class Trainer:
                            optim_state_dict=tensors["optimizer"])
         self.load_state_dict(trainer_state)
         self._saved_iteration = self.state.iteration
+        change = schedule_change(trainer_state.get("scheduler"), self.plan.train_iters, self.state.iteration,
+                                 self.cfg.optim)
+        if change:
+            log.warning("%s", change)
         log.info("resumed from %s: iteration %d, %d samples consumed", self.checkpoints.path(iteration),
                  self.state.iteration, self.state.consumed_samples)
 

@@ -74,7 +74,7 @@ def test_kill_9_during_a_save_keeps_the_previous_checkpoint_and_resumes_from_it(
 
 def test_a_checkpoint_of_another_model_is_refused_with_the_mismatching_keys(tmp_path):
     pretrain(tmp_path, "20260101_000001", "model.name=tiny-llama3", "training.train_iters=1")
-    llama = tmp_path / "tiny-llama3-Data-synthetic-lr0.0003" / "checkpoints" / "tiny-llama3"
+    llama = tmp_path / "tiny-llama3-pretrain-Data-synthetic-lr0.0003" / "checkpoints" / "tiny-llama3"
     shutil.copytree(llama, checkpoints(tmp_path))  # as if the run directory were reused for another model
     result = pretrain(tmp_path, "20260101_000002", "training.train_iters=2", check=False)
     assert result.returncode == 2, result.stderr[-3000:]

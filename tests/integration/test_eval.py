@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-RUN = "tiny-qwen3-Data-synthetic-lr0.0003"
+RUN = "tiny-qwen3-pretrain-Data-synthetic-lr0.0003"
 
 
 def torchrun(root: Path, *overrides: str, timeout: int = 120) -> subprocess.CompletedProcess:

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-RUN = "tiny-qwen3-Data-synthetic-lr0.0002"
-EARLY_RUN = "tiny-qwen3-Data-synthetic-lr0.02"  # a high LR: the adapters move the logits (export test)
+RUN = "tiny-qwen3-finetune-Data-synthetic-lr0.0002"
+EARLY_RUN = "tiny-qwen3-finetune-Data-synthetic-lr0.02"  # a high LR: the adapters move the logits (export test)
 # 5 records, 2 categories; "category" left out once (it defaults to the label)
 LABELED = [("Is a lemon a fruit or a colour?", "fruit", "food"), ("Is blue a fruit or a colour?", "colour", "paint"),
            ("Is an apple a fruit or a colour?", "fruit", "food"), ("Is red a fruit or a colour?", "colour", "paint"),

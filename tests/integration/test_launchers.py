@@ -27,7 +27,7 @@ def run_launcher(job: str, args: list[str], env: dict, timeout: int = 240) -> su
                           capture_output=True, text=True, timeout=timeout)
 
 
-def run_dir(root: Path, name: str = "tiny-qwen3-Data-synthetic-lr0.001") -> Path:
+def run_dir(root: Path, name: str = "tiny-qwen3-pretrain-Data-synthetic-lr0.001") -> Path:
     return root / name
 
 
@@ -147,7 +147,7 @@ def test_a_planning_error_on_rank0_stops_both_workers(tmp_path):
     assert result.returncode != 0
     error = "error: <command line>: GBS=6 is not a multiple of MBS x data-parallel size = 2 x 2"
     assert result.stderr.count(error) == 2, result.stderr[-3000:]
-    assert not tmp_path.joinpath("tiny-qwen3-Data-synthetic-lr0.0003").exists()
+    assert not tmp_path.joinpath("tiny-qwen3-pretrain-Data-synthetic-lr0.0003").exists()
 
 
 def test_dry_run_prints_the_plan_and_creates_nothing(tmp_path):
@@ -156,7 +156,7 @@ def test_dry_run_prints_the_plan_and_creates_nothing(tmp_path):
     plan = json.loads(result.stdout)
     assert plan["world_size"] == 2 and plan["resume"]["decision"] == "from_scratch"
     assert plan["node_commands"][0].startswith("torchrun --nnodes=1 --node-rank=0 --nproc-per-node=2")
-    assert plan["run_dir"] == str(tmp_path / "tiny-qwen3-Data-synthetic-lr0.001")
+    assert plan["run_dir"] == str(tmp_path / "tiny-qwen3-pretrain-Data-synthetic-lr0.001")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -259,7 +259,7 @@ def tiny_hf(tmp_path_factory) -> Path:
 @pytest.mark.slow
 @pytest.mark.parametrize("job,conf,run_name", [
     ("qad", "tiny-qwen3-qad", "tiny-qwen3-Teacher-tiny-qwen3-Data-synthetic-lr0.0001"),
-    ("finetune", "tiny-qwen3-lora", "tiny-qwen3-Data-synthetic-lr0.001"),
+    ("finetune", "tiny-qwen3-lora", "tiny-qwen3-finetune-Data-synthetic-lr0.001"),
 ])
 def test_qad_and_finetune_jobs_start_from_the_hf_checkpoint(job, conf, run_name, tiny_hf, tmp_path):
     env = launcher_env(tmp_path, MODELS_ROOT=str(tiny_hf))

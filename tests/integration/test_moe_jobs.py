@@ -15,7 +15,7 @@ import pytest
 from tests.integration.test_resume import job_env
 
 REPO = Path(__file__).resolve().parents[2]
-RUN = "tiny-qwen3-moe-Data-synthetic-lr0.0003"
+RUN = "tiny-qwen3-moe-pretrain-Data-synthetic-lr0.0003"
 N = 3
 COMMON = ["model.name=tiny-qwen3-moe", "training.micro_batch_size=2", "training.global_batch_size=4",
           "data.seq_length=64", "logging.tensorboard=false", f"training.train_iters={2 * N}",

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-RUN = "tiny-qwen3-Data-stdlib-lr0.003"
+RUN = "tiny-qwen3-pretrain-Data-stdlib-lr0.003"
 
 
 def quickstart(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:

@@ -42,7 +42,7 @@ def losses(run: Path, datetime: str) -> dict[int, float]:
 def test_pretraining_resumes_bitwise_on_two_processes(tmp_path):
     args = ["model.name=tiny-qwen3-next", f"training.train_iters={2 * N}", f"checkpoint.save_interval={N}"]
     torchrun("train.pretrain", tmp_path, "20260101_000001", *args)
-    run = tmp_path / "tiny-qwen3-next-Data-synthetic-lr0.0003"
+    run = tmp_path / "tiny-qwen3-next-pretrain-Data-synthetic-lr0.0003"
     checkpoints = run / "checkpoints" / "tiny-qwen3-next"
     shutil.rmtree(checkpoints / f"iter_{2 * N:07d}")  # rewind to N: the second job re-does N+1..2N
     (checkpoints / "latest_checkpointed_iteration.txt").write_text(f"{N}\n")

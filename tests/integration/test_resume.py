@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-RUN = "tiny-qwen3-Data-synthetic-lr0.0003"
+RUN = "tiny-qwen3-pretrain-Data-synthetic-lr0.0003"
 N = 4
 COMMON = ["training.micro_batch_size=2", "training.global_batch_size=4", "data.seq_length=64",
           "logging.tensorboard=false"]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-RUN = "tiny-qwen3-Data-synthetic-lr0.0003"
+RUN = "tiny-qwen3-pretrain-Data-synthetic-lr0.0003"
 TOKEN = "hf_FAKE_wandb_test_secret_value"  # shaped so no scanner takes it for a real token
 BLOCK = 32768  # the .wandb file is a LevelDB-style log: 32 KiB blocks of (crc, length, type) records
 

@@ -13,7 +13,7 @@ import pytest
 from slurm_helpers import job_field, job_state, sbatch, squeue_ids, wait_for_state
 
 REPO = Path(__file__).resolve().parents[2]
-RUN = "tiny-qwen3-Data-synthetic-lr0.001"
+RUN = "tiny-qwen3-pretrain-Data-synthetic-lr0.001"
 TOKENS = {"file": "hf_FAKE_token_from_file_0123", "env": "hf_FAKE_token_from_env_0123",
           "arg": "hf_FAKE_token_from_argument_0123"}  # fake, shaped so no scanner takes them for real
 
@@ -189,7 +189,7 @@ def test_hydra_multirun_sweep_through_submitit(slurm_workdir):
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     for lr in ("0.001", "0.002"):
-        tracker = root / f"tiny-qwen3-Data-synthetic-lr{lr}" / "checkpoints/tiny-qwen3/latest_checkpointed_iteration.txt"
+        tracker = root / f"tiny-qwen3-pretrain-Data-synthetic-lr{lr}" / "checkpoints/tiny-qwen3/latest_checkpointed_iteration.txt"
         assert tracker.read_text().strip() == "2"
 
 
@@ -223,5 +223,5 @@ def test_preprocess_job_feeds_a_two_node_pretraining_job(slurm_workdir):
     samples = train_samples_for_blend(str(data / "datablend_demo.json"), 64)
     out = next((root / "logs_slurm").glob(f"local-pretrain_{job}_*.log")).read_text()
     assert f"train samples {samples}" in out
-    tracker = root / "tiny-qwen3-Data-demo-lr0.001/checkpoints/tiny-qwen3/latest_checkpointed_iteration.txt"
+    tracker = root / "tiny-qwen3-pretrain-Data-demo-lr0.001/checkpoints/tiny-qwen3/latest_checkpointed_iteration.txt"
     assert int(tracker.read_text()) == samples // 8  # GBS = MBS 2 x 4 ranks

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.mark.parametrize("model, timeout_s", [("tiny-qwen3-moe", 240), ("tiny-qwen3-next", 300)])
 def test_two_node_pretraining(slurm_workdir, model, timeout_s):
-    root, run = slurm_workdir / "runs", f"{model}-Data-synthetic-lr0.001"
+    root, run = slurm_workdir / "runs", f"{model}-pretrain-Data-synthetic-lr0.001"
     env = {"QAD_CHECKPOINT_ROOT": str(root), "PYTHONPATH": str(REPO), "HF_TOKEN": None}
     job = sbatch(["--nodes=2", str(REPO / "slurm/pretrain.sh"), "--config", f"conf.d/{model}.conf", "--",
                   "training.train_iters=4", "checkpoint.save_interval=2"], cwd=slurm_workdir, env=env)

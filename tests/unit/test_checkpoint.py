@@ -1,8 +1,11 @@
 """python -m pytest tests/unit/test_checkpoint.py  (CheckpointManager in one process, no process group)"""
 
+import contextlib
 import logging
 import os
 import random
+import resource
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +16,9 @@ import torch
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 import train.checkpoint as checkpoint_module
-from train.checkpoint import CheckpointManager, CheckpointMismatch, checkpoint_iterations
-from train.launch.rundir import TRACKER_FILE
+from train.checkpoint import (CheckpointDamaged, CheckpointManager, CheckpointMismatch, CheckpointSaveFailed,
+                              checkpoint_iterations)
+from train.launch.rundir import MANIFEST_FILE, TRACKER_FILE, resume_state
 
 
 def model_and_optimizer(width: int = 8, seed: int = 0):
@@ -44,9 +48,9 @@ def test_round_trip_restores_tensors_rng_and_writes_the_layout(tmp_path):
     expected = (random.random(), np.random.rand(), torch.rand(1))
     directory = tmp_path / "iter_0000010"
     names = {p.name for p in directory.iterdir()}
-    assert {".metadata", "trainer.pt", "rng_rank0.pt", "config.yaml"} < names
+    assert {".metadata", "trainer.pt", "rng_rank0.pt", "config.yaml", "manifest.json"} < names
     assert all(name.startswith("__0_") and name.endswith(".distcp") for name in names - {
-        ".metadata", "trainer.pt", "rng_rank0.pt", "config.yaml"})
+        ".metadata", "trainer.pt", "rng_rank0.pt", "config.yaml", "manifest.json"})
     assert (tmp_path / TRACKER_FILE).read_text() == "10\n"
     trainer_state = torch.load(directory / "trainer.pt", weights_only=False)
     assert trainer_state["world_size"] == 1 and trainer_state["model_shapes"]["0.weight"] == (8, 8)
@@ -63,22 +67,73 @@ def test_round_trip_restores_tensors_rng_and_writes_the_layout(tmp_path):
     assert (random.random(), np.random.rand(), torch.rand(1)) == expected
 
 
-def test_a_save_that_fails_before_publishing_leaves_the_tracker_and_is_cleaned(tmp_path, monkeypatch):
+@contextlib.contextmanager
+def file_size_limit(max_bytes: int):
+    """Writes past max_bytes fail with EFBIG, as a full disk fails them with ENOSPC (SIGXFSZ ignored)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+
+
+def test_a_failed_save_is_removed_logged_in_one_line_and_training_goes_on(tmp_path, caplog):
     manager = CheckpointManager(tmp_path, keep_last=3)
-    model, optimizer = model_and_optimizer()
+    model, optimizer = model_and_optimizer(width=128)  # shard files of ~200 KB
     save(manager, 2, model, optimizer)
+    with caplog.at_level(logging.WARNING, logger="train"), file_size_limit(32 << 10):
+        assert manager.save(4, tensors(model, optimizer), {"iteration": 4, "model_name": "tiny"}) is None
+    lines = [r.getMessage() for r in caplog.records if "not saved" in r.getMessage()]
+    assert len(lines) == 1 and "File too large" in lines[0] and "keeping iter_0000002" in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000002", TRACKER_FILE]  # no .tmp left
+    assert manager.failed_saves == 1
+    save(manager, 6, model, optimizer)  # the disk has room again
+    assert (tmp_path / TRACKER_FILE).read_text() == "6\n" and manager.failed_saves == 0
 
-    def crash(*args, **kwargs):
-        raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint_module.CheckpointManager, "_publish", crash)
-    with pytest.raises(OSError):
-        save(manager, 4, model, optimizer)
-    assert (tmp_path / TRACKER_FILE).read_text() == "2\n"
-    assert (tmp_path / "iter_0000004.tmp").is_dir() and not (tmp_path / "iter_0000004").exists()
-    monkeypatch.undo()
-    assert CheckpointManager(tmp_path, keep_last=3).clean_leftovers() == [tmp_path / "iter_0000004.tmp"]
+def test_max_failed_saves_in_a_row_stop_the_job_with_one_error_line(tmp_path, capsys):
+    manager = CheckpointManager(tmp_path, keep_last=3, max_failed_saves=2)
+    model, optimizer = model_and_optimizer(width=128)
+    save(manager, 2, model, optimizer)
+    with file_size_limit(32 << 10):
+        assert manager.save(4, tensors(model, optimizer), {"iteration": 4}) is None
+        with pytest.raises(CheckpointSaveFailed) as stop:
+            manager.save(6, tensors(model, optimizer), {"iteration": 6})
+    assert stop.value.code == 4
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "2 checkpoint saves in a row failed" in errors[0] and "iter_0000002" in errors[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000002", TRACKER_FILE]
+
+
+def test_a_damaged_newest_checkpoint_is_resumed_past_and_removed_at_the_next_save(tmp_path, caplog):
+    manager = CheckpointManager(tmp_path, keep_last=3)
+    model, optimizer = model_and_optimizer(width=64)
+    for iteration in (2, 4):
+        save(manager, iteration, model, optimizer)
+    shard = next((tmp_path / "iter_0000004").glob("*.distcp"))
+    os.truncate(shard, shard.stat().st_size // 2)
+    state = resume_state(tmp_path, None)  # the plan's decision
+    assert state.iteration == 2 and f"iter_0000004: {shard.name} has" in state.skipped[0]
+    manager.load(state.iteration, tensors(model, optimizer), model_name="tiny")
+    with caplog.at_level(logging.WARNING, logger="train"):
+        save(manager, 3, model, optimizer)
+    assert checkpoint_iterations(tmp_path) == [2, 3] and "removed" in caplog.text
+    assert resume_state(tmp_path, None).skipped == ()
+
+
+def test_an_older_checkpoint_with_a_truncated_shard_is_refused_naming_the_file(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=3)
+    model, optimizer = model_and_optimizer(width=64)
+    save(manager, 2, model, optimizer)
+    (tmp_path / "iter_0000002" / MANIFEST_FILE).unlink()  # as written before manifests existed
+    shard = next((tmp_path / "iter_0000002").glob("*.distcp"))
+    os.truncate(shard, shard.stat().st_size - 100)
+    assert resume_state(tmp_path, None).iteration == 2  # no manifest: accepted at plan time
+    with pytest.raises(CheckpointDamaged, match=f"{shard.name} has .* bytes, its metadata needs"):
+        manager.load(2, tensors(model, optimizer), model_name="tiny")
 
 
 def test_publish_refuses_an_incomplete_directory(tmp_path):

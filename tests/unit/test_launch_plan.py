@@ -330,7 +330,7 @@ def test_blend_path_overrides_dataset_name(tmp_path, env, assets):
     plan = plan_from_conf("pretrain", conf, [], env)[0]
     assert plan.blend_path == str(assets["data"] / "datablend_one.json")
     assert plan.train_samples == tokens_on_disk(assets["a"]) // SEQ
-    assert plan.paths.run_name == "tiny-qwen3-Data-whatever-lr0.0003"
+    assert plan.paths.run_name == "tiny-qwen3-pretrain-Data-whatever-lr0.0003"
 
 
 def test_too_few_samples_for_one_batch(tmp_path, env):
@@ -416,10 +416,16 @@ def test_existing_tracker_resumes(tmp_path, env, assets):
     conf = write_conf(tmp_path, qad_conf(assets["ckpt"], extra="export DATASET_NAME=synthetic\n"))
     first = plan_from_conf("qad", conf, [], env)[0]
     (first.paths.checkpoints / "iter_0000005").mkdir(parents=True)
+    for name in (".metadata", "trainer.pt"):  # an older checkpoint without manifest
+        (first.paths.checkpoints / "iter_0000005" / name).write_bytes(b"x")
     (first.paths.checkpoints / TRACKER_FILE).write_text("5\n")
     plan = plan_from_conf("qad", conf, [], env)[0]
     assert (plan.resume.decision, plan.resume.iteration) == ("resume", 5)
     (first.paths.checkpoints / TRACKER_FILE).write_text("9\n")
+    plan, _, warnings = plan_from_conf("qad", conf, [], env)
+    assert plan.resume.iteration == 5  # the newest intact checkpoint, with one warning naming iter_0000009
+    assert [w for w in warnings if "skipping damaged checkpoint" in w and "iter_0000009" in w]
+    (first.paths.checkpoints / "iter_0000005" / ".metadata").unlink()
     with pytest.raises(PlanError) as error:
         plan_from_conf("qad", conf, [], env)
     assert conf in str(error.value) and "iteration 9" in str(error.value)
@@ -429,7 +435,7 @@ def test_finetune_starts_from_the_base_checkpoint(env, assets):
     env["MODELS_ROOT"] = str(assets["models"])
     plan = plan_from_conf("finetune", "tiny-qwen3-lora", [], env)[0]
     assert (plan.resume.decision, plan.resume.path) == ("from_checkpoint", str(assets["ckpt"]))
-    assert plan.paths.run_name == "tiny-qwen3-Data-synthetic-lr0.001"
+    assert plan.paths.run_name == "tiny-qwen3-finetune-Data-synthetic-lr0.001"
 
 
 # ----------------------------------------------------------------- cluster and node commands
@@ -553,7 +559,7 @@ def test_cli_prints_the_plan_as_json_with_one_command_per_node(tmp_path):
     assert result.returncode == 0, result.stderr
     plan = json.loads(result.stdout)
     assert plan["world_size"] == 8 and plan["train_iters"] == 3
-    assert plan["run_dir"] == str(tmp_path / "runs" / "tiny-qwen3-Data-synthetic-lr0.001")
+    assert plan["run_dir"] == str(tmp_path / "runs" / "tiny-qwen3-pretrain-Data-synthetic-lr0.001")
     commands = plan["node_commands"]
     assert len(commands) == 4
     for rank, command in enumerate(commands):
@@ -570,7 +576,7 @@ def test_cli_format_shell_can_be_evaled(tmp_path):
     result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=cli_env(tmp_path),
                             cwd=REPO, timeout=120)
     assert result.returncode == 0, result.stderr
-    run_dir = str(tmp_path / "runs" / "tiny-qwen3-Data-synthetic-lr0.001")
+    run_dir = str(tmp_path / "runs" / "tiny-qwen3-pretrain-Data-synthetic-lr0.001")
     assert result.stdout.splitlines() == [run_dir, f"{run_dir}/logs/tiny-qwen3_{STAMP}.env.log", "1",
                                           "training.train_iters=3"]
 
@@ -721,7 +727,7 @@ def test_launcher_shell_output_writes_the_plan_and_exports_the_conf_as_sourcing_
                              env=environment, cwd=REPO, timeout=120)
     assert planned.returncode == 0, planned.stderr
     plan_file = Path(planned.stderr.splitlines()[-1])
-    assert plan_file == tmp_path / "runs" / "tiny-qwen3-Data-synthetic-lr0.0003" / "plans" / f"plan_{STAMP}_nojob.json"
+    assert plan_file == tmp_path / "runs" / "tiny-qwen3-pretrain-Data-synthetic-lr0.0003" / "plans" / f"plan_{STAMP}_nojob.json"
     assert json.loads(plan_file.read_text())["resume"]["decision"] == "from_scratch"
     assert TOKEN not in plan_file.read_text()
     reference = subprocess.run(["bash", "-c", f"{sourced}\nenv -0 | sort -z"], capture_output=True, text=True,

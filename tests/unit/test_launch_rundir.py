@@ -1,5 +1,7 @@
 """python -m pytest tests/unit/test_launch_rundir.py  (run dir, file names, resume rule: train/launch/rundir.py)"""
 
+import json
+import os
 import re
 import socket
 import time
@@ -7,11 +9,15 @@ import time
 import pytest
 
 from train.launch.rundir import (
+    MANIFEST_FILE,
     TRACKER_FILE,
     ResumeError,
     checkpoint_dir_name,
+    checkpoint_manifest,
+    checkpoint_problem,
     env_log_text,
     format_lr,
+    legacy_note,
     load_templates,
     read_tracker,
     resume_state,
@@ -52,16 +58,32 @@ def test_qad_run_layout(tmp_path):
 def test_pretrain_run_name_has_no_teacher(tmp_path):
     paths = run_paths("pretrain", model="tiny-qwen3", dataset="synthetic", lr=1e-3, root=tmp_path,
                       teacher="ignored", env={"RUN_DATETIME": STAMP})
-    assert paths.run_name == "tiny-qwen3-Data-synthetic-lr0.001"
+    assert paths.run_name == "tiny-qwen3-pretrain-Data-synthetic-lr0.001"
     assert paths.train_log == tmp_path / paths.run_name / "logs" / f"tiny-qwen3_pretrain_{STAMP}.log"
     assert "ignored" not in str(paths.as_dict())
 
 
-def test_finetune_uses_the_plain_run_name(tmp_path):
-    paths = run_paths("finetune", model="qwen3-0.6b", dataset="alpaca_chat", lr="2e-4", root=tmp_path,
-                      teacher=None, env={"RUN_DATETIME": STAMP})
-    assert paths.run_name == "qwen3-0.6b-Data-alpaca_chat-lr0.0002"
-    assert paths.train_log.name == f"qwen3-0.6b_finetune_{STAMP}.log"
+def test_pretraining_and_fine_tuning_of_one_model_get_their_own_run_dirs(tmp_path):
+    names = {job: run_paths(job, model="qwen3-0.6b", dataset="alpaca_chat", lr="2e-4", root=tmp_path, teacher=None,
+                            env={"RUN_DATETIME": STAMP}).run_name for job in ("pretrain", "finetune")}
+    assert names == {"pretrain": "qwen3-0.6b-pretrain-Data-alpaca_chat-lr0.0002",
+                     "finetune": "qwen3-0.6b-finetune-Data-alpaca_chat-lr0.0002"}
+
+
+def test_an_old_style_run_dir_of_the_same_job_stays_in_use(tmp_path):
+    old = tmp_path / "tiny-qwen3-Data-synthetic-lr0.001"
+    (old / "logs").mkdir(parents=True)
+    (old / "logs" / "tiny-qwen3_pretrain_20250101_000000.log").write_text("")
+
+    def paths(job):
+        return run_paths(job, model="tiny-qwen3", dataset="synthetic", lr=1e-3, root=tmp_path, teacher=None,
+                         env={"RUN_DATETIME": STAMP})
+
+    assert (paths("pretrain").run_dir, paths("pretrain").legacy) == (old, True)
+    assert "old-style run directory" in legacy_note(paths("pretrain"), "pretrain")[0]
+    assert paths("finetune").run_name == "tiny-qwen3-finetune-Data-synthetic-lr0.001"  # not its run
+    (tmp_path / "tiny-qwen3-pretrain-Data-synthetic-lr0.001").mkdir()
+    assert not paths("pretrain").legacy  # a new-style directory exists: it wins
 
 
 def test_outside_slurm_the_log_names_say_local(tmp_path):
@@ -119,8 +141,10 @@ def test_templates_skip_comments():
 def checkpoints_dir(tmp_path, tracker=None, iterations=()):
     checkpoints = tmp_path / "checkpoints" / "m"
     checkpoints.mkdir(parents=True)
-    for iteration in iterations:
+    for iteration in iterations:  # an older checkpoint's files (no manifest)
         (checkpoints / checkpoint_dir_name(iteration)).mkdir()
+        for name in (".metadata", "trainer.pt", "__0_0.distcp"):
+            (checkpoints / checkpoint_dir_name(iteration) / name).write_bytes(b"x" * 10)
     if tracker is not None:
         (checkpoints / TRACKER_FILE).write_text(tracker)
     return checkpoints
@@ -134,14 +158,56 @@ def test_tracker_resumes_at_its_iteration(tmp_path):
     checkpoints = checkpoints_dir(tmp_path, "200\n", [100, 200, 300])  # 300: an unfinished save
     state = resume_state(checkpoints, "/models/initial")
     assert (state.decision, state.iteration, state.path) == ("resume", 200, str(checkpoints / "iter_0000200"))
-    assert state.as_dict() == {"decision": "resume", "iteration": 200, "path": str(checkpoints / "iter_0000200")}
+    assert state.as_dict() == {"decision": "resume", "iteration": 200, "path": str(checkpoints / "iter_0000200"),
+                               "skipped": ()}
 
 
-def test_tracker_naming_a_missing_directory(tmp_path):
+def test_tracker_naming_a_missing_directory_falls_back_to_the_newest_intact(tmp_path):
     checkpoints = checkpoints_dir(tmp_path, "300", [100, 200])
+    state = resume_state(checkpoints, "/models/initial")
+    assert (state.decision, state.iteration) == ("resume", 200)
+    assert state.skipped == (f"{checkpoints / 'iter_0000300'}: the directory does not exist",)
+
+
+def test_no_intact_checkpoint_left_is_one_error(tmp_path):
+    checkpoints = checkpoints_dir(tmp_path, "300", [100])
+    (checkpoints / "iter_0000100" / ".metadata").unlink()
     with pytest.raises(ResumeError) as error:
         resume_state(checkpoints, "/models/initial")
-    assert "300" in str(error.value) and "iter_0000300" in str(error.value) and TRACKER_FILE in str(error.value)
+    message = str(error.value)
+    assert TRACKER_FILE in message and "iter_0000300: the directory does not exist" in message
+    assert "iter_0000100: .metadata missing" in message
+
+
+def with_manifest(directory, sizes: dict[str, int]) -> None:
+    for name, size in sizes.items():
+        (directory / name).write_bytes(bytes(range(256)) * (size // 256) + b"\1" * (size % 256))
+    (directory / MANIFEST_FILE).write_text(json.dumps(checkpoint_manifest(directory)))
+
+
+@pytest.mark.parametrize("damage,reason", [
+    (lambda d: os.truncate(d / "__0_0.distcp", 3 << 20), "__0_0.distcp has 3145728 bytes, the manifest says 5242880"),
+    (lambda d: (d / "rng_rank1.pt").unlink(), "rng_rank1.pt is missing"),
+    (lambda d: overwrite(d / "__0_0.distcp", (5 << 20) - 10, b"\0" * 10), "__0_0.distcp: checksum differs"),
+    (lambda d: overwrite(d / "trainer.pt", 3, b"\0"), "trainer.pt: checksum differs"),
+    (lambda d: (d / MANIFEST_FILE).write_text("{"), "manifest.json is unreadable"),
+])
+def test_a_damaged_newest_checkpoint_is_skipped_naming_the_file(tmp_path, damage, reason):
+    checkpoints = checkpoints_dir(tmp_path, "300", [100, 200, 300])
+    for iteration in (200, 300):
+        with_manifest(checkpoints / checkpoint_dir_name(iteration),
+                      {"__0_0.distcp": 5 << 20, "trainer.pt": 700, "rng_rank1.pt": 300})
+    assert checkpoint_problem(checkpoints / "iter_0000300") is None
+    damage(checkpoints / "iter_0000300")
+    state = resume_state(checkpoints, None)
+    assert (state.iteration, state.path) == (200, str(checkpoints / "iter_0000200"))
+    assert len(state.skipped) == 1 and state.skipped[0].startswith(f"{checkpoints / 'iter_0000300'}: {reason}")
+
+
+def overwrite(path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
 
 
 def test_unreadable_tracker(tmp_path):

@@ -24,6 +24,7 @@ from train.launch.conf import EXIT_USAGE, ConfError
 from train.launch.memory import resource_summary
 from train.launch.plan import JobPlan, PlanError, build_plan, config_fingerprint
 from train.launch.rundir import ResumeError, env_log_text, resume_state
+from train.launch.runlock import RunLocked, hold_in_worker
 
 log = logging.getLogger("train")
 
@@ -172,10 +173,18 @@ def start_job(job: str, cfg) -> JobContext:
         int(env.get("MASTER_PORT", 0)), procs_per_node, env.get("SLURM_JOB_ID"))
     device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     init_process_group(device, local_rank, world_size, cfg.parallel.backend, cfg.parallel.timeout_s)
-    if planned is not None:
-        plan = plan_from_rank0(lambda: current_resume(planned, cfg))
-    else:
-        plan = plan_from_rank0(lambda: build_plan(job, cfg, env, env.get("TRAIN_CONF_PATH", "<command line>"), cluster))
+    lock_warnings = []
+
+    def plan_and_lock() -> JobPlan:  # rank 0: the plan, then the run dir's lock before anything is written
+        plan = current_resume(planned, cfg) if planned is not None else \
+            build_plan(job, cfg, env, env.get("TRAIN_CONF_PATH", "<command line>"), cluster)
+        try:  # one job per run directory (train/launch/runlock.py); a no-op under a launcher that holds it
+            lock_warnings.extend(hold_in_worker(plan.paths.run_dir, env))
+        except RunLocked as error:
+            raise PlanError(str(error)) from None
+        return plan
+
+    plan = plan_from_rank0(plan_and_lock)
     ctx = JobContext(plan, rank, local_rank, world_size, device, timeline)
     ctx.mark("rendezvous_done")
     plan.paths.create()
@@ -192,6 +201,10 @@ def start_job(job: str, cfg) -> JobContext:
     log.info("plan %s", f"read from the launcher's {plan_file}" if plan_file else "made on rank 0 (no TRAIN_PLAN_FILE)")
     log.info("run dir %s; resume: %s at iteration %d (%s)", plan.paths.run_dir, plan.resume.decision,
              plan.resume.iteration, plan.resume.path or "-")
+    for warning in lock_warnings:
+        log.warning("%s", warning)
+    for damaged in plan.resume.skipped:
+        log.warning("skipped damaged checkpoint %s", damaged)
     log.info("plan: %s", resource_summary(plan.resources))
     if plan.blend_path:
         log.info("datablend %s, train samples %s", plan.blend_path, plan.train_samples)

@@ -29,7 +29,7 @@ from train.launch.conf import EXIT_USAGE, REPO_ROOT, ConfError, command_line_var
 from train.launch.memory import (AUTO_ORDER, describe, fitting_alternatives, gpu_memory_bytes, job_split,
                                  job_memory, job_models, resource_plan, resource_summary)
 from train.models.registry import args_for_display_name
-from train.launch.rundir import ResumeError, ResumeState, RunPaths, resume_state, run_paths
+from train.launch.rundir import ResumeError, ResumeState, RunPaths, legacy_note, resume_state, run_paths
 
 SHELL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # a variable bash can export (not BASH_FUNC_f%%)
 if TYPE_CHECKING:  # annotations only: importing train.config loads Hydra
@@ -410,7 +410,10 @@ def plan_from_conf(job: str, config: str, user_overrides: list[str], env: dict[s
     problem = memory_problem(job, cfg, plan, str(path))
     if problem and strict_paths and env.get("MEMORY_CHECK", "1").lower() not in ("0", "false", "no"):
         raise PlanError(problem)
-    return plan, overrides, warnings + master_weight_warnings(cfg, str(path)) + ([problem] if problem else [])
+    run_dir_notes = legacy_note(plan.paths, job) + [f"skipping damaged checkpoint {damaged}; resuming from "
+                                                    f"{plan.resume.path}" for damaged in plan.resume.skipped]
+    return plan, overrides, (warnings + run_dir_notes + master_weight_warnings(cfg, str(path))
+                             + ([problem] if problem else []))
 
 
 def environment_changes(before: dict[str, str], after: dict[str, str]) -> dict[str, str | None]:
@@ -481,6 +484,7 @@ def shell_exports(plan: JobPlan, overrides: list[str], plan_file: Path | None = 
         "MASTER_ADDR": plan.cluster.master_addr, "MASTER_PORT": plan.cluster.master_port,
         "RUN_DATETIME": plan.paths.datetime,
         "RESUME_DECISION": plan.resume.decision, "RESUME_ITERATION": plan.resume.iteration,
+        "PLAN_NODE_RANK": plan.cluster.node_rank,  # node 0's launcher takes the run lock
     }
     if plan_file is not None:
         values["TRAIN_PLAN_FILE"] = plan_file
