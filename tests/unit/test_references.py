@@ -21,6 +21,8 @@ from train.distill.chunked import chunked_distill_loss
 from train.distill.loss import full_logits_loss, kd_loss_reference
 from train.losses import language_model_loss, linear_cross_entropy, masked_cross_entropy
 from train.models import build_model, init_weights
+from train.models.common.rope import rope_inverse_frequencies
+from train.quant.nvfp4 import _e2m1_round
 
 
 def close(got, expected):
@@ -177,3 +179,41 @@ def test_packing_equals_a_plain_python_packer(tmp_path, seq_length, num_samples)
         expected = packed[int(dataset.shuffle_index[i])]
         assert item["tokens"].tolist() == expected
         assert item["loss_mask"].tolist() == [0.0 if t == 0 else 1.0 for t in expected[1:]]
+
+
+# ------------------------------------------------------------------ RoPE
+@pytest.mark.parametrize("original_len, head_dim", [(8192, 128), (16, 16)])
+def test_llama3_rope_frequencies_equal_transformers(original_len, head_dim):
+    """LLaMA 3.1's frequency bands (the rope_scaling of meta-llama/Llama-3.1-8B's config.json) against
+    transformers' own rope initialization; unscaled frequencies against 1 / theta^(2i / d)."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": original_len}
+    config = LlamaConfig(hidden_size=4 * head_dim, num_attention_heads=4, rope_theta=500_000.0,
+                         rope_scaling=scaling, max_position_embeddings=16 * original_len)
+    expected, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    torch.testing.assert_close(rope_inverse_frequencies(head_dim, 500_000.0, scaling), expected.float())
+    plain = torch.tensor([500_000.0 ** (-2 * i / head_dim) for i in range(head_dim // 2)])
+    torch.testing.assert_close(rope_inverse_frequencies(head_dim, 500_000.0), plain)
+
+
+# ------------------------------------------------------------------ NVFP4 (E2M1) rounding
+def e2m1_round_reference(value: float) -> float:
+    """The nearest E2M1 magnitude, ties to the even code (the grid's index is the 3-bit code); past 6: 6."""
+    grid = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
+    distances = [abs(value - g) for g in grid]
+    nearest = min(distances)
+    codes = [code for code, distance in enumerate(distances) if distance == nearest]
+    return grid[min(codes, key=lambda code: code % 2)]  # a tie: the even code
+
+
+def test_e2m1_rounding_equals_a_plain_reference():
+    ties = [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0]
+    near = [t + d for t in ties for d in (-1e-3, 1e-3)]
+    uniform = torch.rand(500, generator=torch.Generator().manual_seed(0)) * 7.0
+    values = torch.tensor(ties + near + [0.0, 6.0, 6.5, 100.0] + uniform.tolist())
+    expected = torch.tensor([e2m1_round_reference(v) for v in values.tolist()])
+    torch.testing.assert_close(_e2m1_round(values), expected, rtol=0, atol=0)
+    assert [e2m1_round_reference(t) for t in ties] == [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0]  # by hand
