@@ -34,6 +34,6 @@ test: install
 test-fast:
 	$(PYTHON) -m pytest -q -m "not slow and not slurm" $(PYTEST_ARGS)
 
-# Mutation check of the critical code (benchmarks/mutation/run.py, docs/testing.md): a few minutes; not in `make test`.
+# Mutation check of the critical code (benchmarks/mutation/run.py, docs/testing.md): about a minute; not in `make test`.
 mutate:
 	$(PYTHON) benchmarks/mutation/run.py
