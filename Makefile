@@ -1,11 +1,11 @@
-# make quickstart | make test | make test-fast | make tiny-checkpoints | make gpu-wheels
+# make quickstart | make test | make test-fast | make tiny-checkpoints | make gpu-wheels | make mutate
 # `make quickstart` and `make test` do all the set-up on a fresh machine (README.md).
 PYTHON ?= python3
 # The CPU wheel on machines without CUDA; GPU machines keep the torch they have.
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install malloc quickstart test test-fast tiny-checkpoints gpu-wheels
+.PHONY: install malloc quickstart test test-fast tiny-checkpoints gpu-wheels mutate
 
 install: malloc
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(TORCH_SPEC)"
@@ -41,3 +41,7 @@ test: install
 
 test-fast:
 	$(PYTHON) -m pytest -q -m "not slow and not slurm" $(PYTEST_ARGS)
+
+# Mutation check of the critical code (benchmarks/mutation/run.py, docs/testing.md): about a minute; not in `make test`.
+mutate:
+	$(PYTHON) benchmarks/mutation/run.py

@@ -1,7 +1,8 @@
 """Gated DeltaNet on CUDA: `python -m pytest -q -m gpu tests/gpu/test_gated_deltanet_cuda.py`.
 
 Our chunked rule against the recurrent reference on the GPU, and against flash-linear-attention's
-kernel and causal-conv1d when they are installed (the 'auto' dispatch of GatedDeltaNet).
+kernel and causal-conv1d when they are installed (the 'auto' dispatch of GatedDeltaNet). Every test
+compares two different implementations, or skips saying which package is missing.
 """
 
 import pytest
@@ -37,13 +38,32 @@ def test_fla_kernel_matches_our_chunked_rule():
     torch.testing.assert_close(theirs.float(), ours, atol=3e-2, rtol=3e-2)
 
 
-def test_module_auto_dispatch_matches_pure_pytorch():
+def test_module_auto_dispatch_matches_the_recurrent_rule():
+    """'auto' on CUDA (fla / causal-conv1d when installed, else our chunked rule) against the recurrent
+    rule: two different implementations whatever is installed."""
+    module = gdn.GatedDeltaNet(256, 4, 8, 32, 32, device="cuda")
+    module.init_parameters(torch.Generator(device="cuda").manual_seed(0), 0.02)
+    x = torch.randn(2, 200, 256, device="cuda")
+    module.kernel = "recurrent"
+    reference = module(x)
+    module.kernel = "auto"
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        fast = module(x)
+    torch.testing.assert_close(fast.float(), reference, atol=5e-2, rtol=5e-2)
+
+
+def test_module_with_installed_kernels_matches_pure_pytorch():
+    """The installed kernels against our chunked rule, in the same module (skipped, with the reason,
+    when neither is installed: 'auto' would then be the chunked rule itself)."""
+    if gdn.fla_chunk_gated_delta_rule() is None and gdn.causal_conv1d_kernel() is None:
+        pytest.skip("neither flash-linear-attention nor causal-conv1d is installed: nothing to compare")
     module = gdn.GatedDeltaNet(256, 4, 8, 32, 32, device="cuda")
     module.init_parameters(torch.Generator(device="cuda").manual_seed(0), 0.02)
     x = torch.randn(2, 200, 256, device="cuda")
     module.kernel = "chunk"
-    reference = module(x)
-    module.kernel = "auto"  # fla / causal-conv1d when installed, else the same chunked rule
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        reference = module(x)
+    module.kernel = "auto"
     with torch.autocast("cuda", dtype=torch.bfloat16):
         fast = module(x)
-    torch.testing.assert_close(fast.float(), reference, atol=5e-2, rtol=5e-2)
+    torch.testing.assert_close(fast.float(), reference.float(), atol=5e-2, rtol=5e-2)

@@ -177,6 +177,16 @@ def test_sampler_ranks_disjoint_and_resume_exact():
     assert list(MicroBatchSampler(total, consumed, mbs, 2, dp)) == full[5:]
 
 
+@pytest.mark.parametrize("total,consumed", [(12, 0), (24, 6), (6, 0)])
+def test_sampler_keeps_the_last_full_step(total, consumed):
+    """A total that is a multiple of MBS x DP: every remaining sample is read, the last step too."""
+    mbs, dp = 2, 3
+    samplers = [MicroBatchSampler(total, consumed, mbs, rank, dp) for rank in range(dp)]
+    assert all(len(sampler) == (total - consumed) // (mbs * dp) for sampler in samplers)
+    seen = sorted(i for sampler in samplers for batch in sampler for i in batch)
+    assert seen == list(range(consumed, total))
+
+
 def test_sampler_rejects_bad_arguments():
     with pytest.raises(DataError):
         MicroBatchSampler(10, 10, 1, 0, 1)

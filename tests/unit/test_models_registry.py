@@ -120,3 +120,46 @@ def test_every_family_has_a_spec_its_module_exports():
         family_spec("mamba")
     with pytest.raises(ModelConfigError, match="model_type 'mamba' is not supported"):
         spec_for_model_type("mamba", "test")
+
+
+# Values written down from each model's public config.json on the HF hub (the repo in each comment),
+# in the registry's field names: a data check, not a copy of the registry.
+HF_QWEN3 = dict(rope_theta=1_000_000.0, norm_eps=1e-6, vocab_size=151936, head_dim=128, max_seq_len=40960)
+HF_CONFIGS = {
+    # Qwen/Qwen3-0.6B
+    "qwen3-0.6b": dict(HF_QWEN3, hidden_size=1024, intermediate_size=3072, num_layers=28, num_heads=16,
+                       num_kv_heads=8, tie_embeddings=True),
+    # Qwen/Qwen3-1.7B
+    "qwen3-1.7b": dict(HF_QWEN3, hidden_size=2048, intermediate_size=6144, num_layers=28, num_heads=16,
+                       num_kv_heads=8, tie_embeddings=True),
+    # Qwen/Qwen3-8B
+    "qwen3-8b": dict(HF_QWEN3, hidden_size=4096, intermediate_size=12288, num_layers=36, num_heads=32,
+                     num_kv_heads=8, tie_embeddings=False),
+    # Qwen/Qwen3-30B-A3B
+    "qwen3-30b-a3b": dict(HF_QWEN3, hidden_size=2048, intermediate_size=6144, num_layers=48, num_heads=32,
+                          num_kv_heads=4, tie_embeddings=False, num_experts=128, num_experts_per_token=8,
+                          moe_intermediate_size=768, norm_topk_prob=True, router_aux_loss_coef=0.001,
+                          decoder_sparse_step=1, mlp_only_layers=()),
+}
+# Our own sizes keep their family's constants: the same public configs name them.
+HF_FAMILY_CONSTANTS = {
+    # Qwen/Qwen3-1.7B (the size is the users' scripts'; so is vocab 151643, the tokenizer's base vocabulary)
+    "qwen3-1.8b": dict(rope_theta=1_000_000.0, norm_eps=1e-6, head_dim=128),
+    # meta-llama/Llama-3.1-8B (no rope_scaling: trained from scratch at 2048, it matters past 8192)
+    "llama3-1.5b": dict(rope_theta=500_000.0, norm_eps=1e-5, vocab_size=128256, head_dim=128, rope_scaling=None),
+    "llama3-2.2b": dict(rope_theta=500_000.0, norm_eps=1e-5, vocab_size=128256, head_dim=128, rope_scaling=None),
+    # meta-llama/Llama-2-7b-hf
+    "llama2-1.36b": dict(rope_theta=10_000.0, norm_eps=1e-5, vocab_size=32000, head_dim=128),
+    # openai-community/gpt2 (layer_norm_epsilon; tied lm_head; vocab 50257 padded to 50304)
+    "gpt2-1.36b": dict(norm_eps=1e-5, tie_embeddings=True, vocab_size=50304),
+    # Qwen/Qwen3-Next-80B-A3B-Instruct
+    "qwen3-next-3b": dict(rope_theta=10_000_000.0, norm_eps=1e-6, vocab_size=151936, partial_rotary_factor=0.25,
+                          linear_key_head_dim=128, linear_value_head_dim=128, linear_conv_kernel=4),
+}
+
+
+@pytest.mark.parametrize("name, expected", list({**HF_CONFIGS, **HF_FAMILY_CONSTANTS}.items()))
+def test_presets_match_the_public_hf_configs(name, expected):
+    args = registry.get_model_args(name)
+    found = {key: getattr(args, key) for key in expected}
+    assert found == expected

@@ -4,15 +4,14 @@ import logging
 import os
 import socket
 
+import modelopt.torch.quantization  # noqa: F401  required: fails, never skips
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-pytest.importorskip("modelopt.torch.quantization")
-
-from train.models import build_model, init_weights  # noqa: E402
-from train.quant import RECIPES, quantize_model, quantizer_state, restore_quantizer_state  # noqa: E402
+from train.models import build_model, init_weights
+from train.quant import RECIPES, quantize_model, quantizer_state, restore_quantizer_state
 
 
 def tiny_model(seed: int = 1):

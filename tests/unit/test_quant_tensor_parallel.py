@@ -3,14 +3,13 @@
 
 import dataclasses
 
+import modelopt.torch.quantization  # noqa: F401  required: fails, never skips
 import pytest
 import torch
 
-pytest.importorskip("modelopt.torch.quantization")
-
-from train.models import build_model, get_model_args, init_weights  # noqa: E402
-from train.parallel.tensor_parallel import check_quantized_split  # noqa: E402
-from train.quant import quantize_model  # noqa: E402
+from train.models import build_model, get_model_args, init_weights
+from train.parallel.tensor_parallel import check_quantized_split
+from train.quant import quantize_model
 
 
 def debug_model(**shape):
