@@ -187,7 +187,6 @@ class LoggingConfig:
 class JobConfig:
     job: str = MISSING  # qad | pretrain | finetune
     mode: str = "train"  # finetune: train | validate (val loss and labeled-set accuracy)
-    dry_run: bool = False  # print the plan as JSON and exit
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -699,7 +699,10 @@ def test_a_plan_for_another_job_is_refused_with_one_error_line(job, extra, world
 def test_rank0_sees_a_checkpoint_saved_after_the_plan(tmp_path, conf, env):
     plan, overrides, _ = plan_from_conf("pretrain", conf, [], env)
     assert plan.resume.decision == "from_scratch"
-    (plan.paths.checkpoints / "iter_0000006").mkdir(parents=True)
+    saved = plan.paths.checkpoints / "iter_0000006"
+    saved.mkdir(parents=True)
+    for name in (".metadata", "trainer.pt", "__0_0.distcp"):  # what an intact checkpoint holds
+        (saved / name).write_bytes(b"x")
     (plan.paths.checkpoints / TRACKER_FILE).write_text("6\n")
     now = current_resume(plan, compose_config("pretrain", overrides))
     assert (now.resume.decision, now.resume.iteration) == ("resume", 6)

@@ -30,7 +30,7 @@ def numbered_samples(count: int) -> list[dict]:
 def make_trainer(root) -> Trainer:
     cfg = compose_config("pretrain", [f"checkpoint.root={root}", "training.train_iters=5",
                                       f"training.micro_batch_size={MBS}", f"training.global_batch_size={GBS}",
-                                      "model=tiny-qwen3"])
+                                      "model.name=tiny-qwen3"])
     plan = build_plan("pretrain", cfg, {}, "<test>", ClusterEnv("single", 1, 0, "127.0.0.1", 0, 1, None))
     plan.paths.create()
     ctx = JobContext(plan, rank=0, local_rank=0, world_size=1, device="cpu", timeline={})

@@ -264,7 +264,8 @@ class JobPlan:
     def from_json(cls, text: str) -> "JobPlan":
         data = json.loads(text)
         return cls(**{**data, "cluster": cluster_lib.ClusterEnv(**data["cluster"]),
-                      "paths": RunPaths.from_dict(data["paths"]), "resume": ResumeState(**data["resume"])})
+                      "paths": RunPaths.from_dict(data["paths"]),
+                      "resume": ResumeState(**{**data["resume"], "skipped": tuple(data["resume"]["skipped"])})})
 
     def as_dict(self) -> dict:
         return {
