@@ -40,7 +40,7 @@ def make_trainer(root) -> Trainer:
 
 def first_samples(trainer: Trainer, count: int) -> list[int]:
     """The sample numbers of the next `count` micro-batches' rows."""
-    batches = trainer.microbatches()
+    batches = trainer.microbatches(depth=2)
     return [int(row[0]) // 100 for _ in range(count) for row in next(batches)[0]]
 
 
