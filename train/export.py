@@ -42,8 +42,12 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from train.serving import add_serving_files
+
+if TYPE_CHECKING:  # annotations only: importing train.config loads Hydra
+    from train.config import JobConfig
 
 log = logging.getLogger("train")
 FORMATS = ("hf", "hf-nvfp4", "peft")
@@ -115,7 +119,7 @@ def read_source(run_dir: Path, iteration: int | None, export_format: str) -> Sou
     return Source(checkpoint, cfg, quantizers)
 
 
-def tokenizer_dir(cfg, tokenizer: str | None) -> Path | None:
+def tokenizer_dir(cfg: JobConfig, tokenizer: str | None) -> Path | None:
     """Where the export's tokenizer comes from: --tokenizer, else model.hf_checkpoint (None: unknown)."""
     from train.serving import has_tokenizer
 
@@ -128,7 +132,7 @@ def tokenizer_dir(cfg, tokenizer: str | None) -> Path | None:
     return base if base is not None and has_tokenizer(base) else None
 
 
-def base_dir(cfg) -> Path | None:
+def base_dir(cfg: JobConfig) -> Path | None:
     """The run's starting HF checkpoint directory, when it has one that still exists."""
     from omegaconf import OmegaConf
 
@@ -136,7 +140,7 @@ def base_dir(cfg) -> Path | None:
     return Path(hf_checkpoint) if hf_checkpoint and Path(hf_checkpoint).is_dir() else None
 
 
-def model_args(cfg):
+def model_args(cfg: JobConfig):
     """The architecture: the run's starting HF checkpoint's config.json, else the registry name."""
     import json
 

@@ -171,7 +171,7 @@ def peft_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_peft_adapters(model: nn.Module, lora_cfg, base_model: str, directory) -> None:
+def save_peft_adapters(model: nn.Module, lora_cfg: LoraConfig, base_model: str, directory) -> None:
     """adapter_config.json + adapter_model.safetensors, the files PeftModel.from_pretrained reads."""
     from peft import LoraConfig
     from safetensors.torch import save_file

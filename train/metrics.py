@@ -18,16 +18,22 @@ from TensorBoard. On a CPU memory_peak_gb is the process's peak RSS (getrusage) 
 memory_allocated_gb is null.
 """
 
+from __future__ import annotations
+
 import json
 import logging
 import math
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from train import mfu as mfu_lib
+
+if TYPE_CHECKING:  # annotations only: importing train.config loads Hydra
+    from train.config import JobConfig, TrainingConfig
 
 log = logging.getLogger("train")
 NOT_SCALARS = {"train_iters", "eval_only"}  # context fields: JSONL only
@@ -123,7 +129,7 @@ class IterationMetrics:
     one (trainer.iteration_metrics). The model's FLOPs per token and the device's peak FLOP/s
     are measured on the first record and kept."""
 
-    def __init__(self, cfg, plan, world_size: int, device: str):
+    def __init__(self, cfg: JobConfig, plan, world_size: int, device: str):
         self.cfg, self.plan, self.world_size, self.device = cfg, plan, world_size, device
         self.flops_per_token: float | None = None
         self.peak_flops: float | None = None
@@ -182,7 +188,7 @@ class NonFiniteGuard:
     training.max_bad_iterations of them (0: never) check() raises NonFiniteStop: the trainer
     then stops the job without saving (the last good checkpoint stays the latest)."""
 
-    def __init__(self, training_cfg, latest_checkpoint, is_main: bool):
+    def __init__(self, training_cfg: TrainingConfig, latest_checkpoint, is_main: bool):
         self.limit = training_cfg.max_bad_iterations
         self.latest_checkpoint = latest_checkpoint  # () -> the last saved iteration, or None
         self.is_main = is_main

@@ -22,6 +22,8 @@ Its components own their state and are created in Trainer.__init__: the checkpoi
 ParallelLayout (train/parallel/layout.py); the trainer alone writes the stop file.
 """
 
+from __future__ import annotations
+
 import json
 import logging
 import os
@@ -29,6 +31,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -47,6 +50,9 @@ from train.parallel import (build_zero_redundancy_optimizer, clip_gradients, exp
 from train.parallel.layout import ParallelLayout
 from train.validation import Validation, build_early_stopping
 from train.wandb_sink import start_wandb
+
+if TYPE_CHECKING:  # annotations only: importing train.config loads Hydra
+    from train.config import JobConfig
 
 log = logging.getLogger("train")
 STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)  # the sbatch wrappers ask for B:USR2@<grace>
@@ -131,7 +137,7 @@ class TrainState:
 
 
 class Trainer:
-    def __init__(self, cfg, ctx: JobContext, layout: ParallelLayout, model: torch.nn.Module, dataset, loss_fn=None,
+    def __init__(self, cfg: JobConfig, ctx: JobContext, layout: ParallelLayout, model: torch.nn.Module, dataset, loss_fn=None,
                  checkpoint_files: dict | None = None):
         self.cfg, self.ctx, self.layout, self.model, self.dataset = cfg, ctx, layout, model, dataset
         self.checkpoint_files = checkpoint_files or {}  # {file name: object} saved by rank 0 in each checkpoint

@@ -19,6 +19,10 @@ import os
 import secrets
 import string
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: importing train.config loads Hydra
+    from train.config import JobConfig
 
 log = logging.getLogger("train")
 RUN_ID_FILE = "wandb_run_id"  # in the run directory: one line, the W&B run id
@@ -36,7 +40,7 @@ def run_id(run_dir: Path) -> str:
     return new_id
 
 
-def logged_config(cfg, env: dict[str, str]) -> dict:
+def logged_config(cfg: JobConfig, env: dict[str, str]) -> dict:
     """The resolved config and the conf variables set for the job, secrets redacted."""
     from omegaconf import OmegaConf
 
@@ -59,7 +63,7 @@ class WandbSink:
         self.run.finish()
 
 
-def start_wandb(cfg, plan, is_main: bool) -> WandbSink | None:
+def start_wandb(cfg: JobConfig, plan, is_main: bool) -> WandbSink | None:
     """The sink, or None: another rank, no logging.wandb_project, or W&B failed to start (warned)."""
     settings = cfg.logging
     if not is_main or not settings.wandb_project:

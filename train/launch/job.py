@@ -8,6 +8,8 @@ training starts) or, without a plan file (an entrypoint started by hand), plans.
 writes the resolved config and the env log into the run directory.
 """
 
+from __future__ import annotations
+
 import datetime
 import json
 import logging
@@ -18,6 +20,7 @@ import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from train.launch import cluster as cluster_lib
 from train.launch.conf import EXIT_USAGE, ConfError
@@ -25,6 +28,9 @@ from train.launch.memory import resource_summary
 from train.launch.plan import JobPlan, PlanError, build_plan, config_fingerprint
 from train.launch.rundir import ResumeError, env_log_text, resume_state
 from train.launch.runlock import RunLocked, hold_in_worker
+
+if TYPE_CHECKING:  # annotations only: importing train.config loads Hydra
+    from train.config import JobConfig
 
 log = logging.getLogger("train")
 
@@ -106,7 +112,7 @@ def init_process_group(device: str, local_rank: int, world_size: int, backend: s
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
 
 
-def read_plan_file(path: str, job: str, cfg, world_size: int) -> JobPlan:
+def read_plan_file(path: str, job: str, cfg: JobConfig, world_size: int) -> JobPlan:
     """The launcher's plan, refused (exit 2, before the rendezvous) when it is not this job's."""
     try:
         plan = JobPlan.from_json(Path(path).read_text())
@@ -124,7 +130,7 @@ def read_plan_file(path: str, job: str, cfg, world_size: int) -> JobPlan:
     return plan
 
 
-def current_resume(plan: JobPlan, cfg) -> JobPlan:
+def current_resume(plan: JobPlan, cfg: JobConfig) -> JobPlan:
     """Rank 0: the resume decision as of now (a requeued or chained job may have saved since the plan)."""
     resume = resume_state(plan.paths.checkpoints, cfg.model.hf_checkpoint)
     if resume != plan.resume:
@@ -151,7 +157,7 @@ def plan_from_rank0(make_plan) -> JobPlan:
     return JobPlan.from_json(answer[0])
 
 
-def start_job(job: str, cfg) -> JobContext:
+def start_job(job: str, cfg: JobConfig) -> JobContext:
     import torch
     from omegaconf import OmegaConf
 

@@ -325,7 +325,7 @@ def build_plan(job: str, cfg: JobConfig, env: dict[str, str], conf: str, cluster
                    resources=resources, config_fingerprint=config_fingerprint(cfg))
 
 
-def config_fingerprint(cfg) -> str:
+def config_fingerprint(cfg: JobConfig) -> str:
     """sha256 of the resolved config the job trains with, KD_CFG_PATH merged into distill as the
     QAD entrypoint merges it before start_job (merging twice changes nothing). 16 hex digits."""
     from omegaconf import OmegaConf
