@@ -114,7 +114,7 @@ def read_source(run_dir: Path, iteration: int | None, export_format: str) -> Sou
     if export_format == "peft" and cfg.job != "finetune":
         raise ExportError(f"--format peft needs a LoRA fine-tuning run; {checkpoint} is a {cfg.job} run "
                           "(no adapters: use --format hf)")
-    if export_format == "peft" and not OmegaConf.select(cfg, "model.hf_checkpoint"):
+    if export_format == "peft" and not cfg.model.hf_checkpoint:
         raise ExportError(f"--format peft: {checkpoint} has no model.hf_checkpoint, the base the adapters need")
     return Source(checkpoint, cfg, quantizers)
 
@@ -134,9 +134,7 @@ def tokenizer_dir(cfg: JobConfig, tokenizer: str | None) -> Path | None:
 
 def base_dir(cfg: JobConfig) -> Path | None:
     """The run's starting HF checkpoint directory, when it has one that still exists."""
-    from omegaconf import OmegaConf
-
-    hf_checkpoint = OmegaConf.select(cfg, "model.hf_checkpoint")
+    hf_checkpoint = cfg.model.hf_checkpoint
     return Path(hf_checkpoint) if hf_checkpoint and Path(hf_checkpoint).is_dir() else None
 
 
