@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
 
+from train.config import ParallelConfig
 from train.models import build_model, init_weights
 from train.optim import build_optimizer
 from train.parallel import build_mesh, clip_gradients, expert_checkpoint_view, local_view, parallelize
@@ -27,10 +28,9 @@ GLOBAL_BATCH, SEQ_LEN, MAX_NORM, EP = 4, 16, 0.5, 2
 WRAPPERS = ("_checkpoint_wrapped_module.", "_orig_mod.")
 
 
-def parallel_cfg(**overrides):
-    values = dict(tensor_parallel_size=1, pipeline_parallel_size=1, expert_parallel_size=2,
-                  data_parallel="ddp", activation_checkpointing=False, compile=False)
-    return SimpleNamespace(**{**values, **overrides})
+def parallel_cfg(**overrides) -> ParallelConfig:
+    """The typed cfg.parallel (its defaults: DDP, no TP, EP 2) with these fields changed."""
+    return ParallelConfig(**{"expert_parallel_size": 2, **overrides})
 
 
 def optim_cfg():  # eps 1e-4: see parallel_worker.optim_cfg

@@ -17,6 +17,7 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_s
                                                      set_model_state_dict, set_state_dict)
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from train.config import ParallelConfig
 from train.models import build_model, init_weights
 from train.optim import build_optimizer
 from train.parallel import (build_mesh, build_zero_redundancy_optimizer, parallelize,
@@ -27,11 +28,9 @@ GLOBAL_BATCH, SEQ_LEN = 4, 16
 WRAPPER_NAMES = ("_checkpoint_wrapped_module.", "_orig_mod.")  # inside names; DDP adds "module." in front
 
 
-def parallel_cfg(**overrides):
-    values = dict(tensor_parallel_size=1, pipeline_parallel_size=1, expert_parallel_size=1,
-                  data_parallel="ddp", activation_checkpointing=False, compile=False,
-                  fsdp_mixed_precision=False)
-    return SimpleNamespace(**{**values, **overrides})
+def parallel_cfg(**overrides) -> ParallelConfig:
+    """The typed cfg.parallel (its defaults: DDP, no TP) with these fields changed."""
+    return ParallelConfig(**overrides)
 
 
 def optim_cfg():
