@@ -284,7 +284,9 @@ class Trainer:
             return "early_stop"
         accumulation = plan.global_batch_size // (cfg.training.micro_batch_size * self.layout.dp_size)
         tokens_per_iter = plan.global_batch_size * cfg.data.seq_length
-        batches = self.microbatches(depth=2 * accumulation)  # the next step's micro-batches, while this one runs
+        # the next step's micro-batches read while this one runs; none when a resumed run is already done
+        batches = self.microbatches(depth=2 * accumulation) if self.state.iteration < plan.train_iters \
+            else Prefetcher(iter(()), 1)
         started, reason = time.time(), "done"
         self.model.train()
         while self.state.iteration < plan.train_iters:

@@ -78,3 +78,14 @@ def test_load_state_dict_round_trip(root):
     assert other.state == trainer.state
     assert first_samples(other, 1) == [3 * GBS, 3 * GBS + 1]
 
+
+
+def test_a_run_resumed_at_its_last_iteration_has_nothing_left_to_do(root):
+    """A chained or repeated job after the run finished: it resumes, trains nothing, says done
+    (the sampler would refuse to start at consumed == total, so no batch may be read)."""
+    finished = make_trainer(root)
+    finished.state.iteration, finished.state.consumed_samples = 5, 5 * GBS  # train_iters=5, all consumed
+    finished.save()
+    again = make_trainer(root)
+    assert again.train() == "done"
+    assert again.state.iteration == 5
