@@ -47,7 +47,7 @@ def logged_config(cfg: JobConfig, env: dict[str, str]) -> dict:
     from train.launch.conf import CONF_VARIABLES, redact
 
     conf = {name: value for name, value in env.items() if name in CONF_VARIABLES}
-    return {**OmegaConf.to_container(cfg, resolve=True), "conf": redact(conf)}
+    return {**OmegaConf.to_container(OmegaConf.create(cfg), resolve=True), "conf": redact(conf)}  # typed or DictConfig
 
 
 class WandbSink:
