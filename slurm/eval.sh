@@ -29,7 +29,5 @@ done
 plan=$("$PYTHON" -m train.launch.plan --job "$JOB" --config "$CONFIG" --format shell) || exit $?
 eval "$plan"  # sets RUN_DIR, the run the conf trains
 [[ -d $RUN_DIR ]] || die "--config $CONFIG: run directory $RUN_DIR does not exist (train first)"
-device=cpu
-[[ -n ${CUDA_VISIBLE_DEVICES:-} ]] && device=cuda
-exec "$PYTHON" -m train.downstream "$RUN_DIR" --tasks "$TASKS" --device "$device" \
+exec "$PYTHON" -m train.downstream "$RUN_DIR" --tasks "$TASKS" \
   --json "$RUN_DIR/logs/downstream_$(date +%Y%m%d_%H%M%S).json" "${DOWNSTREAM_ARGS[@]}"

@@ -199,10 +199,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, help="at most this many documents per task")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="auto (default): cuda when torch sees a GPU, else cpu")
     parser.add_argument("--tokenizer", help="tokenizer directory for a run without model.hf_checkpoint")
     parser.add_argument("--json", help="also write the JSON here")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.device == "auto":  # CUDA_VISIBLE_DEVICES alone says nothing: a CPU build of torch sees none
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    return args
 
 
 def main(argv=None) -> int:

@@ -35,3 +35,34 @@ def test_two_node_qad_job_quantizes_the_student_and_checkpoints_the_quantizers(s
     keys = set(dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata)
     assert "model.layers.0.mlp.down_proj.input_quantizer._amax" in keys
     assert (root / RUN / "checkpoints" / "tiny-qwen3" / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+
+
+@pytest.mark.slow
+def test_eval_wrapper_after_a_qad_job_reports_teacher_ptq_and_qad(slurm_workdir):
+    """sbatch slurm/qad.sh, then sbatch slurm/eval.sh on the same conf: lm-eval's accuracy on the
+    local example task for the teacher, the PTQ student and the QAD student, in RUN_DIR/logs/."""
+    import json
+
+    from tests.fixtures.synthetic_data import build_tokenizer, generate_documents
+    from train.models import build_model, init_weights, save_hf
+
+    task = REPO / "docs" / "examples" / "downstream" / "tiny_mc.yaml"
+    models, root = slurm_workdir / "models", slurm_workdir / "runs"
+    save_hf(init_weights(build_model("tiny-qwen3", device="cpu"), 1), models / "tiny-qwen3")  # student = teacher
+    texts = generate_documents(50, 40) + (task.parent / "tiny_mc.jsonl").read_text().splitlines()
+    build_tokenizer(str(models / "tiny-qwen3"), texts, 400)
+    env = {name: None for name in os.environ if name.startswith("SLURM_") or name == "HF_TOKEN"}
+    env.update(QAD_CHECKPOINT_ROOT=str(root), MODELS_ROOT=str(models), NUM_GPUS="1", PYTHONPATH=str(REPO),
+               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    trained = sbatch([str(REPO / "slurm/qad.sh"), "--config", "conf.d/tiny-qwen3-qad.conf", "--",
+                      "training.train_iters=2", "checkpoint.save_interval=2", "quant.calibration_batches=2"],
+                     cwd=slurm_workdir, env=env)
+    wait_for_state(trained, {"COMPLETED"}, timeout_s=420)
+    evaluated = sbatch([f"--dependency=afterok:{trained}", str(REPO / "slurm/eval.sh"), "--config",
+                        "conf.d/tiny-qwen3-qad.conf", "--tasks", str(task)], cwd=slurm_workdir, env=env)
+    wait_for_state(evaluated, {"COMPLETED"}, timeout_s=600)
+    reports = sorted((root / RUN / "logs").glob("downstream_*.json"))
+    assert len(reports) == 1, job_report(evaluated)
+    results = json.loads(reports[0].read_text())["results"]
+    assert list(results) == ["teacher", "PTQ", "QAD"]
+    assert all(0.0 <= results[label]["tiny_mc"]["acc,none"] <= 1.0 for label in results)
