@@ -49,19 +49,16 @@ def build_pair(args):
 def our_step(model, precision: str):
     """Trainer.train_step on a minimal stand-in for the Trainer (its default loss,
     language_model_loss), then the optimizer step as in train()."""
-    from omegaconf import OmegaConf
-
+    from train.config import OptimConfig, ParallelConfig, TrainingConfig
     from train.losses import language_model_loss
     from train.optim import build_optimizer
+    from train.parallel.layout import ParallelLayout
     from train.trainer import Trainer
 
-    optim_cfg = OmegaConf.create({"lr": 3e-4, "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8,
-                                  "grad_clip": 1.0})
+    optim_cfg = OptimConfig(lr=3e-4, weight_decay=0.1, beta1=0.9, beta2=0.95, eps=1e-8, grad_clip=1.0)
     optimizer = build_optimizer(model, optim_cfg)
-    from train.parallel.layout import ParallelLayout
-
-    trainer = SimpleNamespace(model=model, optimizer=optimizer, layout=ParallelLayout(1, 0, 1, 1, "cpu"),
-                              cfg=SimpleNamespace(optim=optim_cfg, training=SimpleNamespace(precision=precision)),
+    cfg = SimpleNamespace(optim=optim_cfg, training=TrainingConfig(precision=precision), parallel=ParallelConfig())
+    trainer = SimpleNamespace(model=model, optimizer=optimizer, layout=ParallelLayout(1, 0, 1, 1, "cpu"), cfg=cfg,
                               loss_fn=language_model_loss)
 
     def step(batch):
