@@ -27,7 +27,9 @@ and the gradient is finished in the forward: grad_h[c] = dz @ W, grad_W += dz^T 
 only scales the two stored gradients, so nothing of size (C, V) outlives its chunk. Compared
 with F.cross_entropy on whole logits this saves the fp32 copy of the logits, log_softmax's
 second exp pass in backward and the (N, V) gradient buffer: ~20% of the lm_head + loss time
-on CPU in bf16 (benchmarks/model_step), and the logits' memory on GPU.
+on CPU in bf16 (benchmarks/model_step), and the logits' memory on GPU. Positions the loss mask
+drops (the prompts of chat data) never reach lm_head: only the K kept rows of hidden are
+multiplied, a third less lm_head work on typical SFT data (benchmarks/lora_step).
 """
 
 from __future__ import annotations
@@ -64,6 +66,19 @@ def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torc
                          tokens: torch.Tensor | float | None = None) -> torch.Tensor:
     """Next-token cross entropy summed over the loss mask / tokens (None: the mask's mean)."""
     return masked_cross_entropy_sum(logits, targets, mask) / mask_tokens(mask, tokens)
+
+
+def loss_positions(mask: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(mask, *tensors) flattened to positions (N,) and (N, ...), and only the K positions the mask
+    weights when it drops any (answer-only masks: chat, SFT, LoRA), so that the vocabulary-sized
+    work of a chunked loss runs on the loss tokens only. tensors: (B, T, ...) like mask (B, T), or
+    (N, ...); index_select's backward scatters the gradients back to every position."""
+    rows = [t.flatten(0, mask.dim() - 1) for t in tensors]
+    mask = mask.flatten().float()
+    if bool(mask.all()):
+        return (mask, *rows)
+    kept = mask.nonzero().squeeze(1)  # (K,)
+    return (mask[kept], *(t.index_select(0, kept) for t in rows))
 
 
 def fused_loss_applies(lm_head: nn.Module) -> bool:
@@ -132,8 +147,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     if not torch.is_grad_enabled():  # no backward will come: skip the gradient work
         hidden, weight = hidden.detach(), weight.detach()
     chunk_rows = max(1, chunk_bytes // (4 * weight.shape[0]))
-    return LinearCrossEntropy.apply(hidden.flatten(0, -2), weight, targets.flatten(), mask.flatten().float(),
-                                    chunk_rows, tokens)
+    mask, hidden, targets = loss_positions(mask, hidden, targets)
+    return LinearCrossEntropy.apply(hidden, weight, targets, mask, chunk_rows, tokens)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -11,6 +11,10 @@ Theirs: peft.get_peft_model and transformers.Trainer.train(): its own loop, opti
 (adamw_torch), clipping and autocast, timed per step by a TrainerCallback. The candidates
 alternate in rounds (shared machine): each round runs `--steps` optimizer steps of each, the
 first step of each round untimed; the median step is reported. Prints a Markdown table.
+
+--clock cpu (for a loaded, shared machine): one thread, and each step timed by the CPU time of
+that thread (time.thread_time), which other processes' load does not inflate the way it inflates
+wall time; on CPU autograd runs backward on the calling thread, so the whole step is counted.
 """
 
 from __future__ import annotations
@@ -55,22 +59,22 @@ def ours_lora_step(model, args, tokens, mask):
 class StepTimes:
     """A transformers TrainerCallback recording each optimizer step's wall time."""
 
-    def __init__(self):
+    def __init__(self, clock):
         from transformers import TrainerCallback
 
         times = self.seconds = []
 
         class Callback(TrainerCallback):
             def on_step_begin(self, *_, **__):
-                self.start = time.perf_counter()
+                self.start = clock()
 
             def on_step_end(self, *_, **__):
-                times.append(time.perf_counter() - self.start)
+                times.append(clock() - self.start)
 
         self.callback = Callback()
 
 
-def hf_trainer_round(model, args, tokens, mask, output_dir: str):
+def hf_trainer_round(model, args, tokens, mask, output_dir: str, clock):
     """Returns run(steps) -> step seconds: Trainer.train() for `steps` optimizer steps."""
     from transformers import Trainer, TrainingArguments
 
@@ -83,7 +87,7 @@ def hf_trainer_round(model, args, tokens, mask, output_dir: str):
                                      bf16=args.precision == "bf16", use_cpu=True, report_to=[], save_strategy="no",
                                      logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
                                      remove_unused_columns=False, optim="adamw_torch")
-        timer = StepTimes()
+        timer = StepTimes(clock)
         Trainer(model=model, args=training, train_dataset=rows * steps, callbacks=[timer.callback]).train()
         return timer.seconds
     return run
@@ -100,7 +104,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=4, help="optimizer steps per round (the first untimed)")
     parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="cpu: one thread, timed by its CPU time (a loaded machine)")
     args = parser.parse_args()
+    clock = time.perf_counter if args.clock == "wall" else time.thread_time
+    if args.clock == "cpu":
+        torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING)
     from peft import LoraConfig, get_peft_model
 
@@ -112,21 +121,21 @@ def main() -> None:
                                        target_modules=TARGETS))
     seconds = {"transformers Trainer + peft": [], "ours": []}
     with tempfile.TemporaryDirectory() as output_dir:
-        hf_round = hf_trainer_round(hf, args, tokens, mask, output_dir)
+        hf_round = hf_trainer_round(hf, args, tokens, mask, output_dir, clock)
         for _ in range(args.rounds):
             seconds["transformers Trainer + peft"] += hf_round(args.steps)[1:]
             times = []
             for _ in range(args.steps):
-                start = time.perf_counter()
+                start = clock()
                 ours_step()
-                times.append(time.perf_counter() - start)
+                times.append(clock() - start)
             seconds["ours"] += times[1:]
     tokens_per_step = args.batch * args.seq_len
     rates = {name: tokens_per_step / statistics.median(values) for name, values in seconds.items()}
     base = rates["transformers Trainer + peft"]
     print(f"\nQwen3 {args.layers}L-{args.hidden}D, vocab {args.vocab} ({params:.0f}M params), LoRA r {args.rank} on "
           f"{'/'.join(name[0] for name in TARGETS)}, batch {args.batch} x {args.seq_len}, {args.precision} CPU, "
-          f"{torch.get_num_threads()} threads, median of {len(seconds['ours'])} steps in {args.rounds} rounds\n")
+          f"{torch.get_num_threads()} threads, {args.clock} clock, median of {len(seconds['ours'])} steps in {args.rounds} rounds\n")
     print("| step | tokens/s | median step s | vs Trainer + peft |")
     print("|---|---|---|---|")
     for name, rate in rates.items():

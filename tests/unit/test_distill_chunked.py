@@ -183,3 +183,19 @@ def test_terms_are_the_unweighted_kl_and_cross_entropy_and_lm_loss_only_when_wei
     assert set(kd_only) == {"kd_loss"}
     cfg = DistillConfig(temperature=2.0, lm_loss_weight=1.0, kd_loss_weight=0.0)
     assert set(full_logits_terms(logits, teacher_logits, targets, mask, cfg, None)[1]) == {"lm_loss"}
+
+
+def test_vocabulary_work_runs_on_the_loss_tokens_only():
+    """Half the positions masked out (the prompts): half the FLOPs of a full mask, whatever the chunking."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    h, w, th, tw, targets, _ = tensors(3)
+    answer = torch.zeros(B, T, dtype=torch.float64)
+    answer[:, 1::2] = 1  # every other position: no chunk is wholly masked out
+
+    def flops(mask):
+        with FlopCounterMode(display=False) as counter:
+            chunked_distill_loss(h, w, th, tw, targets, mask, temperature=2.0, chunk_size=5).backward()
+        return counter.get_total_flops()
+
+    assert flops(answer) * 2 == flops(torch.ones_like(answer))

@@ -120,3 +120,24 @@ def test_tokens_sets_the_denominator():
     torch.testing.assert_close(scaled, mean * mask.sum() / 40)
     logits = (hidden @ weight.T)[None]
     torch.testing.assert_close(masked_cross_entropy(logits, targets[None], mask[None], 40.0), scaled)
+
+
+def test_lm_head_runs_on_the_loss_tokens_only():
+    """An answer-only mask (a quarter of the positions kept): the fused loss's FLOPs are a quarter
+    of a full mask's, with the same value and gradients as the logits path."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    hidden, weight, targets, mask = _inputs(rows=64)
+    answer = torch.zeros_like(mask)
+    answer[48:] = 1  # the last 16 positions: the answer
+
+    def flops(mask):
+        with FlopCounterMode(display=False) as counter:
+            linear_cross_entropy(hidden, weight, targets, mask).backward()
+        return counter.get_total_flops()
+
+    assert flops(answer) * 4 == flops(torch.ones_like(mask))
+    naive = _grads(lambda h, w: masked_cross_entropy((h @ w.T)[None], targets[None], answer[None]), hidden, weight)
+    fused = _grads(lambda h, w: linear_cross_entropy(h, w, targets, answer), hidden, weight)
+    for a, b in zip(naive, fused):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)

@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from train.losses import mask_tokens, matmul_dtype
+from train.losses import loss_positions, mask_tokens, matmul_dtype
 
 
 class ChunkedDistillLoss(torch.autograd.Function):
@@ -136,8 +136,9 @@ def chunked_distill_terms(hidden: torch.Tensor, weight: torch.Tensor, teacher_hi
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if not torch.is_grad_enabled():  # no backward will come: skip the gradient work in forward
         hidden, weight = hidden.detach(), weight.detach()
+    # the loss tokens only (answer-only masks): (K, D) hidden rows, (K,) targets and mask
+    mask, hidden, teacher_hidden, targets = loss_positions(mask, hidden, teacher_hidden.detach(), targets)
     loss, kd, lm = ChunkedDistillLoss.apply(
-        hidden.flatten(0, -2), weight, teacher_hidden.flatten(0, -2).detach(), teacher_weight.detach(),
-        targets.flatten(), mask.flatten(), float(temperature), float(lm_loss_weight), int(chunk_size), vocab,
-        float(kd_loss_weight), tokens)
+        hidden, weight, teacher_hidden, teacher_weight.detach(), targets, mask, float(temperature),
+        float(lm_loss_weight), int(chunk_size), vocab, float(kd_loss_weight), tokens)
     return loss, {"kd_loss": kd, **({"lm_loss": lm} if lm_loss_weight else {})}
