@@ -539,7 +539,7 @@ def scaling_table(job: str, config: str, overrides: list[str], env: dict[str, st
         time = resources.get("time") or {}
         memory = resources["memory_per_gpu_bytes"]
         fits = "" if resources["fits"] else " (over)"
-        seconds = [f"{time[key]:.2f}" if key in time else "-" for key in ("step_s", "compute_s", "communication_s")]
+        seconds = [f"{time[key]:.3g}" if key in time else "-" for key in ("step_s", "compute_s", "communication_s")]
         speed = f"{resources['tokens_per_step'] / time['step_s']:,.0f}" if "step_s" in time else "-"
         wall = f"{time['wall_s'] / 3600:.1f} h" if "wall_s" in time else "- (no TRAIN_ITERS)"
         lines.append(f"| {nodes} | {plan.cluster.world_size} | {layout['data_parallel']} "
