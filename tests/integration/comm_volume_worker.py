@@ -18,7 +18,9 @@ import torch
 import torch.distributed as dist
 
 from parallel_worker import fresh_model, optim_cfg, parallel_cfg  # same folder
+from train.launch.comms import RING_FACTOR, StepShape, step_collectives
 from train.losses import language_model_loss
+from train.models.registry import get_model_args
 from train.optim import build_optimizer
 from train.parallel import ParallelLayout, build_mesh, parallelize
 from train.trainer import accumulate_gradients
@@ -30,6 +32,18 @@ def sent_bytes() -> int:
     """Bytes this process wrote so far (write, writev, send: gloo's TCP transport included)."""
     with open("/proc/self/io") as io:
         return next(int(line.split()[1]) for line in io if line.startswith("wchar:"))
+
+
+def planned_gloo_bytes(model_name: str, seq_len: int, accumulation: int, strategy: str, processes: int) -> float:
+    """The plan's bytes per rank for one step of `accumulation` micro-batches of 1 x seq_len, fp32,
+    gloo's reduce-scatter counted as the all-reduce of the whole gradient that gloo runs instead."""
+    shape = StepShape(tp=1, ep=1, dp=processes, strategy=strategy, tokens=seq_len, accumulation=accumulation,
+                      param_bytes=4, act_bytes=4, gather_bytes=4, checkpointing=False)
+    total = 0.0
+    for collective in step_collectives(get_model_args(model_name), shape):
+        kind = "all_reduce" if collective.kind == "reduce_scatter" else collective.kind
+        total += collective.times * collective.payload_bytes * RING_FACTOR[kind](processes)
+    return total
 
 
 def measure(strategy: str, model_name: str, seq_len: int, accumulation: int, steps: int) -> dict:
