@@ -165,7 +165,7 @@ def test_dry_run_scaling_prints_one_row_per_node_count_and_creates_nothing(tmp_p
     alone (no --dry-run) is refused."""
     result = run_launcher("qad", ["--config", "qwen3-8b", "--dry-run", "--scaling", "1,2,8"], launcher_env(tmp_path))
     assert result.returncode == 0, result.stderr
-    rows = result.stdout.splitlines()[2:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert [row.split("|")[1].strip() for row in rows] == ["1", "2", "8"]
     assert "| 8 (fsdp) | 4 |" in rows[0] and "| 16 (fsdp) | 2 |" in rows[1] and "refused: GBS=32" in rows[2]
     assert list(tmp_path.iterdir()) == []

@@ -123,8 +123,11 @@ def test_scaling_table_keeps_gbs_and_marks_node_counts_it_cannot_split(capsys):
     8 nodes would be 64 data-parallel ranks for 32 sequences."""
     assert main(["--job", "qad", "--config", "qwen3-8b", "--dry-run", "--scaling", "1,2,4,8", "--",
                  "TRAIN_ITERS=100"]) == 0
-    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()[2:]]
-    cells = [[cell.strip() for cell in row] for row in rows]
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].endswith("qwen3-8b.conf: GBS 32 x 8192 tokens = 262,144 tokens a step at every node "
+                                        "count; 8 GPUs a node (h100, MFU 0.35); intra-node 450 GB/s, inter-node "
+                                        "50 GB/s, 0 of the communication overlapped")
+    cells = table_cells(out)
     assert [row[0] for row in cells] == ["1", "2", "4", "8"]
     assert [row[3] for row in cells[:3]] == ["4", "2", "1"]
     assert cells[3][2].startswith("refused: GBS=32")
@@ -132,6 +135,23 @@ def test_scaling_table_keeps_gbs_and_marks_node_counts_it_cannot_split(capsys):
     assert compute[0] == pytest.approx(2 * compute[1], rel=0.01)  # twice the GPUs, same tokens
     assert communication[1] > communication[0]  # 2 nodes: the data-parallel collectives cross InfiniBand
     assert all(s == pytest.approx(c + m, rel=0.01) for s, c, m in zip(step, compute, communication))
+
+
+def test_scaling_keeps_the_first_rows_gbs_when_the_conf_sets_none(tmp_path, capsys):
+    """No GBS in the conf: MBS x dp at 1 node (8 x 2 = 16 sequences), then refused at 2 nodes
+    (32 ranks for 16 sequences) instead of doubling the batch."""
+    conf = tmp_path / "no-gbs.conf"
+    conf.write_text("export MODEL=qwen3-8b\nexport DATASET_NAME=synthetic\nexport SEQ_LENGTH=4096\nexport MBS=2\n"
+                    "export NUM_GPUS=8\nexport DP_SHARDING=fsdp\nexport ACTIVATION_CHECKPOINTING=1\n")
+    assert main(["--job", "pretrain", "--config", str(conf), "--dry-run", "--scaling", "1,2"]) == 0
+    cells = table_cells(capsys.readouterr().out)
+    assert cells[0][3] == "1" and cells[1][2].startswith("refused: GBS=16")
+
+
+def table_cells(out: str) -> list[list[str]]:
+    """The cells of the scaling table's rows (those that start with a node count)."""
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    return [[cell.strip() for cell in row] for row in rows]
 
 
 def test_scaling_refuses_bad_values_before_any_table(capsys):

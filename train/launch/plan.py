@@ -40,8 +40,9 @@ class PlanError(ValueError):
     """An inconsistent job (parallel sizes, missing paths); the message names the culprit."""
 
 
-class BatchSplitError(PlanError):
-    """GBS is not a multiple of MBS x the data-parallel size (--scaling lists such node counts)."""
+class SplitError(PlanError):
+    """The job's GPUs do not split as asked: TP x PP vs the GPUs, EP vs dp, GBS vs MBS x dp
+    (--scaling lists such node counts as refused rows)."""
 
 
 def hydra_value(value) -> str:
@@ -131,7 +132,7 @@ def check_parallel(cfg: JobConfig, world_size: int, conf: str) -> int:
         if size < 1:
             raise PlanError(f"{conf}: {name}={size} must be at least 1")
     if world_size % (tp * pp):
-        raise PlanError(f"{conf}: TP_SIZE x PP_SIZE = {tp} x {pp} = {tp * pp} does not divide the "
+        raise SplitError(f"{conf}: TP_SIZE x PP_SIZE = {tp} x {pp} = {tp * pp} does not divide the "
                         f"{world_size} GPUs of the job (nodes x NUM_GPUS)")
     data_parallel = world_size // (tp * pp)
     from train.parallel.checks import ParallelSettingsError, check_parallel_settings  # torch-free
@@ -141,7 +142,7 @@ def check_parallel(cfg: JobConfig, world_size: int, conf: str) -> int:
     try:
         check_parallel_settings(cfg.parallel, args_for_display_name(str(cfg.model.name)), world_size, num_experts=experts)
     except ParallelSettingsError as error:
-        raise PlanError(f"{conf}: {error}") from None
+        raise SplitError(f"{conf}: {error}") from None
     return data_parallel
 
 
@@ -306,7 +307,7 @@ def build_plan(job: str, cfg: JobConfig, env: dict[str, str], conf: str, cluster
     mbs = cfg.training.micro_batch_size
     gbs = cfg.training.global_batch_size or mbs * data_parallel
     if gbs % (mbs * data_parallel):
-        raise BatchSplitError(f"{conf}: GBS={gbs} is not a multiple of MBS x data-parallel size = "
+        raise SplitError(f"{conf}: GBS={gbs} is not a multiple of MBS x data-parallel size = "
                         f"{mbs} x {data_parallel}")
     blend = blend_path(cfg)
     samples = default_train_samples(cfg, blend) if not problems else cfg.data.train_samples
@@ -524,29 +525,47 @@ def node_counts(text: str) -> list[int]:
 
 
 def scaling_table(job: str, config: str, overrides: list[str], env: dict[str, str], counts: list[int]) -> str:
-    """The plan at each node count (GBS fixed: accumulation shrinks as dp grows), a Markdown table;
-    a node count the plan refuses (GBS not a multiple of MBS x dp) is a row saying why."""
-    lines = ["| nodes | GPUs | dp (strategy) | accumulation | memory/GPU | step s | compute s | communication s "
-             "| tokens/s | wall time |", "|---|---|---|---|---|---|---|---|---|---|"]
+    """The plan at each node count, a Markdown table under a line saying what stays fixed. GBS
+    stays the first planned row's (a conf without GBS would otherwise grow it with dp), so the
+    accumulation shrinks as dp grows; a node count the GPUs do not split for (GBS vs MBS x dp,
+    EP vs dp, TP vs the GPUs) is a row saying why."""
+    lines, first = [], None
     for nodes in counts:
+        pinned = [f"GBS={first.global_batch_size}"] if first else []
         try:
-            plan, _, _ = plan_from_conf(job, config, overrides, env, nodes, strict_paths=False)
-        except BatchSplitError as error:
+            plan, _, _ = plan_from_conf(job, config, overrides + pinned, env, nodes, strict_paths=False)
+        except SplitError as error:
             reason = str(error).split(": ", 1)[-1]
             lines.append(f"| {nodes} | - | refused: {reason} |" + " |" * 7)
             continue
-        resources, layout = plan.resources, plan.parallel
-        time = resources.get("time") or {}
-        memory = resources["memory_per_gpu_bytes"]
-        fits = "" if resources["fits"] else " (over)"
-        seconds = [f"{time[key]:.3g}" if key in time else "-" for key in ("step_s", "compute_s", "communication_s")]
-        speed = f"{resources['tokens_per_step'] / time['step_s']:,.0f}" if "step_s" in time else "-"
-        wall = f"{time['wall_s'] / 3600:.1f} h" if "wall_s" in time else "- (no TRAIN_ITERS)"
-        lines.append(f"| {nodes} | {plan.cluster.world_size} | {layout['data_parallel']} "
-                     f"({layout['data_parallel_strategy']}) | {resources['accumulation_steps']} | "
-                     f"{format_bytes(memory['total']) if memory else '-'}{fits} | {' | '.join(seconds)} | "
-                     f"{speed} | {wall} |")
-    return "\n".join(lines)
+        first = first or plan
+        lines.append(scaling_row(nodes, plan))
+    head = ["| nodes | GPUs | dp (strategy) | accumulation | memory/GPU | step s | compute s | communication s "
+            "| tokens/s | wall time |", "|---|---|---|---|---|---|---|---|---|---|"]
+    if first is None:
+        return "\n".join(head + lines)
+    resources, link = first.resources, first.resources.get("communication") or {}
+    caption = (f"{first.conf}: GBS {first.global_batch_size} x {resources['tokens_per_step'] // first.global_batch_size}"
+               f" tokens = {resources['tokens_per_step']:,} tokens a step at every node count; "
+               f"{first.cluster.procs_per_node} GPUs a node ({resources['gpu']}, MFU "
+               f"{(resources.get('time') or {}).get('assumed_mfu', '-')}); ")
+    if link:
+        caption += (f"intra-node {link['intra_node_gbps']:g} GB/s, inter-node {link['inter_node_gbps']:g} GB/s, "
+                    f"{link['overlap']:g} of the communication overlapped")
+    return "\n".join([caption, ""] + head + lines)
+
+
+def scaling_row(nodes: int, plan: JobPlan) -> str:
+    resources, layout = plan.resources, plan.parallel
+    time = resources.get("time") or {}
+    memory = resources["memory_per_gpu_bytes"]
+    fits = "" if resources["fits"] else " (over)"
+    seconds = [f"{time[key]:.3g}" if key in time else "-" for key in ("step_s", "compute_s", "communication_s")]
+    speed = f"{resources['tokens_per_step'] / time['step_s']:,.0f}" if "step_s" in time else "-"
+    wall = f"{time['wall_s'] / 3600:.1f} h" if "wall_s" in time else "- (no TRAIN_ITERS)"
+    return (f"| {nodes} | {plan.cluster.world_size} | {layout['data_parallel']} ({layout['data_parallel_strategy']}) | "
+            f"{resources['accumulation_steps']} | {format_bytes(memory['total']) if memory else '-'}{fits} | "
+            f"{' | '.join(seconds)} | {speed} | {wall} |")
 
 
 def main(argv: list[str] | None = None) -> int:
