@@ -9,9 +9,9 @@ import os
 
 import pytest
 
-from train.launch.comms import Interconnect, StepShape, communication_plan, interconnect, step_collectives
+from train.launch.comms import (Interconnect, StepShape, communication_plan, interconnect, parameter_groups,
+                                step_collectives)
 from train.launch.conf import CONF_VARIABLES
-from train.launch.memory import parameter_groups
 from train.launch.plan import main
 from train.models.registry import get_model_args
 

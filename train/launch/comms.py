@@ -4,7 +4,7 @@
     bash launchers/qad.sh --config qwen3-8b --dry-run --scaling 1,2,4,8   # one row per node count
     python -m pytest tests/integration/test_comm_volume.py                # against gloo's socket bytes
 
-Torch-free, from the shapes memory.py counts (parameter_groups: the registry's ModelArgs or the
+Torch-free, from the shapes memory.py counts too (parameter_groups: the registry's ModelArgs or the
 HF config.json). Per optimizer step of `accumulation` micro-batches of MBS x SEQ tokens:
 
     ddp, zero1    gradients all-reduced over dp once per step (train.parallel.gradient_sync);
@@ -91,6 +91,19 @@ class StepShape:
     checkpointing: bool
 
 
+def parameter_groups(args) -> dict[str, int]:
+    """Elements of the model in three groups: embedding (+ untied lm_head), experts, the rest."""
+    from train.models.registry import count_parameters
+
+    total = count_parameters(args)["total"]
+    embedding = args.vocab_size * args.hidden_size * (1 if args.tie_embeddings else 2)
+    experts = 0
+    if args.num_experts:
+        moe_layers = sum(args.is_moe_layer(i) for i in range(args.num_layers))
+        experts = moe_layers * args.num_experts * 3 * args.hidden_size * args.moe_intermediate_size
+    return {"embedding": embedding, "experts": experts, "dense": total - embedding - experts}
+
+
 def gradient_collectives(groups: dict[str, int], shape: StepShape, trainable: float | None) -> list[Collective]:
     """The student's data-parallel collectives. trainable: LoRA's adapter elements (the base is
     frozen and only gathered), None: the whole model trains."""
@@ -148,8 +161,6 @@ def activation_collectives(args, shape: StepShape, *, forward_only: bool, prefix
 def teacher_collectives(teacher, teacher_bytes: int, shape: StepShape) -> list[Collective]:
     """The frozen QAD teacher, laid out like the student (train.parallel.apply parallelize_frozen):
     FSDP2 gathers its blocks once a micro-batch in forward (its root stays gathered)."""
-    from train.launch.memory import parameter_groups
-
     out = activation_collectives(teacher, shape, forward_only=True, prefix="teacher ")
     if shape.dp > 1 and shape.strategy in ("fsdp", "fsdp_zero2"):
         groups = parameter_groups(teacher)
@@ -162,8 +173,6 @@ def teacher_collectives(teacher, teacher_bytes: int, shape: StepShape) -> list[C
 def step_collectives(args, shape: StepShape, *, teacher=None, teacher_bytes: int = 2,
                      lora_trainable: float | None = None) -> list[Collective]:
     """Every collective of one optimizer step on one rank, the student's and the teacher's."""
-    from train.launch.memory import parameter_groups
-
     out = gradient_collectives(parameter_groups(args), shape, lora_trainable)
     out += activation_collectives(args, shape, forward_only=False)
     if teacher is not None:

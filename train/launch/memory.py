@@ -43,7 +43,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from train.launch.comms import Interconnect, StepShape, communication_plan, interconnect, step_collectives
+from train.launch.comms import (Interconnect, StepShape, communication_plan, interconnect, parameter_groups,
+                                step_collectives)
 from train.mfu import peak_flops_for_name
 
 if TYPE_CHECKING:  # annotations only: importing train.config loads Hydra
@@ -70,19 +71,6 @@ class Split:
     ep: int
     dp: int
     strategy: str  # ddp | fsdp | fsdp_zero2 | zero1
-
-
-def parameter_groups(args) -> dict[str, int]:
-    """Elements of the model in three groups: embedding (+ untied lm_head), experts, the rest."""
-    from train.models.registry import count_parameters
-
-    total = count_parameters(args)["total"]
-    embedding = args.vocab_size * args.hidden_size * (1 if args.tie_embeddings else 2)
-    experts = 0
-    if args.num_experts:
-        moe_layers = sum(args.is_moe_layer(i) for i in range(args.num_layers))
-        experts = moe_layers * args.num_experts * 3 * args.hidden_size * args.moe_intermediate_size
-    return {"embedding": embedding, "experts": experts, "dense": total - embedding - experts}
 
 
 def local_elements(groups: dict[str, int], layout: Split, fsdp_sharded: bool) -> float:
