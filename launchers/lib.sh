@@ -1,6 +1,6 @@
 # launchers/lib.sh: shared by slurm/*.sh (batch) and launchers/*.sh (interactive).
 # Source it, then: launch_job JOB batch|interactive [--config C] [--hf-token-file F]
-#                  [--hf-token V] [--dry-run] [POSITIONAL ...] [-- key=value | VAR=value ...]
+#                  [--hf-token V] [--dry-run [--scaling 1,2,4]] [POSITIONAL ...] [-- key=value | VAR=value ...]
 # Validation and planning happen once, in `python -m train.launch.plan`, before anything is
 # started: a bad conf exits 2 with one message, no job step, no run directory. The plan sources
 # the conf, hands back its variables to export, and writes <run dir>/plans/plan_<datetime>_<jobid>.json,
@@ -22,6 +22,7 @@ usage: $1 --config CONF [--hf-token-file FILE] [--dry-run] [-- key=value ...]
   --hf-token-file FILE  read HF_TOKEN from FILE (never written to logs)
   --hf-token VALUE      accepted for compatibility; prefer the file or HF_TOKEN in the environment
   --dry-run             print the plan as JSON and exit
+  --scaling NODES       with --dry-run: step time, tokens/s and wall time at these node counts (1,2,4,8)
   -- key=value ...      Hydra overrides, e.g. optim.lr=1e-5 training.train_iters=100,
                         or conf variables over the conf's, e.g. LR=1e-6 DATASET_NAME=mix
   qad: POSITIONAL       the QAD guide's form: LR TEACHER_MODEL DATASET_NAME STUDENT_MODEL KD_CFG_PATH
@@ -31,8 +32,8 @@ EOF
 # The QAD users' guide passes these after --config, in this order: `qad.sh --config C 1e-6 Qwen3-8B ...`
 QAD_POSITIONAL=(LR TEACHER_MODEL DATASET_NAME STUDENT_MODEL KD_CFG_PATH)
 
-parse_args() {  # sets CONFIG DRY_RUN OVERRIDES POSITIONAL CLI_HF_TOKEN; exports HF_TOKEN
-  CONFIG="" DRY_RUN=0 OVERRIDES=() POSITIONAL=() CLI_HF_TOKEN=""
+parse_args() {  # sets CONFIG DRY_RUN SCALING OVERRIDES POSITIONAL CLI_HF_TOKEN; exports HF_TOKEN
+  CONFIG="" DRY_RUN=0 SCALING="" OVERRIDES=() POSITIONAL=() CLI_HF_TOKEN=""
   while (($#)); do
     case "$1" in
       --config) [[ $# -ge 2 ]] || die "--config needs a value"; CONFIG=$2; shift 2 ;;
@@ -45,6 +46,8 @@ parse_args() {  # sets CONFIG DRY_RUN OVERRIDES POSITIONAL CLI_HF_TOKEN; exports
           "(visible in 'scontrol show job'); use --hf-token-file FILE or export HF_TOKEN" >&2
         HF_TOKEN=$2; export HF_TOKEN; CLI_HF_TOKEN=$HF_TOKEN; shift 2 ;;
       --dry-run) DRY_RUN=1; shift ;;
+      --scaling) [[ $# -ge 2 ]] || die "--scaling needs node counts, e.g. 1,2,4,8"; SCALING=$2; shift 2 ;;
+      --scaling=*) SCALING=${1#*=}; shift ;;
       -h | --help) usage "$0"; exit 0 ;;
       --) shift; OVERRIDES+=("$@"); break ;;
       *=*) OVERRIDES+=("$1"); shift ;;
@@ -140,10 +143,11 @@ launch_job() {  # JOB MODE args...
   parse_args "$@"
   [[ -n $CONFIG ]] || { usage "$0"; die "--config is required"; }
   read_positional "$job"
+  [[ -z $SCALING ]] || ((DRY_RUN)) || die "--scaling needs --dry-run"
   export TRAIN_JOB=$job
   if ((DRY_RUN)); then
     exec "$PYTHON" -m train.launch.plan --job "$job" --config "$CONFIG" --dry-run \
-      ${NNODES:+--nodes "$NNODES"} -- "${OVERRIDES[@]}"
+      ${NNODES:+--nodes "$NNODES"} ${SCALING:+--scaling "$SCALING"} -- "${OVERRIDES[@]}"
   fi
   plan_job "$job"
   take_run_lock

@@ -160,6 +160,19 @@ def test_dry_run_prints_the_plan_and_creates_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_dry_run_scaling_prints_one_row_per_node_count_and_creates_nothing(tmp_path):
+    """The QAD conf of the users' guide (GBS 32, 8 GPUs a node) at 1, 2 and 8 nodes; --scaling
+    alone (no --dry-run) is refused."""
+    result = run_launcher("qad", ["--config", "qwen3-8b", "--dry-run", "--scaling", "1,2,8"], launcher_env(tmp_path))
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [row.split("|")[1].strip() for row in rows] == ["1", "2", "8"]
+    assert "| 8 (fsdp) | 4 |" in rows[0] and "| 16 (fsdp) | 2 |" in rows[1] and "refused: GBS=32" in rows[2]
+    assert list(tmp_path.iterdir()) == []
+    refused = run_launcher("qad", ["--config", "qwen3-8b", "--scaling", "1,2"], launcher_env(tmp_path))
+    assert refused.returncode == 2 and refused.stderr == "error: --scaling needs --dry-run\n"
+
+
 BAD_CONFS = {
     "missing_required": ("export STUDENT_MODEL=a\nexport TEACHER_MODEL=b\nexport TP_SIZE=1\n", "qad",
                          ["STUDENT_CKPT", "TEACHER_CKPT", "MBS"]),

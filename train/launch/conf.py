@@ -93,6 +93,12 @@ CONF_VARIABLES: dict[str, ConfVariable] = {v.name: v for v in [
          "a100-40gb", default="h100"),
     _var("GPU_MEMORY_GB", None, "float", "GPU memory in GB for the memory plan (overrides GPU_TYPE's)"),
     _var("ASSUMED_MFU", None, "float", "model FLOPs utilization the time estimate assumes", default="0.35"),
+    _var("INTRA_NODE_GBPS", None, "float", "GB/s (bytes) per GPU and direction inside a node, for the "
+         "communication plan (450: NVLink4, H100/H200)", default="450"),
+    _var("INTER_NODE_GBPS", None, "float", "GB/s (bytes) per GPU and direction between nodes "
+         "(50: 400 Gb/s InfiniBand, one NIC per GPU)", default="50"),
+    _var("COMM_OVERLAP", None, "float", "share (0-1) of the communication time the step plan hides behind "
+         "compute", default="0"),
     _var("MEMORY_CHECK", None, "bool", "0: start a job whose plan exceeds the GPU's memory", default="1"),
     _var("LR", "optim.lr", "float", "peak learning rate"),
     _var("DATASET_NAME", "data.dataset_name", "str", "datablend name; 'synthetic' for random tokens",

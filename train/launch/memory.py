@@ -43,6 +43,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from train.launch.comms import (Interconnect, StepShape, communication_plan, interconnect, parameter_groups,
+                                step_collectives)
 from train.mfu import peak_flops_for_name
 
 if TYPE_CHECKING:  # annotations only: importing train.config loads Hydra
@@ -69,19 +71,6 @@ class Split:
     ep: int
     dp: int
     strategy: str  # ddp | fsdp | fsdp_zero2 | zero1
-
-
-def parameter_groups(args) -> dict[str, int]:
-    """Elements of the model in three groups: embedding (+ untied lm_head), experts, the rest."""
-    from train.models.registry import count_parameters
-
-    total = count_parameters(args)["total"]
-    embedding = args.vocab_size * args.hidden_size * (1 if args.tie_embeddings else 2)
-    experts = 0
-    if args.num_experts:
-        moe_layers = sum(args.is_moe_layer(i) for i in range(args.num_layers))
-        experts = moe_layers * args.num_experts * 3 * args.hidden_size * args.moe_intermediate_size
-    return {"embedding": embedding, "experts": experts, "dense": total - embedding - experts}
 
 
 def local_elements(groups: dict[str, int], layout: Split, fsdp_sharded: bool) -> float:
@@ -230,8 +219,11 @@ def parse_slurm_time(text: str) -> int:
 
 
 def time_plan(args, teacher, *, tokens_per_step: int, seq_length: int, iters: int | None, world_size: int,
-              gpu: str, mfu: float, time_limit_s: int | None, checkpointing: bool) -> dict:
-    """Step and wall time from FLOPs at an assumed MFU; chained jobs under the time limit."""
+              gpu: str, mfu: float, time_limit_s: int | None, checkpointing: bool,
+              communication_s: float = 0.0) -> dict:
+    """Step and wall time: compute from FLOPs at an assumed MFU + communication_s (the part of
+    the step's communication not hidden behind compute, train/launch/comms.py); chained jobs
+    under the time limit."""
     from train.models.registry import flops_per_token
 
     flops = flops_per_token(args, seq_length) * (4 / 3 if checkpointing else 1)  # recompute: +1 forward
@@ -241,8 +233,9 @@ def time_plan(args, teacher, *, tokens_per_step: int, seq_length: int, iters: in
     out = {"flops_per_step": flops * tokens_per_step, "assumed_mfu": mfu, "gpu_peak_flops": peak}
     if peak is None:
         return out
-    step_s = flops * tokens_per_step / (world_size * peak * mfu)
-    out["step_s"] = step_s
+    compute_s = flops * tokens_per_step / (world_size * peak * mfu)
+    step_s = compute_s + communication_s
+    out.update(compute_s=compute_s, communication_s=communication_s, step_s=step_s)
     if iters:
         out["wall_s"] = step_s * iters
         if time_limit_s:
@@ -315,6 +308,25 @@ def job_memory(job: str, cfg: JobConfig, layout: Split, models) -> dict[str, flo
         fsdp_mixed_precision=bool(cfg.parallel.fsdp_mixed_precision))
 
 
+def job_communication(job: str, cfg: JobConfig, layout: Split, models, link: Interconnect) -> dict | None:
+    """The communication plan (train/launch/comms.py) of one optimizer step; None without model shapes."""
+    student, teacher, teacher_bytes = models
+    if student is None:
+        return None
+    mbs = int(cfg.training.micro_batch_size)
+    param_bytes = 2 if cfg.model.param_dtype == "bfloat16" else 4
+    shape = StepShape(layout.tp, layout.ep, layout.dp, layout.strategy, mbs * int(cfg.data.seq_length),
+                      accumulation=max(int(cfg.training.global_batch_size or mbs * layout.dp) // (mbs * layout.dp), 1),
+                      param_bytes=param_bytes, act_bytes=2 if cfg.training.precision == "bf16" else 4,
+                      gather_bytes=2 if cfg.parallel.fsdp_mixed_precision else param_bytes,
+                      checkpointing=bool(cfg.parallel.activation_checkpointing))
+    targets = [name.strip() for name in str(cfg.lora.target_modules).split(",") if name.strip()]
+    trainable = lora_elements(student, int(cfg.lora.rank), targets) if job == "finetune" else None
+    collectives = step_collectives(student, shape, teacher=teacher, teacher_bytes=teacher_bytes,
+                                   lora_trainable=trainable)
+    return communication_plan(collectives, link)
+
+
 def job_split(cfg: JobConfig, data_parallel: int) -> Split:
     parallel = cfg.parallel
     return Split(int(parallel.tensor_parallel_size), int(parallel.expert_parallel_size), data_parallel,
@@ -322,22 +334,27 @@ def job_split(cfg: JobConfig, data_parallel: int) -> Split:
 
 
 def resource_plan(job: str, cfg: JobConfig, env: dict[str, str], world_size: int, data_parallel: int, gbs: int,
-                  iters: int | None, slurm_dir: Path) -> dict:
-    """The plan's "resources": memory per GPU by category against the GPU's, and the time."""
+                  iters: int | None, slurm_dir: Path, gpus_per_node: int) -> dict:
+    """The plan's "resources": memory per GPU by category against the GPU's, the communication
+    and the time (compute at the assumed MFU + the communication not overlapped)."""
     gpu, capacity = gpu_memory_bytes(env)
+    link = interconnect(env, gpus_per_node)
     models = job_models(job, cfg)
-    memory = job_memory(job, cfg, job_split(cfg, data_parallel), models)
+    split = job_split(cfg, data_parallel)
+    memory = job_memory(job, cfg, split, models)
     out = {"gpu": gpu, "gpu_memory_bytes": capacity, "memory_per_gpu_bytes": memory,
            "fits": memory is None or memory["total"] <= capacity,
            "tokens_per_step": gbs * int(cfg.data.seq_length),
            "accumulation_steps": gbs // (int(cfg.training.micro_batch_size) * data_parallel),
            "total_tokens": gbs * int(cfg.data.seq_length) * iters if iters else None}
     if models[0] is not None:
+        out["communication"] = job_communication(job, cfg, split, models, link)
         mfu = float(env.get("ASSUMED_MFU") or DEFAULT_MFU)
         out["time"] = time_plan(models[0], models[1], tokens_per_step=out["tokens_per_step"],
                                 seq_length=int(cfg.data.seq_length), iters=iters, world_size=world_size, gpu=gpu,
                                 mfu=mfu, time_limit_s=slurm_time_limit_s(job, env, slurm_dir),
-                                checkpointing=bool(cfg.parallel.activation_checkpointing))
+                                checkpointing=bool(cfg.parallel.activation_checkpointing),
+                                communication_s=out["communication"]["exposed_s"])
     return out
 
 
@@ -377,7 +394,8 @@ def resource_summary(resources: dict) -> str:
     time = resources.get("time") or {}
     parts = [head, f"{resources['tokens_per_step']:,} tokens/step ({resources['accumulation_steps']} accumulation)"]
     if "step_s" in time:
-        parts.append(f"~{time['step_s']:.2f} s/step at MFU {time['assumed_mfu']:g}")
+        parts.append(f"~{time['step_s']:.2f} s/step (compute {time['compute_s']:.2f} at MFU {time['assumed_mfu']:g}, "
+                     f"communication {time['communication_s']:.2f})")
     if "wall_s" in time:
         parts.append(f"~{time['wall_s'] / 3600:.1f} h in all")
     if "chained_jobs" in time:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 from train.launch import cluster as cluster_lib
 from train.launch.conf import EXIT_USAGE, REPO_ROOT, ConfError, command_line_variables, config_overrides, load_conf
-from train.launch.memory import (AUTO_ORDER, describe, fitting_alternatives, gpu_memory_bytes, job_split,
+from train.launch.memory import (AUTO_ORDER, describe, format_bytes, fitting_alternatives, gpu_memory_bytes, job_split,
                                  job_memory, job_models, resource_plan, resource_summary)
 from train.models.registry import args_for_display_name
 from train.launch.rundir import ResumeError, ResumeState, RunPaths, legacy_note, resume_state, run_paths
@@ -38,6 +38,11 @@ if TYPE_CHECKING:  # annotations only: importing train.config loads Hydra
 
 class PlanError(ValueError):
     """An inconsistent job (parallel sizes, missing paths); the message names the culprit."""
+
+
+class SplitError(PlanError):
+    """The job's GPUs do not split as asked: TP x PP vs the GPUs, EP vs dp, GBS vs MBS x dp
+    (--scaling lists such node counts as refused rows)."""
 
 
 def hydra_value(value) -> str:
@@ -127,7 +132,7 @@ def check_parallel(cfg: JobConfig, world_size: int, conf: str) -> int:
         if size < 1:
             raise PlanError(f"{conf}: {name}={size} must be at least 1")
     if world_size % (tp * pp):
-        raise PlanError(f"{conf}: TP_SIZE x PP_SIZE = {tp} x {pp} = {tp * pp} does not divide the "
+        raise SplitError(f"{conf}: TP_SIZE x PP_SIZE = {tp} x {pp} = {tp * pp} does not divide the "
                         f"{world_size} GPUs of the job (nodes x NUM_GPUS)")
     data_parallel = world_size // (tp * pp)
     from train.parallel.checks import ParallelSettingsError, check_parallel_settings  # torch-free
@@ -137,7 +142,7 @@ def check_parallel(cfg: JobConfig, world_size: int, conf: str) -> int:
     try:
         check_parallel_settings(cfg.parallel, args_for_display_name(str(cfg.model.name)), world_size, num_experts=experts)
     except ParallelSettingsError as error:
-        raise PlanError(f"{conf}: {error}") from None
+        raise SplitError(f"{conf}: {error}") from None
     return data_parallel
 
 
@@ -302,7 +307,7 @@ def build_plan(job: str, cfg: JobConfig, env: dict[str, str], conf: str, cluster
     mbs = cfg.training.micro_batch_size
     gbs = cfg.training.global_batch_size or mbs * data_parallel
     if gbs % (mbs * data_parallel):
-        raise PlanError(f"{conf}: GBS={gbs} is not a multiple of MBS x data-parallel size = "
+        raise SplitError(f"{conf}: GBS={gbs} is not a multiple of MBS x data-parallel size = "
                         f"{mbs} x {data_parallel}")
     blend = blend_path(cfg)
     samples = default_train_samples(cfg, blend) if not problems else cfg.data.train_samples
@@ -317,7 +322,8 @@ def build_plan(job: str, cfg: JobConfig, env: dict[str, str], conf: str, cluster
         raise PlanError(f"{conf}: {error}") from None
     facts = model_facts(cfg)
     try:
-        resources = resource_plan(job, cfg, env, cluster.world_size, data_parallel, gbs, iters, REPO_ROOT / "slurm")
+        resources = resource_plan(job, cfg, env, cluster.world_size, data_parallel, gbs, iters, REPO_ROOT / "slurm",
+                                  cluster.procs_per_node)
     except ValueError as error:  # GPU_TYPE not in the table, an unreadable time limit
         raise PlanError(f"{conf}: {error}") from None
     return JobPlan(job, conf, cluster, paths, resume, data_parallel, gbs, iters, samples, blend,
@@ -507,6 +513,61 @@ def preprocess_plan(overrides: list[str]) -> dict:
             "node_commands": [shlex.join(["python", "-m", "train.preprocess", *overrides])]}
 
 
+def node_counts(text: str) -> list[int]:
+    """--scaling 1,2,4,8: node counts, each at least 1."""
+    try:
+        counts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"--scaling {text!r}: give node counts, e.g. 1,2,4,8")
+    return counts
+
+
+def scaling_table(job: str, config: str, overrides: list[str], env: dict[str, str], counts: list[int]) -> str:
+    """The plan at each node count, a Markdown table under a line saying what stays fixed. GBS
+    stays the first planned row's (a conf without GBS would otherwise grow it with dp), so the
+    accumulation shrinks as dp grows; a node count the GPUs do not split for (GBS vs MBS x dp,
+    EP vs dp, TP vs the GPUs) is a row saying why."""
+    lines, first = [], None
+    for nodes in counts:
+        pinned = [f"GBS={first.global_batch_size}"] if first else []
+        try:
+            plan, _, _ = plan_from_conf(job, config, overrides + pinned, env, nodes, strict_paths=False)
+        except SplitError as error:
+            reason = str(error).split(": ", 1)[-1]
+            lines.append(f"| {nodes} | - | refused: {reason} |" + " |" * 7)
+            continue
+        first = first or plan
+        lines.append(scaling_row(nodes, plan))
+    head = ["| nodes | GPUs | dp (strategy) | accumulation | memory/GPU | step s | compute s | communication s "
+            "| tokens/s | wall time |", "|---|---|---|---|---|---|---|---|---|---|"]
+    if first is None:
+        return "\n".join(head + lines)
+    resources, link = first.resources, first.resources.get("communication") or {}
+    caption = (f"{first.conf}: GBS {first.global_batch_size} x {resources['tokens_per_step'] // first.global_batch_size}"
+               f" tokens = {resources['tokens_per_step']:,} tokens a step at every node count; "
+               f"{first.cluster.procs_per_node} GPUs a node ({resources['gpu']}, MFU "
+               f"{(resources.get('time') or {}).get('assumed_mfu', '-')}); ")
+    if link:
+        caption += (f"intra-node {link['intra_node_gbps']:g} GB/s, inter-node {link['inter_node_gbps']:g} GB/s, "
+                    f"{link['overlap']:g} of the communication overlapped")
+    return "\n".join([caption, ""] + head + lines)
+
+
+def scaling_row(nodes: int, plan: JobPlan) -> str:
+    resources, layout = plan.resources, plan.parallel
+    time = resources.get("time") or {}
+    memory = resources["memory_per_gpu_bytes"]
+    fits = "" if resources["fits"] else " (over)"
+    seconds = [f"{time[key]:.3g}" if key in time else "-" for key in ("step_s", "compute_s", "communication_s")]
+    speed = f"{resources['tokens_per_step'] / time['step_s']:,.0f}" if "step_s" in time else "-"
+    wall = f"{time['wall_s'] / 3600:.1f} h" if "wall_s" in time else "- (no TRAIN_ITERS)"
+    return (f"| {nodes} | {plan.cluster.world_size} | {layout['data_parallel']} ({layout['data_parallel_strategy']}) | "
+            f"{resources['accumulation_steps']} | {format_bytes(memory['total']) if memory else '-'}{fits} | "
+            f"{' | '.join(seconds)} | {speed} | {wall} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.launch.plan", description=__doc__.split("\n\n")[0])
     parser.add_argument("--job", required=True, choices=["qad", "pretrain", "finetune", "preprocess"])
@@ -516,6 +577,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", choices=["json", "shell"], default="json")
     parser.add_argument("--write-plan", action="store_true",
                         help="write the plan to <run dir>/plans/ for the workers (TRAIN_PLAN_FILE)")
+    parser.add_argument("--scaling", type=node_counts, metavar="NODES",
+                        help="with --dry-run: a table of step time, tokens/s and wall time at these node counts "
+                             "(e.g. 1,2,4,8), GBS fixed")
     parser.add_argument("overrides", nargs="*", help="Hydra key=value overrides (after --)")
     args = parser.parse_args(argv)
     if args.job == "preprocess":
@@ -527,6 +591,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.config:
         parser.error("--config is required")
+    if args.scaling and not args.dry_run:
+        parser.error("--scaling needs --dry-run")
+    if args.scaling:
+        try:
+            print(scaling_table(args.job, args.config, args.overrides, dict(os.environ), args.scaling))
+        except (ConfError, PlanError, cluster_lib.ClusterError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return EXIT_USAGE
+        return 0
     try:
         plan, overrides, warnings = plan_from_conf(args.job, args.config, args.overrides, dict(os.environ),
                                                    args.nodes, strict_paths=not args.dry_run)

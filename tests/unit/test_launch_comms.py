@@ -1,0 +1,163 @@
+"""python -m pytest tests/unit/test_launch_comms.py  (the communication plan and --dry-run --scaling)
+
+The bytes are checked against a real gloo step in tests/integration/test_comm_volume.py; here:
+which collectives each layout plans, how often, over which link, and the scaling table.
+"""
+
+import json
+import os
+
+import pytest
+
+from train.launch.comms import (Interconnect, StepShape, communication_plan, interconnect, parameter_groups,
+                                step_collectives)
+from train.launch.conf import CONF_VARIABLES
+from train.launch.plan import main
+from train.models.registry import get_model_args
+
+DENSE, MOE = get_model_args("qwen3-8b"), get_model_args("qwen3-30b-a3b")
+
+
+@pytest.fixture(autouse=True)
+def clean_os_env(monkeypatch, tmp_path):
+    for name in list(os.environ):
+        if name.startswith("SLURM_") or name in CONF_VARIABLES or name in ("RUN_DATETIME", "SBATCH_TIMELIMIT"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("QAD_CHECKPOINT_ROOT", str(tmp_path / "runs"))
+    monkeypatch.setenv("DATACACHE_DIR", str(tmp_path / "data"))
+
+
+def shape(**changes) -> StepShape:
+    base = dict(tp=1, ep=1, dp=8, strategy="ddp", tokens=4096, accumulation=4, param_bytes=4, act_bytes=2,
+                gather_bytes=4, checkpointing=True)
+    return StepShape(**{**base, **changes})
+
+
+def by_name(collectives) -> dict:
+    return {c.name: c for c in collectives}
+
+
+def test_ddp_all_reduces_the_gradients_once_per_step_whatever_the_accumulation():
+    one, four = (by_name(step_collectives(DENSE, shape(accumulation=a))) for a in (1, 4))
+    assert set(four) == {"gradients"}
+    gradients = four["gradients"]
+    assert (gradients.kind, gradients.times) == ("all_reduce", 1)
+    assert gradients.payload_bytes == pytest.approx(sum(parameter_groups(DENSE).values()) * 4)
+    assert gradients.bytes_per_rank == pytest.approx(2 * 7 / 8 * gradients.payload_bytes)  # ring all-reduce
+    assert one["gradients"].bytes_per_rank == gradients.bytes_per_rank
+
+
+def test_zero1_all_gathers_the_updated_parameters():
+    zero1 = by_name(step_collectives(DENSE, shape(strategy="zero1")))
+    assert zero1["updated parameters"].kind == "all_gather"
+    assert zero1["updated parameters"].bytes_per_rank == pytest.approx(zero1["gradients"].bytes_per_rank / 2)
+
+
+def test_fsdp_gathers_and_reduce_scatters_every_micro_batch_zero2_reduces_once():
+    zero3 = by_name(step_collectives(DENSE, shape(strategy="fsdp")))
+    zero2 = by_name(step_collectives(DENSE, shape(strategy="fsdp_zero2")))
+    assert zero3["gradients"].kind == "reduce_scatter" and zero3["gradients"].times == 4
+    assert zero2["gradients"].times == 1
+    assert zero3["parameters (blocks)"].times == 8 and zero2["parameters (blocks)"].times == 4  # forward + backward
+    assert zero3["parameters (root)"].times == zero2["parameters (root)"].times == 4
+    mixed = by_name(step_collectives(DENSE, shape(strategy="fsdp", gather_bytes=2)))
+    assert mixed["parameters (blocks)"].bytes_per_rank == pytest.approx(zero3["parameters (blocks)"].bytes_per_rank / 2)
+    assert mixed["gradients"].bytes_per_rank == zero3["gradients"].bytes_per_rank  # fp32 reduce-scatter
+
+
+def test_tensor_parallel_all_reduces_activations_per_block_and_pass():
+    tp = by_name(step_collectives(DENSE, shape(tp=8, dp=1, accumulation=2)))
+    assert "gradients" not in tp  # one data-parallel rank
+    blocks = tp["block activations"]
+    assert blocks.payload_bytes == 2 * DENSE.num_layers * 4096 * DENSE.hidden_size * 2
+    assert blocks.times == 3 * 2  # forward, backward, recomputed forward; 2 micro-batches
+    no_recompute = by_name(step_collectives(DENSE, shape(tp=8, dp=1, accumulation=2, checkpointing=False)))
+    assert no_recompute["block activations"].times == 2 * 2
+
+
+def test_expert_parallel_moves_routed_tokens_and_reduces_experts_over_their_replicas():
+    ep = by_name(step_collectives(MOE, shape(strategy="fsdp", ep=4, dp=8, checkpointing=False)))
+    assert ep["routed tokens"].kind == "all_to_all" and ep["routed tokens"].ranks == 4
+    assert ep["expert gradients"].ranks == 2 and ep["expert gradients"].times == 1
+    assert "routed tokens" not in by_name(step_collectives(DENSE, shape(ep=4)))
+    one_replica = by_name(step_collectives(MOE, shape(strategy="fsdp", ep=8, dp=8)))
+    assert "expert gradients" not in one_replica
+
+
+def test_a_sharded_teacher_is_gathered_in_forward_only():
+    student_fsdp = by_name(step_collectives(DENSE, shape(strategy="fsdp"), teacher=DENSE, teacher_bytes=2))
+    teacher = student_fsdp["teacher parameters (blocks)"]
+    assert teacher.times == 4  # once per micro-batch
+    assert teacher.payload_bytes == pytest.approx(student_fsdp["parameters (blocks)"].payload_bytes / 2)  # bf16
+    student_ddp = by_name(step_collectives(DENSE, shape(strategy="ddp"), teacher=DENSE))
+    assert not any(name.startswith("teacher") for name in student_ddp)  # replicated: nothing to gather
+
+
+def test_a_group_spanning_nodes_runs_at_the_inter_node_bandwidth():
+    link = Interconnect(gpus_per_node=8, intra_node_gbps=450, inter_node_gbps=50, overlap=0.25)
+    inside = communication_plan(step_collectives(DENSE, shape(dp=8)), link)
+    across = communication_plan(step_collectives(DENSE, shape(dp=16)), link)
+    assert inside["seconds"] == pytest.approx(inside["bytes_per_rank"] / 450e9)
+    assert across["seconds"] == pytest.approx(across["bytes_per_rank"] / 50e9)
+    assert across["collectives"][0]["inter_node"] and not inside["collectives"][0]["inter_node"]
+    assert inside["exposed_s"] == pytest.approx(0.75 * inside["seconds"])
+
+
+@pytest.mark.parametrize("name, value", [("INTRA_NODE_GBPS", "0"), ("INTER_NODE_GBPS", "fast"),
+                                         ("COMM_OVERLAP", "1.5"), ("COMM_OVERLAP", "-0.1")])
+def test_bad_interconnect_values_are_refused(name, value):
+    with pytest.raises(ValueError, match=name):
+        interconnect({name: value}, 8)
+
+
+def test_the_dry_run_adds_the_exposed_communication_to_the_step(capsys):
+    assert main(["--job", "qad", "--config", "qwen3-8b", "--dry-run"]) == 0
+    resources = json.loads(capsys.readouterr().out)["resources"]
+    time, comms = resources["time"], resources["communication"]
+    assert comms["seconds"] > 0
+    assert time["step_s"] == pytest.approx(time["compute_s"] + comms["exposed_s"])
+
+
+def test_scaling_table_keeps_gbs_and_marks_node_counts_it_cannot_split(capsys):
+    """qwen3-8b (QAD, GBS 32, MBS 1, 8 GPUs a node): 1, 2, 4 nodes accumulate 4, 2, 1 micro-batches;
+    8 nodes would be 64 data-parallel ranks for 32 sequences."""
+    assert main(["--job", "qad", "--config", "qwen3-8b", "--dry-run", "--scaling", "1,2,4,8", "--",
+                 "TRAIN_ITERS=100"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].endswith("qwen3-8b.conf: GBS 32 x 8192 tokens = 262,144 tokens a step at every node "
+                                        "count; 8 GPUs a node (h100, MFU 0.35); intra-node 450 GB/s, inter-node "
+                                        "50 GB/s, 0 of the communication overlapped")
+    cells = table_cells(out)
+    assert [row[0] for row in cells] == ["1", "2", "4", "8"]
+    assert [row[3] for row in cells[:3]] == ["4", "2", "1"]
+    assert cells[3][2].startswith("refused: GBS=32")
+    step, compute, communication = ([float(row[i]) for row in cells[:3]] for i in (5, 6, 7))
+    assert compute[0] == pytest.approx(2 * compute[1], rel=0.01)  # twice the GPUs, same tokens
+    assert communication[1] > communication[0]  # 2 nodes: the data-parallel collectives cross InfiniBand
+    assert all(s == pytest.approx(c + m, rel=0.01) for s, c, m in zip(step, compute, communication))
+
+
+def test_scaling_keeps_the_first_rows_gbs_when_the_conf_sets_none(tmp_path, capsys):
+    """No GBS in the conf: MBS x dp at 1 node (8 x 2 = 16 sequences), then refused at 2 nodes
+    (32 ranks for 16 sequences) instead of doubling the batch."""
+    conf = tmp_path / "no-gbs.conf"
+    conf.write_text("export MODEL=qwen3-8b\nexport DATASET_NAME=synthetic\nexport SEQ_LENGTH=4096\nexport MBS=2\n"
+                    "export NUM_GPUS=8\nexport DP_SHARDING=fsdp\nexport ACTIVATION_CHECKPOINTING=1\n")
+    assert main(["--job", "pretrain", "--config", str(conf), "--dry-run", "--scaling", "1,2"]) == 0
+    cells = table_cells(capsys.readouterr().out)
+    assert cells[0][3] == "1" and cells[1][2].startswith("refused: GBS=16")
+
+
+def table_cells(out: str) -> list[list[str]]:
+    """The cells of the scaling table's rows (those that start with a node count)."""
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    return [[cell.strip() for cell in row] for row in rows]
+
+
+def test_scaling_refuses_bad_values_before_any_table(capsys):
+    assert main(["--job", "qad", "--config", "qwen3-8b", "--dry-run", "--scaling", "1,2", "--",
+                 "INTER_NODE_GBPS=0"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1 and "INTER_NODE_GBPS" in captured.err
+    with pytest.raises(SystemExit):
+        main(["--job", "qad", "--config", "qwen3-8b", "--scaling", "1,2"])  # needs --dry-run
