@@ -2,9 +2,17 @@
 whole path, a stopped worker of a real job, is tests/integration/test_job_safety.py)"""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 
 from train.launch.watchdog import (HangWatchdog, beat_seconds, flight_recorder_env, read_heartbeats, stacks_path,
                                    stopped_ranks)
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def watchdogs(tmp_path, world_size: int = 3, job: str = "20261205_010203") -> list[HangWatchdog]:
@@ -56,3 +64,16 @@ def test_beats_and_flight_recorder_settings(tmp_path):
     env = flight_recorder_env({"TORCH_NCCL_TRACE_BUFFER_SIZE": "100"}, None)
     assert env == {"TORCH_NCCL_DUMP_ON_TIMEOUT": "1"}  # the conf's value wins; no plan: torch's default file
     assert flight_recorder_env({}, tmp_path)["TORCH_NCCL_DEBUG_INFO_TEMP_FILE"] == f"{tmp_path}/nccl_trace_rank_"
+
+
+@pytest.mark.parametrize("send_usr1", [True, False])
+def test_usr1_appends_every_threads_stack_and_a_normal_exit_leaves_no_empty_file(tmp_path, send_usr1):
+    script = ("import os, signal, sys; from train.launch.watchdog import dump_stacks_on_signal; "
+              f"dump_stacks_on_signal(sys.argv[1], 'dt', 3); {'os.kill(os.getpid(), signal.SIGUSR1)' * send_usr1}")
+    subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True, cwd=REPO, timeout=60,
+                   env={**os.environ, "PYTHONPATH": str(REPO)})
+    path = stacks_path(tmp_path, "dt", 3)
+    if send_usr1:
+        assert path.read_text().startswith("Current thread") and 'File "<string>", line 1 in <module>' in path.read_text()
+    else:
+        assert not path.exists()

@@ -27,6 +27,7 @@ and SIGTERM are the trainer's save-and-stop signals.
 Stdlib only (torch only for the NCCL flight recorder, imported when a hang happens on CUDA).
 """
 
+import atexit
 import faulthandler
 import json
 import os
@@ -62,9 +63,18 @@ def dump_stacks_on_signal(logs_dir: Path, datetime: str, rank: int) -> Path:
     """kill -USR1 <worker pid>: every thread's Python stack appended to this rank's stacks file."""
     global _signal_stacks_file
     path = stacks_path(logs_dir, datetime, rank)
-    _signal_stacks_file = open(path, "a")
+    _signal_stacks_file = open(path, "a")  # faulthandler writes from its C signal handler: it needs a file now
     faulthandler.register(STACKS_SIGNAL, file=_signal_stacks_file, all_threads=True, chain=False)
+    atexit.register(remove_if_empty, path)  # a job that ends normally leaves no empty stacks file
     return path
+
+
+def remove_if_empty(path: Path) -> None:
+    try:
+        if path.stat().st_size == 0:
+            path.unlink()
+    except OSError:
+        pass
 
 
 def flight_recorder_env(env: dict, logs_dir: Path | None) -> dict[str, str]:
