@@ -113,17 +113,18 @@ tee_logs() {  # batch jobs: copy stdout/stderr into logs_slurm/ under names from
   exec > >(tee -a "$SLURM_LOG") 2> >(tee -a "$SLURM_ERR" >&2)
 }
 
-run_forwarding_signals() {  # run "$@" in the background; USR2/TERM reach it; returns its status
+run_forwarding_signals() {  # run "$@" in the background; USR1/USR2/TERM reach it; returns its status
   local child status=0
   "$@" &
   child=$!
   trap 'note "got USR2: asking training to save and stop"; kill -USR2 $child 2>/dev/null || true' USR2
   trap 'note "got TERM: asking training to save and stop"; kill -TERM $child 2>/dev/null || true' TERM
+  trap 'note "got USR1: the workers append their Python stacks to $RUN_DIR/logs/stacks_*"; kill -USR1 $child 2>/dev/null || true' USR1
   while :; do
     wait "$child" && status=0 || status=$?
     kill -0 "$child" 2>/dev/null || break
   done
-  trap - USR2 TERM
+  trap - USR1 USR2 TERM
   return "$status"
 }
 

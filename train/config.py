@@ -116,7 +116,9 @@ class ParallelConfig:
     activation_checkpointing: bool = False  # ACTIVATION_CHECKPOINTING: recompute each block in backward
     compile: bool = False  # COMPILE: torch.compile each block
     backend: str = "auto"  # auto: nccl with CUDA, gloo without
-    timeout_s: int = 1800  # collective timeout; DIST_TIMEOUT_S
+    # DIST_TIMEOUT_S: a step hung this long ends the job naming the stopped rank (train/launch/watchdog.py);
+    # the process group's timeout is this plus max(30 s, 10 %)
+    timeout_s: int = 1800
 
 
 @dataclass

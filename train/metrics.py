@@ -4,8 +4,15 @@ logging.wandb_project is set: train/wandb_sink.py).
 JSONL (logs/<model>_<job>_<datetime>.jsonl): one JSON object per line, each with
 "iteration" and "time". Training records (every training.log_interval):
 
-    loss [kd_loss lm_loss] lr grad_norm [params_norm] iter_time_s tokens_per_s tokens_per_s_per_device
-    flops_per_token mfu memory_allocated_gb memory_peak_gb skipped train_iters
+    loss [kd_loss lm_loss] lr grad_norm [params_norm] iter_time_s step_time_max_s step_time_min_s
+    slowest_rank tokens_per_s tokens_per_s_per_device flops_per_token mfu memory_allocated_gb
+    memory_peak_gb skipped train_iters
+
+iter_time_s is rank 0's wall time of the step; step_time_max_s / step_time_min_s the slowest and
+fastest rank's, slowest_rank the slowest's rank (one all-gather of a float per logged step). Ranks
+wait for each other in every collective, so their times differ by the work outside the step's
+collectives (reading its batches before the first, the optimizer step after the last): a rank
+slow at that shows as a spread; a rank slow in forward/backward slows every rank alike.
 
 kd_loss and lm_loss (QAD) are the unweighted terms of loss, T^2 KL and CE, each only when the
 job computes it (lm_loss when distill.lm_loss_weight > 0): loss = kd_loss_weight x kd_loss +
@@ -98,6 +105,20 @@ def json_safe(value):
 
 # ------------------------------------------------------------------ what is measured
 
+def step_time_spread(elapsed: float, device: str = "cpu") -> dict:
+    """The slowest and fastest rank's step time and the slowest's rank (this rank's alone
+    without a process group); every rank must call it (an all-gather, on the device: NCCL)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return {"step_time_max_s": elapsed, "step_time_min_s": elapsed, "slowest_rank": 0}
+    times = [torch.zeros(1, dtype=torch.float64, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(times, torch.tensor([elapsed], dtype=torch.float64, device=device))
+    values = [t.item() for t in times]
+    slowest = max(range(len(values)), key=values.__getitem__)
+    return {"step_time_max_s": values[slowest], "step_time_min_s": min(values), "slowest_rank": slowest}
+
+
 def memory_gb(device: str) -> tuple[float | None, float | None]:
     """(allocated, peak) in GiB: CUDA allocator on a GPU; (None, peak RSS) on a CPU."""
     if str(device).startswith("cuda") and torch.cuda.is_available():
@@ -148,7 +169,8 @@ class IterationMetrics:
         if cfg.training.log_params_norm:
             metrics["params_norm"] = params_norm(model)
         metrics.update({
-            "iter_time_s": elapsed, "tokens_per_s": tokens_per_s, "tokens_per_s_per_device": per_device,
+            "iter_time_s": elapsed, **step_time_spread(elapsed, self.device),
+            "tokens_per_s": tokens_per_s, "tokens_per_s_per_device": per_device,
             "flops_per_token": self.flops_per_token,
             "mfu": mfu_lib.mfu(self.flops_per_token, per_device, self.peak_flops),
             "memory_allocated_gb": allocated, "memory_peak_gb": peak,

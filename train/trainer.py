@@ -18,8 +18,8 @@ train/data/collate.py, in-loop validation and early stopping in train/validation
 Its components own their state and are created in Trainer.__init__: the checkpoints
 (CheckpointManager), the metrics sinks (MetricsLogger) and the training record
 (IterationMetrics), the non-finite guard (NonFiniteGuard), validation with early stopping
-(Validation) and the stop request (StopRequest). Ranks and sizes come from the job's
-ParallelLayout (train/parallel/layout.py); the trainer alone writes the stop file.
+(Validation), the stop request (StopRequest) and the hang watchdog (HangWatchdog: a rank
+that stops ends the job with a line naming it). Ranks and sizes come from the job's ParallelLayout (train/parallel/layout.py); the trainer alone writes the stop file.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from train.checkpoint import CheckpointManager
 from train.data.collate import Prefetcher, to_batch
 from train.data.sampler import MicroBatchSampler, parse_iterations_to_skip
 from train.launch.job import JobContext
+from train.launch.watchdog import HangWatchdog
 from train.losses import language_model_loss, split_loss
 from train.metrics import IterationMetrics, MetricsLogger, NonFiniteGuard, NonFiniteStop, debug_nan, is_bad
 from train.optim import build_optimizer, fold_clipping_into_step, learning_rate
@@ -162,6 +163,8 @@ class Trainer:
         self.non_finite = NonFiniteGuard(cfg.training, self.checkpoints.latest_iteration, ctx.is_main)
         self.iterations_to_skip = set(parse_iterations_to_skip(cfg.data.iterations_to_skip))
         self.stop = StopRequest()
+        self.watchdog = HangWatchdog(self.plan.paths.train_log.parent, self.plan.paths.datetime, ctx.rank,
+                                     ctx.world_size, cfg.parallel.timeout_s, ctx.device)
         try:  # the early-stopping tracker: None unless early_stop_patience > 0
             early_stopping = build_early_stopping(cfg.training)
         except ValueError as error:
@@ -289,6 +292,7 @@ class Trainer:
             else Prefetcher(iter(()), 1)
         started, reason = time.time(), "done"
         self.model.train()
+        self.watchdog.start(self.state.iteration)
         while self.state.iteration < plan.train_iters:
             tick = time.time()
             lr = learning_rate(self.state.iteration, plan.train_iters, cfg.optim)
@@ -329,9 +333,11 @@ class Trainer:
                 if self.state.iteration % cfg.checkpoint.save_interval:
                     self.save()
                 break
+            self.watchdog.progress(self.state.iteration)
         else:
             if self.state.iteration % cfg.checkpoint.save_interval:
                 self.save()
+        self.watchdog.stop()
         batches.close()  # the prefetch thread (it may be reading ahead)
         self.checkpoints.finalize()  # an async save publishes before the process exits
         self.metrics.close()

@@ -1,8 +1,9 @@
 """python -m pytest tests/integration/test_job_safety.py  (real launchers, torchrun, gloo: workers die with
-their launcher; one job per run directory)"""
+their launcher; one job per run directory; a stopped rank is named)"""
 
 import os
 import signal
+import socket
 import subprocess
 import time
 import uuid
@@ -158,3 +159,64 @@ def test_failed_saves_let_training_go_on_then_stop_the_job_with_one_error_line(t
     assert "iter 5 |" not in output
     checkpoints = next(tmp_path.glob("*/checkpoints/tiny-qwen3"))
     assert list(checkpoints.iterdir()) == []  # no .tmp left, no tracker
+
+
+def worker_of_rank(marker: str, rank: int) -> int:
+    """The pid of the worker torchrun started as RANK=rank."""
+    for pid in workers(marker):
+        if f"\0RANK={rank}\0".encode() in b"\0" + Path(f"/proc/{pid}/environ").read_bytes():
+            return pid
+    raise AssertionError(f"no worker with RANK={rank}")
+
+
+MAIN_BOTTOM = "in _run_module_as_main"
+
+
+def stacks_files(root: Path) -> dict[int, str]:
+    """{rank: text} of the run's stacks files (train/launch/watchdog.py)."""
+    return {int(path.stem.rpartition("_rank")[2]): path.read_text() for path in root.glob("*/logs/stacks_*_rank*.txt")}
+
+
+def complete_dumps(root: Path) -> dict[int, str] | None:
+    """Both ranks' stacks files, once each holds a whole dump: the main thread comes last, and its
+    outermost frame is runpy's (python -m)."""
+    files = stacks_files(root)
+    return files if len(files) == 2 and all(text.rstrip().endswith(MAIN_BOTTOM) for text in files.values()) else None
+
+
+@pytest.mark.slow
+def test_usr1_dumps_stacks_then_a_stopped_rank_ends_the_job_naming_it(tmp_path):
+    """kill -USR1 the launcher: every worker appends its stacks and trains on. Then SIGSTOP rank 0:
+    rank 1 waits in its next collective; its watchdog dumps its stacks, names rank 0, kills it and
+    ends the job about when DIST_TIMEOUT_S is up, long before gloo's own timeout (+30 s)."""
+    marker, timeout_s = uuid.uuid4().hex, 20
+    launcher = start_launcher(tmp_path, marker, [*LONG, f"DIST_TIMEOUT_S={timeout_s}"])
+    try:
+        wait_for(lambda: startup_file(tmp_path), 240, "the first step")
+        os.kill(launcher.pid, signal.SIGUSR1)  # lib.sh -> node.sh -> the workers
+        by_hand = wait_for(lambda: complete_dumps(tmp_path), 30, "both ranks' stacks")
+        assert all("train/trainer.py" in text for text in by_hand.values())
+        assert len(workers(marker)) == 2 and launcher.poll() is None  # USR1 stopped nothing
+        stopped = worker_of_rank(marker, 0)
+        os.kill(stopped, signal.SIGSTOP)
+        stopped_at = time.time()
+        _, stderr = launcher.communicate(timeout=timeout_s + 90)
+        ended_after_s = time.time() - stopped_at
+    finally:
+        survivors = marked_processes(marker)
+        for pid in survivors:  # a failing test leaves no worker behind
+            os.kill(pid, signal.SIGKILL)
+        os.killpg(launcher.pid, signal.SIGKILL) if launcher.poll() is None else None
+    assert launcher.returncode != 0
+    # the watchdog ends rank 1 before timeout_s; then torchrun and the launcher exit (slack: a loaded machine)
+    assert ended_after_s < timeout_s + 10, (ended_after_s, stderr[-3000:])
+    assert survivors == {}  # the stopped rank too: the watchdog killed it
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, stderr[-3000:]
+    assert f"hang: rank 0 (host {socket.gethostname()}, pid {stopped}; last heartbeat " in errors[0]
+    assert "stopped responding" in errors[0] and f"DIST_TIMEOUT_S={timeout_s}" in errors[0]
+    stacks = stacks_files(tmp_path)
+    hang_dump = stacks[1][len(by_hand[1]):]  # what rank 1 appended after the dump by hand
+    assert "no step finished" in hang_dump and 'File "' in hang_dump and errors[0] in hang_dump
+    assert "train/trainer.py" in hang_dump and "in train" in hang_dump  # rank 1's main thread, in the loop
+    assert stacks[0] == by_hand[0]  # a stopped process dumps nothing

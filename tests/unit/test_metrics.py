@@ -143,3 +143,39 @@ def test_debug_nan_hook(tmp_path):
     trainer.state.iteration = 9
     assert debug_nan(trainer, 1.0) == 1.0
     assert debug_nan(fake_trainer(tmp_path), 1.0) == 1.0
+
+
+STEP_TIMES = {6: [0.5, 1.25], 7: [2.0, 0.75]}  # {iteration: [rank 0's, rank 1's step time]}: each rank slowest once
+
+
+def log_steps_on_rank(rank: int, tmp_path) -> None:
+    """One rank of a 2-process gloo group: the records of two logged steps, rank 0 writing the JSONL."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=rank, world_size=2)
+    try:
+        trainer = fake_trainer(tmp_path)
+        logger = MetricsLogger(tmp_path / "run.jsonl", None, enabled=rank == 0)
+        for iteration, elapsed_by_rank in STEP_TIMES.items():
+            logger.log(iteration, iteration_metrics(trainer, 2.5, 1e-4, 0.7, elapsed_by_rank[rank]))
+        logger.close()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_record_carries_the_slowest_and_fastest_ranks_step_time(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(log_steps_on_rank, args=(tmp_path,), nprocs=2)
+    records = [json.loads(line) for line in (tmp_path / "run.jsonl").read_text().splitlines()]
+    assert [record["iteration"] for record in records] == list(STEP_TIMES)
+    for record, elapsed_by_rank in zip(records, STEP_TIMES.values()):
+        assert record["step_time_max_s"] == max(elapsed_by_rank)
+        assert record["step_time_min_s"] == min(elapsed_by_rank)
+        assert record["slowest_rank"] == elapsed_by_rank.index(max(elapsed_by_rank))
+        assert record["iter_time_s"] == elapsed_by_rank[0]  # rank 0's own
+
+
+def test_one_process_reports_its_own_step_time(tmp_path):
+    metrics = iteration_metrics(fake_trainer(tmp_path), 2.5, 1e-4, 0.7, 0.5)
+    assert (metrics["step_time_max_s"], metrics["step_time_min_s"], metrics["slowest_rank"]) == (0.5, 0.5, 0)

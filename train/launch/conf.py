@@ -112,7 +112,9 @@ CONF_VARIABLES: dict[str, ConfVariable] = {v.name: v for v in [
     _var("DATACACHE_DIR", "data.datacache_dir", "str", "where datablend JSONs and .bin/.idx live"),
     _var("HF_TOKEN", None, "str", "HuggingFace token (secret: never logged)"),
     _var("REQUEUE", "checkpoint.requeue", "bool", "requeue the job after a signal-triggered save", default="1"),
-    _var("DIST_TIMEOUT_S", "parallel.timeout_s", "int", "collective timeout in seconds", default="1800"),
+    _var("DIST_TIMEOUT_S", "parallel.timeout_s", "int", "seconds a step may hang before the job stops naming "
+         "the rank that stopped (train/launch/watchdog.py); collectives time out after max(30 s, 10 %) more",
+         default="1800"),
     _var("DP_SHARDING", "parallel.data_parallel", "str", "ddp | fsdp | fsdp_zero2 | zero1 | auto (the fastest whose plan fits the GPU)"),
     _var("ACTIVATION_CHECKPOINTING", "parallel.activation_checkpointing", "bool", "recompute each block's activations in backward"),
     _var("COMPILE", "parallel.compile", "bool", "torch.compile each transformer block"),

@@ -28,6 +28,7 @@ from train.launch.memory import resource_summary
 from train.launch.plan import JobPlan, PlanError, build_plan, config_fingerprint
 from train.launch.rundir import ResumeError, env_log_text, resume_state
 from train.launch.runlock import RunLocked, hold_in_worker
+from train.launch.watchdog import backstop_seconds, dump_stacks_on_signal, flight_recorder_env
 
 if TYPE_CHECKING:  # annotations only: importing train.config loads Hydra
     from train.config import JobConfig
@@ -101,6 +102,8 @@ def fail(message: str) -> None:
 
 
 def init_process_group(device: str, local_rank: int, world_size: int, backend: str, timeout_s: int) -> None:
+    """The process group's timeout is timeout_s plus a backstop: within the training loop the hang
+    watchdog (train/launch/watchdog.py) ends a hung job first, naming the rank that stopped."""
     import torch
     import torch.distributed as dist
 
@@ -109,7 +112,8 @@ def init_process_group(device: str, local_rank: int, world_size: int, backend: s
     if device.startswith("cuda"):
         torch.cuda.set_device(local_rank)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s + backstop_seconds(timeout_s))
+        dist.init_process_group(backend, timeout=timeout)
 
 
 def read_plan_file(path: str, job: str, cfg: JobConfig, world_size: int) -> JobPlan:
@@ -178,6 +182,8 @@ def start_job(job: str, cfg: JobConfig) -> JobContext:
         int(env.get("GROUP_RANK", 0)), env.get("MASTER_ADDR", "127.0.0.1"),
         int(env.get("MASTER_PORT", 0)), procs_per_node, env.get("SLURM_JOB_ID"))
     device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):  # read when the NCCL process group is made
+        os.environ.update(flight_recorder_env(os.environ, planned.paths.train_log.parent if planned else None))
     init_process_group(device, local_rank, world_size, cfg.parallel.backend, cfg.parallel.timeout_s)
     lock_warnings = []
 
@@ -194,6 +200,7 @@ def start_job(job: str, cfg: JobConfig) -> JobContext:
     ctx = JobContext(plan, rank, local_rank, world_size, device, timeline)
     ctx.mark("rendezvous_done")
     plan.paths.create()
+    dump_stacks_on_signal(plan.paths.train_log.parent, plan.paths.datetime, rank)  # kill -USR1 <worker pid>
     if ctx.is_main:
         train_log = logging.FileHandler(plan.paths.train_log)
         train_log.setFormatter(logging.getLogger().handlers[0].formatter)
