@@ -1,0 +1,26 @@
+"""python -m pytest tests/integration/test_sharded_load.py  (torchrun, 2 processes, gloo; ~25 s)
+
+Sharded loading (train/models/sharded_load.py) against load_hf's whole model, in
+tests/integration/sharded_load_worker.py: FSDP2 (tied embeddings, GPT-2's fused q/k/v), TP 2,
+EP 2 (MoE, FSDP2 and DDP), a bf16 checkpoint into fp32 parameters, each rank's share of the
+bytes, and the QAD teacher (train.qad.build_teacher). The memory per rank at 1.5 GB is measured
+by benchmarks/load_memory/run.py (docs/benchmarks.md).
+"""
+
+import pytest
+
+from tests.integration.test_parallel import run_worker
+
+CASES = ["fsdp_qwen3_tied", "fsdp_gpt2", "tp2_qwen3", "tp2_gpt2", "ep2_fsdp_moe", "ep2_ddp_moe",
+         "bf16_checkpoint_into_fp32", "fsdp_shares_bytes", "teacher_fsdp_bf16"]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> dict:
+    return run_worker(tmp_path_factory.mktemp("sharded_load"), CASES, "sharded_load_worker.py")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES)
+def test_sharded_load_equals_whole_load(results, case):
+    assert results[case] == "ok", results[case]
