@@ -78,6 +78,12 @@ def compare(kind: str, exact_logits: bool, **parallel) -> None:
     assert_loaded_like_whole(model, load_hf(path, torch.float32), exact_logits)
 
 
+def case_ddp_qwen3_tied():
+    """DDP replicas (plain tensors, whole on every rank), loaded before DDP wraps the model;
+    to_empty unties lm_head from the embedding, the load ties them again."""
+    compare("qwen3-tied", exact_logits=True, data_parallel="ddp")
+
+
 def case_fsdp_qwen3_tied():
     """FSDP2 Shard(0); tied embeddings: one parameter, read once, still tied."""
     compare("qwen3-tied", exact_logits=True, data_parallel="fsdp")

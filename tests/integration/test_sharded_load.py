@@ -9,9 +9,9 @@ by benchmarks/load_memory/run.py (docs/benchmarks.md).
 
 import pytest
 
-from tests.integration.test_parallel import run_worker
+from tests.integration.test_parallel import pretrain, run_worker
 
-CASES = ["fsdp_qwen3_tied", "fsdp_gpt2", "tp2_qwen3", "tp2_gpt2", "ep2_fsdp_moe", "ep2_ddp_moe",
+CASES = ["ddp_qwen3_tied", "fsdp_qwen3_tied", "fsdp_gpt2", "tp2_qwen3", "tp2_gpt2", "ep2_fsdp_moe", "ep2_ddp_moe",
          "bf16_checkpoint_into_fp32", "fsdp_shares_bytes", "teacher_fsdp_bf16"]
 
 
@@ -24,3 +24,29 @@ def results(tmp_path_factory) -> dict:
 @pytest.mark.parametrize("case", CASES)
 def test_sharded_load_equals_whole_load(results, case):
     assert results[case] == "ok", results[case]
+
+
+# ----------------------------------------------------------------- the real entrypoint
+
+@pytest.fixture(scope="module")
+def bf16_checkpoint(tmp_path_factory):
+    """A tiny random Qwen3 (tied embeddings) saved in bf16 by transformers."""
+    import torch
+
+    from tests.unit.hf_fixtures import build_tiny_hf_model
+
+    directory = tmp_path_factory.mktemp("hf") / "qwen3-bf16"
+    build_tiny_hf_model("qwen3-tied").to(torch.bfloat16).save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", [["parallel.data_parallel=fsdp"], ["parallel.tensor_parallel_size=2"]],
+                         ids=["fsdp", "tp2"])
+def test_pretrain_from_hf_checkpoint_two_processes_match_one(tmp_path, bf16_checkpoint, overrides):
+    """`torchrun -m train.pretrain model.hf_checkpoint=...`: each rank reads its part; the losses
+    equal one process's (which reads the whole model the same way)."""
+    start = [f"model.hf_checkpoint={bf16_checkpoint}", "training.train_iters=2"]
+    one = pretrain(tmp_path / "one", start, processes=1)
+    two = pretrain(tmp_path / "two", [*start, *overrides], processes=2)
+    assert len(two) == 2 and two == pytest.approx(one, rel=1e-4)
