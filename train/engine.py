@@ -54,8 +54,9 @@ def build_job_model(cfg: JobConfig, ctx):
 def sharded_job_model(cfg: JobConfig, ctx):
     """A pretrain model from HF weights: built on the meta device in master_dtype, with the function
     that fills this rank's part of each tensor once parallelize has laid it out
-    (train/models/sharded_load.py): no rank holds the whole model unless DDP replicates it."""
-    from train.models import build_model, hf_args, load_hf_sharded, stored_dtype
+    (train/parallel/sharded_load.py): no rank holds the whole model unless DDP replicates it."""
+    from train.models import build_model, hf_args, stored_dtype
+    from train.parallel import load_hf_sharded
 
     path, dtype = cfg.model.hf_checkpoint, master_dtype(cfg.model)
     model = build_model(hf_args(path), device="meta", dtype=dtype, attention_backend=cfg.model.attention_backend)

@@ -21,14 +21,14 @@ def build_teacher(cfg: JobConfig, layout) -> torch.nn.Module:
     """The full-precision teacher: frozen, eval mode, in its checkpoint's dtype, laid out like the
     student on the student's mesh (layout: the job's train.parallel.ParallelLayout; same TP split,
     FSDP2-sharded when the student is). Built on the meta device, laid out, then each rank reads
-    its own part of each tensor (train/models/sharded_load.py). Built on the first loss call, by
+    its own part of each tensor (train/parallel/sharded_load.py). Built on the first loss call, by
     every rank at once."""
     from functools import partial
 
     from torch.distributed.tensor import DTensor
 
-    from train.models import build_model, hf_args, load_hf_sharded, stored_dtype
-    from train.parallel import parallelize_frozen
+    from train.models import build_model, hf_args, stored_dtype
+    from train.parallel import load_hf_sharded, parallelize_frozen
 
     path = cfg.distill.teacher_checkpoint
     teacher = build_model(hf_args(path), device="meta", dtype=stored_dtype(path)).eval()

@@ -17,10 +17,10 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from train.config import ParallelConfig
-from train.models import build_model, hf_args, load_hf, load_hf_sharded
-from train.models.sharded_load import local_bytes, our_name
-from train.parallel import ParallelLayout, build_mesh, parallelize
+from train.models import build_model, hf_args, load_hf
+from train.parallel import ParallelLayout, build_mesh, load_hf_sharded, parallelize
 from train.parallel.expert_parallel import expert_parallel_state
+from train.parallel.sharded_load import local_bytes, our_name
 from worker_cases import cases_of, run_cases  # same folder: the shared main()
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))

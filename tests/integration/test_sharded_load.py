@@ -1,6 +1,6 @@
 """python -m pytest tests/integration/test_sharded_load.py  (torchrun, 2 processes, gloo; ~25 s)
 
-Sharded loading (train/models/sharded_load.py) against load_hf's whole model, in
+Sharded loading (train/parallel/sharded_load.py) against load_hf's whole model, in
 tests/integration/sharded_load_worker.py: FSDP2 (tied embeddings, GPT-2's fused q/k/v), TP 2,
 EP 2 (MoE, FSDP2 and DDP), a bf16 checkpoint into fp32 parameters, each rank's share of the
 bytes, and the QAD teacher (train.qad.build_teacher). The memory per rank at 1.5 GB is measured

@@ -19,7 +19,7 @@ _LAZY = {
     "save_hf": "train.models.hf_io",
     "stored_dtype": "train.models.hf_io",
     "hf_args": "train.models.hf_io",
-    "load_hf_sharded": "train.models.sharded_load",
+    "load_hf_sharded": "train.parallel.sharded_load",
     "CausalLM": "train.models.common.transformer",
 }
 

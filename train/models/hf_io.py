@@ -89,7 +89,7 @@ def checked_checkpoint(directory: Path, args: ModelArgs) -> tuple[list[Path], di
 def load_hf(path: str | Path, dtype: torch.dtype | None = None, *, device: str | torch.device = "cpu",
             attention_backend: str = "sdpa") -> CausalLM:
     """Our model with the weights of an HF checkpoint directory (family from model_type), whole on
-    this process (train/models/sharded_load.py reads only a rank's part).
+    this process (train/parallel/sharded_load.py reads only a rank's part).
 
     dtype=None keeps the checkpoint's floating dtype. Raises CheckpointError naming missing,
     unexpected and wrongly shaped keys all at once, ModelConfigError for unsupported configs.

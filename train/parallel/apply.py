@@ -10,7 +10,7 @@
    FSDP goes last so that it shards the TP-split, checkpointed, compiled blocks; expert
    weights (EP > 1) stay out of DDP/FSDP: expert_parallel.reduce_expert_gradients
 A model built on the meta device gets its weights from `materialize(model)` (sharded loading,
-train/models/sharded_load.py): after FSDP2 has sharded it, before DDP wraps it (DDP broadcasts
+train/parallel/sharded_load.py): after FSDP2 has sharded it, before DDP wraps it (DDP broadcasts
 rank 0's tensors, which must exist).
 """
 

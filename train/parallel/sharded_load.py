@@ -37,6 +37,7 @@ from torch.distributed.tensor import DTensor
 
 from train.models.hf_adapters import _gpt2_renames, _PER_EXPERT
 from train.models.registry import ModelArgs
+from train.parallel.expert_parallel import expert_parallel_state
 
 Region = tuple[slice, ...]  # one slice per dim, in the global tensor's coordinates
 
@@ -144,7 +145,7 @@ def local_part(name: str, parameter: torch.Tensor, model: nn.Module) -> tuple[to
         local = parameter._local_tensor  # FSDP2: a view of its (padded) shard storage
     else:
         local, shape, offset = parameter, tuple(parameter.shape), (0,) * parameter.ndim
-        state = getattr(model, "expert_parallel", None)  # EP: plain (E/EP, ...) expert tensors
+        state = expert_parallel_state(model)  # EP: plain (E/EP, ...) expert tensors
         if state is not None and our_name(name) in state.expert_names:
             offset = (state.ep_mesh.get_local_rank() * shape[0],) + offset[1:]
     return local, tuple(slice(o, o + s) for o, s in zip(offset, shape))
