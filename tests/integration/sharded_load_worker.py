@@ -134,6 +134,26 @@ def case_fsdp_shares_bytes():
     assert mine == whole, (int(mine), whole)
 
 
+def case_fsdp_student_calibrated_like_whole():
+    """Not yet the job's path (the QAD student is quantized whole, then split): a student loaded
+    sharded under FSDP2, then fake-quantized (nvfp4) and calibrated as laid out, gets every amax
+    of the whole student calibrated in one process, and its logits."""
+    from train.parallel.tensor_parallel import quantizers
+    from train.quant.recipes import quantize_model
+
+    path = checkpoint("qwen3", torch.bfloat16)
+    batches = [torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(5))]
+    reference = quantize_model(load_hf(path, torch.float32), "nvfp4", batches)
+    model = quantize_model(sharded(path, ParallelConfig(data_parallel="fsdp")), "nvfp4", batches)
+    expected = {n: q._amax for n, q in quantizers(reference) if hasattr(q, "_amax")}
+    amax = {our_name(n): q._amax for n, q in quantizers(model) if hasattr(q, "_amax")}
+    assert amax.keys() == expected.keys() and len(amax) == 28, sorted(amax.keys() ^ expected.keys())
+    for name, value in amax.items():
+        assert torch.equal(value, expected[name]), (name, value, expected[name])
+    with torch.no_grad():
+        assert torch.equal(model(batches[0]), reference(batches[0]))
+
+
 def case_teacher_fsdp_bf16():
     """train.qad.build_teacher: frozen, in the checkpoint's dtype (bf16), FSDP2-sharded."""
     from train.qad import build_teacher

@@ -3,7 +3,8 @@
 Sharded loading (train/parallel/sharded_load.py) against load_hf's whole model, in
 tests/integration/sharded_load_worker.py: FSDP2 (tied embeddings, GPT-2's fused q/k/v), TP 2,
 EP 2 (MoE, FSDP2 and DDP), a bf16 checkpoint into fp32 parameters, each rank's share of the
-bytes, and the QAD teacher (train.qad.build_teacher). The memory per rank at 1.5 GB is measured
+bytes, the QAD teacher (train.qad.build_teacher), and a student calibrated after an FSDP2
+sharded load (amax as calibrating the whole student; not yet what a QAD job does). The memory per rank at 1.5 GB is measured
 by benchmarks/load_memory/run.py (docs/benchmarks.md).
 """
 
@@ -12,7 +13,8 @@ import pytest
 from tests.integration.test_parallel import pretrain, run_worker
 
 CASES = ["ddp_qwen3_tied", "fsdp_qwen3_tied", "fsdp_gpt2", "tp2_qwen3", "tp2_gpt2", "ep2_fsdp_moe", "ep2_ddp_moe",
-         "bf16_checkpoint_into_fp32", "fsdp_shares_bytes", "teacher_fsdp_bf16"]
+         "bf16_checkpoint_into_fp32", "fsdp_shares_bytes", "teacher_fsdp_bf16",
+         "fsdp_student_calibrated_like_whole"]
 
 
 @pytest.fixture(scope="module")
