@@ -104,6 +104,16 @@ def case_tp2_gpt2():
     compare("gpt2", exact_logits=False, tensor_parallel_size=2)
 
 
+def case_tp2_fsdp_qwen3():
+    """4 processes: TP 2 x FSDP2 2 on the 2-D mesh (q/k/v rows split by TP, then by FSDP2)."""
+    compare("qwen3", exact_logits=False, tensor_parallel_size=2, data_parallel="fsdp")
+
+
+def case_tp2_ep2_fsdp_moe():
+    """4 processes: TP 2 x EP 2 x FSDP2 (the qwen3-30b-a3b layout in small)."""
+    compare("qwen3-moe", exact_logits=False, tensor_parallel_size=2, expert_parallel_size=2, data_parallel="fsdp")
+
+
 def case_ep2_fsdp_moe():
     """EP 2: each rank reads its 2 of the 4 experts (per-expert tensors on disk); FSDP2 the rest."""
     compare("qwen3-moe", exact_logits=False, expert_parallel_size=2, data_parallel="fsdp")

@@ -1,11 +1,12 @@
-"""python -m pytest tests/integration/test_sharded_load.py  (torchrun, 2 processes, gloo; ~25 s)
+"""python -m pytest tests/integration/test_sharded_load.py  (torchrun, gloo; ~2 min, all slow)
 
 Sharded loading (train/parallel/sharded_load.py) against load_hf's whole model, in
-tests/integration/sharded_load_worker.py: FSDP2 (tied embeddings, GPT-2's fused q/k/v), TP 2,
-EP 2 (MoE, FSDP2 and DDP), a bf16 checkpoint into fp32 parameters, each rank's share of the
-bytes, the QAD teacher (train.qad.build_teacher), and a student calibrated after an FSDP2
-sharded load (amax as calibrating the whole student; not yet what a QAD job does). The memory per rank at 1.5 GB is measured
-by benchmarks/load_memory/run.py (docs/benchmarks.md).
+tests/integration/sharded_load_worker.py, 2 processes: DDP and FSDP2 (tied embeddings, GPT-2's
+fused q/k/v), TP 2, EP 2 (MoE, FSDP2 and DDP), a bf16 checkpoint into fp32 parameters, each
+rank's share of the bytes, the QAD teacher (train.qad.build_teacher), a student calibrated
+after an FSDP2 sharded load (the whole student's amax; not yet what a QAD job does); 4
+processes: TP 2 x FSDP2, TP 2 x EP 2 x FSDP2; train.pretrain from an HF checkpoint. The memory
+per rank at 1.6 GB: benchmarks/load_memory/run.py (docs/benchmarks.md#load-memory).
 """
 
 import pytest
@@ -26,6 +27,14 @@ def results(tmp_path_factory) -> dict:
 @pytest.mark.parametrize("case", CASES)
 def test_sharded_load_equals_whole_load(results, case):
     assert results[case] == "ok", results[case]
+
+
+@pytest.mark.slow
+def test_four_processes(tmp_path):
+    """2-D and 3-D meshes: TP 2 x FSDP2 2, TP 2 x EP 2 x FSDP2."""
+    cases = ["tp2_fsdp_qwen3", "tp2_ep2_fsdp_moe"]
+    results = run_worker(tmp_path, cases, "sharded_load_worker.py", processes=4)
+    assert results == {case: "ok" for case in cases}, results
 
 
 # ----------------------------------------------------------------- the real entrypoint
