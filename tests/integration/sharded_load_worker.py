@@ -119,6 +119,12 @@ def case_ep2_fsdp_moe():
     compare("qwen3-moe", exact_logits=False, expert_parallel_size=2, data_parallel="fsdp")
 
 
+def case_fsdp_qwen3_next():
+    """Qwen3-Next: Gated DeltaNet (fused in_proj_qkvz/ba, conv, A_log), gated attention, routed
+    experts per expert on disk and a shared expert, under FSDP2."""
+    compare("qwen3-next", exact_logits=True, data_parallel="fsdp")
+
+
 def case_ep2_ddp_moe():
     """EP 2 under DDP: loaded before DDP wraps (and broadcasts) the model."""
     compare("qwen3-moe", exact_logits=False, expert_parallel_size=2, data_parallel="ddp")

@@ -2,7 +2,7 @@
 
 Sharded loading (train/parallel/sharded_load.py) against load_hf's whole model, in
 tests/integration/sharded_load_worker.py, 2 processes: DDP and FSDP2 (tied embeddings, GPT-2's
-fused q/k/v), TP 2, EP 2 (MoE, FSDP2 and DDP), a bf16 checkpoint into fp32 parameters, each
+fused q/k/v, Qwen3-Next), TP 2, EP 2 (MoE, FSDP2 and DDP), a bf16 checkpoint into fp32 parameters, each
 rank's share of the bytes, the QAD teacher (train.qad.build_teacher), a student calibrated
 after an FSDP2 sharded load (the whole student's amax; not yet what a QAD job does); 4
 processes: TP 2 x FSDP2, TP 2 x EP 2 x FSDP2; train.pretrain from an HF checkpoint. The memory
@@ -13,8 +13,8 @@ import pytest
 
 from tests.integration.test_parallel import pretrain, run_worker
 
-CASES = ["ddp_qwen3_tied", "fsdp_qwen3_tied", "fsdp_gpt2", "tp2_qwen3", "tp2_gpt2", "ep2_fsdp_moe", "ep2_ddp_moe",
-         "bf16_checkpoint_into_fp32", "fsdp_shares_bytes", "teacher_fsdp_bf16",
+CASES = ["ddp_qwen3_tied", "fsdp_qwen3_tied", "fsdp_gpt2", "fsdp_qwen3_next", "tp2_qwen3", "tp2_gpt2",
+         "ep2_fsdp_moe", "ep2_ddp_moe", "bf16_checkpoint_into_fp32", "fsdp_shares_bytes", "teacher_fsdp_bf16",
          "fsdp_student_calibrated_like_whole"]
 
 
