@@ -1,6 +1,7 @@
 """The steps every job shares: plan and process group, model, parallelism, data, loop."""
 
 import logging
+from functools import partial
 
 import torch
 
@@ -50,6 +51,20 @@ def build_job_model(cfg: JobConfig, ctx):
     return model
 
 
+def sharded_job_model(cfg: JobConfig, ctx):
+    """A pretrain model from HF weights: built on the meta device in master_dtype, with the function
+    that fills this rank's part of each tensor once parallelize has laid it out
+    (train/parallel/sharded_load.py): no rank holds the whole model unless DDP replicates it."""
+    from train.models import build_model, hf_args, stored_dtype
+    from train.parallel import load_hf_sharded
+
+    path, dtype = cfg.model.hf_checkpoint, master_dtype(cfg.model)
+    model = build_model(hf_args(path), device="meta", dtype=dtype, attention_backend=cfg.model.attention_backend)
+    log.info("weights from %s: stored in %s, trained in %s (model.param_dtype), each rank reads its part", path,
+             str(stored_dtype(path)).removeprefix("torch."), str(dtype).removeprefix("torch."))
+    return model, partial(load_hf_sharded, path=path, dtype=dtype, device=ctx.device)
+
+
 def add_adapters(model, cfg: JobConfig, ctx, dataset, layout: ParallelLayout):
     """Fine-tuning: the base fake-quantized when lora.quantized_base names a recipe, then the LoRA
     adapters. Returns (model, quantizer record for each checkpoint or None).
@@ -77,7 +92,11 @@ def run_job(job: str, cfg: JobConfig, loss_fn=None, make_loss_fn=None) -> str:
     if make_loss_fn is not None:
         loss_fn = make_loss_fn(layout)
     torch.manual_seed(cfg.training.seed + ctx.rank)
-    model = build_job_model(cfg, ctx)
+    materialize = None  # pretrain from HF weights: loaded by parallelize, each rank its part
+    if job == "pretrain" and cfg.model.hf_checkpoint and ctx.plan.resume.decision != "from_scratch":
+        model, materialize = sharded_job_model(cfg, ctx)
+    else:  # QAD students and LoRA bases are quantized whole before parallelize
+        model = build_job_model(cfg, ctx)
     vocab_size = model.args.vocab_size
     dataset = build_train_dataset(cfg, ctx, vocab_size)
     checkpoint_files = {}  # extra files in every checkpoint: {name: picklable object}
@@ -94,7 +113,7 @@ def run_job(job: str, cfg: JobConfig, loss_fn=None, make_loss_fn=None) -> str:
             fail(str(error))
         if record is not None:
             checkpoint_files[QUANTIZER_STATE_FILE] = record
-    model = parallelize(model, cfg.parallel, layout.mesh, layout.device)
+    model = parallelize(model, cfg.parallel, layout.mesh, layout.device, materialize=materialize)
     ctx.mark("model_built")
     trainer = Trainer(cfg, ctx, layout, model, dataset, loss_fn, checkpoint_files=checkpoint_files)
     reason = trainer.train()

@@ -18,17 +18,23 @@ from train.losses import auxiliary_loss
 
 
 def build_teacher(cfg: JobConfig, layout) -> torch.nn.Module:
-    """The full-precision teacher: frozen, eval mode, laid out like the student on the student's
-    mesh (layout: the job's train.parallel.ParallelLayout; same TP split, FSDP2-sharded when the
-    student is). Built on the first loss call, by every rank at once."""
+    """The full-precision teacher: frozen, eval mode, in its checkpoint's dtype, laid out like the
+    student on the student's mesh (layout: the job's train.parallel.ParallelLayout; same TP split,
+    FSDP2-sharded when the student is). Built on the meta device, laid out, then each rank reads
+    its own part of each tensor (train/parallel/sharded_load.py). Built on the first loss call, by
+    every rank at once."""
+    from functools import partial
+
     from torch.distributed.tensor import DTensor
 
-    from train.models import load_hf
-    from train.parallel import parallelize_frozen
+    from train.models import build_model, hf_args, stored_dtype
+    from train.parallel import load_hf_sharded, parallelize_frozen
 
-    teacher = load_hf(cfg.distill.teacher_checkpoint).to(layout.device).eval()
+    path = cfg.distill.teacher_checkpoint
+    teacher = build_model(hf_args(path), device="meta", dtype=stored_dtype(path)).eval()
     teacher.requires_grad_(False)
-    teacher = parallelize_frozen(teacher, cfg.parallel, layout.mesh)
+    teacher = parallelize_frozen(teacher, cfg.parallel, layout.mesh,
+                                 materialize=partial(load_hf_sharded, path=path, device=layout.device))
     sharded = any(isinstance(p, DTensor) for p in teacher.parameters())
     logging.getLogger("train").info("teacher %s: frozen, eval mode, %s", cfg.distill.teacher_checkpoint,
                                     "sharded like the student" if sharded else "replicated")

@@ -36,8 +36,10 @@ def save_tiny_tokenizer(directory: str | Path, vocab_size: int = TINY_VOCAB) -> 
 
 
 def tiny_hf_config(kind: str, **overrides):
-    """transformers config for kind in qwen3, qwen3-tied, llama2, llama3, gpt2 (2 layers, GQA 4:2)."""
-    from transformers import GPT2Config, LlamaConfig, Qwen3Config
+    """transformers config for kind in qwen3, qwen3-tied, qwen3-moe, qwen3-next, llama2, llama3, gpt2
+    (2 layers, GQA 4:2; qwen3-moe: 4 experts top-2 in layer 0, layer 1 dense; qwen3-next: a Gated
+    DeltaNet and a gated attention layer, 4 experts top-2 and a shared expert in both)."""
+    from transformers import GPT2Config, LlamaConfig, Qwen3Config, Qwen3MoeConfig, Qwen3NextConfig
 
     if kind == "gpt2":
         base = dict(vocab_size=TINY_VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, n_inner=160,
@@ -49,6 +51,17 @@ def tiny_hf_config(kind: str, **overrides):
         # head_dim 32 != 64 / 4: Qwen3 decouples head_dim from hidden_size / heads.
         base = dict(common, head_dim=32, rope_theta=1e6, tie_word_embeddings=kind == "qwen3-tied")
         return Qwen3Config(**{**base, **overrides})
+    if kind == "qwen3-moe":
+        base = dict(common, head_dim=32, rope_theta=1e6, moe_intermediate_size=48, num_experts=4,
+                    num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[1])
+        return Qwen3MoeConfig(**{**base, **overrides})
+    if kind == "qwen3-next":
+        base = dict(common, head_dim=32, layer_types=["linear_attention", "full_attention"],
+                    rope_parameters=dict(rope_type="default", rope_theta=1e7, partial_rotary_factor=0.25),
+                    linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+                    linear_value_head_dim=24, linear_conv_kernel_dim=4, num_experts=4, num_experts_per_tok=2,
+                    moe_intermediate_size=48, shared_expert_intermediate_size=48)
+        return Qwen3NextConfig(**{**base, **overrides})
     if kind == "llama2":
         return LlamaConfig(**{**common, "rope_theta": 10_000.0, "rms_norm_eps": 1e-5, **overrides})
     if kind == "llama3":

@@ -18,6 +18,8 @@ _LAZY = {
     "load_hf": "train.models.hf_io",
     "save_hf": "train.models.hf_io",
     "stored_dtype": "train.models.hf_io",
+    "hf_args": "train.models.hf_io",
+    "load_hf_sharded": "train.parallel.sharded_load",
     "CausalLM": "train.models.common.transformer",
 }
 

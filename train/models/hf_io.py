@@ -20,6 +20,7 @@ from train.models.build import build_model
 from train.models.common.transformer import CausalLM
 from train.models.errors import CheckpointError
 from train.models.family import family_spec
+from train.models.registry import ModelArgs
 from train.models.hf_adapters import (args_from_hf_config, check_hf_keys,
                                       from_hf_state_dict, hf_config_kwargs, to_hf_state_dict)
 
@@ -57,33 +58,45 @@ def stored_dtype(path: str | Path) -> torch.dtype | None:
     return None
 
 
-def load_hf(path: str | Path, dtype: torch.dtype | None = None, *, device: str | torch.device = "cpu",
-            attention_backend: str = "sdpa") -> CausalLM:
-    """Our model with the weights of an HF checkpoint directory (family from model_type).
-
-    dtype=None keeps the checkpoint's floating dtype. Raises CheckpointError naming missing,
-    unexpected and wrongly shaped keys all at once, ModelConfigError for unsupported configs.
-    """
+def hf_args(path: str | Path) -> ModelArgs:
+    """The ModelArgs of an HF checkpoint directory's config.json (family from model_type)."""
     directory = Path(path)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: not a directory")
     if not (directory / "config.json").is_file():
         raise CheckpointError(f"{directory}: no config.json (not an HF checkpoint directory?)")
     config = json.loads((directory / "config.json").read_text())
-    args = args_from_hf_config(config, name=f"hf:{directory.resolve().name}")
-    files = _weight_files(directory)
+    return args_from_hf_config(config, name=f"hf:{directory.resolve().name}")
 
-    # Check names and shapes against what our model expects, before reading any tensor.
+
+def checked_checkpoint(directory: Path, args: ModelArgs) -> tuple[list[Path], dict[str, tuple[int, ...]]]:
+    """(weight files, {HF key: shape}) once names and shapes match what a model of `args` expects,
+    read from the safetensors headers only; CheckpointError names every problem at once."""
+    files = _weight_files(directory)
     found: dict[str, tuple[int, ...]] = {}
     for file in files:
         with safe_open(file, framework="pt") as handle:
             for key in handle.keys():
                 found[key] = tuple(handle.get_slice(key).get_shape())
-    meta_model = build_model(args, device="meta", attention_backend=attention_backend)
+    meta_model = build_model(args, device="meta")
     expected = {k: tuple(v.shape) for k, v in to_hf_state_dict(meta_model.state_dict(), args).items()}
     problems = check_hf_keys(found, expected, args)
     if problems:
         raise CheckpointError(f"{directory}: checkpoint does not match {args.family} model: " + "; ".join(problems))
+    return files, found
+
+
+def load_hf(path: str | Path, dtype: torch.dtype | None = None, *, device: str | torch.device = "cpu",
+            attention_backend: str = "sdpa") -> CausalLM:
+    """Our model with the weights of an HF checkpoint directory (family from model_type), whole on
+    this process (train/parallel/sharded_load.py reads only a rank's part).
+
+    dtype=None keeps the checkpoint's floating dtype. Raises CheckpointError naming missing,
+    unexpected and wrongly shaped keys all at once, ModelConfigError for unsupported configs.
+    """
+    directory = Path(path)
+    args = hf_args(directory)
+    files, _ = checked_checkpoint(directory, args)  # before reading any tensor
 
     hf_state: dict[str, torch.Tensor] = {}
     for file in files:

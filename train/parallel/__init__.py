@@ -8,6 +8,7 @@
     expert_parallel.py  EP: experts split over "ep", all-to-all token dispatch, expert gradients
     data_parallel.py    ddp | fsdp | fsdp_zero2 | zero1 (and the ZeRO-1 optimizer), gradient_sync
     apply.py            parallelize: TP, then activation checkpointing, then compile, then DP
+    sharded_load.py     load_hf_sharded: a meta model, laid out, reads each rank's part of an HF checkpoint
     checks.py           torch-free validation (the launch plan may call it)
 
 Names resolve lazily so that `train.parallel.checks` stays importable without torch.
@@ -18,6 +19,7 @@ _EXPORTS = {
     "build_mesh": "mesh",
     "parallelize": "apply",
     "parallelize_frozen": "apply",
+    "load_hf_sharded": "sharded_load",
     "apply_tensor_parallel": "tensor_parallel",
     "wants_zero_redundancy_optimizer": "data_parallel",
     "build_zero_redundancy_optimizer": "data_parallel",

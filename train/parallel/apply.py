@@ -9,9 +9,13 @@
 4. data parallelism over "dp" (parallel.data_parallel): ddp | fsdp | fsdp_zero2 | zero1;
    FSDP goes last so that it shards the TP-split, checkpointed, compiled blocks; expert
    weights (EP > 1) stay out of DDP/FSDP: expert_parallel.reduce_expert_gradients
+A model built on the meta device gets its weights from `materialize(model)` (sharded loading,
+train/parallel/sharded_load.py): after FSDP2 has sharded it, before DDP wraps it (DDP broadcasts
+rank 0's tensors, which must exist).
 """
 
 import logging
+from collections.abc import Callable
 
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
@@ -45,8 +49,11 @@ def apply_compile(model: nn.Module) -> None:
         block.compile()
 
 
-def parallelize(model: nn.Module, parallel_cfg: ParallelConfig, mesh: DeviceMesh | None, device: str) -> nn.Module:
-    """Returns the model to train: `model` itself (TP, FSDP), or a DDP wrapper around it."""
+def parallelize(model: nn.Module, parallel_cfg: ParallelConfig, mesh: DeviceMesh | None, device: str,
+                materialize: Callable[[nn.Module], object] | None = None) -> nn.Module:
+    """Returns the model to train: `model` itself (TP, FSDP), or a DDP wrapper around it.
+    materialize: fills a meta-device model's weights once each rank knows its part (None: the
+    model already holds them)."""
     world_size = mesh.size() if mesh is not None else 1
     check_parallel_settings(parallel_cfg, getattr(model, "args", None), world_size)
     check_engine_support(parallel_cfg)
@@ -62,29 +69,34 @@ def parallelize(model: nn.Module, parallel_cfg: ParallelConfig, mesh: DeviceMesh
     if ep > 1:
         edp = mesh["edp"] if mesh["edp"].size() > 1 else None
         apply_expert_parallel(model, mesh["ep"], edp, dp)
+    strategy = parallel_cfg.data_parallel
+    fsdp = dp > 1 and strategy in ("fsdp", "fsdp_zero2")
+    if materialize is not None and not fsdp:  # to_empty makes new parameters: before `experts`
+        materialize(model)
     experts = set(expert_parameters(model))  # kept out of DDP/FSDP (EP > 1)
     if parallel_cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
     if parallel_cfg.compile:
         apply_compile(model)
-    strategy = parallel_cfg.data_parallel
-    if dp > 1:
-        if strategy in ("fsdp", "fsdp_zero2"):
-            model = apply_fsdp(model, dp_mesh, reshard_after_forward=strategy == "fsdp", ignored=experts,
-                               mixed_precision=parallel_cfg.fsdp_mixed_precision)
-        else:  # ddp, zero1 (the optimizer shards its state: data_parallel.py)
-            model = apply_ddp(model, dp_mesh, device, ignored=experts)
+    if fsdp:
+        model = apply_fsdp(model, dp_mesh, reshard_after_forward=strategy == "fsdp", ignored=experts,
+                           mixed_precision=parallel_cfg.fsdp_mixed_precision)
+        if materialize is not None:
+            materialize(model)
+    elif dp > 1:  # ddp, zero1 (the optimizer shards its state: data_parallel.py)
+        model = apply_ddp(model, dp_mesh, device, ignored=experts)
     log.info("parallelism: dp %d (%s) x tp %d x ep %d; activation checkpointing %s, compile %s", dp, strategy,
              tp, ep,
              "on" if parallel_cfg.activation_checkpointing else "off", "on" if parallel_cfg.compile else "off")
     return model
 
 
-def parallelize_frozen(model: nn.Module, parallel_cfg: ParallelConfig, mesh: DeviceMesh | None) -> nn.Module:
+def parallelize_frozen(model: nn.Module, parallel_cfg: ParallelConfig, mesh: DeviceMesh | None,
+                       materialize: Callable[[nn.Module], object] | None = None) -> nn.Module:
     """A frozen model (the QAD teacher) laid out like the student: the same TP split and expert
     split (EP), and FSDP2 sharding when the student uses FSDP (the teacher's weights then cost
     1/dp per rank). Under ddp/zero1 it stays replicated: DDP has nothing to do for a model
-    without gradients."""
+    without gradients. materialize: as for parallelize, called once the layout is complete."""
     tp = mesh["tp"].size() if mesh is not None else 1
     dp_mesh = data_parallel_mesh(mesh) if mesh is not None else None
     dp = dp_mesh.size() if mesh is not None else 1
@@ -96,4 +108,6 @@ def parallelize_frozen(model: nn.Module, parallel_cfg: ParallelConfig, mesh: Dev
     if dp > 1 and parallel_cfg.data_parallel in ("fsdp", "fsdp_zero2"):
         # no backward: free each block's gathered weights right after its forward
         model = apply_fsdp(model, dp_mesh, reshard_after_forward=True, ignored=set(expert_parameters(model)))
+    if materialize is not None:
+        materialize(model)
     return model

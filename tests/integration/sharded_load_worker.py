@@ -1,0 +1,189 @@
+"""torchrun --nproc-per-node=2 tests/integration/sharded_load_worker.py RESULTS.json  (driven by test_sharded_load.py)
+
+Each case saves a tiny random HF checkpoint (rank 0, next to RESULTS.json), builds our model on
+the meta device, lays it out with train.parallel (FSDP2, TP 2, EP 2) and loads it with
+load_hf_sharded; the reference is load_hf's whole model on every rank. Weights gathered whole
+must be bit-identical to the reference's, logits equal (FSDP2: bit-identical; TP/EP add partial
+sums in another order), and each rank must hold only its share of the bytes.
+"""
+
+import sys
+from functools import partial
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from train.config import ParallelConfig
+from train.models import build_model, hf_args, load_hf
+from train.parallel import ParallelLayout, build_mesh, load_hf_sharded, parallelize
+from train.parallel.expert_parallel import expert_parallel_state
+from train.parallel.sharded_load import local_bytes, our_name
+from worker_cases import cases_of, run_cases  # same folder: the shared main()
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tests.unit.hf_fixtures import build_tiny_hf_model  # noqa: E402
+
+
+def checkpoint(kind: str, dtype: torch.dtype = torch.float32) -> Path:
+    """A tiny random HF checkpoint of `kind` saved in `dtype` (once, by rank 0)."""
+    directory = Path(sys.argv[1]).parent / f"{kind}-{str(dtype).removeprefix('torch.')}"
+    if dist.get_rank() == 0 and not directory.exists():
+        build_tiny_hf_model(kind).to(dtype).save_pretrained(directory)
+    dist.barrier()
+    return directory
+
+
+def sharded(path: Path, cfg: ParallelConfig, dtype: torch.dtype = torch.float32):
+    """Meta model -> parallelize (TP/EP/FSDP2) -> each rank reads its part."""
+    mesh = build_mesh(dist.get_world_size(), cfg.tensor_parallel_size, ep=cfg.expert_parallel_size)
+    model = build_model(hf_args(path), device="meta", dtype=dtype)
+    return parallelize(model, cfg, mesh, "cpu", materialize=partial(load_hf_sharded, path=path, dtype=dtype))
+
+
+def whole_tensor(model, name: str, parameter: torch.Tensor) -> torch.Tensor:
+    """The global tensor of a parameter: DTensors gathered, EP experts gathered over "ep"."""
+    if isinstance(parameter, DTensor):
+        return parameter.full_tensor()
+    state = expert_parallel_state(model)  # through a DDP wrapper
+    if state is not None and our_name(name) in state.expert_names:
+        parts = [torch.empty_like(parameter) for _ in range(state.ep_mesh.size())]
+        dist.all_gather(parts, parameter.contiguous(), group=state.ep_mesh.get_group())
+        return torch.cat(parts)
+    return parameter
+
+
+def assert_loaded_like_whole(model, reference, exact_logits: bool) -> None:
+    references = dict(reference.named_parameters())
+    names = [our_name(n) for n, _ in model.named_parameters()]
+    assert sorted(names) == sorted(references), (names, list(references))
+    for name, parameter in model.named_parameters():
+        got = whole_tensor(model, name, parameter.detach())
+        assert got.dtype == references[our_name(name)].dtype, (name, got.dtype)
+        assert torch.equal(got, references[our_name(name)]), f"{name}: differs from the whole load"
+    tokens = torch.randint(0, reference.args.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits, expected = model(tokens), reference(tokens)
+    if exact_logits:
+        assert torch.equal(logits, expected), (logits - expected).abs().max()
+    else:
+        torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def compare(kind: str, exact_logits: bool, **parallel) -> None:
+    path = checkpoint(kind)
+    model = sharded(path, ParallelConfig(**parallel))
+    assert_loaded_like_whole(model, load_hf(path, torch.float32), exact_logits)
+
+
+def case_ddp_qwen3_tied():
+    """DDP replicas (plain tensors, whole on every rank), loaded before DDP wraps the model;
+    to_empty unties lm_head from the embedding, the load ties them again."""
+    compare("qwen3-tied", exact_logits=True, data_parallel="ddp")
+
+
+def case_fsdp_qwen3_tied():
+    """FSDP2 Shard(0); tied embeddings: one parameter, read once, still tied."""
+    compare("qwen3-tied", exact_logits=True, data_parallel="fsdp")
+
+
+def case_fsdp_gpt2():
+    """q/k/v from GPT-2's fused, transposed c_attn; Conv1D weights transposed."""
+    compare("gpt2", exact_logits=True, data_parallel="fsdp")
+
+
+def case_tp2_qwen3():
+    """TP 2: colwise Shard(0) (q/k/v/gate/up, lm_head, embedding), rowwise Shard(1) (o/down)."""
+    compare("qwen3", exact_logits=False, tensor_parallel_size=2)
+
+
+def case_tp2_gpt2():
+    """TP 2 on GPT-2: a rank's q rows are a column range of the fused c_attn."""
+    compare("gpt2", exact_logits=False, tensor_parallel_size=2)
+
+
+def case_tp2_fsdp_qwen3():
+    """4 processes: TP 2 x FSDP2 2 on the 2-D mesh (q/k/v rows split by TP, then by FSDP2)."""
+    compare("qwen3", exact_logits=False, tensor_parallel_size=2, data_parallel="fsdp")
+
+
+def case_tp2_ep2_fsdp_moe():
+    """4 processes: TP 2 x EP 2 x FSDP2 (the qwen3-30b-a3b layout in small)."""
+    compare("qwen3-moe", exact_logits=False, tensor_parallel_size=2, expert_parallel_size=2, data_parallel="fsdp")
+
+
+def case_ep2_fsdp_moe():
+    """EP 2: each rank reads its 2 of the 4 experts (per-expert tensors on disk); FSDP2 the rest."""
+    compare("qwen3-moe", exact_logits=False, expert_parallel_size=2, data_parallel="fsdp")
+
+
+def case_fsdp_qwen3_next():
+    """Qwen3-Next: Gated DeltaNet (fused in_proj_qkvz/ba, conv, A_log), gated attention, routed
+    experts per expert on disk and a shared expert, under FSDP2."""
+    compare("qwen3-next", exact_logits=True, data_parallel="fsdp")
+
+
+def case_ep2_ddp_moe():
+    """EP 2 under DDP: loaded before DDP wraps (and broadcasts) the model."""
+    compare("qwen3-moe", exact_logits=False, expert_parallel_size=2, data_parallel="ddp")
+
+
+def case_bf16_checkpoint_into_fp32():
+    """A bf16 checkpoint into fp32 trainable parameters (master weights): the bf16 values exactly."""
+    path = checkpoint("qwen3", torch.bfloat16)
+    model = sharded(path, ParallelConfig(data_parallel="fsdp"))
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert all(p.requires_grad for p in model.parameters())
+    assert_loaded_like_whole(model, load_hf(path, torch.float32), exact_logits=True)
+
+
+def case_fsdp_shares_bytes():
+    """Under FSDP2 each rank holds about 1/2 of the parameter bytes, and the ranks together all."""
+    path = checkpoint("qwen3")
+    model = sharded(path, ParallelConfig(data_parallel="fsdp"))
+    whole = sum(p.numel() * p.element_size() for p in load_hf(path, torch.float32).parameters())
+    mine = torch.tensor(local_bytes(model))
+    assert mine <= 0.55 * whole, (int(mine), whole)
+    dist.all_reduce(mine)
+    assert mine == whole, (int(mine), whole)
+
+
+def case_fsdp_student_calibrated_like_whole():
+    """Not yet the job's path (the QAD student is quantized whole, then split): a student loaded
+    sharded under FSDP2, then fake-quantized (nvfp4) and calibrated as laid out, gets every amax
+    of the whole student calibrated in one process, and its logits."""
+    from train.parallel.tensor_parallel import quantizers
+    from train.quant.recipes import quantize_model
+
+    path = checkpoint("qwen3", torch.bfloat16)
+    batches = [torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(5))]
+    reference = quantize_model(load_hf(path, torch.float32), "nvfp4", batches)
+    model = quantize_model(sharded(path, ParallelConfig(data_parallel="fsdp")), "nvfp4", batches)
+    expected = {n: q._amax for n, q in quantizers(reference) if hasattr(q, "_amax")}
+    amax = {our_name(n): q._amax for n, q in quantizers(model) if hasattr(q, "_amax")}
+    assert amax.keys() == expected.keys() and len(amax) == 28, sorted(amax.keys() ^ expected.keys())
+    for name, value in amax.items():
+        assert torch.equal(value, expected[name]), (name, value, expected[name])
+    with torch.no_grad():
+        assert torch.equal(model(batches[0]), reference(batches[0]))
+
+
+def case_teacher_fsdp_bf16():
+    """train.qad.build_teacher: frozen, in the checkpoint's dtype (bf16), FSDP2-sharded."""
+    from train.qad import build_teacher
+
+    path = checkpoint("qwen3", torch.bfloat16)
+    cfg = SimpleNamespace(distill=SimpleNamespace(teacher_checkpoint=str(path)),
+                          parallel=ParallelConfig(data_parallel="fsdp"))
+    world, rank = dist.get_world_size(), dist.get_rank()
+    layout = ParallelLayout(world, rank, 1, 1, "cpu", build_mesh(world, 1))
+    teacher = build_teacher(cfg, layout)
+    assert all(isinstance(p, DTensor) and not p.requires_grad for p in teacher.parameters())
+    assert {p.dtype for p in teacher.parameters()} == {torch.bfloat16} and not teacher.training
+    assert_loaded_like_whole(teacher, load_hf(path).eval(), exact_logits=True)
+
+
+if __name__ == "__main__":
+    run_cases(cases_of(globals()))
