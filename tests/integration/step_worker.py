@@ -167,7 +167,9 @@ def assert_accumulation_keeps_weights(strategy: str) -> None:
             accumulate_gradients(model, language_model_loss, mine, layout, "fp32")
             optimizer.step(), optimizer.zero_grad()
         results.append({clean(n): full(p.detach()) for n, p in model.named_parameters()})
-    torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-6)
+    # rounding: the fused loss multiplies only the answer rows, so MBS 1 and 4 round differently
+    # (1.7e-6 seen); a wrong accumulation moves a weight by ~lr = 1e-2
+    torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-5)
 
 
 def model_vocab(model) -> int:
