@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B
+from torch.distributed.tensor import DTensor
 
 from train.losses import token_loss, unwrap
 from train.parallel.checks import pipeline_layers
@@ -96,8 +97,10 @@ class Pipeline:
     def clip_gradients(self, max_norm: float) -> torch.Tensor:
         """clip_grad_norm_ over the whole model: the squared norms of the stages summed over "pp"."""
         parameters = [p for p in self.model.parameters() if p.grad is not None]
-        square = torch.nn.utils.get_total_norm([p.grad for p in parameters]).float() ** 2 if parameters \
-            else torch.zeros(())
+        norm = torch.nn.utils.get_total_norm([p.grad for p in parameters]) if parameters else torch.zeros(())
+        if isinstance(norm, DTensor):  # FSDP2 inside the stage: the norm over the whole "dp" shards
+            norm = norm.full_tensor()
+        square = norm.float() ** 2
         dist.all_reduce(square, group=self.group)
         total = square.sqrt()
         torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total)
