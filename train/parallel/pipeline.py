@@ -16,6 +16,7 @@ accumulate_gradients) and broadcasts the step's loss to the other stages.
 
 from __future__ import annotations
 
+import logging
 import types
 
 import torch
@@ -27,6 +28,8 @@ from torch.distributed.tensor import DTensor
 from train.losses import token_loss, unwrap
 from train.parallel.checks import pipeline_layers
 from train.parallel.layout import ParallelLayout
+
+log = logging.getLogger("train")
 
 
 def stage_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -57,7 +60,9 @@ def split_stage(model: nn.Module, stage: int, counts: list[int]) -> nn.Module:
 
 
 def split_model(model: nn.Module, parallel_cfg, stage: int) -> nn.Module:
+    """This rank's stage (the "pp" mesh coordinate) of the whole model, split by parallel.pipeline_layers."""
     counts = pipeline_layers(model.args.num_layers, parallel_cfg.pipeline_parallel_size, parallel_cfg.pipeline_layers)
+    log.info("pipeline: stage %d of %d, blocks per stage %s", stage, len(counts), ",".join(map(str, counts)))
     return split_stage(model, stage, counts)
 
 
