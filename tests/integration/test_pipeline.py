@@ -7,15 +7,13 @@ The checkpoint of a PP 2 x DP 2 run resumes in one process (names independent of
 tiny-llama3: 4 layers, untied embeddings (PP refuses tied ones).
 """
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from test_parallel import REPO, clean_env, losses  # same folder
+from test_parallel import run_pretrain  # same folder
 
 COMMON = ["model.name=tiny-llama3", "data.source=synthetic", "data.seq_length=32", "training.micro_batch_size=1",
           "training.global_batch_size=8", "optim.lr=1e-2", "optim.schedule=constant", "optim.warmup_iters=0",
@@ -23,13 +21,7 @@ COMMON = ["model.name=tiny-llama3", "data.source=synthetic", "data.seq_length=32
 
 
 def pretrain(root: Path, overrides: list[str], processes: int) -> list[float]:
-    """Runs train.pretrain on `processes` processes; returns the logged losses, one per iteration."""
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
-                if processes > 1 else [sys.executable])
-    command = [*launcher, "-m", "train.pretrain", f"checkpoint.root={root}", *COMMON, *overrides]
-    result = subprocess.run(command, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    return losses(root)
+    return run_pretrain(root, [*COMMON, *overrides], processes, timeout=300)
 
 
 def weights(root: Path, iteration: int) -> dict[str, torch.Tensor]:

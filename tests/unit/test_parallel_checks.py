@@ -1,5 +1,6 @@
 """python -m pytest tests/unit/test_parallel_checks.py  (one process, no process group: checks, AC, compile wrapping)"""
 
+import copy
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -8,7 +9,9 @@ import pytest
 import torch
 
 from train.models import build_model, get_model_args, init_weights
+from train.parallel.apply import apply_activation_checkpointing
 from train.parallel.checks import pipeline_layers
+from train.parallel.pipeline import split_stage
 from train.parallel import (ParallelSettingsError, build_mesh, check_engine_support, check_parallel_settings,
                             parallelize)
 
@@ -138,3 +141,18 @@ def test_compile_wraps_each_block_in_place():
     model = parallelize(init_weights(build_model("debug-qwen3", device="cpu"), 0), settings(compile=True), None, "cpu")
     assert all(block._compiled_call_impl is not None for block in model.layers)
     assert list(model.state_dict())[1].startswith("layers.0.")
+
+
+def test_pipeline_stages_keep_the_whole_models_names_and_compose_to_it():
+    """Stages 1,3 of tiny-llama3: disjoint parameters under the whole model's names (also after
+    activation checkpointing, whose wrappers see the gaps in the block indices), and stage 1's
+    forward of stage 0's output is the whole model's final hidden state."""
+    whole = init_weights(build_model("tiny-llama3", device="cpu"), 0)
+    stages = [split_stage(copy.deepcopy(whole), stage, [1, 3]) for stage in range(2)]
+    apply_activation_checkpointing(stages[1])
+    names = [set(stage.state_dict()) for stage in stages]
+    assert names[0] | names[1] == set(whole.state_dict()) and not names[0] & names[1]
+    assert {"embed_tokens.weight", "layers.0.mlp.up_proj.weight"} <= names[0]
+    assert {"layers.1.mlp.up_proj.weight", "layers.3.self_attn.o_proj.weight", "lm_head.weight"} <= names[1]
+    tokens = torch.randint(0, whole.args.vocab_size, (2, 8))
+    torch.testing.assert_close(stages[1](stages[0](tokens)), whole(tokens, return_hidden=True))
