@@ -831,3 +831,9 @@ def test_launchers_refuse_at_plan_time_with_one_line(launcher, args, message, tm
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.splitlines() == [f"error: {REPO / 'conf.d/tiny-qwen3.conf'}: {message}"]
     assert not (tmp_path / "runs").exists()
+
+
+def test_pipeline_parallelism_is_refused_for_qad(env):
+    """qwen3-8b is dense and untied: the QAD job (the teacher's forward) is what PP cannot run."""
+    with pytest.raises(PlanError, match="PP_SIZE=2: pipeline parallelism runs the pretrain job only, not qad"):
+        plan_from_conf("qad", "qwen3-8b", ["PP_SIZE=2"], env, strict_paths=False)
