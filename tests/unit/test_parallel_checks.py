@@ -47,6 +47,7 @@ def test_impossible_settings_are_named(overrides, world_size, message):
 @pytest.mark.parametrize("model, overrides, message", [
     ("tiny-llama3", dict(pipeline_parallel_size=2, tensor_parallel_size=2, data_parallel="fsdp"),
      "PP_SIZE=2 with TP_SIZE=2: pipeline parallelism does not compose with TP_SIZE yet"),
+    ("tiny-llama3", dict(pipeline_parallel_size=2, data_parallel="zero1"), "PP_SIZE=2 with parallel.data_parallel='zero1'"),
     ("tiny-qwen3-moe", dict(pipeline_parallel_size=2), "dense llama and qwen3 models only, not model tiny-qwen3-moe"),
     ("tiny-qwen3-next", dict(pipeline_parallel_size=2), "dense llama and qwen3 models only"),
     ("tiny-gpt2", dict(pipeline_parallel_size=2), "dense llama and qwen3 models only"),

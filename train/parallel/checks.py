@@ -63,8 +63,8 @@ PIPELINE_FAMILIES = ("llama", "qwen3")  # dense, untied: their stages split from
 
 
 def check_pipeline_parallel(parallel_cfg: ParallelConfig, model_args=None, num_experts: int | None = None) -> None:
-    """PP_SIZE > 1: dense untied llama / qwen3 models alone, without TP or EP, and a layer split
-    that gives every stage at least one block."""
+    """PP_SIZE > 1: dense untied llama / qwen3 models alone, without TP, EP or ZeRO-1, and a layer
+    split that gives every stage at least one block."""
     pp = parallel_cfg.pipeline_parallel_size
     if pp < 1:
         raise ParallelSettingsError(f"PP_SIZE={pp} must be at least 1")
@@ -74,6 +74,10 @@ def check_pipeline_parallel(parallel_cfg: ParallelConfig, model_args=None, num_e
         if size > 1:
             raise ParallelSettingsError(f"PP_SIZE={pp} with {name}={size}: pipeline parallelism does not compose "
                                         f"with {name} yet; use {name}=1")
+    if parallel_cfg.data_parallel == "zero1":
+        # ZeroRedundancyOptimizer shards over every rank, and the stages hold different parameters
+        raise ParallelSettingsError(f"PP_SIZE={pp} with parallel.data_parallel='zero1' (DP_SHARDING): use ddp, fsdp "
+                                    "or fsdp_zero2")
     if model_args is None:
         return
     if num_experts is None:
