@@ -105,6 +105,7 @@ class TrainingConfig:
 class ParallelConfig:
     tensor_parallel_size: int = 1  # TP_SIZE
     pipeline_parallel_size: int = 1  # PP_SIZE
+    pipeline_layers: str = ""  # PP_LAYERS: blocks per stage, "3,5" (empty: balanced, train/parallel/checks.py)
     expert_parallel_size: int = 1  # EP_SIZE
     # DP_SHARDING: ddp | fsdp (FSDP2, ZeRO-3) | fsdp_zero2 | zero1 (DDP + sharded optimizer state);
     # train/parallel/data_parallel.py gives the memory of each

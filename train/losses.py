@@ -172,14 +172,18 @@ def language_model_loss(model, inputs, targets, mask, tokens: torch.Tensor | flo
     through its wrapper either way (DDP / FSDP2 hooks fire), and lm_head.weight is read after
     that forward, when FSDP2 has unsharded it. Under torch.compile the logits path is taken:
     inductor fuses it, while the fused loss's chunk loop would break the graph."""
-    inner = unwrap(model)
     hidden = model(inputs, return_hidden=True)  # (B, T, D)
-    # decided after the forward: FSDP2 has unsharded lm_head.weight by now (a DTensor before it)
+    return token_loss(unwrap(model), hidden, targets, mask, tokens) + auxiliary_loss(model)
+
+
+def token_loss(inner: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+               tokens: torch.Tensor | float | None = None) -> torch.Tensor:
+    """The cross-entropy term of language_model_loss from the final hidden states (B, T, D) of the
+    unwrapped model `inner` (the pipeline's last stage calls it too: train/parallel/pipeline.py).
+    Decided after the forward: FSDP2 has unsharded lm_head.weight by now (a DTensor before it)."""
     if fused_loss_applies(inner.lm_head) and not torch.compiler.is_compiling():
-        loss = linear_cross_entropy(hidden, inner.lm_head.weight, targets, mask, tokens=tokens)
-    else:
-        loss = masked_cross_entropy(inner.output_logits(hidden), targets, mask, tokens)
-    return loss + auxiliary_loss(model)
+        return linear_cross_entropy(hidden, inner.lm_head.weight, targets, mask, tokens=tokens)
+    return masked_cross_entropy(inner.output_logits(hidden), targets, mask, tokens)
 
 
 def split_loss(result) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

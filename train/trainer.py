@@ -46,7 +46,7 @@ from train.launch.watchdog import HangWatchdog
 from train.losses import language_model_loss, split_loss
 from train.metrics import IterationMetrics, MetricsLogger, NonFiniteGuard, NonFiniteStop, debug_nan, is_bad
 from train.optim import build_optimizer, fold_clipping_into_step, learning_rate
-from train.parallel import (build_zero_redundancy_optimizer, clip_gradients, expert_checkpoint_view, gradient_sync,
+from train.parallel import (Pipeline, build_zero_redundancy_optimizer, clip_gradients, expert_checkpoint_view, gradient_sync,
                             local_view, wants_zero_redundancy_optimizer, zero_redundancy_optimizer_state_dict)
 from train.parallel.layout import ParallelLayout
 from train.validation import Validation, build_early_stopping
@@ -80,7 +80,7 @@ class StopRequest:
 def loss_tokens(micro_batches: list, layout: ParallelLayout) -> torch.Tensor:
     """The denominator of every micro-batch's token loss in one step: N / (accumulation x dp),
     N the loss-mask tokens of the global batch (this rank's micro-batches, summed over the ranks
-    by one all-reduce; the TP ranks of a data-parallel rank hold the same batches).
+    by one all-reduce; the TP ranks and pipeline stages of a data-parallel rank hold the same batches).
 
     Each micro-batch then contributes sum_mb x accumulation x dp / N; the trainer divides by
     accumulation and DDP / FSDP2 average gradients over the dp ranks, which leaves sum / N over
@@ -88,7 +88,7 @@ def loss_tokens(micro_batches: list, layout: ParallelLayout) -> torch.Tensor:
     count = sum(mask.sum(dtype=torch.float64) for _, _, mask in micro_batches)  # exact up to 2^53 tokens
     if dist.is_initialized() and layout.world_size > 1:
         dist.all_reduce(count)
-        count = count / layout.tp
+        count = count / (layout.tp * layout.pp)
     return (count.clamp(min=1) / (len(micro_batches) * layout.dp_size)).float()
 
 
@@ -149,6 +149,8 @@ class Trainer:
         self.optimizer = (build_zero_redundancy_optimizer(model, cfg.optim) if self.zero1
                           else build_optimizer(model, cfg.optim))
         self.state = TrainState()
+        # PP_SIZE > 1: the step runs through the 1F1B schedule of this rank's stage (train/parallel/pipeline.py)
+        self.pipeline = Pipeline(model, layout, self.accumulation) if layout.pp > 1 else None
         self.loss_terms: dict[str, float] = {}  # the last step's loss terms (QAD: kd_loss, lm_loss), for the logs
         self.checkpoints = CheckpointManager(
             self.plan.paths.checkpoints, cfg.checkpoint.keep_last, keep_every=cfg.checkpoint.keep_every,
@@ -252,16 +254,34 @@ class Trainer:
         return Prefetcher((to_batch([self.dataset[i] for i in indices], self.layout.device) for indices in sampler),
                           depth)
 
+    @property
+    def accumulation(self) -> int:
+        """Micro-batches per step on each data-parallel rank: GBS / (MBS x dp)."""
+        return self.plan.global_batch_size // (self.cfg.training.micro_batch_size * self.layout.dp_size)
+
+    def pipeline_step(self, micro_batches: list) -> tuple[torch.Tensor, dict, torch.Tensor]:
+        """train_step's forward, backward and clipping through the pipeline schedule (PP_SIZE > 1)."""
+        tokens = loss_tokens(micro_batches, self.layout)
+        autocast = torch.autocast(torch.device(self.layout.device).type, dtype=torch.bfloat16,
+                                  enabled=self.cfg.training.precision == "bf16")
+        with autocast:
+            total_loss = self.pipeline.step(micro_batches, tokens, self.layout.device)
+        self.optimizer.grad_scale = None  # clipped in place below, not folded into the step
+        return total_loss, {}, self.pipeline.clip_gradients(self.cfg.optim.grad_clip)
+
     def train_step(self, batches, accumulation: int) -> tuple[float, float]:
         """Forward/backward over `accumulation` micro-batches, then the gradient norm (clipping);
         the optimizer step is the caller's. Returns (the step's loss, the gradient norm); the loss
         terms a loss_fn returns (train.losses.split_loss) go to self.loss_terms, reduced the same way."""
         micro_batches = [next(batches) for _ in range(accumulation)]  # all of them: loss_tokens counts first
-        total_loss, terms = accumulate_gradients(self.model, self.loss_fn, micro_batches, self.layout,
-                                                 self.cfg.training.precision,
-                                                 sync_every_micro_batch=self.cfg.parallel.data_parallel == "fsdp")
-        # fused AdamW: the clipping factor goes into the next optimizer.step() (train/optim.py)
-        grad_norm = fold_clipping_into_step(self.model, self.optimizer, self.cfg.optim.grad_clip)
+        if self.pipeline is not None:
+            total_loss, terms, grad_norm = self.pipeline_step(micro_batches)
+        else:
+            total_loss, terms = accumulate_gradients(self.model, self.loss_fn, micro_batches, self.layout,
+                                                     self.cfg.training.precision,
+                                                     sync_every_micro_batch=self.cfg.parallel.data_parallel == "fsdp")
+            # fused AdamW: the clipping factor goes into the next optimizer.step() (train/optim.py)
+            grad_norm = fold_clipping_into_step(self.model, self.optimizer, self.cfg.optim.grad_clip)
         if grad_norm is None:
             # clip_grad_norm_; under EP it first finishes the expert gradients (train/parallel/expert_parallel.py)
             grad_norm = clip_gradients(self.model, self.cfg.optim.grad_clip)
@@ -285,7 +305,7 @@ class Trainer:
             self.metrics.close()
             self.write_stop_file("early_stop")
             return "early_stop"
-        accumulation = plan.global_batch_size // (cfg.training.micro_batch_size * self.layout.dp_size)
+        accumulation = self.accumulation
         tokens_per_iter = plan.global_batch_size * cfg.data.seq_length
         # the next step's micro-batches read while this one runs; none when a resumed run is already done
         batches = self.microbatches(depth=2 * accumulation) if self.state.iteration < plan.train_iters \

@@ -33,10 +33,16 @@ def clean_env() -> dict[str, str]:
 
 def pretrain(root: Path, overrides: list[str], processes: int = 2) -> list[float]:
     """Runs train.pretrain; returns the logged losses, one per iteration."""
+    return run_pretrain(root, [*COMMON, *overrides], processes)
+
+
+def run_pretrain(root: Path, arguments: list[str], processes: int, timeout: int = 120) -> list[float]:
+    """train.pretrain with these config overrides on `processes` processes (torchrun above one);
+    returns the logged losses, one per iteration."""
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
                 if processes > 1 else [sys.executable])
-    command = [*launcher, "-m", "train.pretrain", f"checkpoint.root={root}", *COMMON, *overrides]
-    result = subprocess.run(command, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=120)
+    command = [*launcher, "-m", "train.pretrain", f"checkpoint.root={root}", *arguments]
+    result = subprocess.run(command, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     return losses(root)
 

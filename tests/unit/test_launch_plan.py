@@ -123,10 +123,28 @@ def test_tp_leaves_the_data_parallel_size(tmp_path, env):
     assert plan.cluster.world_size == 24 and plan.data_parallel_size == 12
 
 
-def test_pipeline_parallelism_is_refused_at_plan_time(tmp_path, env):
-    conf = write_conf(tmp_path, TINY_PRETRAIN + "export NUM_GPUS=8\nexport PP_SIZE=2\n")
-    with pytest.raises(PlanError, match="PP_SIZE=2: pipeline parallelism is not supported"):
-        plan_from_conf("pretrain", conf, [], env)
+PP_PRETRAIN = TINY_PRETRAIN.replace("MODEL=tiny-qwen3", "MODEL=tiny-llama3") + "export NUM_GPUS=8\nexport PP_SIZE=2\n"
+
+
+def test_pipeline_parallelism_leaves_the_data_parallel_size(tmp_path, env):
+    """8 GPUs / PP 2 = 4 data-parallel ranks; GBS 16 = MBS 2 x 4 x 2 micro-batches, one per stage."""
+    conf = write_conf(tmp_path, PP_PRETRAIN + "export GBS=16\n")
+    plan = plan_from_conf("pretrain", conf, [], env)[0]
+    assert plan.data_parallel_size == 4 and plan.parallel["pipeline_parallel"] == 2
+
+
+@pytest.mark.parametrize("extra, job, message", [
+    ("export GBS=8\n", "pretrain", "PP_SIZE=2 needs at least 2 micro-batches per step \\(1F1B\\), the plan has "
+     "GBS / \\(MBS x data-parallel size\\) = 1"),
+    ("export GBS=16\nexport EVAL_INTERVAL=10\n", "pretrain", "EVAL_INTERVAL=10: in-loop validation"),
+    ("export GBS=16\nexport PP_SIZE=3\n", "pretrain", "TP_SIZE x PP_SIZE = 1 x 3 = 3 does not divide the 8 GPUs"),
+    ("export GBS=16\nexport PP_LAYERS=3,3\n", "pretrain", "parallel.pipeline_layers='3,3'"),
+    ("export GBS=16\nexport MODEL=tiny-qwen3\n", "pretrain", "ties lm_head to the embedding"),
+])
+def test_pipeline_plans_that_cannot_run_are_refused(tmp_path, env, extra, job, message):
+    conf = write_conf(tmp_path, PP_PRETRAIN + extra)
+    with pytest.raises(PlanError, match=message):
+        plan_from_conf(job, conf, [], env)
 
 
 def test_tp_with_ddp_and_tp_not_dividing_heads_are_refused(tmp_path, env):
@@ -813,3 +831,9 @@ def test_launchers_refuse_at_plan_time_with_one_line(launcher, args, message, tm
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.splitlines() == [f"error: {REPO / 'conf.d/tiny-qwen3.conf'}: {message}"]
     assert not (tmp_path / "runs").exists()
+
+
+def test_pipeline_parallelism_is_refused_for_qad(env):
+    """qwen3-8b is dense and untied: the QAD job (the teacher's forward) is what PP cannot run."""
+    with pytest.raises(PlanError, match="PP_SIZE=2: pipeline parallelism runs the pretrain job only, not qad"):
+        plan_from_conf("qad", "qwen3-8b", ["PP_SIZE=2"], env, strict_paths=False)

@@ -1,5 +1,6 @@
 """python -m pytest tests/unit/test_parallel_checks.py  (one process, no process group: checks, AC, compile wrapping)"""
 
+import copy
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -8,12 +9,15 @@ import pytest
 import torch
 
 from train.models import build_model, get_model_args, init_weights
+from train.parallel.apply import apply_activation_checkpointing
+from train.parallel.checks import pipeline_layers
+from train.parallel.pipeline import split_stage
 from train.parallel import (ParallelSettingsError, build_mesh, check_engine_support, check_parallel_settings,
                             parallelize)
 
 
 def settings(**overrides):
-    values = dict(tensor_parallel_size=1, pipeline_parallel_size=1, expert_parallel_size=1,
+    values = dict(tensor_parallel_size=1, pipeline_parallel_size=1, pipeline_layers="", expert_parallel_size=1,
                   data_parallel="ddp", activation_checkpointing=False, compile=False)
     return SimpleNamespace(**{**values, **overrides})
 
@@ -30,7 +34,7 @@ def test_every_strategy_is_accepted(strategy):
 
 @pytest.mark.parametrize("overrides, world_size, message", [
     (dict(data_parallel="zero3"), 2, "parallel.data_parallel='zero3'"),
-    (dict(pipeline_parallel_size=2), 2, "pipeline parallelism is not supported; use PP_SIZE=1"),
+    (dict(pipeline_parallel_size=2), 2, "model tiny-qwen3 ties lm_head to the embedding"),
     (dict(tensor_parallel_size=4), 4, "TP_SIZE=4 does not divide num_kv_heads=2"),  # tiny: 4 heads, 2 KV
     (dict(tensor_parallel_size=2, data_parallel="ddp"), 4, "use fsdp or fsdp_zero2"),
     (dict(tensor_parallel_size=2, data_parallel="zero1"), 4, "use fsdp or fsdp_zero2"),
@@ -38,6 +42,38 @@ def test_every_strategy_is_accepted(strategy):
 def test_impossible_settings_are_named(overrides, world_size, message):
     with pytest.raises(ParallelSettingsError, match=message.replace("(", r"\(").replace("[", r"\[")):
         check_parallel_settings(settings(**overrides), get_model_args("tiny-qwen3"), world_size)
+
+
+@pytest.mark.parametrize("model, overrides, message", [
+    ("tiny-llama3", dict(pipeline_parallel_size=2, tensor_parallel_size=2, data_parallel="fsdp"),
+     "PP_SIZE=2 with TP_SIZE=2: pipeline parallelism does not compose with TP_SIZE yet"),
+    ("tiny-llama3", dict(pipeline_parallel_size=2, data_parallel="zero1"), "PP_SIZE=2 with parallel.data_parallel='zero1'"),
+    ("tiny-qwen3-moe", dict(pipeline_parallel_size=2), "dense llama and qwen3 models only, not model tiny-qwen3-moe"),
+    ("tiny-qwen3-next", dict(pipeline_parallel_size=2), "dense llama and qwen3 models only"),
+    ("tiny-gpt2", dict(pipeline_parallel_size=2), "dense llama and qwen3 models only"),
+    ("tiny-llama3", dict(pipeline_parallel_size=5), "PP_SIZE=5 exceeds the model's 4 layers"),
+    ("tiny-llama3", dict(pipeline_parallel_size=2, pipeline_layers="1,2"), "add up to the model's 4 layers"),
+    ("tiny-llama3", dict(pipeline_parallel_size=2, pipeline_layers="4,0"), "counts of at least 1"),
+    ("tiny-llama3", dict(pipeline_parallel_size=2, pipeline_layers="1,2,1"), "needs PP_SIZE=2 counts"),
+    ("tiny-llama3", dict(pipeline_parallel_size=2, pipeline_layers="a,b"), "not a comma-separated list"),
+])
+def test_pipeline_settings_that_cannot_run_are_named(model, overrides, message):
+    with pytest.raises(ParallelSettingsError, match=message):
+        check_parallel_settings(settings(**overrides), get_model_args(model), world_size=8)
+
+
+@pytest.mark.parametrize("num_layers, pp, spec, counts", [
+    (4, 2, "", [2, 2]), (18, 4, "", [4, 5, 5, 4]), (8, 3, "", [2, 4, 2]), (2, 2, "", [1, 1]),
+    (5, 5, "", [1, 1, 1, 1, 1]), (4, 2, "1,3", [1, 3]),
+])
+def test_pipeline_layers_balance_embedding_and_lm_head(num_layers, pp, spec, counts):
+    """Balanced: the embedding and lm_head count as a block each on the first and last stage."""
+    assert pipeline_layers(num_layers, pp, spec) == counts
+
+
+def test_pipeline_of_a_dense_untied_model_is_accepted():
+    check_parallel_settings(settings(pipeline_parallel_size=2, pipeline_layers="1,3"), get_model_args("tiny-llama3"),
+                            world_size=4)
 
 
 @pytest.mark.parametrize("overrides, world_size, message", [
@@ -106,3 +142,18 @@ def test_compile_wraps_each_block_in_place():
     model = parallelize(init_weights(build_model("debug-qwen3", device="cpu"), 0), settings(compile=True), None, "cpu")
     assert all(block._compiled_call_impl is not None for block in model.layers)
     assert list(model.state_dict())[1].startswith("layers.0.")
+
+
+def test_pipeline_stages_keep_the_whole_models_names_and_compose_to_it():
+    """Stages 1,3 of tiny-llama3: disjoint parameters under the whole model's names (also after
+    activation checkpointing, whose wrappers see the gaps in the block indices), and stage 1's
+    forward of stage 0's output is the whole model's final hidden state."""
+    whole = init_weights(build_model("tiny-llama3", device="cpu"), 0)
+    stages = [split_stage(copy.deepcopy(whole), stage, [1, 3]) for stage in range(2)]
+    apply_activation_checkpointing(stages[1])
+    names = [set(stage.state_dict()) for stage in stages]
+    assert names[0] | names[1] == set(whole.state_dict()) and not names[0] & names[1]
+    assert {"embed_tokens.weight", "layers.0.mlp.up_proj.weight"} <= names[0]
+    assert {"layers.1.mlp.up_proj.weight", "layers.3.self_attn.o_proj.weight", "lm_head.weight"} <= names[1]
+    tokens = torch.randint(0, whole.args.vocab_size, (2, 8))
+    torch.testing.assert_close(stages[1](stages[0](tokens)), whole(tokens, return_hidden=True))

@@ -30,11 +30,20 @@ def test_data_parallel_rank_is_rank_over_tp(rank, dp_rank):
     assert layout.is_main == (rank == 0)
 
 
+@pytest.mark.parametrize("rank, pp_rank, dp_rank", [(0, 0, 0), (1, 0, 0), (2, 0, 1), (3, 0, 1), (4, 1, 0), (7, 1, 1)])
+def test_pipeline_stages_are_outermost(rank, pp_rank, dp_rank):
+    """PP 2 x DP 2 x TP 2: rank r sits at (r // 4, (r // 2) % 2, r % 2) of the (pp, dp, tp) mesh."""
+    layout = ParallelLayout(world_size=8, rank=rank, tp=2, ep=1, device="cpu", pp=2)
+    assert (layout.pp_rank, layout.dp_rank, layout.dp_size) == (pp_rank, dp_rank, 2)
+
+
 def test_sizes_that_do_not_split_are_refused():
     with pytest.raises(ValueError, match="does not split"):
         ParallelLayout(world_size=6, rank=0, tp=4, ep=1, device="cpu")
     with pytest.raises(ValueError, match="does not split"):
         ParallelLayout(world_size=6, rank=0, tp=1, ep=4, device="cpu")
+    with pytest.raises(ValueError, match="does not split"):
+        ParallelLayout(world_size=6, rank=0, tp=1, ep=1, device="cpu", pp=4)
 
 
 def test_frozen():

@@ -86,6 +86,7 @@ CONF_VARIABLES: dict[str, ConfVariable] = {v.name: v for v in [
     # --- shared by every job ---
     _var("TP_SIZE", "parallel.tensor_parallel_size", "int", "tensor-parallel size", required_for=QAD, default="1"),
     _var("PP_SIZE", "parallel.pipeline_parallel_size", "int", "pipeline-parallel size", default="1"),
+    _var("PP_LAYERS", "parallel.pipeline_layers", "str", "blocks per pipeline stage, e.g. 3,5 (empty: balanced)"),
     _var("EP_SIZE", "parallel.expert_parallel_size", "int", "expert-parallel size (MoE)", default="1"),
     _var("MBS", "training.micro_batch_size", "int", "micro-batch size per rank", required_for=QAD),
     _var("NUM_GPUS", None, "int", "GPUs (CPU processes without a GPU) per node", default="8"),

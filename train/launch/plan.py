@@ -146,6 +146,23 @@ def check_parallel(cfg: JobConfig, world_size: int, conf: str) -> int:
     return data_parallel
 
 
+def check_pipeline(job: str, cfg: JobConfig, accumulation: int, conf: str) -> None:
+    """PP_SIZE > 1 (train/parallel/pipeline.py): pretraining without in-loop validation, and at
+    least one micro-batch (accumulation step) per stage, which 1F1B needs to fill the pipeline."""
+    pp = cfg.parallel.pipeline_parallel_size
+    if pp == 1:
+        return
+    if job != "pretrain":
+        raise PlanError(f"{conf}: PP_SIZE={pp}: pipeline parallelism runs the pretrain job only, not {job}; "
+                        "use PP_SIZE=1")
+    if cfg.training.eval_interval:
+        raise PlanError(f"{conf}: PP_SIZE={pp} with EVAL_INTERVAL={cfg.training.eval_interval}: in-loop validation "
+                        "does not run on pipeline stages yet; use EVAL_INTERVAL=0")
+    if accumulation < pp:
+        raise PlanError(f"{conf}: PP_SIZE={pp} needs at least {pp} micro-batches per step (1F1B), the plan has "
+                        f"GBS / (MBS x data-parallel size) = {accumulation}; raise GBS")
+
+
 def check_quant(cfg: JobConfig, job: str, conf: str) -> None:
     """QAD: the quantization recipe is one we know (QUANT_RECIPE / quant.recipe); fine-tuning:
     the base's recipe (QUANT_RECIPE / lora.quantized_base)."""
@@ -309,6 +326,7 @@ def build_plan(job: str, cfg: JobConfig, env: dict[str, str], conf: str, cluster
     if gbs % (mbs * data_parallel):
         raise SplitError(f"{conf}: GBS={gbs} is not a multiple of MBS x data-parallel size = "
                         f"{mbs} x {data_parallel}")
+    check_pipeline(job, cfg, gbs // (mbs * data_parallel), conf)
     blend = blend_path(cfg)
     samples = default_train_samples(cfg, blend) if not problems else cfg.data.train_samples
     iters = cfg.training.train_iters or (samples // gbs if samples else None)

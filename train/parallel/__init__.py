@@ -2,11 +2,12 @@
 
     python -m pytest tests/unit/test_parallel_checks.py tests/integration/test_parallel.py
 
-    layout.py           ParallelLayout: rank, dp/tp/ep sizes, device and mesh, built once per job
-    mesh.py             build_mesh: the ("dp", "tp") DeviceMesh (("edp", "ep", "tp") with EP), once per job
+    layout.py           ParallelLayout: rank, pp/dp/tp/ep sizes, device and mesh, built once per job
+    mesh.py             build_mesh: the ("dp", "tp") DeviceMesh (("edp", "ep", "tp") with EP, ("pp", "dp", "tp") with PP), once per job
     tensor_parallel.py  DTensor plans per family (colwise q/k/v/gate/up, rowwise o/down)
     expert_parallel.py  EP: experts split over "ep", all-to-all token dispatch, expert gradients
     data_parallel.py    ddp | fsdp | fsdp_zero2 | zero1 (and the ZeRO-1 optimizer), gradient_sync
+    pipeline.py         PP: the model's stages (blocks split, names kept), the 1F1B schedule, clipping
     apply.py            parallelize: TP, then activation checkpointing, then compile, then DP
     sharded_load.py     load_hf_sharded: a meta model, laid out, reads each rank's part of an HF checkpoint
     checks.py           torch-free validation (the launch plan may call it)
@@ -16,6 +17,7 @@ Names resolve lazily so that `train.parallel.checks` stays importable without to
 
 _EXPORTS = {
     "ParallelLayout": "layout",
+    "Pipeline": "pipeline",
     "build_mesh": "mesh",
     "parallelize": "apply",
     "parallelize_frozen": "apply",

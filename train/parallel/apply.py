@@ -2,6 +2,7 @@
 
     python -m pytest tests/integration/test_parallel.py
 
+0. pipeline parallelism (PP_SIZE > 1): this rank's stage of the model, pipeline.py split_model
 1. tensor parallelism (TP_SIZE > 1): DTensor plans, tensor_parallel.py (MoE layers replicated),
    then expert parallelism (EP_SIZE > 1): experts split over "ep", all-to-all, expert_parallel.py
 2. activation checkpointing per block (parallel.activation_checkpointing): recompute in backward
@@ -26,6 +27,7 @@ from train.parallel.checks import check_engine_support, check_parallel_settings
 from train.parallel.data_parallel import apply_ddp, apply_fsdp
 from train.parallel.expert_parallel import apply_expert_parallel, expert_parameters
 from train.parallel.mesh import data_parallel_mesh
+from train.parallel.pipeline import split_model
 from train.parallel.tensor_parallel import apply_tensor_parallel
 
 log = logging.getLogger("train")
@@ -37,9 +39,9 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
     checkpoint_wrapper inserts `_checkpoint_wrapped_module.` into names, and strips it again from
     state dicts (and DCP's FQNs), so checkpoints keep the HF names.
     """
-    for index, block in enumerate(model.layers):
+    for name, block in list(model.layers.named_children()):  # by name: a pipeline stage's indices have gaps
         # No dropout in these models: nothing random to replay, so no RNG state to stash.
-        model.layers[index] = checkpoint_wrapper(block, preserve_rng_state=False)
+        model.layers.register_module(name, checkpoint_wrapper(block, preserve_rng_state=False))
 
 
 def apply_compile(model: nn.Module) -> None:
@@ -61,6 +63,9 @@ def parallelize(model: nn.Module, parallel_cfg: ParallelConfig, mesh: DeviceMesh
     dp_mesh = data_parallel_mesh(mesh) if mesh is not None else None
     dp = dp_mesh.size() if mesh is not None else 1
     ep = parallel_cfg.expert_parallel_size
+    pp = mesh["pp"].size() if mesh is not None and "pp" in mesh.mesh_dim_names else 1
+    if pp > 1:
+        model = split_model(model, parallel_cfg, mesh["pp"].get_local_rank())
     if tp > 1:
         if any("lora_" in name for name, _ in model.named_parameters()):
             raise NotImplementedError("TP_SIZE > 1 with LoRA adapters: the TP plans cover plain Linear "
@@ -85,8 +90,8 @@ def parallelize(model: nn.Module, parallel_cfg: ParallelConfig, mesh: DeviceMesh
             materialize(model)
     elif dp > 1:  # ddp, zero1 (the optimizer shards its state: data_parallel.py)
         model = apply_ddp(model, dp_mesh, device, ignored=experts)
-    log.info("parallelism: dp %d (%s) x tp %d x ep %d; activation checkpointing %s, compile %s", dp, strategy,
-             tp, ep,
+    log.info("parallelism: pp %d x dp %d (%s) x tp %d x ep %d; activation checkpointing %s, compile %s", pp, dp,
+             strategy, tp, ep,
              "on" if parallel_cfg.activation_checkpointing else "off", "on" if parallel_cfg.compile else "off")
     return model
 

@@ -35,10 +35,8 @@ def check_parallel_settings(parallel_cfg: ParallelConfig, model_args=None, world
     if strategy not in DATA_PARALLEL_STRATEGIES:
         raise ParallelSettingsError(f"parallel.data_parallel={strategy!r} (DP_SHARDING): use one of "
                                     f"{', '.join(DATA_PARALLEL_STRATEGIES)}")
-    if parallel_cfg.pipeline_parallel_size > 1:
-        raise ParallelSettingsError(f"PP_SIZE={parallel_cfg.pipeline_parallel_size}: pipeline parallelism "
-                                    "is not supported; use PP_SIZE=1")
     tp = parallel_cfg.tensor_parallel_size
+    check_pipeline_parallel(parallel_cfg, model_args, num_experts)
     check_expert_parallel(parallel_cfg, model_args, world_size, num_experts)
     if tp > 1 and world_size is not None and world_size // tp > 1 and strategy in ("ddp", "zero1"):
         # DDP cannot reduce DTensor gradients; FSDP2 composes with TP on a 2-D mesh.
@@ -59,6 +57,62 @@ def check_parallel_settings(parallel_cfg: ParallelConfig, model_args=None, world
             if value % tp:
                 raise ParallelSettingsError(f"TP_SIZE={tp} does not divide {name}={value} of model "
                                             f"{model_args.name}")
+
+
+PIPELINE_FAMILIES = ("llama", "qwen3")  # dense, untied: their stages split from outside (pipeline.py)
+
+
+def check_pipeline_parallel(parallel_cfg: ParallelConfig, model_args=None, num_experts: int | None = None) -> None:
+    """PP_SIZE > 1: dense untied llama / qwen3 models alone, without TP, EP or ZeRO-1, and a layer
+    split that gives every stage at least one block."""
+    pp = parallel_cfg.pipeline_parallel_size
+    if pp < 1:
+        raise ParallelSettingsError(f"PP_SIZE={pp} must be at least 1")
+    if pp == 1:
+        return
+    for name, size in (("TP_SIZE", parallel_cfg.tensor_parallel_size), ("EP_SIZE", parallel_cfg.expert_parallel_size)):
+        if size > 1:
+            raise ParallelSettingsError(f"PP_SIZE={pp} with {name}={size}: pipeline parallelism does not compose "
+                                        f"with {name} yet; use {name}=1")
+    if parallel_cfg.data_parallel == "zero1":
+        # ZeroRedundancyOptimizer shards over every rank, and the stages hold different parameters
+        raise ParallelSettingsError(f"PP_SIZE={pp} with parallel.data_parallel='zero1' (DP_SHARDING): use ddp, fsdp "
+                                    "or fsdp_zero2")
+    if model_args is None:
+        return
+    if num_experts is None:
+        num_experts = model_args.num_experts
+    if model_args.family not in PIPELINE_FAMILIES or num_experts:
+        raise ParallelSettingsError(f"PP_SIZE={pp}: pipeline parallelism runs dense {' and '.join(PIPELINE_FAMILIES)} "
+                                    f"models only, not model {model_args.name} ({model_args.family}); use PP_SIZE=1")
+    if model_args.tie_embeddings:
+        raise ParallelSettingsError(f"PP_SIZE={pp}: model {model_args.name} ties lm_head to the embedding, which "
+                                    "live on the first and the last stage; use PP_SIZE=1")
+    pipeline_layers(model_args.num_layers, pp, parallel_cfg.pipeline_layers)
+
+
+def pipeline_layers(num_layers: int, pp: int, spec: str = "") -> list[int]:
+    """Blocks per stage: parallel.pipeline_layers ("3,5": 3 on stage 0, 5 on stage 1), or balanced
+    with the embedding and the final norm + lm_head counted as one block each (the first and the
+    last stage then hold one block less: 18 layers over 4 stages -> 4,5,5,4)."""
+    if spec:
+        try:
+            counts = [int(part) for part in str(spec).split(",")]
+        except ValueError:
+            raise ParallelSettingsError(f"parallel.pipeline_layers={spec!r}: not a comma-separated list of "
+                                        "integers") from None
+        if len(counts) != pp or min(counts) < 1 or sum(counts) != num_layers:
+            raise ParallelSettingsError(f"parallel.pipeline_layers={spec!r}: needs PP_SIZE={pp} counts of at least "
+                                        f"1 that add up to the model's {num_layers} layers")
+        return counts
+    if num_layers < pp:
+        raise ParallelSettingsError(f"PP_SIZE={pp} exceeds the model's {num_layers} layers: every stage needs a "
+                                    "block")
+    units = num_layers + 2  # blocks, plus the embedding and lm_head
+    # stage s ends after unit round(units * (s + 1) / pp); unit 0 is the embedding
+    ends = [min(max(round(units * (s + 1) / pp) - 1, s + 1), num_layers - (pp - 1 - s)) for s in range(pp - 1)]
+    bounds = [0, *ends, num_layers]
+    return [bounds[s + 1] - bounds[s] for s in range(pp)]
 
 
 def check_expert_parallel(parallel_cfg: ParallelConfig, model_args=None, world_size: int | None = None,

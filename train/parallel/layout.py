@@ -11,7 +11,9 @@ from the config after this.
 
 Rank r sits at (r // tp, r % tp) of the ("dp", "tp") mesh (train/parallel/mesh.py): its
 data-parallel rank is r // tp. With EP_SIZE > 1 the data-parallel ranks split further into
-(edp, ep). Pipeline parallelism is refused at plan time (PP_SIZE=1), so it has no place here.
+(edp, ep). With PP_SIZE > 1 the mesh is (pp, dp, tp), pipeline stages outermost: rank r is
+stage r // (dp x tp) and data-parallel rank (r // tp) % dp; the ranks of one pipeline read
+the same micro-batches.
 """
 
 from dataclasses import dataclass
@@ -29,20 +31,27 @@ class ParallelLayout:
     ep: int  # expert-parallel size (EP_SIZE)
     device: str  # cpu | cuda:<local rank>
     mesh: DeviceMesh | None = None  # None for one process (or a job that parallelizes nothing)
+    pp: int = 1  # pipeline-parallel size (PP_SIZE): stages
 
     def __post_init__(self):
-        if self.tp < 1 or self.ep < 1 or self.world_size % self.tp or self.dp_size % self.ep:
-            raise ValueError(f"layout: world size {self.world_size} does not split into TP_SIZE={self.tp} "
-                             f"x data-parallel ranks split by EP_SIZE={self.ep}")
+        if (self.tp < 1 or self.ep < 1 or self.pp < 1 or self.world_size % (self.tp * self.pp)
+                or self.dp_size % self.ep):
+            raise ValueError(f"layout: world size {self.world_size} does not split into PP_SIZE={self.pp} x "
+                             f"TP_SIZE={self.tp} x data-parallel ranks split by EP_SIZE={self.ep}")
 
     @property
     def dp_size(self) -> int:
         """Data-parallel ranks: each reads its own micro-batches."""
-        return self.world_size // self.tp
+        return self.world_size // (self.tp * self.pp)
 
     @property
     def dp_rank(self) -> int:
-        return self.rank // self.tp
+        return (self.rank // self.tp) % self.dp_size
+
+    @property
+    def pp_rank(self) -> int:
+        """This rank's pipeline stage."""
+        return self.rank // (self.dp_size * self.tp)
 
     @property
     def edp_size(self) -> int:
@@ -62,5 +71,6 @@ class ParallelLayout:
         from train.parallel.mesh import build_mesh
 
         tp, ep = int(parallel_cfg.tensor_parallel_size), int(parallel_cfg.expert_parallel_size)
-        mesh = build_mesh(ctx.world_size, tp, torch.device(ctx.device).type, ep) if with_mesh else None
-        return cls(ctx.world_size, ctx.rank, tp, ep, ctx.device, mesh)
+        pp = int(parallel_cfg.pipeline_parallel_size)
+        mesh = build_mesh(ctx.world_size, tp, torch.device(ctx.device).type, ep, pp) if with_mesh else None
+        return cls(ctx.world_size, ctx.rank, tp, ep, ctx.device, mesh, pp)
