@@ -66,18 +66,22 @@ def start_launcher(root: Path, marker: str, iters: int) -> subprocess.Popen:
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def kill(launcher: subprocess.Popen, marker: str, target: str) -> None:
-    """SIGKILL to the launcher's group, torchrun, node.sh or the rank-1 worker."""
+def kill(launcher: subprocess.Popen, marker: str, target: str) -> int | None:
+    """SIGKILL to the launcher's group, torchrun, node.sh or the rank-1 worker; the pid killed."""
     if target == "group":
         os.killpg(launcher.pid, signal.SIGKILL)
-        return
+        return launcher.pid
+    processes = marked_processes(marker)
     if target == "worker":
         pids = sorted(workers(marker))
+    elif target == "torchrun":  # its command line holds the worker's `-m train.<job>` too
+        pids = [pid for pid, cmd in processes.items() if "bin/torchrun" in cmd]
     else:
-        needle = {"torchrun": "torchrun", "node.sh": "launchers/node.sh"}[target]
-        pids = [pid for pid, cmd in marked_processes(marker).items() if needle in cmd and "-m train." not in cmd]
-    if pids:
-        os.kill(pids[-1], signal.SIGKILL)
+        pids = [pid for pid, cmd in processes.items() if cmd.startswith("bash") and "launchers/node.sh" in cmd]
+    if not pids:
+        return None
+    os.kill(pids[-1], signal.SIGKILL)
+    return pids[-1]
 
 
 def survivors_after(launcher: subprocess.Popen, marker: str, seconds: float = 10.0) -> int:
@@ -165,12 +169,16 @@ def trials(root: Path, args, rng: random.Random) -> list[dict]:
                   "killed_after_iteration": logged_iteration(root)}
         if refused is not None:
             record["second_job_refused"] = refused
-        kill(launcher, marker, target)
+        record["killed_pid"] = kill(launcher, marker, target)
         record["survivors"] = survivors_after(launcher, marker)
+        record["launcher_exit"] = launcher.returncode  # 0: the job ended before the kill took
         if number % 3 == 2:
             record["damaged"] = damage_newest_checkpoint(root)
-        records.append(record)
         log(f"trial {number}: {record}")
+        if record["killed_pid"] is None or record["launcher_exit"] == 0:
+            log(f"trial {number}: the job ended before its kill; trials stop here")
+            break
+        records.append(record)
     return records
 
 
