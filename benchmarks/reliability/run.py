@@ -72,7 +72,10 @@ def kill(launcher: subprocess.Popen, marker: str, target: str) -> int | None:
         os.killpg(launcher.pid, signal.SIGKILL)
         return launcher.pid
     processes = marked_processes(marker)
-    if target == "worker":
+    if target == "worker":  # during start-up: once torchrun has started them
+        deadline = time.time() + 60
+        while not workers(marker) and launcher.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
         pids = sorted(workers(marker))
     elif target == "torchrun":  # its command line holds the worker's `-m train.<job>` too
         pids = [pid for pid, cmd in processes.items() if "bin/torchrun" in cmd]
@@ -105,7 +108,7 @@ def survivors_after(launcher: subprocess.Popen, marker: str, seconds: float = 10
 
 def damage_newest_checkpoint(root: Path) -> str | None:
     """Truncates one shard of the newest published checkpoint to half its size; returns its path."""
-    directories = sorted((run_dir(root) / "checkpoints").glob("*/iter_*"))
+    directories = sorted(p for p in (run_dir(root) / "checkpoints").glob("*/iter_*") if p.name[5:].isdigit())
     shards = sorted(directories[-1].glob("*.distcp")) if directories else []
     if not shards:
         return None
