@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from train.launch import cluster as cluster_lib
+from train.launch.inputs import input_problems
 from train.launch.conf import EXIT_USAGE, REPO_ROOT, ConfError, command_line_variables, config_overrides, load_conf
 from train.launch.memory import (AUTO_ORDER, describe, fitting_alternatives, gpu_memory_bytes, job_split,
                                  job_memory, job_models, resource_plan, resource_summary)
@@ -297,6 +298,8 @@ def build_plan(job: str, cfg: JobConfig, env: dict[str, str], conf: str, cluster
     data_parallel = check_parallel(cfg, cluster.world_size, conf)
     check_quant(cfg, job, conf)
     problems = path_problems(cfg, conf)
+    if not problems:  # the files are there: their contents, and the values checked against them
+        problems = [f"{conf}: {problem}" for problem in input_problems(job, cfg, blend_path(cfg))]
     if problems and strict_paths:
         raise PlanError("\n".join(problems))
     mbs = cfg.training.micro_batch_size
