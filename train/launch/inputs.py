@@ -7,7 +7,8 @@ without reading any tensor data: what would otherwise fail only inside the worke
   where the file does (8 + header + data bytes);
 - SEQ_LENGTH: at most the model's max_position_embeddings (n_positions, the registry's max_seq_len);
 - the optimizer's values: those torch's AdamW refuses, and a negative warmup or clipping norm;
-- fine-tuning's validate mode: the labeled set and a tokenizer with a chat template.
+- fine-tuning's validate mode: the labeled set and a tokenizer with a chat template;
+- a resume: the checkpoint's job type, GBS and SEQ_LENGTH (its run.json) are this job's.
 
 Each returns the problems as messages naming the file or the variable.
 """
@@ -18,6 +19,8 @@ import json
 import struct
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from train.launch.rundir import RUN_FACTS_FILE, ResumeState
 
 if TYPE_CHECKING:  # annotations only: importing train.config loads Hydra
     from train.config import JobConfig
@@ -151,3 +154,43 @@ def input_problems(job: str, cfg: JobConfig, blend: str | None) -> list[str]:
     if job == "finetune":
         problems += validate_mode_problems(cfg)
     return problems
+
+
+def saved_run_facts(checkpoint: Path) -> dict | None:
+    """The checkpoint's run.json; for one saved before run.json, what its config.yaml tells
+    (SEQ_LENGTH, and GBS when it was set); None when neither is readable."""
+    try:
+        return json.loads((checkpoint / RUN_FACTS_FILE).read_text())
+    except (OSError, ValueError):
+        pass
+    import yaml
+
+    try:
+        saved = yaml.safe_load((checkpoint / "config.yaml").read_text())
+        return {"seq_length": saved["data"]["seq_length"], "global_batch_size": saved["training"]["global_batch_size"]}
+    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
+        return None
+
+
+def resume_problems(job: str, cfg: JobConfig, resume: ResumeState, global_batch_size: int) -> list[str]:
+    """A resume keeps the job type, GBS and SEQ_LENGTH of the run: its consumed samples count
+    sequences of that length in batches of that size (refused, not adapted: docs/runs.md)."""
+    facts = saved_run_facts(Path(resume.path)) if resume.decision == "resume" and resume.path else None
+    if not facts:
+        return []
+    if facts.get("job", job) != job:
+        return [f"{resume.path} was saved by a {facts['job']} job, this is a {job} job: a run directory holds "
+                "one job type (use another checkpoint.root or run name)"]
+    now = {"global_batch_size": ("GBS", global_batch_size), "seq_length": ("SEQ_LENGTH", cfg.data.seq_length)}
+    changed = [f"{variable}={facts[key]} at save, {value} now" for key, (variable, value) in now.items()
+               if facts.get(key) is not None and facts[key] != value]
+    if not changed:
+        return []
+    mbs = cfg.training.micro_batch_size
+    default = (f"; GBS is unset, so MBS x data-parallel size: {mbs} x {global_batch_size // mbs} now, "
+               f"{facts['micro_batch_size']} x {facts['data_parallel_size']} at save"
+               if cfg.training.global_batch_size is None and "data_parallel_size" in facts
+               and facts["global_batch_size"] != global_batch_size else "")
+    return [f"resuming {resume.path} with another batch shape: {'; '.join(changed)}{default}. The consumed "
+            "samples count batches of the saved shape: set the values back (GBS may stay fixed while MBS "
+            "changes), or start a new run (another checkpoint.root or run name)"]

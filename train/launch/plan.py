@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from train.launch import cluster as cluster_lib
-from train.launch.inputs import input_problems
+from train.launch.inputs import input_problems, resume_problems
 from train.launch.conf import EXIT_USAGE, REPO_ROOT, ConfError, command_line_variables, config_overrides, load_conf
 from train.launch.memory import (AUTO_ORDER, describe, fitting_alternatives, gpu_memory_bytes, job_split,
                                  job_memory, job_models, resource_plan, resource_summary)
@@ -318,6 +318,10 @@ def build_plan(job: str, cfg: JobConfig, env: dict[str, str], conf: str, cluster
         resume = resume_state(paths.checkpoints, cfg.model.hf_checkpoint)
     except ResumeError as error:
         raise PlanError(f"{conf}: {error}") from None
+    mismatch = [f"{conf}: {problem}" for problem in resume_problems(job, cfg, resume, gbs)]
+    if mismatch and strict_paths:
+        raise PlanError("\n".join(mismatch))
+    problems += mismatch
     facts = model_facts(cfg)
     try:
         resources = resource_plan(job, cfg, env, cluster.world_size, data_parallel, gbs, iters, REPO_ROOT / "slurm")
