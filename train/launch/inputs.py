@@ -137,7 +137,7 @@ def validate_mode_problems(cfg: JobConfig) -> list[str]:
     """Fine-tuning, mode=validate: the labeled set (VAL_SET) and a tokenizer with a chat template."""
     if str(cfg.mode) != "validate":
         return []
-    from train.finetune_validate import LabeledSetError, check_validate_inputs
+    from train.labeled_set import LabeledSetError, check_validate_inputs
 
     try:
         check_validate_inputs(cfg)
