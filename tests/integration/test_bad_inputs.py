@@ -64,10 +64,14 @@ def edit_config(work: Path, **changes) -> None:
     path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
 
 
-def without_chat_template(work: Path) -> list[str]:
-    save_tiny_tokenizer(work / "models" / "tiny-qwen3")  # a tokenizer with no chat template
+def validate_mode(work: Path, chat_template: str | None) -> list[str]:
+    tokenizer = save_tiny_tokenizer(work / "tokenizer")  # a tokenizer with no chat template
+    if chat_template:
+        config = tokenizer / "tokenizer_config.json"
+        config.write_text(json.dumps({**json.loads(config.read_text()), "chat_template": chat_template}))
     (work / "val.jsonl").write_text('{"prompt": "a?", "label": "yes", "category": "x"}\n')
-    return ["--config", "tiny-qwen3-lora", "--", "DATASET_NAME=good", "MODE=validate", f"VAL_SET={work / 'val.jsonl'}"]
+    return ["--config", "tiny-qwen3-lora", "--", "DATASET_NAME=good", "MODE=validate", f"VAL_SET={work / 'val.jsonl'}",
+            f"validate.tokenizer={tokenizer}"]
 
 
 # case -> (job, break the inputs in the work directory (returns the launcher's arguments, or None: the
@@ -91,7 +95,10 @@ CASES = {
                               ["model.safetensors", "100000 bytes", "truncated"]),
     "safetensors_bad_header": ("qad", lambda w: overwrite(w / "models/tiny-qwen3/model.safetensors", 8, b"garbage!"),
                                ["model.safetensors", "not a safetensors file"]),
-    "validate_without_chat_template": ("finetune", without_chat_template, ["validate.tokenizer", "no chat template"]),
+    "validate_without_chat_template": ("finetune", lambda w: validate_mode(w, None),
+                                       ["validate.tokenizer", "no chat template"]),
+    "validate_without_a_trained_run": ("finetune", lambda w: validate_mode(w, "{{ messages[0]['content'] }}"),
+                                       ["mode=validate: no checkpoint in", "MODE=train"]),
 }
 
 

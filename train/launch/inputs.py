@@ -174,13 +174,16 @@ def saved_run_facts(checkpoint: Path) -> dict | None:
 
 def resume_problems(job: str, cfg: JobConfig, resume: ResumeState, global_batch_size: int) -> list[str]:
     """A resume keeps the job type, GBS and SEQ_LENGTH of the run: its consumed samples count
-    sequences of that length in batches of that size (refused, not adapted: docs/runs.md)."""
+    sequences of that length in batches of that size (refused, not adapted: docs/runs.md).
+    Evaluating a checkpoint (EVAL_ONLY, MODE=validate) keeps the job type only."""
     facts = saved_run_facts(Path(resume.path)) if resume.decision == "resume" and resume.path else None
     if not facts:
         return []
     if facts.get("job", job) != job:
         return [f"{resume.path} was saved by a {facts['job']} job, this is a {job} job: a run directory holds "
                 "one job type (use another checkpoint.root or run name)"]
+    if cfg.training.eval_only or str(cfg.mode) == "validate":
+        return []  # it only reads the checkpoint: no samples consumed, any batch shape will do
     now = {"global_batch_size": ("GBS", global_batch_size), "seq_length": ("SEQ_LENGTH", cfg.data.seq_length)}
     changed = [f"{variable}={facts[key]} at save, {value} now" for key, (variable, value) in now.items()
                if facts.get(key) is not None and facts[key] != value]

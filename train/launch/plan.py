@@ -319,6 +319,9 @@ def build_plan(job: str, cfg: JobConfig, env: dict[str, str], conf: str, cluster
     except ResumeError as error:
         raise PlanError(f"{conf}: {error}") from None
     mismatch = [f"{conf}: {problem}" for problem in resume_problems(job, cfg, resume, gbs)]
+    if job == "finetune" and str(cfg.mode) == "validate" and resume.decision != "resume":
+        mismatch.append(f"{conf}: mode=validate: no checkpoint in {paths.checkpoints} (MODE=validate; run "
+                        "MODE=train with the same conf first, or point checkpoint.root at the training run's root)")
     if mismatch and strict_paths:
         raise PlanError("\n".join(mismatch))
     problems += mismatch
