@@ -210,8 +210,9 @@ class Trainer:
         from omegaconf import OmegaConf
 
         config_yaml = OmegaConf.to_yaml(self.cfg, resolve=True) if self.ctx.is_main else None
-        if self.checkpoints.save(self.state.iteration, self.tensors(), self.state_dict(), config_yaml,
-                                 files=self.checkpoint_files, run_facts=self.run_facts()) is not None:  # None: failed, logged, retried later
+        saved = self.checkpoints.save(self.state.iteration, self.tensors(), self.state_dict(), config_yaml,
+                                      files=self.checkpoint_files, run_facts=self.run_facts())
+        if saved is not None:  # None: failed, logged, retried later
             self._saved_iteration = self.state.iteration
 
     def run_facts(self) -> dict:
