@@ -9,6 +9,7 @@
     │   ├── rng_rank<r>.pt            RNG states (python, numpy, torch, cuda) of every rank
     │   ├── quantizer_state.pt        QAD: how the student was quantized (train/quant/student.py)
     │   ├── config.yaml               the resolved config of the run that saved it
+    │   ├── run.json                  job type, GBS, MBS, SEQ_LENGTH of that run (the plan checks a resume)
     │   └── manifest.json             size and head/tail crc32 of every file, written last
     │                                 (train/launch/rundir.py: verified at plan time)
     └── latest_checkpointed_iteration.txt   the iteration, written last
@@ -74,8 +75,8 @@ from torch.distributed.checkpoint.filesystem import FileSystem
 
 from torch.distributed.checkpoint.api import CheckpointException
 
-from train.launch.rundir import (MANIFEST_FILE, TRACKER_FILE, checkpoint_dir_name, checkpoint_iterations,
-                                 checkpoint_manifest, read_tracker)
+from train.launch.rundir import (MANIFEST_FILE, RUN_FACTS_FILE, TRACKER_FILE, checkpoint_dir_name,
+                                 checkpoint_iterations, checkpoint_manifest, read_tracker)
 
 log = logging.getLogger("train")
 
@@ -335,15 +336,16 @@ class CheckpointManager:
 
     # ------------------------------------------------------------ save
     def save(self, iteration: int, tensors: dict, trainer_state: dict, config_yaml: str | None = None,
-             files: dict | None = None) -> Path | None:
+             files: dict | None = None, run_facts: dict | None = None) -> Path | None:
         """tensors: model/optimizer state (DCP, sharded); trainer_state: small picklable dict;
-        files: {file name: picklable object} that rank 0 writes with torch.save (checked at publish).
+        files: {file name: picklable object} that rank 0 writes with torch.save (checked at publish);
+        run_facts: what a resume must keep (RUN_FACTS_FILE, JSON: read at plan time without torch).
         Returns the checkpoint's path, or None when the save failed (module docstring)."""
         self.finalize()  # an earlier async save publishes first
         final, temporary = self.path(iteration), self.directory / f"{checkpoint_dir_name(iteration)}.tmp"
         self.last_save_time = time.time()
         steps = [lambda: self._prepare(temporary),
-                 lambda: self._write_small_files(temporary, tensors, trainer_state, config_yaml, files)]
+                 lambda: self._write_small_files(temporary, tensors, trainer_state, config_yaml, files, run_facts)]
         if self._use_async():
             steps.append(lambda: self._start_async(tensors, iteration, temporary, final))
         else:
@@ -363,7 +365,7 @@ class CheckpointManager:
             temporary.mkdir(parents=True)
 
     def _write_small_files(self, temporary: Path, tensors: dict, trainer_state: dict, config_yaml: str | None,
-                           files: dict | None) -> None:
+                           files: dict | None, run_facts: dict | None = None) -> None:
         torch_save_durably(rng_state(), temporary / f"rng_rank{rank()}.pt")
         if rank() != 0:
             return
@@ -376,6 +378,9 @@ class CheckpointManager:
         if config_yaml is not None:
             (temporary / "config.yaml").write_text(config_yaml)
             fsync_path(temporary / "config.yaml")
+        if run_facts is not None:
+            (temporary / RUN_FACTS_FILE).write_text(json.dumps(run_facts, indent=1))
+            fsync_path(temporary / RUN_FACTS_FILE)
 
     def _start_async(self, tensors: dict, iteration: int, temporary: Path, final: Path) -> None:
         future = dcp.async_save(tensors, storage_writer=self._writer(temporary),

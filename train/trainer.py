@@ -215,9 +215,16 @@ class Trainer:
         from omegaconf import OmegaConf
 
         config_yaml = OmegaConf.to_yaml(self.cfg, resolve=True) if self.ctx.is_main else None
-        if self.checkpoints.save(self.state.iteration, self.tensors(), self.state_dict(), config_yaml,
-                                 files=self.checkpoint_files) is not None:  # None: failed, logged, retried later
+        saved = self.checkpoints.save(self.state.iteration, self.tensors(), self.state_dict(), config_yaml,
+                                      files=self.checkpoint_files, run_facts=self.run_facts())
+        if saved is not None:  # None: failed, logged, retried later
             self._saved_iteration = self.state.iteration
+
+    def run_facts(self) -> dict:
+        """What a job resuming this run must keep (train/launch/inputs.py resume_problems)."""
+        return {"job": self.plan.job, "global_batch_size": self.plan.global_batch_size,
+                "micro_batch_size": self.cfg.training.micro_batch_size, "seq_length": self.cfg.data.seq_length,
+                "data_parallel_size": self.plan.data_parallel_size}
 
     def resume(self) -> None:
         from train.checkpoint import CheckpointDamaged, CheckpointMismatch

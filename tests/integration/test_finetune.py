@@ -81,8 +81,10 @@ def test_early_stopping_keeps_the_best_checkpoint_and_does_not_requeue(early_sto
     records = [json.loads(line) for line in next((root / EARLY_RUN / "logs").glob("*.jsonl")).read_text().splitlines()]
     assert [r["iteration"] for r in records if "val_loss" in r] == [2, 4, 6]
     # a job started again on the same run resumes, sees it already stopped, and does nothing
+    # on one process, GBS set to the saved 4 (2 processes x MBS 2): a resume keeps its GBS (docs/runs.md)
     again = finetune(root, base, "optim.lr=0.02", "training.train_iters=20", "training.eval_interval=2",
-                     "training.early_stop_patience=2", "training.early_stop_min_delta=100", procs=1)
+                     "training.early_stop_patience=2", "training.early_stop_min_delta=100",
+                     "training.global_batch_size=4", procs=1)
     assert again.returncode == 0, output(again)
     assert "this run already stopped" in again.stdout and "stopped at iteration" not in again.stdout
     assert sorted(p.name for p in checkpoints.glob("iter_*")) == ["iter_0000002", "iter_0000006"]

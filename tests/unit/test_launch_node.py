@@ -28,5 +28,6 @@ def test_threads_share_the_cores_among_the_workers():
 def test_command_sets_threads_unless_given():
     cores = len(os.sched_getaffinity(0))
     command = node_command({})
-    assert command[:2] == ["env", f"OMP_NUM_THREADS={max(1, cores // 2)}"] and command[2] == "torchrun"
-    assert node_command({"OMP_NUM_THREADS": "3"})[0] == "torchrun"  # the user's setting is inherited
+    torchrun = [sys.executable, "-m", "train.launch.torchrun"]  # torchrun keeping a worker's error line and code
+    assert command[:2] == ["env", f"OMP_NUM_THREADS={max(1, cores // 2)}"] and command[2:5] == torchrun
+    assert node_command({"OMP_NUM_THREADS": "3"})[:3] == torchrun  # the user's setting is inherited

@@ -271,7 +271,9 @@ def test_ep_on_a_dense_hf_checkpoint(tmp_path, env, assets):
 def test_ep_against_the_experts_in_config_json(field, tmp_path, env):
     moe = tmp_path / "moe"
     moe.mkdir()
-    (moe / "config.json").write_text(json.dumps({"model_type": "qwen3_moe", field: 6}))
+    shape = {"vocab_size": 256, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "intermediate_size": 96, "num_experts_per_tok": 2, "moe_intermediate_size": 32}
+    (moe / "config.json").write_text(json.dumps({"model_type": "qwen3_moe", field: 6, **shape}))
     extra = "export NUM_GPUS=8\nexport DATASET_NAME=synthetic\n"
     with pytest.raises(PlanError, match="EP_SIZE=4 does not divide the 6 experts"):
         plan_from_conf("qad", write_conf(tmp_path, qad_conf(moe, extra=extra + "export EP_SIZE=4\n")), [], env)

@@ -28,6 +28,7 @@ from train.launch.memory import resource_summary
 from train.launch.plan import JobPlan, PlanError, build_plan, config_fingerprint
 from train.launch.rundir import ResumeError, env_log_text, resume_state
 from train.launch.runlock import RunLocked, hold_in_worker
+from train.launch.torchrun import write_error_record
 from train.launch.watchdog import backstop_seconds, dump_stacks_on_signal, flight_recorder_env
 
 if TYPE_CHECKING:  # annotations only: importing train.config loads Hydra
@@ -97,7 +98,10 @@ def show_warnings_once(is_main: bool) -> None:
 
 
 def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
+    """Stop this worker on bad input: one `error:` line, exit code 2. Under launchers/node.sh
+    (train/launch/torchrun.py) the line goes to torchrun's error file and is printed once, last."""
+    if not write_error_record(f"error: {message}", EXIT_USAGE):
+        print(f"error: {message}", file=sys.stderr)
     sys.exit(EXIT_USAGE)
 
 

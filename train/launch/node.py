@@ -27,7 +27,8 @@ def main(argv: list[str]) -> int:
     except ClusterError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    command = node_command(job, cluster, cluster.node_rank, overrides)
+    # torchrun through train/launch/torchrun.py: a worker's `error:` line last, its exit code kept
+    command = [sys.executable, "-m", "train.launch.torchrun", *node_command(job, cluster, cluster.node_rank, overrides)[1:]]
     if not os.environ.get("OMP_NUM_THREADS"):
         command = ["env", f"OMP_NUM_THREADS={worker_threads(cluster.procs_per_node)}", *command]
     sys.stdout.write("\0".join(command) + "\0")

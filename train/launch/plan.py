@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING
 
 from train.launch import cluster as cluster_lib
 from train.launch.conf import EXIT_USAGE, REPO_ROOT, ConfError, command_line_variables, config_overrides, load_conf
-from train.launch.memory import (AUTO_ORDER, describe, format_bytes, fitting_alternatives, gpu_memory_bytes, job_split,
-                                 job_memory, job_models, resource_plan, resource_summary)
+from train.launch.inputs import input_problems, resume_problems
+from train.launch.memory import (AUTO_ORDER, describe, fitting_alternatives, format_bytes, gpu_memory_bytes,
+                                 job_split, job_memory, job_models, resource_plan, resource_summary)
 from train.models.registry import args_for_display_name
 from train.launch.rundir import ResumeError, ResumeState, RunPaths, legacy_note, resume_state, run_paths
 
@@ -319,6 +320,8 @@ def build_plan(job: str, cfg: JobConfig, env: dict[str, str], conf: str, cluster
     data_parallel = check_parallel(cfg, cluster.world_size, conf)
     check_quant(cfg, job, conf)
     problems = path_problems(cfg, conf)
+    if not problems:  # the files are there: their contents, and the values checked against them
+        problems = [f"{conf}: {problem}" for problem in input_problems(job, cfg, blend_path(cfg))]
     if problems and strict_paths:
         raise PlanError("\n".join(problems))
     mbs = cfg.training.micro_batch_size
@@ -338,6 +341,13 @@ def build_plan(job: str, cfg: JobConfig, env: dict[str, str], conf: str, cluster
         resume = resume_state(paths.checkpoints, cfg.model.hf_checkpoint)
     except ResumeError as error:
         raise PlanError(f"{conf}: {error}") from None
+    mismatch = [f"{conf}: {problem}" for problem in resume_problems(job, cfg, resume, gbs)]
+    if job == "finetune" and str(cfg.mode) == "validate" and resume.decision != "resume":
+        mismatch.append(f"{conf}: mode=validate: no checkpoint in {paths.checkpoints} (MODE=validate; run "
+                        "MODE=train with the same conf first, or point checkpoint.root at the training run's root)")
+    if mismatch and strict_paths:
+        raise PlanError("\n".join(mismatch))
+    problems += mismatch
     facts = model_facts(cfg)
     try:
         resources = resource_plan(job, cfg, env, cluster.world_size, data_parallel, gbs, iters, REPO_ROOT / "slurm",

@@ -48,6 +48,7 @@ TRACKER_FILE = "latest_checkpointed_iteration.txt"  # Megatron's name
 
 
 MANIFEST_FILE = "manifest.json"
+RUN_FACTS_FILE = "run.json"  # in each checkpoint: job, GBS, MBS, SEQ_LENGTH of the run that saved it
 MANIFEST_SAMPLE_BYTES = 1 << 20  # crc32 of the first and the last MiB of each file
 
 

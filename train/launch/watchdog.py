@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 from train.launch.lifeline import process_start
+from train.launch.torchrun import write_error_record
 
 EXIT_HANG = 5  # exit code of a job ended by the watchdog (2 usage, 3 non-finite, 4 failed saves)
 STACKS_SIGNAL = signal.SIGUSR1  # dump stacks by hand; USR2/TERM: the trainer's stop signals
@@ -182,7 +183,8 @@ class HangWatchdog:
         live = [rank for rank in range(self.world_size) if rank not in stopped]
         if self.rank == min(live):
             message = f"error: {self.hang_message(stopped, after, waited_s, stacks)}"
-            print(message, file=sys.stderr, flush=True)
+            if not write_error_record(message, EXIT_HANG):  # under node.sh: printed last, by torchrun's wrapper
+                print(message, file=sys.stderr, flush=True)
             with open(stacks, "a") as f:  # beside the stacks, for whoever reads the logs folder later
                 f.write(message + "\n")
         self.kill_local(stopped, after)
