@@ -107,7 +107,7 @@ def run_job(job: str, cfg: JobConfig, loss_fn=None, make_loss_fn=None) -> str:
     materialize = None  # from HF weights: loaded by parallelize, each rank its part
     if sharded:
         model, materialize = sharded_job_model(cfg, ctx)
-    else:  # a LoRA base, a student under DDP/TP: whole, quantized before parallelize
+    else:  # a LoRA base; a student on one process or under DDP, TP, EP: whole, quantized first
         model = build_job_model(cfg, ctx)
     vocab_size = model.args.vocab_size
     dataset = build_train_dataset(cfg, ctx, vocab_size)
