@@ -65,6 +65,17 @@ def sharded_job_model(cfg: JobConfig, ctx):
     return model, partial(load_hf_sharded, path=path, dtype=dtype, device=ctx.device)
 
 
+def loads_sharded(job: str, cfg: JobConfig, ctx, layout: ParallelLayout) -> bool:
+    """Whether the model comes from HF weights read in parts by each rank (sharded_job_model):
+    pretraining always; the QAD student when FSDP2 shards it (TP 1, EP 1), then quantized and
+    calibrated as laid out (train/quant/student.py). The LoRA base, and the student under
+    DDP/zero1 (replicated anyway), TP or EP, load whole and are quantized before parallelize."""
+    if not cfg.model.hf_checkpoint or ctx.plan.resume.decision == "from_scratch":
+        return False
+    fsdp = layout.dp_size > 1 and cfg.parallel.data_parallel in ("fsdp", "fsdp_zero2")
+    return job == "pretrain" or (job == "qad" and fsdp and layout.tp == 1 and layout.ep == 1)
+
+
 def add_adapters(model, cfg: JobConfig, ctx, dataset, layout: ParallelLayout):
     """Fine-tuning: the base fake-quantized when lora.quantized_base names a recipe, then the LoRA
     adapters. Returns (model, quantizer record for each checkpoint or None).
@@ -92,13 +103,16 @@ def run_job(job: str, cfg: JobConfig, loss_fn=None, make_loss_fn=None) -> str:
     if make_loss_fn is not None:
         loss_fn = make_loss_fn(layout)
     torch.manual_seed(cfg.training.seed + ctx.rank)
-    materialize = None  # pretrain from HF weights: loaded by parallelize, each rank its part
-    if job == "pretrain" and cfg.model.hf_checkpoint and ctx.plan.resume.decision != "from_scratch":
+    sharded = loads_sharded(job, cfg, ctx, layout)
+    materialize = None  # from HF weights: loaded by parallelize, each rank its part
+    if sharded:
         model, materialize = sharded_job_model(cfg, ctx)
-    else:  # QAD students and LoRA bases are quantized whole before parallelize
+    else:  # a LoRA base; a student on one process or under DDP, TP, EP: whole, quantized first
         model = build_job_model(cfg, ctx)
     vocab_size = model.args.vocab_size
     dataset = build_train_dataset(cfg, ctx, vocab_size)
+    if sharded:
+        model = parallelize(model, cfg.parallel, layout.mesh, layout.device, materialize=materialize)
     checkpoint_files = {}  # extra files in every checkpoint: {name: picklable object}
     if job in ("qad", "finetune"):
         from train.quant.student import QUANTIZER_STATE_FILE, prepare_student
@@ -113,7 +127,8 @@ def run_job(job: str, cfg: JobConfig, loss_fn=None, make_loss_fn=None) -> str:
             fail(str(error))
         if record is not None:
             checkpoint_files[QUANTIZER_STATE_FILE] = record
-    model = parallelize(model, cfg.parallel, layout.mesh, layout.device, materialize=materialize)
+    if not sharded:
+        model = parallelize(model, cfg.parallel, layout.mesh, layout.device)
     ctx.mark("model_built")
     trainer = Trainer(cfg, ctx, layout, model, dataset, loss_fn, checkpoint_files=checkpoint_files)
     reason = trainer.train()

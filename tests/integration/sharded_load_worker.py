@@ -151,7 +151,7 @@ def case_fsdp_shares_bytes():
 
 
 def case_fsdp_student_calibrated_like_whole():
-    """Not yet the job's path (the QAD student is quantized whole, then split): a student loaded
+    """The QAD job's path under FSDP2 (train/engine.py loads_sharded), without the job: a student loaded
     sharded under FSDP2, then fake-quantized (nvfp4) and calibrated as laid out, gets every amax
     of the whole student calibrated in one process, and its logits."""
     from train.parallel.tensor_parallel import quantizers

@@ -4,8 +4,9 @@ Sharded loading (train/parallel/sharded_load.py) against load_hf's whole model, 
 tests/integration/sharded_load_worker.py, 2 processes: DDP and FSDP2 (tied embeddings, GPT-2's
 fused q/k/v, Qwen3-Next), TP 2, EP 2 (MoE, FSDP2 and DDP), a bf16 checkpoint into fp32 parameters, each
 rank's share of the bytes, the QAD teacher (train.qad.build_teacher), a student calibrated
-after an FSDP2 sharded load (the whole student's amax; not yet what a QAD job does); 4
-processes: TP 2 x FSDP2, TP 2 x EP 2 x FSDP2; train.pretrain from an HF checkpoint. The memory
+after an FSDP2 sharded load (the whole student's amax); 4 processes: TP 2 x FSDP2,
+TP 2 x EP 2 x FSDP2; train.pretrain from an HF checkpoint; train.qad with the student loaded
+sharded under FSDP2 (losses, amax, resume, hf-nvfp4 export). The memory
 per rank at 1.6 GB: benchmarks/load_memory/run.py (docs/benchmarks.md#load-memory).
 """
 
@@ -61,3 +62,66 @@ def test_pretrain_from_hf_checkpoint_two_processes_match_one(tmp_path, bf16_chec
     one = pretrain(tmp_path / "one", start, processes=1)
     two = pretrain(tmp_path / "two", [*start, *overrides], processes=2)
     assert len(two) == 2 and two == pytest.approx(one, rel=1e-4)
+
+
+# ----------------------------------------------------------------- the QAD student
+
+def checkpoint_amax(directory) -> dict:
+    """Every quantizer amax of a DCP checkpoint, read whole."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(directory, directory.parent / "whole.pt")
+    state = torch.load(directory.parent / "whole.pt", weights_only=False)
+    (directory.parent / "whole.pt").unlink()
+    return {k: v for k, v in state["model"].items() if k.endswith("_amax")}
+
+
+@pytest.mark.slow
+def test_qad_student_loaded_sharded_under_fsdp_matches_one_process_resumes_and_exports(tmp_path):
+    """`torchrun -m train.qad` under FSDP2 with activation checkpointing: the student is read in
+    parts and quantized as laid out; its losses and every amax equal one process's (the whole
+    student), quantizer_state.pt is the same record, resume is bitwise and hf-nvfp4 export works."""
+    import shutil
+    import subprocess
+    import sys
+
+    import torch
+
+    from tests.integration.test_qad import REPO, RUN, checkpoints, job_env, losses, qad
+    from train.models import build_model, init_weights, save_hf
+
+    models = tmp_path / "models"
+    for name, seed in (("student", 1), ("teacher", 2)):
+        save_hf(init_weights(build_model("tiny-qwen3", device="cpu"), seed), models / name)
+    args = ["training.train_iters=4", "checkpoint.save_interval=2"]
+    qad(tmp_path / "one", models, "20260101_000001", *args)
+    two = qad(tmp_path / "two", models, "20260101_000001", *args, "parallel.data_parallel=fsdp",
+              "parallel.activation_checkpointing=true", procs=2)
+    assert "each rank reads its part" in two.stdout + two.stderr
+    one_losses, two_losses = losses(tmp_path / "one", "20260101_000001"), losses(tmp_path / "two", "20260101_000001")
+    assert len(two_losses) == 4 and two_losses == pytest.approx(one_losses, rel=1e-4)
+
+    middle = {run: checkpoints(tmp_path / run) / "iter_0000002" for run in ("one", "two")}
+    whole, sharded = checkpoint_amax(middle["one"]), checkpoint_amax(middle["two"])
+    assert len(whole) == 56 and sharded.keys() == whole.keys(), sorted(sharded.keys() ^ whole.keys())
+    for name, value in sharded.items():
+        torch.testing.assert_close(value, whole[name], rtol=1e-6, atol=0, msg=name)
+    records = [torch.load(middle[run] / "quantizer_state.pt", weights_only=False) for run in ("one", "two")]
+    assert records[1] == records[0]  # the same record (but for attribute order): old checkpoints still restore
+
+    root = tmp_path / "two"
+    shutil.rmtree(checkpoints(root) / "iter_0000004")
+    (checkpoints(root) / "latest_checkpointed_iteration.txt").write_text("2\n")
+    resumed = qad(root, models, "20260101_000002", *args, "parallel.data_parallel=fsdp",
+                  "parallel.activation_checkpointing=true", procs=2)
+    assert "quantizer state (nvfp4) restored" in resumed.stdout + resumed.stderr
+    again = losses(root, "20260101_000002")
+    assert sorted(again) == [3, 4] and again == {i: two_losses[i] for i in again}  # bitwise
+
+    out = tmp_path / "export"
+    result = subprocess.run([sys.executable, "-m", "train.export", str(root / RUN), "--format", "hf-nvfp4",
+                             "--out", str(out)], cwd=REPO, env=job_env("20260101_000003"), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert (out / "config.json").is_file() and list(out.glob("*.safetensors"))

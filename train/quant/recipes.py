@@ -80,13 +80,24 @@ def rank_zero_prints():
     return contextlib.nullcontext()
 
 
+def reshard(model: torch.nn.Module) -> None:
+    """FSDP2 keeps the root's weights gathered after a forward that no backward follows (the
+    calibration's): shard them again, or the optimizer would get the gathered tensors."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def quantize_model(model: torch.nn.Module, recipe: str,
                    calibration_batches: Iterable[torch.Tensor] | None = None) -> torch.nn.Module:
     """Fake-quantizes `model` in place with the named recipe; returns it.
 
     calibration_batches: token ids (B, T) on any device (moved to the model's). None or empty:
     weight amax only; input quantizers then keep no amax and quantize dynamically per tensor.
-    Call before any parallel wrapper (DDP/FSDP), on the single-device model.
+    Call on the single-device model before DDP/TP, or on an FSDP2-sharded one (every amax then
+    equals the whole model's: tests/integration/test_sharded_load.py).
     """
     config = recipe_config(recipe)  # unknown names fail here, before modelopt is touched
     import modelopt.torch.quantization as mtq
@@ -107,6 +118,7 @@ def quantize_model(model: torch.nn.Module, recipe: str,
     started = time.time()
     with rank_zero_prints():
         model = mtq.quantize(model, config, forward_loop if batches else None)
+    reshard(model)
     enabled, disabled = quantizer_counts(model)
     log.info("quantized with recipe %s (%s) in %.1f s over %d calibration batches: "
              "%d quantizers enabled, %d disabled", recipe, RECIPES[recipe], time.time() - started,

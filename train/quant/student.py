@@ -5,7 +5,8 @@
 Fresh run (no tracker file): the student loaded from STUDENT_CKPT is fake-quantized with
 quant.recipe, calibrating on quant.calibration_batches micro-batches of the training dataset
 (samples 0, 1, 2, ...: the same on every rank, so the amax does not depend on the number of
-ranks; modelopt all-reduces it with MAX anyway).
+ranks; modelopt all-reduces it with MAX anyway). Under FSDP2 the student is loaded sharded and
+quantized as laid out (train/engine.py loads_sharded); otherwise whole, before parallelize.
 
 Resume: the quantizers are re-created from the checkpoint's `quantizer_state.pt` before the
 weights are loaded; the amax values are buffers of the model's state dict (DCP, next to the
@@ -48,8 +49,11 @@ def load_quantizer_state(checkpoint_dir: str | Path) -> dict | None:
 
 def prepare_student(model: torch.nn.Module, cfg: JobConfig, resume_dir: str | None, dataset=None, layout=None,
                     recipe: str | None = None):
-    """Quantizes the single-device student (before parallelize). Returns (model, record): record
-    is what every checkpoint stores as quantizer_state.pt (None without quantization).
+    """Quantizes the student: the whole one before parallelize, or one FSDP2 has already sharded
+    (sharded loading, train/engine.py loads_sharded). Returns (model, record): record is what
+    every checkpoint stores as quantizer_state.pt (None without quantization); modelopt names
+    the quantizers without wrapper prefixes (`_checkpoint_wrapped_module.` of activation
+    checkpointing), so the record is the same either way and restores on either model.
 
     resume_dir: the checkpoint being resumed (quantizers restored, no calibration), or None.
     layout: the job's train.parallel.ParallelLayout (its TP size; None: one process, TP 1).
