@@ -162,8 +162,14 @@ launch_job() {  # JOB MODE args...
   note "run dir $RUN_DIR; $RESUME_DECISION (iteration $RESUME_ITERATION); plan $TRAIN_PLAN_FILE"
   export TRAIN_LIFELINE="$(hostname):$$"  # workers die with this shell (train/launch/lifeline.py)
   if [[ $mode == batch ]]; then
+    # a worker's `error:` line comes back here, to be printed after srun's report (train/launch/torchrun.py)
+    export TRAIN_ERROR_LINE_FILE="$RUN_DIR/logs/error_${RUN_DATETIME}.txt"
     run_forwarding_signals srun --nodes="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \
       "$LAUNCHERS_DIR/node.sh" "$job" "${TRAIN_OVERRIDES[@]}" || status=$?
+    if [[ $status -ne 0 && -f $TRAIN_ERROR_LINE_FILE ]]; then
+      status=$(head -n 1 "$TRAIN_ERROR_LINE_FILE")  # the worker's code (2), not srun's (a killed peer's)
+      tail -n +2 "$TRAIN_ERROR_LINE_FILE" >&2
+    fi
   else
     run_forwarding_signals "$LAUNCHERS_DIR/node.sh" "$job" "${TRAIN_OVERRIDES[@]}" || status=$?
   fi

@@ -144,6 +144,27 @@ def test_every_validation_rule_fails_the_job_before_any_step(slurm_workdir):
     assert not (slurm_workdir / "runs").exists()
 
 
+def test_a_failure_only_a_worker_sees_ends_the_job_with_exit_2_and_its_line_last(slurm_workdir):
+    """Another model's weights under a trained run's name: the plan resumes, the workers refuse the
+    checkpoint's shapes. Through torchrun, srun and the batch script: exit 2, the worker's one
+    `error:` line after srun's report, no traceback."""
+    root = slurm_workdir / "runs"
+    first = sbatch([str(REPO / "slurm/pretrain.sh"), "--config", "conf.d/tiny-qwen3.conf", "--",
+                    "training.train_iters=2", "checkpoint.save_interval=2"], cwd=slurm_workdir, env=job_env(root))
+    wait_for_state(first, {"COMPLETED"}, timeout_s=180)
+    other = slurm_workdir / "other-model"
+    subprocess.run([sys.executable, "-m", "train.models.random_hf", "tiny-llama3", str(other)], cwd=REPO,
+                   check=True, capture_output=True)
+    second = sbatch([str(REPO / "slurm/pretrain.sh"), "--config", "conf.d/tiny-qwen3.conf", "--",
+                     "training.train_iters=4", f"model.hf_checkpoint={other}"], cwd=slurm_workdir, env=job_env(root))
+    assert wait_for_state(second, {"FAILED"}, timeout_s=180, terminal_is_error=False) == "FAILED"
+    assert job_field(second, "ExitCode") == "2:0"
+    err = Path(job_field(second, "StdErr")).read_text().rstrip().splitlines()
+    errors = [line for line in err if line.startswith("error:")]
+    assert len(errors) == 1 and "does not match this model" in errors[0], "\n".join(err[-30:])
+    assert err[-1] == errors[0] and not any("Traceback" in line for line in err)
+
+
 def test_submit_validates_before_queueing_and_chains(slurm_workdir):
     bad = slurm_workdir / "bad.conf"
     bad.write_text("export JOB=pretrain\nexport MODEL=tiny-qwen3\nexport MBS=x\n")

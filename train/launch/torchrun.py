@@ -5,7 +5,8 @@ stops on bad input (train.launch.job.fail) leaves its `error: ...` line in torch
 error file (TORCHELASTIC_ERROR_FILE) instead of printing it; when the workers fail, this prints
 the first such line, last, once, and exits with that worker's code (2), where torchrun itself
 would exit 1 under its ChildFailedError traceback. Any other failure (a crash, a signal) keeps
-torchrun's report and exit code.
+torchrun's report and exit code. In a batch job srun reports the failed task after that, so the
+line goes to the batch script instead (TRAIN_ERROR_LINE_FILE), which prints it after srun returns.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time
 # Set for the workers: fail() records its line for this process to print instead of printing it.
 RECORD_VARIABLE = "TRAIN_ERROR_RECORD"
 RECORD_KEY = "train_exit_code"  # in the error file's extraInfo: written by fail(), not by torch's @record
+LAUNCHER_FILE_VARIABLE = "TRAIN_ERROR_LINE_FILE"  # batch jobs: the line for the launcher to print last
 
 
 def write_error_record(message: str, code: int) -> bool:
@@ -59,9 +61,27 @@ def main(argv: list[str]) -> int:
         if failure is None:
             raise
         message, code = failure
-        print(message, file=sys.stderr, flush=True)
+        if not hand_to_launcher(message, code):
+            print(message, file=sys.stderr, flush=True)
         return code
     return 0
+
+
+def hand_to_launcher(message: str, code: int) -> bool:
+    """Under srun (launchers/lib.sh sets TRAIN_ERROR_LINE_FILE): the line and code go into that file,
+    the first node's only, and the batch script prints it after srun's own `srun: error:` lines, so
+    that it is still the last line of the job's output. False without the variable."""
+    path = os.environ.get(LAUNCHER_FILE_VARIABLE)
+    if not path:
+        return False
+    try:
+        with open(path, "x") as file:  # "x": another node's worker was first
+            file.write(f"{code}\n{message}\n")
+    except FileExistsError:
+        pass
+    except OSError:
+        return False
+    return True
 
 
 if __name__ == "__main__":
