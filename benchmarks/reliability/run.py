@@ -67,7 +67,7 @@ def start_launcher(root: Path, marker: str, iters: int) -> subprocess.Popen:
 
 
 def kill(launcher: subprocess.Popen, marker: str, target: str) -> int | None:
-    """SIGKILL to the launcher's group, torchrun, node.sh or the rank-1 worker; the pid killed."""
+    """SIGKILL to the launcher's group, torchrun, node.sh or one worker (the newest pid); the pid killed."""
     if target == "group":
         os.killpg(launcher.pid, signal.SIGKILL)
         return launcher.pid

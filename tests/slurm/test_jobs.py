@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -111,6 +112,54 @@ def test_usr2_saves_requeues_and_the_job_finishes(slurm_workdir):
     assert len(runs) == 2 and runs[0][-1] == first_stop["iteration"] < 60
     assert runs[1] == list(range(first_stop["iteration"] + 1, 61))
     assert "requeueing job" in (slurm_workdir / f"err_pretrain_{job}.log").read_text()
+
+
+def job_workers(job: int) -> dict[int, str]:
+    """{pid: command line} of the job's training processes (torchrun's workers) on this machine."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and f"SLURM_JOB_ID={job}\0".encode() in (proc / "environ").read_bytes():
+                command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                if "-m train.pretrain" in command and "torchrun" not in command:
+                    found[int(proc.name)] = command
+        except OSError:
+            continue
+    return found
+
+
+def test_usr1_dumps_stacks_and_a_stopped_worker_ends_the_job_with_its_line_last(slurm_workdir):
+    """scancel --signal=USR1 --batch: every worker appends its Python stacks and trains on. Then one
+    worker stopped: the job ends FAILED, ExitCode 5:0 (the hang), one `error:` line naming the rank, last."""
+    root = slurm_workdir / "runs"
+    job = sbatch([str(REPO / "slurm/pretrain.sh"), "--config", "tiny-qwen3", "--", "training.train_iters=100000",
+                  "checkpoint.save_interval=100000", "DIST_TIMEOUT_S=20"], cwd=slurm_workdir, env=job_env(root))
+    log = slurm_workdir / f"pretrain_{job}.log"
+    deadline = time.time() + 120
+    while not (log.is_file() and "iter 3 |" in log.read_text()):
+        assert time.time() < deadline and job_state(job) in {"PENDING", "RUNNING", "CONFIGURING"}, job_state(job)
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", str(job)], check=True)
+    stacks = [root / RUN / "logs" / f"stacks_{name}" for name in ("*_rank0.txt", "*_rank1.txt")]
+    deadline = time.time() + 60
+    while not all(any("train/trainer.py" in f.read_text() for f in path.parent.glob(path.name)) for path in stacks):
+        assert time.time() < deadline, "no stacks from both ranks after USR1"
+        time.sleep(0.5)
+    assert job_state(job) == "RUNNING"  # USR1 stopped nothing
+    workers = job_workers(job)
+    assert len(workers) == 2, workers
+    stopped = max(workers)
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        assert wait_for_state(job, {"FAILED"}, timeout_s=120, terminal_is_error=False) == "FAILED"
+    finally:
+        for pid in job_workers(job):
+            os.kill(pid, signal.SIGKILL)
+    assert job_field(job, "ExitCode") == "5:0"
+    err = Path(job_field(job, "StdErr")).read_text().rstrip().splitlines()
+    errors = [line for line in err if line.startswith("error:")]
+    assert len(errors) == 1 and f"pid {stopped};" in errors[0] and "stopped responding" in errors[0], err[-30:]
+    assert err[-1] == errors[0]
 
 
 BAD = {
