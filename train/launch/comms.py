@@ -29,8 +29,10 @@ HF config.json). Per optimizer step of `accumulation` micro-batches of MBS x SEQ
 
 Ring cost per rank (NCCL's rings; n ranks, payload B: the whole reduced or gathered tensor):
 all-reduce 2 (n-1)/n B, all-gather and reduce-scatter (n-1)/n B, all-to-all (n-1)/n B (even routing).
-Left out: scalars (the loss-token count, the gradient norm), DDP's start-up broadcast and its
-broadcast of the model's buffers (the rope cache) once per step.
+Left out: scalars (the loss-token count, the gradient norm), Qwen3's q_norm/k_norm weight
+gradients under TP (head_dim elements), DDP's start-up broadcast and its broadcast of the model's
+buffers (the rope cache) once per step. Checked against gloo's bytes (tests/integration/
+test_comm_volume.py): gloo runs reduce-scatter as an all-reduce and adds a header to each message.
 
 Time: bytes / the bandwidth of the group's slowest link: INTRA_NODE_GBPS (NVLink, default 450
 GB/s per GPU and direction, H100/H200 NVLink4) inside a node, INTER_NODE_GBPS (default 50: 400
