@@ -1,8 +1,9 @@
 """The scaling plan against a real CPU step: `python benchmarks/scaling/run.py`.
 
-2 and 4 CPU processes (torchrun, gloo, one thread each), DDP, FSDP2 (fsdp) and fsdp_zero2, one
-optimizer step of 4 accumulated micro-batches of 1 x 512 tokens of tiny-llama3 (1.3M
-parameters, fp32), through tests/integration/comm_volume_worker.py:
+2 and 4 CPU processes (torchrun, gloo, one thread each), one optimizer step of 4 accumulated
+micro-batches of 1 x 512 tokens in fp32, through tests/integration/comm_volume_worker.py: DDP,
+FSDP2 (fsdp) and fsdp_zero2 of tiny-llama3 (1.3M parameters), TP 2 of it on 2 processes and
+TP 2 x FSDP2 2 on 4, EP 2 of tiny-qwen3-moe (8 experts, top-2) with DDP on 2:
 - bytes: what each rank sent in one step (/proc/self/io wchar: gloo's sockets) against the
   plan's (train/launch/comms.py), the plan's reduce-scatter counted as the all-reduce gloo
   runs instead (NCCL's ring reduce-scatter sends half of that);
@@ -27,7 +28,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO), str(REPO / "tests" / "integration")]  # run from anywhere without installing
 
-MODEL, SEQ_LEN, ACCUMULATION = "tiny-llama3", 512, 4
+SEQ_LEN, ACCUMULATION = 512, 4
+DP_STRATEGIES = ("ddp", "fsdp", "fsdp_zero2")
+# (processes, model, TP, EP, strategies)
+CASES = [(2, "tiny-llama3", 1, 1, DP_STRATEGIES), (4, "tiny-llama3", 1, 1, DP_STRATEGIES),
+         (2, "tiny-llama3", 2, 1, ("ddp",)), (4, "tiny-llama3", 2, 1, ("fsdp",)),
+         (2, "tiny-qwen3-moe", 1, 2, ("ddp",))]
 
 
 def matmul_peak(size: int = 1024, repeats: int = 5) -> float:
@@ -47,13 +53,14 @@ def timed(run) -> float:
     return time.perf_counter() - start
 
 
-def measured(processes: int, steps: int) -> dict:
+def measured(case: tuple, steps: int) -> dict:
+    processes, model, tp, ep, strategies = case
     with tempfile.TemporaryDirectory() as directory:
         result = Path(directory) / "result.json"
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
-                        str(REPO / "tests" / "integration" / "comm_volume_worker.py"), str(result), MODEL,
-                        str(SEQ_LEN), str(ACCUMULATION), str(steps)],
+                        str(REPO / "tests" / "integration" / "comm_volume_worker.py"), str(result), model,
+                        str(SEQ_LEN), str(ACCUMULATION), str(steps), str(tp), str(ep), ",".join(strategies)],
                        check=True, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return json.loads(result.read_text())
 
@@ -68,30 +75,39 @@ def main() -> None:
     from train.models.registry import flops_per_token, get_model_args
 
     peak = matmul_peak()
-    flops_per_rank = flops_per_token(get_model_args(MODEL), SEQ_LEN) * SEQ_LEN * ACCUMULATION
-    runs = {processes: measured(processes, args.steps) for processes in map(int, args.processes.split(","))}
-    print(f"{MODEL}, {ACCUMULATION} micro-batches of 1 x {SEQ_LEN} tokens a step, fp32, gloo; "
+    wanted = set(map(int, args.processes.split(",")))
+    runs = {case: measured(case, args.steps) for case in CASES if case[0] in wanted}
+    print(f"{ACCUMULATION} micro-batches of 1 x {SEQ_LEN} tokens a step, fp32, gloo; "
           f"CPU peak (one thread, fp32 matmul): {peak / 1e9:.1f} GFLOP/s; os.cpu_count() {os.cpu_count()}\n")
-    print("| processes | strategy | planned MB/rank (NCCL ring) | planned MB/rank (gloo) | sent MB/rank, mean (min-max) "
-          "| sent / planned |")
-    print("|---|---|---|---|---|---|")
-    for processes, results in runs.items():
+    print("| processes | model | layout | planned MB/rank (NCCL ring) | planned MB/rank (gloo) "
+          "| sent MB/rank, mean (min-max) | sent / planned |")
+    print("|---|---|---|---|---|---|---|")
+    for (processes, model, tp, ep, _), results in runs.items():
         for strategy, result in results.items():
-            shape = StepShape(1, 1, processes, strategy, SEQ_LEN, ACCUMULATION, 4, 4, 4, False)
-            ring = sum(c.bytes_per_rank for c in step_collectives(get_model_args(MODEL), shape))
-            gloo = planned_gloo_bytes(MODEL, SEQ_LEN, ACCUMULATION, strategy, processes)
+            shape = StepShape(tp, ep, processes // tp, strategy, SEQ_LEN, ACCUMULATION, 4, 4, 4, False)
+            ring = sum(c.bytes_per_rank for c in step_collectives(get_model_args(model), shape))
+            gloo = planned_gloo_bytes(model, SEQ_LEN, ACCUMULATION, strategy, processes, tp=tp, ep=ep)
             sent = result["sent_bytes"]
             mean = statistics.mean(sent)
-            print(f"| {processes} | {strategy} | {ring / 1e6:.2f} | {gloo / 1e6:.2f} | {mean / 1e6:.2f} "
-                  f"({min(sent) / 1e6:.2f}-{max(sent) / 1e6:.2f}) | {mean / gloo:.3f} |")
-    print("\n| processes | strategy | measured step s | planned compute s at MFU 1 | planned / measured (MFU) |")
-    print("|---|---|---|---|---|")
-    for processes, results in runs.items():
+            print(f"| {processes} | {model} | {layout(tp, ep, processes, strategy)} | {ring / 1e6:.2f} | "
+                  f"{gloo / 1e6:.2f} | {mean / 1e6:.2f} ({min(sent) / 1e6:.2f}-{max(sent) / 1e6:.2f}) | {mean / gloo:.3f} |")
+    print("\n| processes | model | layout | measured step s | planned compute s at MFU 1 | planned / measured (MFU) |")
+    print("|---|---|---|---|---|---|")
+    for (processes, model, tp, ep, _), results in runs.items():
+        compute = flops_per_token(get_model_args(model), SEQ_LEN) * SEQ_LEN * ACCUMULATION / tp / peak
         for strategy, result in results.items():
-            compute = flops_per_rank / peak
-            print(f"| {processes} | {strategy} | {result['step_s']:.3f} | {compute:.3f} | "
-                  f"{compute / result['step_s']:.2f} |")
+            print(f"| {processes} | {model} | {layout(tp, ep, processes, strategy)} | {result['step_s']:.3f} | "
+                  f"{compute:.3f} | {compute / result['step_s']:.2f} |")
 
+
+def layout(tp: int, ep: int, processes: int, strategy: str) -> str:
+    """"fsdp", "TP 2", "TP 2 x fsdp 2", "EP 2 (ddp 2)": what splits the model."""
+    dp = processes // tp
+    if ep > 1:
+        return f"EP {ep} ({strategy} {dp})"
+    if tp > 1:
+        return f"TP {tp}" + (f" x {strategy} {dp}" if dp > 1 else "")
+    return strategy
 
 if __name__ == "__main__":
     main()

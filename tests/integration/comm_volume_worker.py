@@ -1,7 +1,8 @@
-"""torchrun --nproc-per-node=N tests/integration/comm_volume_worker.py RESULT.json MODEL SEQ ACCUMULATION STEPS
+"""torchrun --nproc-per-node=N tests/integration/comm_volume_worker.py RESULT.json MODEL SEQ ACCUMULATION STEPS [TP EP STRATEGIES]
 
 Bytes each rank sends in one optimizer step, as the trainer takes it (train.trainer.accumulate_gradients
-and AdamW), for DP_SHARDING ddp, fsdp and fsdp_zero2 on gloo: the `wchar` of /proc/self/io, which
+and AdamW), for DP_SHARDING ddp, fsdp and fsdp_zero2 (STRATEGIES, comma-separated; default all
+three) under TP_SIZE=TP and EP_SIZE=EP (default 1) on gloo: the `wchar` of /proc/self/io, which
 counts every byte the process writes, gloo's sockets included (nothing else writes during a step),
 between two barriers. Then the median seconds of STEPS steps. Rank 0 writes
 {strategy: {"sent_bytes": [per rank], "step_s": s}} to RESULT.json (tests/integration/test_comm_volume.py,
@@ -34,26 +35,29 @@ def sent_bytes() -> int:
         return next(int(line.split()[1]) for line in io if line.startswith("wchar:"))
 
 
-def planned_gloo_bytes(model_name: str, seq_len: int, accumulation: int, strategy: str, processes: int) -> float:
+def planned_gloo_bytes(model_name: str, seq_len: int, accumulation: int, strategy: str, processes: int,
+                       tp: int = 1, ep: int = 1) -> float:
     """The plan's bytes per rank for one step of `accumulation` micro-batches of 1 x seq_len, fp32,
     gloo's reduce-scatter counted as the all-reduce of the whole gradient that gloo runs instead."""
-    shape = StepShape(tp=1, ep=1, dp=processes, strategy=strategy, tokens=seq_len, accumulation=accumulation,
+    shape = StepShape(tp=tp, ep=ep, dp=processes // tp, strategy=strategy, tokens=seq_len, accumulation=accumulation,
                       param_bytes=4, act_bytes=4, gather_bytes=4, checkpointing=False)
     total = 0.0
     for collective in step_collectives(get_model_args(model_name), shape):
         kind = "all_reduce" if collective.kind == "reduce_scatter" else collective.kind
-        total += collective.times * collective.payload_bytes * RING_FACTOR[kind](processes)
+        total += collective.times * collective.payload_bytes * RING_FACTOR[kind](collective.ranks)
     return total
 
 
-def measure(strategy: str, model_name: str, seq_len: int, accumulation: int, steps: int) -> dict:
+def measure(strategy: str, model_name: str, seq_len: int, accumulation: int, steps: int, tp: int, ep: int) -> dict:
     world, rank = dist.get_world_size(), dist.get_rank()
-    mesh = build_mesh(world, 1)
-    layout = ParallelLayout(world, rank, 1, 1, "cpu", mesh)
-    model = parallelize(fresh_model(model_name), parallel_cfg(data_parallel=strategy), mesh, "cpu")
+    mesh = build_mesh(world, tp, ep=ep)
+    layout = ParallelLayout(world, rank, tp, ep, "cpu", mesh)
+    cfg = parallel_cfg(data_parallel=strategy, tensor_parallel_size=tp, expert_parallel_size=ep)
+    model = parallelize(fresh_model(model_name), cfg, mesh, "cpu")
     optimizer = build_optimizer(model, optim_cfg())
     vocab = fresh_model(model_name).args.vocab_size
-    tokens = torch.randint(0, vocab, (accumulation, 1, seq_len + 1), generator=torch.Generator().manual_seed(rank))
+    seed = rank // tp  # the TP ranks of a data-parallel rank read the same tokens
+    tokens = torch.randint(0, vocab, (accumulation, 1, seq_len + 1), generator=torch.Generator().manual_seed(seed))
     micro_batches = [(t[:, :-1], t[:, 1:], torch.ones(1, seq_len)) for t in tokens]
 
     def step() -> None:
@@ -82,10 +86,12 @@ def measure(strategy: str, model_name: str, seq_len: int, accumulation: int, ste
 
 def main() -> None:
     result_path, model_name, seq_len, accumulation, steps = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])
+    tp, ep = map(int, sys.argv[6:8]) if len(sys.argv) > 6 else (1, 1)
+    strategies = sys.argv[8].split(",") if len(sys.argv) > 8 else STRATEGIES
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     dist.init_process_group("gloo")
     torch.manual_seed(0)
-    results = {strategy: measure(strategy, model_name, seq_len, accumulation, steps) for strategy in STRATEGIES}
+    results = {strategy: measure(strategy, model_name, seq_len, accumulation, steps, tp, ep) for strategy in strategies}
     if dist.get_rank() == 0:
         with open(result_path, "w") as f:
             json.dump(results, f, indent=1)

@@ -66,13 +66,20 @@ def test_fsdp_gathers_and_reduce_scatters_every_micro_batch_zero2_reduces_once()
 
 
 def test_tensor_parallel_all_reduces_activations_per_block_and_pass():
+    """Dense blocks: 2 in forward (again when recomputed), 5 in backward (q, k, v, gate, up_proj's
+    input gradients); MoE blocks only their attention's: 1 and 3."""
     tp = by_name(step_collectives(DENSE, shape(tp=8, dp=1, accumulation=2)))
     assert "gradients" not in tp  # one data-parallel rank
-    blocks = tp["block activations"]
-    assert blocks.payload_bytes == 2 * DENSE.num_layers * 4096 * DENSE.hidden_size * 2
-    assert blocks.times == 3 * 2  # forward, backward, recomputed forward; 2 micro-batches
+    row = 4096 * DENSE.hidden_size * 2  # MBS x SEQ x hidden, bf16
+    forward, backward = tp["block activations (forward)"], tp["block activations (backward)"]
+    assert forward.payload_bytes == 2 * DENSE.num_layers * row and forward.times == 2 * 2  # + recomputed; 2 micro-batches
+    assert backward.payload_bytes == 5 * DENSE.num_layers * row and backward.times == 2
     no_recompute = by_name(step_collectives(DENSE, shape(tp=8, dp=1, accumulation=2, checkpointing=False)))
-    assert no_recompute["block activations"].times == 2 * 2
+    assert no_recompute["block activations (forward)"].times == 2
+    moe = by_name(step_collectives(MOE, shape(tp=8, dp=1, accumulation=2)))
+    moe_row = 4096 * MOE.hidden_size * 2  # every layer a MoE layer
+    assert moe["block activations (forward)"].payload_bytes == MOE.num_layers * moe_row
+    assert moe["block activations (backward)"].payload_bytes == 3 * MOE.num_layers * moe_row
 
 
 def test_expert_parallel_moves_routed_tokens_and_reduces_experts_over_their_replicas():

@@ -14,9 +14,13 @@ HF config.json). Per optimizer step of `accumulation` micro-batches of MBS x SEQ
                   reduce-scatters the gradients (train/trainer.py sync_every_micro_batch)
     fsdp_zero2    every micro-batch all-gathers the blocks and root once (they stay gathered
                   through backward, then are resharded); one reduce-scatter per step
-    tp            per block 2 all-reduces of MBS x SEQ x hidden in forward (o_proj, down_proj),
-                  2 in backward (the colwise inputs' gradients), 2 more recomputed under activation
-                  checkpointing; the embedding's output, lm_head's input gradient, its logits gathered
+    tp            all-reduces of MBS x SEQ x hidden (train/parallel/tensor_parallel.py): per dense
+                  block 2 in forward (o_proj's and down_proj's partial sums), again when recomputed
+                  under activation checkpointing, and in backward one per colwise Linear (each
+                  all-reduces its own input gradient: q, k, v_proj, gate and up_proj, GPT-2 no gate:
+                  5 or 4, not Megatron's 2 of fused QKV and gate-up); a MoE block only its attention's
+                  (1 forward, 3 backward: the MoE runs replicated); the embedding's output, lm_head's
+                  input gradient, its logits gathered
     ep            per MoE layer an all-to-all of the routed rows (top-k x hidden) to the experts and
                   one back, in forward and in backward; expert gradients all-reduced over the
                   ranks holding the same experts (edp) once per step
@@ -25,8 +29,10 @@ HF config.json). Per optimizer step of `accumulation` micro-batches of MBS x SEQ
 
 Ring cost per rank (NCCL's rings; n ranks, payload B: the whole reduced or gathered tensor):
 all-reduce 2 (n-1)/n B, all-gather and reduce-scatter (n-1)/n B, all-to-all (n-1)/n B (even routing).
-Left out: scalars (the loss-token count, the gradient norm), DDP's start-up broadcast and its
-broadcast of the model's buffers (the rope cache) once per step.
+Left out: scalars (the loss-token count, the gradient norm), Qwen3's q_norm/k_norm weight
+gradients under TP (head_dim elements), DDP's start-up broadcast and its broadcast of the model's
+buffers (the rope cache) once per step. Checked against gloo's bytes (tests/integration/
+test_comm_volume.py): gloo runs reduce-scatter as an all-reduce and adds a header to each message.
 
 Time: bytes / the bandwidth of the group's slowest link: INTRA_NODE_GBPS (NVLink, default 450
 GB/s per GPU and direction, H100/H200 NVLink4) inside a node, INTER_NODE_GBPS (default 50: 400
@@ -136,6 +142,16 @@ def gradient_collectives(groups: dict[str, int], shape: StepShape, trainable: fl
     return out
 
 
+def tensor_parallel_all_reduces(args) -> tuple[int, int]:
+    """All-reduces of (MBS, SEQ, hidden) over all blocks in one forward and one backward: rowwise
+    outputs in forward, colwise input gradients in backward (one per colwise Linear)."""
+    dense_layers = sum(not args.is_moe_layer(i) for i in range(args.num_layers))
+    mlp_colwise = 1 if args.family == "gpt2" else 2  # up_proj (and gate_proj)
+    forward = args.num_layers + dense_layers  # o_proj in every block, down_proj in dense ones
+    backward = 3 * args.num_layers + mlp_colwise * dense_layers  # q, k, v_proj; the MLP's colwise
+    return forward, backward
+
+
 def activation_collectives(args, shape: StepShape, *, forward_only: bool, prefix: str = "") -> list[Collective]:
     """TP's activation all-reduces and logits gather, EP's all-to-alls, over one step's micro-batches."""
     out = []
@@ -143,8 +159,12 @@ def activation_collectives(args, shape: StepShape, *, forward_only: bool, prefix
     token_row = shape.tokens * args.hidden_size * shape.act_bytes  # MBS x SEQ x hidden
     if shape.tp > 1:
         tp, times = shape.tp, shape.accumulation
-        out.append(Collective(f"{prefix}block activations", "all_reduce", "tp", tp, tp,
-                              2 * args.num_layers * token_row, passes * times))
+        forward, backward = tensor_parallel_all_reduces(args)
+        out.append(Collective(f"{prefix}block activations (forward)", "all_reduce", "tp", tp, tp,
+                              forward * token_row, times * (2 if shape.checkpointing and not forward_only else 1)))
+        if not forward_only:
+            out.append(Collective(f"{prefix}block activations (backward)", "all_reduce", "tp", tp, tp,
+                                  backward * token_row, times))
         edges = 1 if forward_only else 2  # the embedding's output; lm_head's input gradient
         out.append(Collective(f"{prefix}embedding and lm_head activations", "all_reduce", "tp", tp, tp,
                               token_row, edges * times))
