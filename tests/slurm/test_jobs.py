@@ -93,15 +93,21 @@ def test_interactive_launcher_through_srun(local_cluster, tmp_path):
     assert (checkpoints(root) / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
 
 
-def test_usr2_saves_requeues_and_the_job_finishes(slurm_workdir):
-    root = slurm_workdir / "runs"
-    job = sbatch(["--nodes=2", str(REPO / "slurm/pretrain.sh"), "--config", "tiny-qwen3", "--",
-                  "training.train_iters=60", "checkpoint.save_interval=1000"], cwd=slurm_workdir, env=job_env(root))
-    log = slurm_workdir / f"pretrain_{job}.log"
+def training_job(workdir: Path, sbatch_options: list[str], overrides: list[str]) -> int:
+    """A tiny-qwen3 pretraining job into workdir/runs, once it has logged iteration 3."""
+    job = sbatch([*sbatch_options, str(REPO / "slurm/pretrain.sh"), "--config", "tiny-qwen3", "--", *overrides],
+                 cwd=workdir, env=job_env(workdir / "runs"))
+    log = workdir / f"pretrain_{job}.log"
     deadline = time.time() + 120
     while not (log.is_file() and "iter 3 |" in log.read_text()):
         assert time.time() < deadline and job_state(job) in {"PENDING", "RUNNING", "CONFIGURING"}, job_state(job)
         time.sleep(0.2)
+    return job
+
+
+def test_usr2_saves_requeues_and_the_job_finishes(slurm_workdir):
+    root = slurm_workdir / "runs"
+    job = training_job(slurm_workdir, ["--nodes=2"], ["training.train_iters=60", "checkpoint.save_interval=1000"])
     subprocess.run(["scancel", "--batch", "--signal=USR2", str(job)], check=True)
     wait_for_state(job, {"COMPLETED"}, timeout_s=240, terminal_is_error=False)
     assert job_field(job, "Restarts") == "1"
@@ -132,13 +138,8 @@ def test_usr1_dumps_stacks_and_a_stopped_worker_ends_the_job_with_its_line_last(
     """scancel --signal=USR1 --batch: every worker appends its Python stacks and trains on. Then one
     worker stopped: the job ends FAILED, ExitCode 5:0 (the hang), one `error:` line naming the rank, last."""
     root = slurm_workdir / "runs"
-    job = sbatch([str(REPO / "slurm/pretrain.sh"), "--config", "tiny-qwen3", "--", "training.train_iters=100000",
-                  "checkpoint.save_interval=100000", "DIST_TIMEOUT_S=20"], cwd=slurm_workdir, env=job_env(root))
-    log = slurm_workdir / f"pretrain_{job}.log"
-    deadline = time.time() + 120
-    while not (log.is_file() and "iter 3 |" in log.read_text()):
-        assert time.time() < deadline and job_state(job) in {"PENDING", "RUNNING", "CONFIGURING"}, job_state(job)
-        time.sleep(0.2)
+    job = training_job(slurm_workdir, [], ["training.train_iters=100000", "checkpoint.save_interval=100000",
+                                           "DIST_TIMEOUT_S=20"])
     subprocess.run(["scancel", "--batch", "--signal=USR1", str(job)], check=True)
     stacks = [root / RUN / "logs" / f"stacks_{name}" for name in ("*_rank0.txt", "*_rank1.txt")]
     deadline = time.time() + 60
