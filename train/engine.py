@@ -67,13 +67,14 @@ def sharded_job_model(cfg: JobConfig, ctx):
 
 def loads_sharded(job: str, cfg: JobConfig, ctx, layout: ParallelLayout) -> bool:
     """Whether the model comes from HF weights read in parts by each rank (sharded_job_model):
-    pretraining always; the QAD student when FSDP2 shards it (TP 1, EP 1), then quantized and
-    calibrated as laid out (train/quant/student.py). The LoRA base, and the student under
-    DDP/zero1 (replicated anyway), TP or EP, load whole and are quantized before parallelize."""
+    pretraining always; the QAD student when FSDP2 shards it (TP 1, any EP), then quantized and
+    calibrated as laid out (train/quant/student.py; under EP each rank calibrates its experts on
+    the rows routed to them). The LoRA base, and the student under DDP/zero1 (replicated anyway)
+    or TP, load whole and are quantized before parallelize."""
     if not cfg.model.hf_checkpoint or ctx.plan.resume.decision == "from_scratch":
         return False
     fsdp = layout.dp_size > 1 and cfg.parallel.data_parallel in ("fsdp", "fsdp_zero2")
-    return job == "pretrain" or (job == "qad" and fsdp and layout.tp == 1 and layout.ep == 1)
+    return job == "pretrain" or (job == "qad" and fsdp and layout.tp == 1)
 
 
 def add_adapters(model, cfg: JobConfig, ctx, dataset, layout: ParallelLayout):
@@ -107,7 +108,7 @@ def run_job(job: str, cfg: JobConfig, loss_fn=None, make_loss_fn=None) -> str:
     materialize = None  # from HF weights: loaded by parallelize, each rank its part
     if sharded:
         model, materialize = sharded_job_model(cfg, ctx)
-    else:  # a LoRA base; a student on one process or under DDP, TP, EP: whole, quantized first
+    else:  # a LoRA base; a student on one process or under DDP, TP: whole, quantized first
         model = build_job_model(cfg, ctx)
     vocab_size = model.args.vocab_size
     dataset = build_train_dataset(cfg, ctx, vocab_size)

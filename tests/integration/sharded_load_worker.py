@@ -150,24 +150,47 @@ def case_fsdp_shares_bytes():
     assert mine == whole, (int(mine), whole)
 
 
-def case_fsdp_student_calibrated_like_whole():
-    """The QAD job's path under FSDP2 (train/engine.py loads_sharded), without the job: a student loaded
-    sharded under FSDP2, then fake-quantized (nvfp4) and calibrated as laid out, gets every amax
-    of the whole student calibrated in one process, and its logits."""
+def assert_calibrated_like_whole(kind: str, quantizer_count: int, exact: bool, **parallel) -> dict:
+    """The QAD job's path (train/engine.py loads_sharded), without the job: a student loaded sharded,
+    then fake-quantized (nvfp4) and calibrated as laid out, gets every amax of the whole student
+    calibrated in one process on the same batches, and its logits."""
     from train.parallel.tensor_parallel import quantizers
     from train.quant.recipes import quantize_model
 
-    path = checkpoint("qwen3", torch.bfloat16)
+    path = checkpoint(kind, torch.bfloat16)
     batches = [torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(5))]
     reference = quantize_model(load_hf(path, torch.float32), "nvfp4", batches)
-    model = quantize_model(sharded(path, ParallelConfig(data_parallel="fsdp")), "nvfp4", batches)
+    model = quantize_model(sharded(path, ParallelConfig(**parallel)), "nvfp4", batches)
     expected = {n: q._amax for n, q in quantizers(reference) if hasattr(q, "_amax")}
     amax = {our_name(n): q._amax for n, q in quantizers(model) if hasattr(q, "_amax")}
-    assert amax.keys() == expected.keys() and len(amax) == 28, sorted(amax.keys() ^ expected.keys())
+    assert amax.keys() == expected.keys(), sorted(amax.keys() ^ expected.keys())
+    assert len(amax) == quantizer_count, len(amax)
     for name, value in amax.items():
-        assert torch.equal(value, expected[name]), (name, value, expected[name])
+        if exact:
+            assert torch.equal(value, expected[name]), (name, value, expected[name])
+        else:
+            torch.testing.assert_close(value, expected[name], rtol=1e-6, atol=0, msg=name)
     with torch.no_grad():
-        assert torch.equal(model(batches[0]), reference(batches[0]))
+        logits, whole = model(batches[0]), reference(batches[0])
+    if exact:
+        assert torch.equal(logits, whole)
+    else:
+        torch.testing.assert_close(logits, whole, rtol=1e-5, atol=1e-5)
+    return amax
+
+
+def case_fsdp_student_calibrated_like_whole():
+    """FSDP2: bit-identical amax and logits."""
+    assert_calibrated_like_whole("qwen3", 28, exact=True, data_parallel="fsdp")
+
+
+def case_ep2_fsdp_student_calibrated_like_whole():
+    """EP 2 x FSDP2 (qwen3-moe, 4 experts): each rank calibrates its 2 experts on the rows routed
+    to them from both ranks; modelopt's MAX all-reduce of every amax makes a layer's expert
+    quantizers (one per grouped GEMM) cover all 4 experts, as in the whole student."""
+    amax = assert_calibrated_like_whole("qwen3-moe", 26, exact=False, expert_parallel_size=2, data_parallel="fsdp")
+    experts = sorted(name for name in amax if ".experts." in name)
+    assert len(experts) == 4, experts  # its MoE layer: gate_up/down x input/weight
 
 
 def case_teacher_fsdp_bf16():

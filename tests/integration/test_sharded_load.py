@@ -4,9 +4,10 @@ Sharded loading (train/parallel/sharded_load.py) against load_hf's whole model, 
 tests/integration/sharded_load_worker.py, 2 processes: DDP and FSDP2 (tied embeddings, GPT-2's
 fused q/k/v, Qwen3-Next), TP 2, EP 2 (MoE, FSDP2 and DDP), a bf16 checkpoint into fp32 parameters, each
 rank's share of the bytes, the QAD teacher (train.qad.build_teacher), a student calibrated
-after an FSDP2 sharded load (the whole student's amax); 4 processes: TP 2 x FSDP2,
+after an FSDP2 or EP 2 x FSDP2 sharded load (the whole student's amax); 4 processes: TP 2 x FSDP2,
 TP 2 x EP 2 x FSDP2; train.pretrain from an HF checkpoint; train.qad with the student loaded
-sharded under FSDP2 (losses, amax, resume, hf-nvfp4 export). The memory
+sharded under FSDP2 (losses, amax, resume, hf-nvfp4 export) and under EP 2 x FSDP2 (losses,
+amax). The memory
 per rank at 1.6 GB: benchmarks/load_memory/run.py (docs/benchmarks.md#load-memory).
 """
 
@@ -16,7 +17,7 @@ from tests.integration.test_parallel import pretrain, run_worker
 
 CASES = ["ddp_qwen3_tied", "fsdp_qwen3_tied", "fsdp_gpt2", "fsdp_qwen3_next", "tp2_qwen3", "tp2_gpt2",
          "ep2_fsdp_moe", "ep2_ddp_moe", "bf16_checkpoint_into_fp32", "fsdp_shares_bytes", "teacher_fsdp_bf16",
-         "fsdp_student_calibrated_like_whole"]
+         "fsdp_student_calibrated_like_whole", "ep2_fsdp_student_calibrated_like_whole"]
 
 
 @pytest.fixture(scope="module")
@@ -125,3 +126,38 @@ def test_qad_student_loaded_sharded_under_fsdp_matches_one_process_resumes_and_e
                             text=True, timeout=300)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     assert (out / "config.json").is_file() and list(out.glob("*.safetensors"))
+
+
+@pytest.mark.slow
+def test_qad_moe_student_loaded_sharded_under_ep2_matches_one_process(tmp_path):
+    """`torchrun -m train.qad parallel.expert_parallel_size=2` (x FSDP2), tiny-qwen3-moe: each rank
+    reads its part (its 2 of the 4 experts), then quantizes and calibrates its experts on the rows
+    routed to them; the losses and every amax (experts included) equal one process's."""
+    import json
+
+    import torch
+
+    from tests.integration.test_qad import qad
+    from train.models import build_model, init_weights, save_hf
+
+    models = tmp_path / "models"
+    for name, seed in (("student", 1), ("teacher", 2)):
+        save_hf(init_weights(build_model("tiny-qwen3-moe", device="cpu"), seed), models / name)
+    args = ["model.name=tiny-qwen3-moe", "distill.teacher_model=tiny-qwen3-moe", "training.train_iters=2",
+            "checkpoint.save_interval=2"]
+    qad(tmp_path / "one", models, "20260101_000001", *args)
+    two = qad(tmp_path / "two", models, "20260101_000001", *args, "parallel.expert_parallel_size=2",
+              "parallel.data_parallel=fsdp", procs=2)
+    assert "each rank reads its part" in two.stdout + two.stderr and "x ep 2" in two.stdout + two.stderr
+    run = "tiny-qwen3-moe-Teacher-tiny-qwen3-moe-Data-synthetic-lr0.0001"
+    one_losses, two_losses = ([json.loads(line)["loss"] for line in path.read_text().splitlines()]
+                              for path in (next((tmp_path / root / run / "logs").glob("*.jsonl"))
+                                           for root in ("one", "two")))
+    assert len(two_losses) == 2 and two_losses == pytest.approx(one_losses, rel=1e-4)
+
+    final = {root: tmp_path / root / run / "checkpoints" / "tiny-qwen3-moe" / "iter_0000002" for root in ("one", "two")}
+    whole, sharded = checkpoint_amax(final["one"]), checkpoint_amax(final["two"])
+    assert sharded.keys() == whole.keys(), sorted(sharded.keys() ^ whole.keys())
+    assert len([name for name in whole if ".experts." in name]) == 12, sorted(whole)  # 3 MoE layers x 4
+    for name, value in sharded.items():
+        torch.testing.assert_close(value, whole[name], rtol=1e-6, atol=0, msg=name)

@@ -130,14 +130,9 @@ def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, edp_mesh: Devic
             setattr(experts, name, nn.Parameter(local, requires_grad=parameter.requires_grad))
             names.add(state_dict_name(f"{layer_name}.experts.{name}"))
         experts.num_experts = moe.num_experts // ep
-
-        def forward(rows, tokens_per_expert, experts=experts):
-            # the class's forward over the local experts, looked up per call: quantization
-            # (modelopt) may swap the class after this
-            local = functools.partial(type(experts).forward, experts)
-            return dispatch_and_combine(rows, tokens_per_expert, local, group)
-
-        experts.forward = forward  # module names and state-dict keys unchanged
+        # the experts module is called as it is (its class's forward over the local experts, the
+        # quantized one if modelopt converts it before or after this): no patched forward
+        moe.expert_dispatch = functools.partial(dispatch_and_combine, group=group)
     model.expert_parallel = ExpertParallelState(ep_mesh, edp_mesh, data_parallel_size, names)
     return model
 

@@ -14,6 +14,9 @@ router (mlp.gate, an nn.Linear) stays out through modelopt's default '*mlp.gate.
 Unlike modelopt's HF wrapper (one weight quantizer per expert), one quantizer covers all the
 experts of a layer: one fake-quant call per GEMM, no Python loop over experts; NVFP4 scales
 are per 16-element block either way, only the per-tensor (second-level) amax is shared.
+Under expert parallelism the module holds the E/EP local experts and the all-to-all stays in
+MoE.expert_dispatch, so quantizing before or after apply_expert_parallel both work; modelopt's
+MAX all-reduce of the amax over the ranks then covers all E experts.
 """
 
 from __future__ import annotations

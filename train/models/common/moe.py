@@ -112,6 +112,10 @@ class MoE(nn.Module):
             self.shared_expert_gate = nn.Linear(dim, 1, bias=False, **factory)
         else:
             self.shared_expert = self.shared_expert_gate = None
+        # expert parallelism (train/parallel/expert_parallel.py) sets the exchange that runs the
+        # rows through experts on other ranks: (rows, tokens_per_expert (E,), local experts) -> rows.
+        # Here, not a patched experts.forward: quantization (modelopt) rebinds that to its class's.
+        self.expert_dispatch = None
         self.balance_stats: tuple[torch.Tensor, torch.Tensor] | None = None
         self.aux_loss: torch.Tensor | None = None
 
@@ -153,7 +157,9 @@ class MoE(nn.Module):
     def routed_experts(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """The part expert parallelism replaces: (N, D) tokens -> (N, D) weighted expert outputs."""
         rows, tokens_per_expert, order = self.dispatch(x, indices)
-        return self.combine(self.experts(rows, tokens_per_expert), order, weights)
+        if self.expert_dispatch is None:
+            return self.combine(self.experts(rows, tokens_per_expert), order, weights)
+        return self.combine(self.expert_dispatch(rows, tokens_per_expert, self.experts), order, weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
