@@ -6,7 +6,8 @@ fused q/k/v, Qwen3-Next), TP 2, EP 2 (MoE, FSDP2 and DDP), a bf16 checkpoint int
 rank's share of the bytes, the QAD teacher (train.qad.build_teacher), a student calibrated
 after an FSDP2 sharded load (the whole student's amax); 4 processes: TP 2 x FSDP2,
 TP 2 x EP 2 x FSDP2; train.pretrain from an HF checkpoint; train.qad with the student loaded
-sharded under FSDP2 (losses, amax, resume, hf-nvfp4 export). The memory
+sharded under FSDP2 (losses, amax, resume, hf-nvfp4 export); train.finetune with the LoRA base
+loaded sharded under FSDP2 (losses, peft export). The memory
 per rank at 1.6 GB: benchmarks/load_memory/run.py (docs/benchmarks.md#load-memory).
 """
 
