@@ -65,16 +65,33 @@ def sharded_job_model(cfg: JobConfig, ctx):
     return model, partial(load_hf_sharded, path=path, dtype=dtype, device=ctx.device)
 
 
+def sharded_lora_model(cfg: JobConfig, model, materialize):
+    """The LoRA adapters added on the meta-device base of sharded_job_model, and `materialize`
+    extended to start them where apply_lora starts them on a whole model: from rank 0's
+    generator state (the values of one process, and of DDP's broadcast), each rank copying its
+    part; fp32 whatever the base's dtype (dtype=None keeps each parameter's own)."""
+    from train.lora import apply_lora, initial_adapters
+
+    state = [torch.get_rng_state()]
+    if torch.distributed.is_initialized():
+        torch.distributed.broadcast_object_list(state, src=0)
+    model = apply_lora(model, cfg.lora)
+    return model, partial(materialize, dtype=None, initial=initial_adapters(model, state[0]))
+
+
 def loads_sharded(job: str, cfg: JobConfig, ctx, layout: ParallelLayout) -> bool:
     """Whether the model comes from HF weights read in parts by each rank (sharded_job_model):
-    pretraining always; the QAD student when FSDP2 shards it (TP 1, any EP), then quantized and
+    pretraining always; under FSDP2 with TP 1: the QAD student (any EP), then quantized and
     calibrated as laid out (train/quant/student.py; under EP each rank calibrates its experts on
-    the rows routed to them). The LoRA base, and the student under DDP/zero1 (replicated anyway)
-    or TP, load whole and are quantized before parallelize."""
+    the rows routed to them), and the unquantized LoRA base (EP 1), its adapters added on meta
+    (sharded_lora_model). A quantized LoRA base, and the student or base under DDP/zero1
+    (replicated anyway) or TP, load whole and are quantized/adapted before parallelize."""
     if not cfg.model.hf_checkpoint or ctx.plan.resume.decision == "from_scratch":
         return False
     fsdp = layout.dp_size > 1 and cfg.parallel.data_parallel in ("fsdp", "fsdp_zero2")
-    return job == "pretrain" or (job == "qad" and fsdp and layout.tp == 1)
+    laid_out = fsdp and layout.tp == 1  # quantized or adapted after the load
+    lora_base = job == "finetune" and layout.ep == 1 and not cfg.lora.quantized_base
+    return job == "pretrain" or (laid_out and (job == "qad" or lora_base))
 
 
 def add_adapters(model, cfg: JobConfig, ctx, dataset, layout: ParallelLayout):
@@ -108,14 +125,19 @@ def run_job(job: str, cfg: JobConfig, loss_fn=None, make_loss_fn=None) -> str:
     materialize = None  # from HF weights: loaded by parallelize, each rank its part
     if sharded:
         model, materialize = sharded_job_model(cfg, ctx)
-    else:  # a LoRA base; a student on one process or under DDP, TP: whole, quantized first
+    else:  # a quantized LoRA base; one process; DDP, TP: whole, quantized and adapted first
         model = build_job_model(cfg, ctx)
     vocab_size = model.args.vocab_size
     dataset = build_train_dataset(cfg, ctx, vocab_size)
+    if sharded and job == "finetune":
+        try:
+            model, materialize = sharded_lora_model(cfg, model, materialize)
+        except ValueError as error:
+            fail(str(error))
     if sharded:
         model = parallelize(model, cfg.parallel, layout.mesh, layout.device, materialize=materialize)
     checkpoint_files = {}  # extra files in every checkpoint: {name: picklable object}
-    if job in ("qad", "finetune"):
+    if job == "qad" or job == "finetune" and not sharded:  # (a sharded LoRA base has its adapters)
         from train.quant.student import QUANTIZER_STATE_FILE, prepare_student
 
         resume_dir = ctx.plan.resume.path if ctx.plan.resume.decision == "resume" else None

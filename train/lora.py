@@ -6,6 +6,8 @@
   target Linear (`q_proj` becomes a peft Linear holding `base_layer`, `lora_A.default`,
   `lora_B.default`); every other parameter freezes. lora_B starts at zero, so the model's
   output is unchanged until the first step.
+- initial_adapters(model, rng_state): the values apply_lora gives the adapters, for adapters added
+  on the meta device (the base loaded sharded under FSDP2, train/engine.py).
 - merge_lora(model): folds W + (alpha / rank) * B @ A into each base weight and puts the plain
   Linear back: our CausalLM again, with the state-dict keys it had before apply_lora
   (save_hf and train.export take it as is).
@@ -24,6 +26,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 from torch import nn
@@ -74,6 +77,27 @@ def apply_lora(model: nn.Module, lora_cfg: LoraConfig) -> nn.Module:
     log.info("LoRA rank %d alpha %g dropout %g on %s: %d trainable parameters", lora_cfg.rank, lora_cfg.alpha,
              lora_cfg.dropout, ",".join(targets), trainable)
     return model
+
+
+def initial_adapters(model: nn.Module, rng_state: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{adapter parameter name: the fp32 value apply_lora gives it when the CPU generator is at
+    rng_state} for a model whose adapters apply_lora put on the meta device (a meta base).
+
+    peft draws them on the CPU whatever the base's device, per LoRA layer in module order:
+    nn.Linear(in, r) and nn.Linear(r, out) with their default init, then lora_A again (kaiming
+    uniform, a = sqrt 5) and lora_B zeros (reset_lora_parameters). tests/unit/test_lora.py checks
+    these against apply_lora on a real model, so a peft that draws otherwise fails there."""
+    values = {}
+    with torch.random.fork_rng(devices=[]):
+        torch.set_rng_state(rng_state)
+        for name, layer in lora_layers(model):
+            for adapter in layer.active_adapters:
+                (rank, inputs), (outputs, _) = layer.lora_A[adapter].weight.shape, layer.lora_B[adapter].weight.shape
+                nn.Linear(inputs, rank, bias=False), nn.Linear(rank, outputs, bias=False)  # draws discarded
+                values[f"{name}.lora_A.{adapter}.weight"] = nn.init.kaiming_uniform_(torch.empty(rank, inputs),
+                                                                                     a=math.sqrt(5))
+                values[f"{name}.lora_B.{adapter}.weight"] = torch.zeros(outputs, rank)
+    return values
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -7,7 +7,7 @@ rank's share of the bytes, the QAD teacher (train.qad.build_teacher), a student 
 after an FSDP2 or EP 2 x FSDP2 sharded load (the whole student's amax); 4 processes: TP 2 x FSDP2,
 TP 2 x EP 2 x FSDP2; train.pretrain from an HF checkpoint; train.qad with the student loaded
 sharded under FSDP2 (losses, amax, resume, hf-nvfp4 export) and under EP 2 x FSDP2 (losses,
-amax). The memory
+amax); train.finetune with the LoRA base loaded sharded under FSDP2 (losses, peft export). The memory
 per rank at 1.6 GB: benchmarks/load_memory/run.py (docs/benchmarks.md#load-memory).
 """
 
@@ -161,3 +161,48 @@ def test_qad_moe_student_loaded_sharded_under_ep2_matches_one_process(tmp_path):
     assert len([name for name in whole if ".experts." in name]) == 12, sorted(whole)  # 3 MoE layers x 4
     for name, value in sharded.items():
         torch.testing.assert_close(value, whole[name], rtol=1e-6, atol=0, msg=name)
+
+
+# ----------------------------------------------------------------- the LoRA base
+
+@pytest.mark.slow
+def test_lora_base_loaded_sharded_under_fsdp_matches_one_process_and_exports(tmp_path):
+    """`torchrun -m train.finetune` under FSDP2: the base is read in parts, the adapters added on
+    meta start from one process's values; the losses and the exported (`--format peft`) trained
+    adapters equal one process's (the whole base, adapters by apply_lora)."""
+    import json
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import load_file
+
+    from tests.fixtures.synthetic_data import build_tokenizer, generate_documents
+    from tests.integration.test_finetune import REPO, finetune, output
+    from train.models import build_model, init_weights, save_hf
+
+    base = tmp_path / "base"
+    save_hf(init_weights(build_model("tiny-qwen3", device="cpu"), 1234), base)
+    build_tokenizer(str(base), generate_documents(100, 40), 400)
+    run = "tiny-qwen3-finetune-Data-synthetic-lr0.02"  # a high LR: the adapters move from their start
+    # LoRA dropout off: its masks come from each rank's generator (seed + rank), unlike one process's
+    args = ["lora.dropout=0", "optim.lr=0.02", "optim.warmup_iters=0", "training.train_iters=3", "training.micro_batch_size=2",
+            "training.global_batch_size=4", "checkpoint.save_interval=3"]
+    losses, adapters = {}, {}
+    for procs, extra in ((1, []), (2, ["parallel.data_parallel=fsdp", "parallel.activation_checkpointing=true"])):
+        root = tmp_path / f"p{procs}"
+        result = finetune(root, base, *args, *extra, procs=procs, env_extra={"RUN_DATETIME": "20260101_000001"})
+        assert result.returncode == 0, output(result)
+        assert ("each rank reads its part" in result.stdout + result.stderr) == (procs == 2)
+        log = next((root / run / "logs").glob("*_20260101_000001.jsonl"))
+        losses[procs] = [json.loads(line)["loss"] for line in log.read_text().splitlines() if '"loss"' in line]
+        exported = subprocess.run([sys.executable, "-m", "train.export", str(root / run), "--format", "peft",
+                                   "--out", str(root / "peft")], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert exported.returncode == 0, output(exported)
+        adapters[procs] = load_file(root / "peft" / "adapter_model.safetensors")
+    assert len(losses[2]) == 3 and losses[2] == pytest.approx(losses[1], rel=1e-4)
+    assert adapters[2].keys() == adapters[1].keys() and len(adapters[1]) > 0
+    for name, value in adapters[2].items():
+        assert value.dtype == torch.float32
+        torch.testing.assert_close(value, adapters[1][name], rtol=1e-4, atol=1e-6, msg=name)
+    assert any(value.abs().sum() > 0 for name, value in adapters[1].items() if "lora_B" in name)  # trained

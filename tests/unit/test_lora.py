@@ -9,7 +9,7 @@ import torch
 from train.config import LoraConfig, TrainingConfig
 from train.validation import EarlyStopping, build_early_stopping
 from train.generate import greedy_generate
-from train.lora import apply_lora, check_lora_config, lora_layers, merge_lora
+from train.lora import apply_lora, check_lora_config, initial_adapters, lora_layers, merge_lora
 from train.models import build_model, init_weights
 from train.finetune_validate import LabeledSetError, extract_label, load_labeled_set, summarize
 
@@ -44,6 +44,22 @@ def test_apply_lora_freezes_the_base_and_starts_as_the_base():
     # 2 layers x (q, v, down) x (A, B)
     assert len(trainable) == 2 * 3 * 2 and len(lora_layers(model)) == 6
     torch.testing.assert_close(model(tokens), before)  # lora_B = 0
+
+
+def test_initial_adapters_of_a_meta_model_are_apply_lora_s_values():
+    """Adapters added on the meta device (the base loaded sharded) start from what apply_lora draws
+    on a real model from the same generator state: lora_A kaiming uniform, lora_B zeros, fp32."""
+    torch.manual_seed(7)
+    state = torch.get_rng_state()
+    whole = apply_lora(tiny_model(), lora_cfg())
+    on_meta = apply_lora(build_model("debug-qwen3", device="meta"), lora_cfg())
+    values = initial_adapters(on_meta, state)
+    adapters = {name: p for name, p in whole.named_parameters() if "lora_" in name}
+    assert values.keys() == adapters.keys() and len(values) == 12
+    for name, value in values.items():
+        assert value.dtype == torch.float32
+        torch.testing.assert_close(value, adapters[name].detach(), rtol=0, atol=0, msg=name)
+    assert any(value.abs().sum() > 0 for name, value in values.items() if "lora_A" in name)
 
 
 def test_apply_lora_rejects_unknown_targets_and_bad_values():

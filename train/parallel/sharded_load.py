@@ -21,6 +21,8 @@ HF -> ours per family (a Source per parameter of ours, in our global coordinates
     MoE experts on disk     per expert (E x gate (F, D), up (F, D), down (D, F)): Experts, which
                             stacks the experts of the local range and joins gate|up rows
     tied embeddings         lm_head.weight is embed_tokens.weight (one parameter, read once)
+    LoRA (peft)             `q_proj.base_layer.weight` is q_proj.weight; the adapters, not in the
+                            checkpoint, are copied from `initial` (their whole initial values)
 """
 
 from __future__ import annotations
@@ -127,11 +129,11 @@ def checkpoint_sources(args: ModelArgs, names: list[str], found: set[str]) -> di
 
 # ----------------------------------------------------------------- this rank's part
 
-_WRAPPERS = re.compile(r"(_checkpoint_wrapped_module\.|_orig_mod\.|^module\.)")
+_WRAPPERS = re.compile(r"(_checkpoint_wrapped_module\.|_orig_mod\.|^module\.|base_layer\.)")
 
 
 def our_name(name: str) -> str:
-    """A parameter's name without wrapper prefixes (activation checkpointing, compile, DDP)."""
+    """A parameter's name without wrapper prefixes (activation checkpointing, compile, DDP, peft's LoRA layer)."""
     return _WRAPPERS.sub("", name)
 
 
@@ -160,13 +162,15 @@ def local_bytes(model: nn.Module) -> int:
 
 @torch.no_grad()
 def load_hf_sharded(model: nn.Module, path: str | Path, dtype: torch.dtype | None = None,
-                    device: str | torch.device = "cpu") -> nn.Module:
+                    device: str | torch.device = "cpu", initial: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """Materialize a meta-device, already parallelized CausalLM on `device` and fill each rank's
     part of every parameter from the HF checkpoint directory `path`. Returns the model.
 
     dtype: what the parameters hold (None: the model's own dtype, as built on meta); the
     checkpoint's dtype is converted slice by slice. The checkpoint must match the model's
-    ModelArgs (the same checks as load_hf, CheckpointError naming the keys)."""
+    ModelArgs (the same checks as load_hf, CheckpointError naming the keys).
+    initial: parameters the checkpoint does not hold (LoRA adapters), our name -> the whole
+    tensor they start from; each rank copies its part."""
     from train.models.hf_io import checked_checkpoint
 
     args: ModelArgs = model.args
@@ -176,8 +180,9 @@ def load_hf_sharded(model: nn.Module, path: str | Path, dtype: torch.dtype | Non
     model.to_empty(device=device)
     model.tie_weights()
     model.init_buffers()
+    initial = initial or {}
     names = [(name, parameter) for name, parameter in model.named_parameters()]
-    sources = checkpoint_sources(args, [our_name(n) for n, _ in names], set(found))
+    sources = checkpoint_sources(args, [our_name(n) for n, _ in names if our_name(n) not in initial], set(found))
     with contextlib.ExitStack() as stack:
         handles = {}  # checkpoint key -> its file's open safe_open handle (memory-mapped)
         for file in files:
@@ -185,6 +190,8 @@ def load_hf_sharded(model: nn.Module, path: str | Path, dtype: torch.dtype | Non
             handles.update(dict.fromkeys(handle.keys(), handle))
         for name, parameter in names:
             local, region = local_part(name, parameter, model)
-            if local.numel():
+            if local.numel() and our_name(name) in initial:
+                local.copy_(initial[our_name(name)][region])
+            elif local.numel():
                 local.copy_(sources[our_name(name)].read(handles, region))
     return model
