@@ -37,8 +37,9 @@ def submit(tmp_path):
 
 def test_submit_queues_the_wrapper_of_the_confs_job(tmp_path, submit):
     """A fine-tuning conf without LoRA variables: its JOB, not its text, picks slurm/finetune.sh."""
-    base = tmp_path / "base"  # the plan checks that BASE_CKPT is a directory; the job would load it
-    base.mkdir()
+    base = tmp_path / "base"  # the plan checks BASE_CKPT's config.json and safetensors headers
+    subprocess.run([sys.executable, "-m", "train.models.random_hf", "tiny-qwen3", str(base)], cwd=REPO, check=True,
+                   capture_output=True)
     conf = tmp_path / "ft.conf"
     conf.write_text(f"export JOB=finetune\n{TINY}export BASE_CKPT={base}\n")
     result, sbatch = submit("--config", str(conf), "--", "training.train_iters=2")
