@@ -77,6 +77,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from train.launch.rundir import (MANIFEST_FILE, RUN_FACTS_FILE, TRACKER_FILE, checkpoint_dir_name,
                                  checkpoint_iterations, checkpoint_manifest, read_tracker)
+from train.launch.torchrun import write_error_record
 
 log = logging.getLogger("train")
 
@@ -416,7 +417,8 @@ class CheckpointManager:
                        "checkpoint.max_failed_saves)")
             if rank() == 0:
                 log.error(message)
-                print(f"error: {message}", file=sys.stderr, flush=True)
+                if not write_error_record(f"error: {message}", CheckpointSaveFailed.EXIT_CODE):  # printed last
+                    print(f"error: {message}", file=sys.stderr, flush=True)
             raise CheckpointSaveFailed(message)
         return False
 

@@ -42,6 +42,7 @@ from train.checkpoint import CheckpointManager
 from train.data.collate import Prefetcher, to_batch
 from train.data.sampler import MicroBatchSampler, parse_iterations_to_skip
 from train.launch.job import JobContext
+from train.launch.torchrun import write_error_record
 from train.launch.watchdog import HangWatchdog
 from train.losses import language_model_loss, split_loss
 from train.metrics import IterationMetrics, MetricsLogger, NonFiniteGuard, NonFiniteStop, debug_nan, is_bad
@@ -391,7 +392,8 @@ class Trainer:
         self.checkpoints.finalize()  # an asynchronous save of a good iteration still publishes
         if self.ctx.is_main:
             log.error(stop.message)
-            print(f"error: {stop.message}", file=sys.stderr, flush=True)
+            if not write_error_record(f"error: {stop.message}", stop.EXIT_CODE):  # printed last, by torchrun's wrapper
+                print(f"error: {stop.message}", file=sys.stderr, flush=True)
         self.write_stop_file("non_finite", message=stop.message)
         self.metrics.close()
         raise stop
