@@ -1,44 +1,59 @@
-"""QAD vs QAT: how much of the NVFP4 PTQ val-loss gap each wins back, over seeds.
+"""QAD vs QAT: how much of the NVFP4 PTQ val-loss gap each wins back, over seeds, on an 11M teacher.
 
-    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/qad_recovery/run.py \
-        [--model tiny-qwen3] [--teacher-steps 1000] [--cache runs/bench-qad-recovery] [--seeds 3] \
-        [--configs qad-lr3e-4-T1 qad-lr3e-4-T2 qad-lr1e-4-T1 qat-lr3e-4]
+    PYTHONPATH=. python benchmarks/qad_recovery/run.py [--seeds 3] [--parallel 2] \
+        [--configs qad-lr3e-4-T1 ...] [--cache runs/bench-qad-recovery-small]
 
-The setup of tests/integration/test_qad_acceptance.py, whose functions this imports: real text
-(stdlib docstrings, local BPE, train.preprocess, a datablend), a teacher trained in process
-(AdamW, 8 x 128 tokens per step, one thread), NVFP4 PTQ measured with `python -m train.eval
---quant nvfp4`. Then, per configuration and seed, the real `python -m train.qad` job (40
-iterations of 32 sequences, micro-batch 8, LR cosine to LR/10, NVFP4 student) and `python -m
-train.eval --student RUN_DIR`. QAT is the same job with distill.kd_loss_weight=0 and
-distill.lm_loss_weight=1: the quantized student trained on the LM loss only. A seed sets the
-job's training.seed and data.seed; the corpus and the teacher stay fixed.
+1. The corpus: every docstring of the standard library (subpackages included, never
+   site-packages: ~2,800 documents, 1.7 MB), a byte-level BPE of the model's vocabulary (4096),
+   `python -m train.preprocess` with a 10% valid split, a datablend.
+2. The teacher: small-qwen3 (11.1M parameters) trained in process with AdamW (LR 2e-3, 25
+   warmup steps, cosine to 0, weight decay 0.1) on --teacher-steps x 16 x 256 tokens (480 steps:
+   2M tokens, ~4.6 passes over the train split), its val loss logged every 40 steps into
+   teacher/curve.json, then saved as an HF directory.
+3. NVFP4 PTQ: `python -m train.eval --quant nvfp4` (4 calibration batches).
+4. Per configuration and seed, the real `python -m train.qad` job (NVFP4 student, 30 iterations
+   of 32 x 256 tokens, micro-batch 8, LR cosine to LR/10) and `python -m train.eval --student
+   RUN_DIR`. QAT is the same job with distill.kd_loss_weight=0, distill.lm_loss_weight=1 (the
+   quantized student on the LM loss alone; the teacher still runs, unused). "fp" is the teacher
+   itself trained on, unquantized (quant.recipe=none, LM loss): what the same extra tokens of
+   plain LM training do to val loss, so that QAT's number can be read. A seed sets the job's
+   training.seed and data.seed; the corpus and teacher stay fixed.
 
-The corpus, teacher, PTQ result and each job's eval JSON are cached under --cache: a rerun only
-runs what is missing (delete a JSON to redo it). Prints a Markdown table (mean +- half the range
-over the seeds) and writes it with the raw numbers to
-<cache>/<teacher>-results/results-<N>seeds.{md,json}.
+Jobs run --parallel at a time with one thread each. Everything is cached under --cache (corpus,
+teacher, PTQ result, each job's eval JSON): a rerun only runs what is missing. Prints a Markdown
+table (mean +- half the range over the seeds that ran) and writes it with the raw numbers to
+<cache>/results/results.{md,json}.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import shutil
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(REPO), str(REPO / "tests" / "integration")]  # run from anywhere without installing
+sys.path.insert(0, str(REPO))  # run from anywhere without installing
 
-from test_qad_acceptance import (ENV, QAD_BATCH, QAD_STEPS, SEQ, BATCH,  # noqa: E402
-                                 build_corpus, evaluate, train_teacher)
-
-# name: (LR, temperature, kd_loss_weight, lm_loss_weight)
-CONFIGS = {"qad-lr3e-4-T1": (3e-4, 1.0, 1.0, 0.0), "qad-lr3e-4-T2": (3e-4, 2.0, 1.0, 0.0),
-           "qad-lr1e-4-T1": (1e-4, 1.0, 1.0, 0.0), "qat-lr3e-4": (3e-4, 1.0, 0.0, 1.0)}
+MODEL, SEQ = "small-qwen3", 256
+TEACHER_BATCH, TEACHER_LR, WARMUP = 16, 2e-3, 25
+QAD_ITERS, QAD_BATCH, MICRO_BATCH = 30, 32, 8
+EVAL_BATCH, EVAL_BATCHES = 8, 20  # 160 x 256 = 41k valid tokens
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+# name: (LR, temperature, kd_loss_weight, lm_loss_weight, quant recipe)
+CONFIGS = {"qad-lr3e-4-T1": (3e-4, 1.0, 1.0, 0.0, "nvfp4"), "qad-lr1e-4-T1": (1e-4, 1.0, 1.0, 0.0, "nvfp4"),
+           "qad-lr3e-4-T2": (3e-4, 2.0, 1.0, 0.0, "nvfp4"), "qad-lr1e-3-T1": (1e-3, 1.0, 1.0, 0.0, "nvfp4"),
+           "qat-lr3e-4": (3e-4, 1.0, 0.0, 1.0, "nvfp4"), "qat-lr1e-4": (1e-4, 1.0, 0.0, 1.0, "nvfp4"),
+           "fp-lr3e-4": (3e-4, 1.0, 0.0, 1.0, "none")}
 METRICS = ("val_loss", "val_ppl", "kl", "agreement", "recovered")
 START = time.time()
 
@@ -47,52 +62,122 @@ def log(message: str) -> None:
     print(f"[{time.time() - START:7.1f}s] {message}", flush=True)
 
 
-def prepare(cache: Path, model: str, steps: int) -> tuple[Path, Path, dict]:
+def build_corpus(directory: Path, vocab_size: int) -> Path:
+    from train.data.corpus import stdlib_docstrings
+    from train.data.tokenizer import build_tokenizer
+
+    texts = stdlib_docstrings(10**6, subpackages=True)
+    tokenizer = build_tokenizer(str(directory / "tokenizer"), texts, vocab_size)
+    (directory / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    subprocess.run([sys.executable, "-m", "train.preprocess", f"input={directory / 'docs.jsonl'}",
+                    f"tokenizer={tokenizer}", f"output_prefix={directory / 'stdlib'}", "workers=1",
+                    "validation_fraction=0.1"], cwd=REPO, check=True, capture_output=True)
+    blend = directory / "datablend_stdlib.json"
+    blend.write_text(json.dumps({"train": [1.0, str(directory / "stdlib_text_document")],
+                                 "valid": [1.0, str(directory / "stdlib_valid_text_document")]}))
+    return blend
+
+
+def train_teacher(blend: Path, directory: Path, steps: int) -> None:
+    """MODEL trained with AdamW on the train split (warmup, cosine to 0), its val loss every 40
+    steps in directory/curve.json, saved as an HF checkpoint directory."""
+    from train.data import build_datasets
+    from train.data.collate import to_batch
+    from train.losses import masked_cross_entropy
+    from train.models import build_model, init_weights, save_hf
+
+    torch.manual_seed(0)
+    data = build_datasets(str(blend), SEQ, {"train": steps * TEACHER_BATCH, "valid": EVAL_BATCH * EVAL_BATCHES}, seed=1)
+    valid = [to_batch([data["valid"][i] for i in range(b * EVAL_BATCH, (b + 1) * EVAL_BATCH)], "cpu")
+             for b in range(EVAL_BATCHES)]
+    model = init_weights(build_model(MODEL, device="cpu"), 1234)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=TEACHER_LR, betas=(0.9, 0.95), weight_decay=0.1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / WARMUP) * 0.5 * (
+        1 + math.cos(math.pi * min(1.0, max(0, step - WARMUP) / (steps - WARMUP)))))
+    curve, begin = [], time.time()
+    for step in range(steps):
+        batch = [data["train"][i] for i in range(step * TEACHER_BATCH, (step + 1) * TEACHER_BATCH)]
+        inputs, targets, mask = to_batch(batch, "cpu")
+        loss = masked_cross_entropy(model(inputs), targets, mask)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        schedule.step()
+        if (step + 1) % 40 == 0 or step + 1 == steps:
+            with torch.no_grad():
+                val = statistics.mean(masked_cross_entropy(model(x), y, m).item() for x, y, m in valid)
+            curve.append({"step": step + 1, "train_loss": loss.item(), "val_loss": val})
+            log(f"teacher step {step + 1}/{steps}: train {loss.item():.4f} val {val:.4f} "
+                f"({(time.time() - begin) / (step + 1):.2f} s/step)")
+    save_hf(model, directory)
+    (directory / "curve.json").write_text(json.dumps({"curve": curve, "seconds": time.time() - begin}, indent=1))
+
+
+def evaluate(student, teacher: Path, blend: Path, out: Path, *extra) -> dict:
+    """train.eval of student vs teacher on the valid split, its JSON written to `out` (atomically)."""
+    partial = out.with_suffix(".tmp")
+    result = subprocess.run([sys.executable, "-m", "train.eval", "--student", str(student), "--teacher", str(teacher),
+                             "--data", str(blend), "--seq-length", str(SEQ), "--batch-size", str(EVAL_BATCH),
+                             "--batches", str(EVAL_BATCHES), "--json", str(partial), *extra],
+                            cwd=REPO, env=ONE_THREAD, capture_output=True, text=True, timeout=1800)
+    if result.returncode != 0:
+        raise RuntimeError(f"train.eval of {student} failed:\n{result.stderr[-3000:]}")
+    partial.rename(out)
+    return json.loads(out.read_text())
+
+
+def prepare(cache: Path, steps: int) -> tuple[Path, Path, dict]:
     """The corpus blend, the teacher directory and the PTQ eval result, built once and cached."""
-    corpus, teacher = cache / "corpus", cache / f"teacher-{model}-{steps}"
+    from train.models import get_model_args
+
+    corpus, teacher = cache / "corpus", cache / f"teacher-{steps}"
     blend = corpus / "datablend_stdlib.json"
     if not blend.exists():
-        log("building the corpus (stdlib docstrings, BPE, train.preprocess)")
+        log("building the corpus (stdlib docstrings with subpackages, BPE, train.preprocess)")
         corpus.mkdir(parents=True, exist_ok=True)
-        build_corpus(corpus)
+        build_corpus(corpus, get_model_args(MODEL).vocab_size)
     if not (teacher / "config.json").exists():
-        log(f"training the teacher: {model}, {steps} steps of {BATCH} x {SEQ} tokens")
-        train_teacher(blend, teacher.with_suffix(".tmp"), steps, model_name=model)
+        log(f"training the teacher: {MODEL}, {steps} steps of {TEACHER_BATCH} x {SEQ} tokens")
+        shutil.rmtree(teacher.with_suffix(".tmp"), ignore_errors=True)
+        train_teacher(blend, teacher.with_suffix(".tmp"), steps)
         teacher.with_suffix(".tmp").rename(teacher)
     ptq_json = teacher / "ptq.json"
     if not ptq_json.exists():
         log("evaluating the teacher and its NVFP4 PTQ student")
-        evaluate(teacher, teacher, blend, ptq_json.with_suffix(".tmp"), "--quant", "nvfp4")
-        ptq_json.with_suffix(".tmp").rename(ptq_json)
+        evaluate(teacher, teacher, blend, ptq_json, "--quant", "nvfp4")
     return blend, teacher, json.loads(ptq_json.read_text())
 
 
-def run_job(cache: Path, model: str, blend: Path, teacher: Path, name: str, seed: int) -> dict:
-    """One QAD/QAT job and its eval against the teacher; the eval JSON is the cache."""
-    lr, temperature, kd_weight, lm_weight = CONFIGS[name]
-    out = cache / f"{teacher.name}-results" / f"{name}-seed{seed}.json"
+def run_job(cache: Path, blend: Path, teacher: Path, name: str, seed: int) -> dict:
+    """One QAD/QAT/fp job and its eval against the teacher; the eval JSON is the cache."""
+    lr, temperature, kd_weight, lm_weight, recipe = CONFIGS[name]
+    out = cache / "results" / f"{name}-seed{seed}.json"
     if out.exists():
-        log(f"{name} seed {seed}: cached")
         return json.loads(out.read_text())
     root = cache / "jobs" / f"{name}-seed{seed}"
     shutil.rmtree(root, ignore_errors=True)  # a stale, unfinished run
-    log(f"{name} seed {seed}: train.qad, {QAD_STEPS} iterations of {QAD_BATCH} sequences")
+    log(f"{name} seed {seed}: train.qad, {QAD_ITERS} iterations of {QAD_BATCH} x {SEQ} tokens")
+    begin = time.time()
     job = subprocess.run(
-        [sys.executable, "-m", "train.qad", f"checkpoint.root={root}", f"model.name={model}",
-         f"model.hf_checkpoint={teacher}", f"distill.teacher_checkpoint={teacher}", f"distill.teacher_model={model}",
+        [sys.executable, "-m", "train.qad", f"checkpoint.root={root}", f"model.name={MODEL}",
+         f"model.hf_checkpoint={teacher}", f"distill.teacher_checkpoint={teacher}", f"distill.teacher_model={MODEL}",
          "data=blend", "data.dataset_name=stdlib", f"data.datacache_dir={blend.parent}", f"data.seq_length={SEQ}",
-         f"training.micro_batch_size={BATCH}", f"training.global_batch_size={QAD_BATCH}",
-         f"training.train_iters={QAD_STEPS}", f"training.seed={seed}", f"data.seed={seed}", "quant.recipe=nvfp4",
+         f"training.micro_batch_size={MICRO_BATCH}", f"training.global_batch_size={QAD_BATCH}",
+         f"training.train_iters={QAD_ITERS}", f"training.seed={seed}", f"data.seed={seed}", f"quant.recipe={recipe}",
          f"optim.lr={lr}", f"optim.min_lr={lr / 10}", "optim.schedule=cosine",
          f"distill.temperature={temperature}", f"distill.kd_loss_weight={kd_weight}",
          f"distill.lm_loss_weight={lm_weight}", "checkpoint.save_interval=1000", "logging.tensorboard=false"],
-        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=1800)
+        cwd=REPO, env=ONE_THREAD, capture_output=True, text=True, timeout=3600)
     if job.returncode != 0:
         raise RuntimeError(f"{name} seed {seed}: train.qad failed:\n{job.stderr[-3000:]}")
-    log(f"{name} seed {seed}: train.eval")
+    seconds = time.time() - begin
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = evaluate(next(root.glob("*-Teacher-*")), teacher, blend, out.with_suffix(".tmp"))
-    out.with_suffix(".tmp").rename(out)
+    result = evaluate(next(root.glob("*-Teacher-*")), teacher, blend, out)
+    result["train_seconds"] = seconds
+    out.write_text(json.dumps(result, indent=1))
+    log(f"{name} seed {seed}: val {result['student']['val_loss']:.4f} KL {result['student']['kl']:.4f} "
+        f"({seconds:.0f} s of training)")
     return result
 
 
@@ -100,18 +185,19 @@ def summarize(ptq: dict, runs: dict[str, list[dict]]) -> dict:
     """Per configuration: mean and spread (half the range) of each metric over the seeds."""
     teacher_loss, ptq_loss = ptq["teacher"]["val_loss"], ptq["student"]["val_loss"]
     table = {"teacher": {m: (ptq["teacher"].get(m, 0.0), 0.0) for m in METRICS},
-             "nvfp4 PTQ": {m: (ptq["student"].get(m, 0.0), 0.0) for m in METRICS}}
-    table["teacher"]["recovered"], table["nvfp4 PTQ"]["recovered"] = (1.0, 0.0), (0.0, 0.0)
+             "NVFP4 PTQ": {m: (ptq["student"].get(m, 0.0), 0.0) for m in METRICS}}
+    table["teacher"]["recovered"], table["NVFP4 PTQ"]["recovered"] = (1.0, 0.0), (0.0, 0.0)
     for name, results in runs.items():
         rows = [dict(r["student"], recovered=(ptq_loss - r["student"]["val_loss"]) / (ptq_loss - teacher_loss))
                 for r in results]
-        table[name] = {m: (statistics.mean(row[m] for row in rows),
-                           (max(row[m] for row in rows) - min(row[m] for row in rows)) / 2) for m in METRICS}
+        table[f"{name} ({len(rows)})"] = {m: (statistics.mean(row[m] for row in rows),
+                                             (max(row[m] for row in rows) - min(row[m] for row in rows)) / 2)
+                                         for m in METRICS}
     return table
 
 
-def markdown(table: dict, seeds: int) -> str:
-    lines = [f"| model ({seeds} seeds) | val loss | val ppl | KL(teacher‖student) | top-1 agreement | PTQ gap recovered |",
+def markdown(table: dict) -> str:
+    lines = ["| model (seeds) | val loss | val ppl | KL(teacher‖student) | top-1 agreement | PTQ gap recovered |",
              "|---|---|---|---|---|---|"]
     for name, row in table.items():
         (loss, dl), (ppl, dp), (kl, dk), (agr, da), (rec, dr) = (row[m] for m in METRICS)
@@ -122,22 +208,29 @@ def markdown(table: dict, seeds: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="tiny-qwen3", help="registry name of the teacher (and student)")
-    parser.add_argument("--teacher-steps", type=int, default=1000)
-    parser.add_argument("--cache", type=Path, default=REPO / "runs" / "bench-qad-recovery")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds 1..N of each QAD/QAT job")
+    parser.add_argument("--teacher-steps", type=int, default=480)
+    parser.add_argument("--cache", type=Path, default=REPO / "runs" / "bench-qad-recovery-small")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 1..N of each job")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--parallel", type=int, default=2, help="jobs at a time (one thread each)")
     args = parser.parse_args()
     cache = args.cache.resolve()
-    blend, teacher, ptq = prepare(cache, args.model, args.teacher_steps)
-    runs = {name: [run_job(cache, args.model, blend, teacher, name, seed) for seed in range(1, args.seeds + 1)]
-            for name in args.configs}
-    text = markdown(summarize(ptq, runs), args.seeds)
+    blend, teacher, ptq = prepare(cache, args.teacher_steps)
+    log(f"teacher val {ptq['teacher']['val_loss']:.4f}, NVFP4 PTQ {ptq['student']['val_loss']:.4f} "
+        f"(KL {ptq['student']['kl']:.4f}, agreement {ptq['student']['agreement']:.2%})")
+    jobs = [(name, seed) for seed in range(1, args.seeds + 1) for name in args.configs]
+    with ThreadPoolExecutor(args.parallel) as pool:
+        results = list(pool.map(lambda job: run_job(cache, blend, teacher, *job), jobs))
+    runs: dict[str, list[dict]] = {}
+    for (name, _), result in zip(jobs, results):
+        runs.setdefault(name, []).append(result)
+    table = summarize(ptq, runs)
+    text = markdown(table)
     print(text)
-    stem = cache / f"{teacher.name}-results" / f"results-{args.seeds}seeds"
+    stem = cache / "results" / "results"
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".md").write_text(text + "\n")
-    stem.with_suffix(".json").write_text(json.dumps({"ptq": ptq, "runs": runs, "table": summarize(ptq, runs),
+    stem.with_suffix(".json").write_text(json.dumps({"ptq": ptq, "runs": runs, "table": table,
                                                      "args": {**vars(args), "cache": str(cache)},
                                                      "seconds": time.time() - START}, indent=1))
     log(f"wrote {stem}.md and .json")

@@ -231,6 +231,12 @@ _MODELS += [model for size, shape in (("tiny", _TINY), ("debug", _DEBUG)) for mo
            router_aux_loss_coef=0.01),
 )]
 
+# small-qwen3 (11.1M parameters, 4096-token vocabulary, tied): the teacher of benchmarks/qad_recovery,
+# large enough that NVFP4 PTQ costs a clear amount, small enough to train on 2 CPU cores in half an hour.
+_MODELS.append(ModelArgs(name="small-qwen3", vocab_size=4096, hidden_size=320, num_layers=8, num_heads=4,
+                         num_kv_heads=2, head_dim=80, intermediate_size=960, max_seq_len=512,
+                         tie_embeddings=True, **_QWEN3))
+
 # Qwen3-Next (the users' Qwen3-Next pretraining setup): hybrid layers, head_dim 128, 2 KV heads, partial RoPE 0.25, theta 1e7 and
 # Gated DeltaNet q/k/v heads of 128 as in Qwen3-Next-80B-A3B's config.json; Qwen2 vocabulary, tied.
 # That setup gives trunks (layers, hidden, heads) and "3B total, ~1B active" but no MoE shapes: every
