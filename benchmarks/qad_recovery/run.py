@@ -182,6 +182,60 @@ def run_job(cache: Path, blend: Path, teacher: Path, name: str, seed: int) -> di
     return result
 
 
+def continuation_task(corpus: Path, directory: Path, items: int = 200, context: int = 48, length: int = 16) -> Path:
+    """A held-out lm-eval multiple-choice task: the first `context` tokens of a valid-split
+    document, then its own next `length` tokens against those of 3 other valid documents
+    (decoded to text). Returns the task YAML; the JSONL lies beside it."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from train.data.indexed import IndexedDataset
+
+    tokenizer = AutoTokenizer.from_pretrained(corpus / "tokenizer")
+    valid = IndexedDataset(str(corpus / "stdlib_valid_text_document"))
+    documents = [valid[i].tolist() for i in range(len(valid)) if len(valid[i]) >= context + length]
+    rng = random.Random(0)
+    rows = []
+    for index, tokens in enumerate(documents[:items]):
+        others = rng.sample([d for j, d in enumerate(documents) if j != index], 3)
+        choices = [tokenizer.decode(d[context:context + length]) for d in [tokens, *others]]
+        rng.shuffle(order := list(range(4)))
+        rows.append({"context": tokenizer.decode(tokens[:context]), "choices": [choices[i] for i in order],
+                     "answer": order.index(0)})
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "stdlib_continuation.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    task = directory / "stdlib_continuation.yaml"
+    task.write_text("task: stdlib_continuation\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+                    "    test: stdlib_continuation.jsonl\ntest_split: test\noutput_type: multiple_choice\n"
+                    'doc_to_text: "{{context}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\n'
+                    'target_delimiter: ""\nmetric_list:\n  - metric: acc\n    aggregation: mean\n'
+                    "    higher_is_better: true\n  - metric: acc_norm\n    aggregation: mean\n"
+                    "    higher_is_better: true\nmetadata:\n  version: 1.0\n")
+    return task
+
+
+def downstream(cache: Path, names: list[str]) -> str:
+    """`python -m train.downstream` (lm-eval) of each named seed-1 job on the held-out
+    continuation task: the teacher, the PTQ student and the job's student, side by side."""
+    task = continuation_task(cache / "corpus", cache / "downstream")
+    lines = ["| model | acc | acc_norm |", "|---|---|---|"]
+    for index, name in enumerate(names):
+        out = cache / "downstream" / f"{name}-seed1.json"
+        if not out.exists():
+            log(f"{name} seed 1: train.downstream (lm-eval)")
+            subprocess.run([sys.executable, "-m", "train.downstream", str(next((cache / "jobs" / f"{name}-seed1").glob(
+                "*-Teacher-*"))), "--tasks", str(task), "--tokenizer", str(cache / "corpus" / "tokenizer"),
+                "--json", str(out)], cwd=REPO, env=ONE_THREAD, check=True, capture_output=True, timeout=3600)
+        results = json.loads(out.read_text())["results"]
+        for label, tasks in results.items():
+            if label in ("teacher", "PTQ") and index > 0:
+                continue  # the same in every QAD/QAT run
+            metrics = tasks["stdlib_continuation"]
+            lines.append(f"| {name if label == 'QAD' else label} | {metrics['acc']:.1%} | {metrics['acc_norm']:.1%} |")
+    return "\n".join(lines)
+
+
 def summarize(ptq: dict, runs: dict[str, list[dict]]) -> dict:
     """Per configuration: mean and spread (half the range) of each metric over the seeds."""
     teacher_loss, ptq_loss = ptq["teacher"]["val_loss"], ptq["student"]["val_loss"]
@@ -214,6 +268,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3, help="seeds 1..N of each job")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--parallel", type=int, default=2, help="jobs at a time (one thread each)")
+    parser.add_argument("--downstream", action="store_true",
+                        help="then lm-eval (train.downstream) of the best QAD and QAT jobs on a held-out task")
     args = parser.parse_args()
     cache = args.cache.resolve()
     blend, teacher, ptq = prepare(cache, args.teacher_steps)
@@ -235,6 +291,12 @@ def main() -> None:
                                                      "args": {**vars(args), "cache": str(cache)},
                                                      "seconds": time.time() - START}, indent=1))
     log(f"wrote {stem}.md and .json")
+    if args.downstream:
+        best = {kind: max((n for n in args.configs if n.startswith(kind)), default=None,
+                          key=lambda n: table[f"{n} ({len(runs[n])})"]["recovered"][0]) for kind in ("qad", "qat")}
+        text = downstream(cache, [name for name in best.values() if name])
+        print(text)
+        (cache / "results" / "downstream.md").write_text(text + "\n")
 
 
 if __name__ == "__main__":
