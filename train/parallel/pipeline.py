@@ -27,6 +27,11 @@ stages (the gradient of the one tied weight at PP_SIZE=1), so the same AdamW upd
 equal. The gradient norm counts the weight once (the first stage's), and checkpoints keep
 PP_SIZE=1's names: the model's lm_head.weight is the copy, and its AdamW state is saved and
 loaded under embed_tokens.weight, which PP_SIZE=1 uses for the one tied parameter.
+
+Checkpoints cross layouts (PP 2 <-> PP 1, tests/integration/test_pipeline.py): DCP saves the
+optimizer's parameter groups once for all ranks, with one stage's parameter names, so each stage
+puts its own names back after the load (loaded_view); the compatibility check compares the
+checkpoint with the keys of all stages (train/checkpoint.py model_shapes).
 """
 
 from __future__ import annotations
