@@ -155,6 +155,17 @@ def tensor_shapes(state: dict, prefix: str = "") -> dict[str, tuple]:
     return shapes
 
 
+def model_shapes(tensors: dict) -> dict[str, tuple]:
+    """{key: shape} of the model's tensors in `tensors`, over every rank: a pipeline stage holds a
+    part of the model (train/parallel/pipeline.py), the checkpoint the whole."""
+    shapes = {key: shape for key, shape in tensor_shapes(tensors).items() if key.startswith("model.")}
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        every_rank: list = [None] * dist.get_world_size()
+        dist.all_gather_object(every_rank, shapes)
+        shapes = {key: shape for rank_shapes in every_rank for key, shape in rank_shapes.items()}
+    return shapes
+
+
 def fsync_path(path: Path) -> None:
     """fsync a file or a directory (a directory: makes the names created or renamed in it durable)."""
     fd = os.open(path, os.O_RDONLY)
@@ -530,7 +541,7 @@ class CheckpointManager:
         metadata = dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata
         stored = {key: tuple(meta.size) for key, meta in metadata.items()
                   if key.startswith("model.") and hasattr(meta, "size")}
-        current = {key: shape for key, shape in tensor_shapes(tensors).items() if key.startswith("model.")}
+        current = model_shapes(tensors)
         differing = [f"{key}: checkpoint {list(stored[key])}, model {list(current[key])}"
                      for key in sorted(stored.keys() & current.keys()) if stored[key] != current[key]]
         only_model = sorted(current.keys() - stored.keys())

@@ -207,7 +207,9 @@ class Trainer:
                     "optimizer": zero_redundancy_optimizer_state_dict(self.model, self.optimizer)}
         model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
         # EP: local experts (and their moments) as DTensors of the global shape, so DCP reshards them
-        return expert_checkpoint_view(self.model, {"model": model_state, "optimizer": optimizer_state})
+        view = expert_checkpoint_view(self.model, {"model": model_state, "optimizer": optimizer_state})
+        # PP, tied embeddings: the last stage's lm_head copy keeps AdamW state under PP_SIZE=1's name
+        return self.pipeline.checkpoint_view(view) if self.pipeline is not None else view
 
     def save(self) -> None:
         """Saves the current iteration (once: a second call at the same iteration does nothing)."""
@@ -233,6 +235,8 @@ class Trainer:
 
         iteration = self.plan.resume.iteration
         tensors = self.tensors()
+        param_groups = [list(group["params"]) for group in tensors["optimizer"]["param_groups"]] \
+            if self.pipeline is not None else []  # this stage's parameter names, for loaded_view
         try:
             trainer_state = self.checkpoints.load(iteration, tensors, model_name=str(self.cfg.model.name))
         except (CheckpointMismatch, CheckpointDamaged) as error:
@@ -241,6 +245,8 @@ class Trainer:
             set_model_state_dict(self.model, tensors["model"])
         else:
             tensors = local_view(tensors)  # EP: back to the local experts
+            if self.pipeline is not None:
+                tensors = self.pipeline.loaded_view(tensors, param_groups)
             set_state_dict(self.model, self.optimizer, model_state_dict=tensors["model"],
                            optim_state_dict=tensors["optimizer"])
         self.load_state_dict(trainer_state)

@@ -1,12 +1,15 @@
-"""python -m pytest tests/integration/test_pipeline.py  (torchrun, 2 and 4 processes, gloo; ~2 min)
+"""python -m pytest tests/integration/test_pipeline.py  (torchrun, 2 and 4 processes, gloo; ~4 min)
 
 Pipeline parallelism (PP_SIZE=2, train/parallel/pipeline.py) through the real entrypoint against
-one process with the same global batch (8 micro-batches of 1 sequence): the logged losses per
-iteration, and the weights of the DCP checkpoint after 3 AdamW steps, equal within fp rounding.
-The checkpoint of a PP 2 x DP 2 run resumes in one process (names independent of the stages).
-tiny-llama3: 4 layers, untied embeddings (PP refuses tied ones).
+one process with the same global batch (8 micro-batches of 1 sequence): the logged losses and
+gradient norms per iteration, and the weights of the DCP checkpoint after 3 AdamW steps, equal
+within fp rounding. Checkpoints cross layouts (names independent of the stages): PP 2 x DP 2
+resumes in one process, one process resumes in PP 2, and PP 2 resumes in PP 2 bit for bit.
+Models (4 layers each): tiny-llama3 (dense, untied), tiny-qwen3-moe (router auxiliary loss
+across the stages, layer 0 dense), tiny-qwen3 (tied embeddings: a copy on each end stage).
 """
 
+import json
 from pathlib import Path
 
 import pytest
@@ -20,8 +23,19 @@ COMMON = ["model.name=tiny-llama3", "data.source=synthetic", "data.seq_length=32
           "optim.eps=1e-4", "optim.grad_clip=1.0", "logging.tensorboard=false"]
 
 
+MODELS = ["tiny-llama3", "tiny-qwen3-moe", "tiny-qwen3"]
+PP2 = ["parallel.pipeline_parallel_size=2"]
+
+
 def pretrain(root: Path, overrides: list[str], processes: int) -> list[float]:
     return run_pretrain(root, [*COMMON, *overrides], processes, timeout=300)
+
+
+def grad_norms(root: Path) -> list[float]:
+    """The logged gradient norm per iteration (the tied weight counted once)."""
+    records = [json.loads(line) for path in sorted(root.glob("*/logs/*.jsonl")) for line in path.read_text().splitlines()]
+    return [record["grad_norm"] for record in sorted(records, key=lambda r: r.get("iteration", -1))
+            if "grad_norm" in record]
 
 
 def weights(root: Path, iteration: int) -> dict[str, torch.Tensor]:
@@ -38,30 +52,62 @@ def assert_same_weights(actual: dict, expected: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def one_process(tmp_path_factory) -> tuple[list[float], dict]:
-    """The reference: 3 iterations (their weights), resumed to 5 (the losses of all 5)."""
-    root = tmp_path_factory.mktemp("one")
-    pretrain(root, ["training.train_iters=3"], 1)
-    reference = weights(root, 3)
-    return pretrain(root, ["training.train_iters=5"], 1), reference
+def one_process(tmp_path_factory):
+    """model -> the reference: 3 iterations (their weights, gradient norms), resumed to 5 (the losses
+    of all 5); run once per model."""
+    references = {}
+
+    def reference(model: str) -> tuple[list[float], dict, list[float]]:
+        if model not in references:
+            root = tmp_path_factory.mktemp(model)
+            pretrain(root, [f"model.name={model}", "training.train_iters=3"], 1)
+            weights_3, norms = weights(root, 3), grad_norms(root)
+            references[model] = pretrain(root, [f"model.name={model}", "training.train_iters=5"], 1), weights_3, norms
+        return references[model]
+    return reference
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layers", ["", "1,3"], ids=["balanced", "uneven"])
-def test_two_stages_match_one_process(tmp_path, one_process, layers):
-    expected_losses, expected_weights = one_process
-    result = pretrain(tmp_path, ["training.train_iters=3", "parallel.pipeline_parallel_size=2",
+@pytest.mark.parametrize("model, layers", [("tiny-llama3", ""), ("tiny-llama3", "1,3"), ("tiny-qwen3-moe", "1,3"),
+                                           ("tiny-qwen3", "")], ids=["balanced", "uneven", "moe", "tied"])
+def test_two_stages_match_one_process(tmp_path, one_process, model, layers):
+    """moe 1,3: the first stage's one block is dense, the balance statistics start on the second."""
+    expected_losses, expected_weights, expected_norms = one_process(model)
+    result = pretrain(tmp_path, [f"model.name={model}", "training.train_iters=3", *PP2,
                                  f"parallel.pipeline_layers={layers!r}"], 2)
     assert result == pytest.approx(expected_losses[:3], rel=1e-5)
+    assert grad_norms(tmp_path) == pytest.approx(expected_norms, rel=1e-4)
     assert_same_weights(weights(tmp_path, 3), expected_weights)
 
 
 @pytest.mark.slow
-def test_two_stages_times_fsdp2_match_and_resume_in_one_process(tmp_path, one_process):
+@pytest.mark.parametrize("model", MODELS)
+def test_two_stages_times_fsdp2_match_and_resume_in_one_process(tmp_path, one_process, model):
     """PP 2 x DP 2 (FSDP2 inside each stage) on 4 processes, then 2 more iterations as PP 1."""
-    expected_losses, expected_weights = one_process
-    pretrain(tmp_path, ["training.train_iters=3", "parallel.pipeline_parallel_size=2",
-                        "parallel.data_parallel=fsdp"], 4)
+    expected_losses, expected_weights, expected_norms = one_process(model)
+    pretrain(tmp_path, [f"model.name={model}", "training.train_iters=3", *PP2, "parallel.data_parallel=fsdp"], 4)
+    assert grad_norms(tmp_path) == pytest.approx(expected_norms, rel=1e-4)
     assert_same_weights(weights(tmp_path, 3), expected_weights)
-    result = pretrain(tmp_path, ["training.train_iters=5"], 1)
+    result = pretrain(tmp_path, [f"model.name={model}", "training.train_iters=5"], 1)
     assert result == pytest.approx(expected_losses, rel=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["tiny-qwen3-moe", "tiny-qwen3"])
+def test_one_process_checkpoint_resumes_in_two_stages(tmp_path, one_process, model):
+    """A PP 1 checkpoint (the tied weight's AdamW state under embed_tokens.weight) read by PP 2."""
+    expected_losses, _, _ = one_process(model)
+    pretrain(tmp_path, [f"model.name={model}", "training.train_iters=3"], 1)
+    result = pretrain(tmp_path, [f"model.name={model}", "training.train_iters=5", *PP2], 2)
+    assert result == pytest.approx(expected_losses, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_two_stages_resume_bit_for_bit(tmp_path):
+    """tiny-qwen3 (tied) on PP 2: 3 iterations then 2 more equal 5 uninterrupted exactly."""
+    model = ["model.name=tiny-qwen3", *PP2]
+    pretrain(tmp_path / "split", [*model, "training.train_iters=3"], 2)
+    resumed = pretrain(tmp_path / "split", [*model, "training.train_iters=5"], 2)
+    assert resumed == pretrain(tmp_path / "whole", [*model, "training.train_iters=5"], 2)
+    assert all(torch.equal(weights(tmp_path / "split", 5)[name], tensor)
+               for name, tensor in weights(tmp_path / "whole", 5).items())

@@ -12,7 +12,8 @@ import re
 import pytest
 
 from train.launch.conf import CONF_VARIABLES
-from train.launch.memory import Split, memory_breakdown, parse_slurm_time
+from train.launch.memory import (Split, memory_breakdown, parse_slurm_time, pipeline_stages,
+                                 resource_summary)
 from train.launch.plan import PlanError, main, plan_from_conf
 from train.models.registry import get_model_args
 
@@ -166,3 +167,61 @@ def test_fsdp_mixed_precision_gathers_bf16_blocks_and_caches_no_autocast_copies(
     for key in ("parameters", "gradients", "optimizer", "activations"):
         assert policy[key] == autocast[key], key
     assert policy["total"] < autocast["total"]
+
+
+def test_pipeline_stages_hold_their_blocks_and_the_ends_the_embedding_and_lm_head():
+    """tiny-llama3 split 1,3: per block attention + SwiGLU + 2 norms, the embedding on stage 0,
+    the final norm and the untied lm_head on stage 1; tiny-qwen3 (tied) keeps a copy on each end."""
+    args = get_model_args("tiny-llama3")
+    D, F, V = args.hidden_size, args.intermediate_size, args.vocab_size
+    q, kv = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
+    block = D * (q + 2 * kv) + q * D + 3 * D * F + 2 * D
+    first, last = pipeline_stages(args, 2, "1,3", accumulation=8)
+    assert first.groups == {"embedding": V * D, "experts": 0, "dense": block} and first.layers == range(0, 1)
+    assert last.groups == {"embedding": V * D, "experts": 0, "dense": 3 * block + D} and last.layers == range(1, 4)
+    assert (first.in_flight, first.loss, last.in_flight, last.loss) == (2, False, 1, True)
+    tied = get_model_args("tiny-qwen3")
+    assert [stage.groups["embedding"] for stage in pipeline_stages(tied, 3, "", 8)] == [V * D, 0, V * D]
+    assert pipeline_stages(tied, 4, "", accumulation=2)[0].in_flight == 2  # no more than the step's micro-batches
+
+
+def test_pipeline_memory_is_the_stages_share_with_its_micro_batches_in_flight():
+    """qwen3-8b, PP 4 (36 blocks: 9 a stage), fp32 master weights: parameters, gradients and
+    AdamW of a stage; the first stage keeps 4 micro-batches' block inputs, the last computes the loss."""
+    args = get_model_args("qwen3-8b")
+    common = dict(job="pretrain", layout=Split(1, 1, 2, "ddp", pp=4), mbs=1, seq_length=4096, param_bytes=4,
+                  act_bytes=2, checkpointing=True, accumulation=8)
+    stages = pipeline_stages(args, 4, "", accumulation=8)
+    assert [len(stage.layers) for stage in stages] == [9, 9, 9, 9]
+    first, last = (memory_breakdown(args, stage=stage, **common) for stage in (stages[0], stages[-1]))
+    D, F, q, kv = args.hidden_size, args.intermediate_size, args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
+    block = D * (q + 2 * kv) + q * D + 2 * args.head_dim + 3 * D * F + 2 * D  # attention, q/k norms, SwiGLU, 2 norms
+    elements = args.vocab_size * D + 9 * block
+    assert first["parameters"] == 4 * elements and first["optimizer"] == 8 * elements
+    assert first["activations"] == 4 * 4096 * 9 * args.hidden_size * 4  # 4 in flight x 9 block inputs, fp32
+    assert last["activations"] == 1 * 4096 * 9 * args.hidden_size * 4 and first["loss"] == 0 < last["loss"]
+    every = [memory_breakdown(args, stage=stage, **common)["parameters"] for stage in stages]
+    assert sum(every) == memory_breakdown(args, **common)["parameters"]  # untied: the stages add up to the model
+
+
+def test_pipeline_plan_takes_the_largest_stage_and_the_bubble(tmp_path, env, capsys):
+    """PP_SIZE=2 on 8 GPUs: dp 4, GBS 64 = MBS 4 x 4 x 4 micro-batches; the bubble (p - 1) / (m + p - 1)
+    = 1/5 of the compute, which is 5/4 of PP 1's on the same GPUs; --dry-run prints it."""
+    text = BIG + "export GBS=64\nexport DP_SHARDING=fsdp\nexport ACTIVATION_CHECKPOINTING=1\nexport PRECISION=bf16\n"
+    flat = plan_from_conf("pretrain", conf(tmp_path, text), [], env)[0].resources
+    path = conf(tmp_path, text + "export PP_SIZE=2\n")
+    piped = plan_from_conf("pretrain", path, [], env)[0].resources
+    args = get_model_args("qwen3-8b")
+    stages = pipeline_stages(args, 2, "", accumulation=4)
+    memory = [memory_breakdown(args, job="pretrain", layout=Split(1, 1, 4, "fsdp", pp=2), mbs=4, seq_length=4096,
+                               param_bytes=4, act_bytes=2, checkpointing=True, accumulation=4, stage=stage)
+              for stage in stages]
+    assert piped["memory_per_gpu_bytes"] == max(memory, key=lambda m: m["total"])
+    time = piped["time"]
+    assert time["pipeline_bubble"] == pytest.approx(1 / 5) and "pipeline_bubble" not in flat["time"]
+    assert time["compute_s"] == pytest.approx(flat["time"]["compute_s"] * 5 / 4)
+    assert time["bubble_s"] == pytest.approx(time["compute_s"] / 5)
+    assert "pipeline bubble 20% of it" in resource_summary(piped)
+    os.environ.update({k: v for k, v in env.items() if k != "PATH"})
+    assert main(["--job", "pretrain", "--config", path, "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out)["resources"]["time"]["pipeline_bubble"] == pytest.approx(0.2)

@@ -11,7 +11,7 @@ import torch
 from train.models import build_model, get_model_args, init_weights
 from train.parallel.apply import apply_activation_checkpointing
 from train.parallel.checks import pipeline_layers
-from train.parallel.pipeline import split_stage
+from train.parallel.pipeline import balance_loss, split_stage
 from train.parallel import (ParallelSettingsError, build_mesh, check_engine_support, check_parallel_settings,
                             parallelize)
 
@@ -34,7 +34,7 @@ def test_every_strategy_is_accepted(strategy):
 
 @pytest.mark.parametrize("overrides, world_size, message", [
     (dict(data_parallel="zero3"), 2, "parallel.data_parallel='zero3'"),
-    (dict(pipeline_parallel_size=2), 2, "model tiny-qwen3 ties lm_head to the embedding"),
+    (dict(pipeline_parallel_size=2, expert_parallel_size=2), 4, "PP_SIZE=2 with EP_SIZE=2"),
     (dict(tensor_parallel_size=4), 4, "TP_SIZE=4 does not divide num_kv_heads=2"),  # tiny: 4 heads, 2 KV
     (dict(tensor_parallel_size=2, data_parallel="ddp"), 4, "use fsdp or fsdp_zero2"),
     (dict(tensor_parallel_size=2, data_parallel="zero1"), 4, "use fsdp or fsdp_zero2"),
@@ -48,9 +48,8 @@ def test_impossible_settings_are_named(overrides, world_size, message):
     ("tiny-llama3", dict(pipeline_parallel_size=2, tensor_parallel_size=2, data_parallel="fsdp"),
      "PP_SIZE=2 with TP_SIZE=2: pipeline parallelism does not compose with TP_SIZE yet"),
     ("tiny-llama3", dict(pipeline_parallel_size=2, data_parallel="zero1"), "PP_SIZE=2 with parallel.data_parallel='zero1'"),
-    ("tiny-qwen3-moe", dict(pipeline_parallel_size=2), "dense llama and qwen3 models only, not model tiny-qwen3-moe"),
-    ("tiny-qwen3-next", dict(pipeline_parallel_size=2), "dense llama and qwen3 models only"),
-    ("tiny-gpt2", dict(pipeline_parallel_size=2), "dense llama and qwen3 models only"),
+    ("tiny-qwen3-next", dict(pipeline_parallel_size=2), "runs llama, qwen3, qwen3_moe models only, not model tiny-qwen3-next"),
+    ("tiny-gpt2", dict(pipeline_parallel_size=2), "runs llama, qwen3, qwen3_moe models only"),
     ("tiny-llama3", dict(pipeline_parallel_size=5), "PP_SIZE=5 exceeds the model's 4 layers"),
     ("tiny-llama3", dict(pipeline_parallel_size=2, pipeline_layers="1,2"), "add up to the model's 4 layers"),
     ("tiny-llama3", dict(pipeline_parallel_size=2, pipeline_layers="4,0"), "counts of at least 1"),
@@ -71,8 +70,9 @@ def test_pipeline_layers_balance_embedding_and_lm_head(num_layers, pp, spec, cou
     assert pipeline_layers(num_layers, pp, spec) == counts
 
 
-def test_pipeline_of_a_dense_untied_model_is_accepted():
-    check_parallel_settings(settings(pipeline_parallel_size=2, pipeline_layers="1,3"), get_model_args("tiny-llama3"),
+@pytest.mark.parametrize("model", ["tiny-llama3", "tiny-qwen3", "tiny-qwen3-moe"])
+def test_pipeline_of_llama_qwen3_tied_and_moe_models_is_accepted(model):
+    check_parallel_settings(settings(pipeline_parallel_size=2, pipeline_layers="1,3"), get_model_args(model),
                             world_size=4)
 
 
@@ -157,3 +157,22 @@ def test_pipeline_stages_keep_the_whole_models_names_and_compose_to_it():
     assert {"layers.1.mlp.up_proj.weight", "layers.3.self_attn.o_proj.weight", "lm_head.weight"} <= names[1]
     tokens = torch.randint(0, whole.args.vocab_size, (2, 8))
     torch.testing.assert_close(stages[1](stages[0](tokens)), whole(tokens, return_hidden=True))
+
+
+@pytest.mark.parametrize("counts", [[1, 3], [2, 2]], ids=["dense-first-stage", "moe-on-both"])
+def test_moe_stages_pass_on_the_balance_statistics_of_the_whole_model(counts):
+    """tiny-qwen3-moe (layer 0 dense): the last stage's load-balancing loss from the balance sums
+    the stages pass on equals the whole model's auxiliary_loss, value and router gradients."""
+    whole = init_weights(build_model("tiny-qwen3-moe", device="cpu"), 0)
+    stages = [split_stage(copy.deepcopy(whole), stage, counts) for stage in range(2)]
+    tokens = torch.randint(0, whole.args.vocab_size, (2, 8))
+    hidden, balance = stages[1](*stages[0](tokens))
+    torch.testing.assert_close(hidden, whole(tokens, return_hidden=True))
+    expected, actual = whole.auxiliary_loss(), balance_loss(stages[1], balance)
+    torch.testing.assert_close(actual, expected)
+    expected.backward()
+    actual.backward()
+    for index in range(1, 4):  # the MoE layers' routers, on whichever stage holds them
+        stage = stages[0] if index < counts[0] else stages[1]
+        router = stage.get_submodule(f"layers.{index}.mlp.gate")  # the stage keeps the index in the name
+        torch.testing.assert_close(router.weight.grad, whole.layers[index].mlp.gate.weight.grad)

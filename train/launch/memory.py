@@ -28,14 +28,25 @@ Bytes per GPU, for this rank's share of the model (tp, ep and data-parallel shar
 The peak ("total") is not the sum: gradients (set to None after each step) and activations
 (freed through backward) peak at different moments; memory_breakdown says how they combine.
 
+Pipeline parallelism (PP_SIZE > 1, train/parallel/pipeline.py): each GPU holds its stage's share
+(pipeline_stages): its blocks, the embedding on the first stage, the final norm and lm_head on
+the last (a tied lm_head: the last stage's copy of the embedding), so parameters, gradients and
+AdamW state are the stage's; 1F1B keeps the activations of up to PP_SIZE - s micro-batches of
+stage s (PP_SIZE on the first stage, at most the step's micro-batches); the loss's logits only on
+the last stage. The plan's figure is the largest stage's total.
+
 The time: training FLOPs (the PaLM count of flops_per_token, + the teacher's forward for QAD)
 over the GPUs' peak bf16 FLOP/s at an assumed MFU (ASSUMED_MFU, default 0.35), and the chained
-SLURM jobs the wrapper's time limit (#SBATCH --time, or SBATCH_TIMELIMIT) implies.
+SLURM jobs the wrapper's time limit (#SBATCH --time, or SBATCH_TIMELIMIT) implies. With PP_SIZE=p
+and m micro-batches per step, 1F1B idles each stage for p - 1 of its m + p - 1 slots: the
+compute time grows by (m + p - 1) / m, the pipeline bubble (p - 1) / (m + p - 1) of it (stages
+taken as balanced; the activation sends between stages are not counted).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import re
@@ -46,6 +57,7 @@ from typing import TYPE_CHECKING
 from train.launch.comms import (Interconnect, StepShape, communication_plan, interconnect, parameter_groups,
                                 step_collectives)
 from train.mfu import peak_flops_for_name
+from train.parallel.checks import pipeline_layers
 
 if TYPE_CHECKING:  # annotations only: importing train.config loads Hydra
     from train.config import JobConfig
@@ -71,6 +83,44 @@ class Split:
     ep: int
     dp: int
     strategy: str  # ddp | fsdp | fsdp_zero2 | zero1
+    pp: int = 1  # pipeline stages (PP_SIZE)
+    pipeline_layers: str = ""  # PP_LAYERS: blocks per stage (empty: balanced, train/parallel/checks.py)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """What one GPU's pipeline stage holds: the whole model at PP_SIZE=1."""
+    groups: dict[str, int]  # parameter_groups of its part of the model
+    layers: range  # its blocks
+    in_flight: int = 1  # micro-batches whose activations it keeps at once (1F1B)
+    loss: bool = True  # lm_head and the loss: the last stage
+
+
+def block_groups(args, index: int) -> dict[str, int]:
+    """parameter_groups of block `index` alone: a two-block model of its kind less a one-block one."""
+    kind = dict(decoder_sparse_step=1, mlp_only_layers=() if args.is_moe_layer(index) else (0, 1))
+    two, one = (parameter_groups(dataclasses.replace(args, num_layers=n, **kind)) for n in (2, 1))
+    return {"dense": two["dense"] - one["dense"], "experts": two["experts"] - one["experts"]}
+
+
+def pipeline_stages(args, pp: int = 1, spec: str = "", accumulation: int = 1) -> list[Stage]:
+    """Each stage's share (PP_SIZE=pp, PP_LAYERS=spec): its blocks; the first stage the embedding,
+    the last the final norm and lm_head (tied: a copy of the embedding); stage s keeps the
+    activations of min(pp - s, accumulation) micro-batches (1F1B's warm-up fills pp - s)."""
+    whole = parameter_groups(args)
+    if pp == 1:
+        return [Stage(whole, range(args.num_layers))]
+    blocks = [block_groups(args, index) for index in range(args.num_layers)]
+    final_norm = whole["dense"] - sum(block["dense"] for block in blocks)
+    stages, start = [], 0
+    for stage, count in enumerate(pipeline_layers(args.num_layers, pp, spec)):
+        layers, last = range(start, start + count), stage == pp - 1
+        groups = {"embedding": args.vocab_size * args.hidden_size if stage in (0, pp - 1) else 0,
+                  "experts": sum(blocks[i]["experts"] for i in layers),
+                  "dense": sum(blocks[i]["dense"] for i in layers) + (final_norm if last else 0)}
+        stages.append(Stage(groups, layers, min(pp - stage, accumulation), last))
+        start += count
+    return stages
 
 
 def local_elements(groups: dict[str, int], layout: Split, fsdp_sharded: bool) -> float:
@@ -93,8 +143,9 @@ def lora_elements(args, rank: int, targets: list[str]) -> int:
     return args.num_layers * sum(rank * sum(shapes[t]) for t in targets if t in shapes)
 
 
-def activation_bytes(args, tokens: int, act_bytes: int, layout: Split) -> tuple[float, float]:
-    """(bytes backward keeps of `tokens` tokens through all layers, bytes of the largest layer)
+def activation_bytes(args, tokens: int, act_bytes: int, layout: Split,
+                     layers: range | None = None) -> tuple[float, float]:
+    """(bytes backward keeps of `tokens` tokens through `layers` (None: all), bytes of the largest layer)
     on this rank; TP splits the head and MLP widths. Per layer and token: the norm inputs of the
     fp32 residual stream (2 D x 4) and the norm outputs (2 D x 4, and their bf16 copies under
     autocast), q/k/v and the attention output (~4 q + 5 kv), the MLP's gate, up, act and product
@@ -103,7 +154,7 @@ def activation_bytes(args, tokens: int, act_bytes: int, layout: Split) -> tuple[
     q, kv = args.num_heads * args.head_dim / layout.tp, args.num_kv_heads * args.head_dim / layout.tp
     norms = 4 * D * 4 + (2 * D * act_bytes if act_bytes < 4 else 0)
     per_layer = []
-    for i in range(args.num_layers):
+    for i in range(args.num_layers) if layers is None else layers:
         mlp = 4 * F
         if args.num_experts and args.is_moe_layer(i):
             mlp = args.num_experts_per_token * (D + 4 * args.moe_intermediate_size) + args.num_experts
@@ -129,14 +180,17 @@ def loss_bytes(args, tokens: int, distill_rows: int | None, fused: bool) -> floa
 def memory_breakdown(args, *, job: str, layout: Split, mbs: int, seq_length: int, param_bytes: int,
                      act_bytes: int, checkpointing: bool, accumulation: int = 1, teacher=None,
                      teacher_bytes: int = 2, lora: tuple[int, list[str]] | None = None,
-                     distill_rows: int = 512, fsdp_mixed_precision: bool = False) -> dict[str, float]:
+                     distill_rows: int = 512, fsdp_mixed_precision: bool = False,
+                     stage: Stage | None = None) -> dict[str, float]:
     """Bytes per GPU by category (the module docstring says what each holds) and the peak, "total".
+    stage: the GPU's pipeline stage (pipeline_stages; None: the whole model).
 
     The peak is what stays (parameters, gathered blocks, optimizer state, the teacher, DDP's
     buckets) plus the larger of the two moments of a step: the end of the forward (activations
     and the loss's chunk; gradients only when an earlier micro-batch left them) and the end of
     the backward (every gradient, activations freed)."""
-    groups = parameter_groups(args)
+    stage = stage or pipeline_stages(args)[0]
+    groups, blocks = stage.groups, len(stage.layers)
     fsdp = layout.strategy in ("fsdp", "fsdp_zero2")
     params = local_elements(groups, layout, fsdp)
     trainable, trained_bytes = params, param_bytes
@@ -148,8 +202,8 @@ def memory_breakdown(args, *, job: str, layout: Split, mbs: int, seq_length: int
     if fsdp:  # unsharded blocks: two at a time (fsdp), or all of them through backward (fsdp_zero2)
         sharded_experts = groups["experts"] if layout.ep == 1 else 0  # FSDP gathers them with their block
         gathered_bytes = 2 if fsdp_mixed_precision else param_bytes  # MixedPrecisionPolicy gathers bf16
-        block = (groups["dense"] / layout.tp + sharded_experts) / args.num_layers * gathered_bytes
-        out["gathered"] = 2 * block if layout.strategy == "fsdp" else block * args.num_layers
+        block = (groups["dense"] / layout.tp + sharded_experts) / blocks * gathered_bytes
+        out["gathered"] = 2 * block if layout.strategy == "fsdp" else block * blocks
     out["gradients"] = trainable * trained_bytes
     if layout.strategy == "fsdp_zero2" and accumulation > 1:  # reduce-scattered in the last micro-batch only:
         # whole gradients until then (fsdp, ZeRO-3, reduce-scatters every micro-batch: trainer.accumulate_gradients)
@@ -161,7 +215,8 @@ def memory_breakdown(args, *, job: str, layout: Split, mbs: int, seq_length: int
     if teacher is not None:
         out["teacher"] = local_elements(parameter_groups(teacher), layout, fsdp) * teacher_bytes
     tokens = mbs * seq_length
-    activations, one_layer = activation_bytes(args, tokens, act_bytes, layout)
+    activations, one_layer = activation_bytes(args, tokens, act_bytes, layout, stage.layers)
+    activations *= stage.in_flight  # 1F1B: the micro-batches forwarded and not yet backwarded
     if job == "qad":  # fake-quantized linear inputs kept for backward: one more copy of them
         activations, one_layer = activations * 1.5, one_layer * 1.5
     # bf16 autocast caches a bf16 copy of each fp32 weight it multiplies, through the backward
@@ -169,12 +224,12 @@ def memory_breakdown(args, *, job: str, layout: Split, mbs: int, seq_length: int
     autocast = act_bytes < 4 and param_bytes == 4 and not (fsdp and fsdp_mixed_precision)
     out["autocast_weights"] = params * 2 if autocast else 0.0
     if checkpointing:  # block inputs stay; one block is recomputed at a time in the backward
-        kept = tokens * args.num_layers * args.hidden_size * 4
+        kept = tokens * blocks * args.hidden_size * 4 * stage.in_flight
         out["activations"], recomputed = kept, one_layer
     else:
         out["activations"], recomputed = activations, 0.0
     fused = layout.tp == 1
-    out["loss"] = loss_bytes(args, tokens, distill_rows if job == "qad" else None, fused)
+    out["loss"] = loss_bytes(args, tokens, distill_rows if job == "qad" else None, fused) if stage.loss else 0.0
     staying = sum(out[k] for k in ("parameters", "gathered", "ddp_buckets", "optimizer", "teacher"))
     earlier_gradients = out["gradients"] if accumulation > 1 else 0.0
     forward_end = out["autocast_weights"] + out["activations"] + out["loss"] + earlier_gradients
@@ -220,10 +275,11 @@ def parse_slurm_time(text: str) -> int:
 
 def time_plan(args, teacher, *, tokens_per_step: int, seq_length: int, iters: int | None, world_size: int,
               gpu: str, mfu: float, time_limit_s: int | None, checkpointing: bool,
-              communication_s: float = 0.0) -> dict:
+              communication_s: float = 0.0, pp: int = 1, micro_batches: int = 1) -> dict:
     """Step and wall time: compute from FLOPs at an assumed MFU + communication_s (the part of
     the step's communication not hidden behind compute, train/launch/comms.py); chained jobs
-    under the time limit."""
+    under the time limit. pp > 1: the compute of a pipeline of pp stages over `micro_batches`
+    per step, bubble included (the module docstring)."""
     from train.models.registry import flops_per_token
 
     flops = flops_per_token(args, seq_length) * (4 / 3 if checkpointing else 1)  # recompute: +1 forward
@@ -234,6 +290,10 @@ def time_plan(args, teacher, *, tokens_per_step: int, seq_length: int, iters: in
     if peak is None:
         return out
     compute_s = flops * tokens_per_step / (world_size * peak * mfu)
+    if pp > 1:  # 1F1B: m + p - 1 slots for m micro-batches' work
+        bubble = (pp - 1) / (micro_batches + pp - 1)
+        out.update(pipeline_bubble=bubble, bubble_s=compute_s * (pp - 1) / micro_batches)
+        compute_s += out["bubble_s"]
     step_s = compute_s + communication_s
     out.update(compute_s=compute_s, communication_s=communication_s, step_s=step_s)
     if iters:
@@ -299,13 +359,15 @@ def job_memory(job: str, cfg: JobConfig, layout: Split, models) -> dict[str, flo
     accumulation = max(gbs // (mbs * layout.dp), 1)
     targets = [name.strip() for name in str(cfg.lora.target_modules).split(",") if name.strip()]
     lora = (int(cfg.lora.rank), targets) if job == "finetune" else None
-    return memory_breakdown(
+    stages = [memory_breakdown(
         student, job=job, layout=layout, mbs=int(cfg.training.micro_batch_size), seq_length=int(cfg.data.seq_length),
         param_bytes=2 if cfg.model.param_dtype == "bfloat16" else 4,
         act_bytes=2 if cfg.training.precision == "bf16" else 4,
         checkpointing=bool(cfg.parallel.activation_checkpointing), accumulation=accumulation, teacher=teacher,
         teacher_bytes=teacher_bytes, lora=lora, distill_rows=int(cfg.distill.chunk_size),
-        fsdp_mixed_precision=bool(cfg.parallel.fsdp_mixed_precision))
+        fsdp_mixed_precision=bool(cfg.parallel.fsdp_mixed_precision), stage=stage)
+        for stage in pipeline_stages(student, layout.pp, layout.pipeline_layers, accumulation)]
+    return max(stages, key=lambda memory: memory["total"])  # PP: the stage that needs the most
 
 
 def job_communication(job: str, cfg: JobConfig, layout: Split, models, link: Interconnect) -> dict | None:
@@ -330,7 +392,7 @@ def job_communication(job: str, cfg: JobConfig, layout: Split, models, link: Int
 def job_split(cfg: JobConfig, data_parallel: int) -> Split:
     parallel = cfg.parallel
     return Split(int(parallel.tensor_parallel_size), int(parallel.expert_parallel_size), data_parallel,
-                  str(parallel.data_parallel))
+                 str(parallel.data_parallel), int(parallel.pipeline_parallel_size), str(parallel.pipeline_layers))
 
 
 def resource_plan(job: str, cfg: JobConfig, env: dict[str, str], world_size: int, data_parallel: int, gbs: int,
@@ -342,10 +404,11 @@ def resource_plan(job: str, cfg: JobConfig, env: dict[str, str], world_size: int
     models = job_models(job, cfg)
     split = job_split(cfg, data_parallel)
     memory = job_memory(job, cfg, split, models)
+    accumulation = gbs // (int(cfg.training.micro_batch_size) * data_parallel)
     out = {"gpu": gpu, "gpu_memory_bytes": capacity, "memory_per_gpu_bytes": memory,
            "fits": memory is None or memory["total"] <= capacity,
            "tokens_per_step": gbs * int(cfg.data.seq_length),
-           "accumulation_steps": gbs // (int(cfg.training.micro_batch_size) * data_parallel),
+           "accumulation_steps": accumulation,
            "total_tokens": gbs * int(cfg.data.seq_length) * iters if iters else None}
     if models[0] is not None:
         out["communication"] = job_communication(job, cfg, split, models, link)
@@ -354,7 +417,8 @@ def resource_plan(job: str, cfg: JobConfig, env: dict[str, str], world_size: int
                                 seq_length=int(cfg.data.seq_length), iters=iters, world_size=world_size, gpu=gpu,
                                 mfu=mfu, time_limit_s=slurm_time_limit_s(job, env, slurm_dir),
                                 checkpointing=bool(cfg.parallel.activation_checkpointing),
-                                communication_s=out["communication"]["exposed_s"])
+                                communication_s=out["communication"]["exposed_s"], pp=split.pp,
+                                micro_batches=accumulation)
     return out
 
 
@@ -378,7 +442,7 @@ def fitting_alternatives(job: str, cfg: JobConfig, world_size: int, capacity: fl
         variant = copy.deepcopy(cfg)
         section, name = key.split(".")
         setattr(getattr(variant, section), name, value)
-        dp = world_size // variant.parallel.tensor_parallel_size
+        dp = world_size // (variant.parallel.tensor_parallel_size * variant.parallel.pipeline_parallel_size)
         memory = job_memory(job, variant, job_split(variant, dp), models)
         if memory is not None and memory["total"] <= capacity:
             found.append(f"{label} ({format_bytes(memory['total'])})")
@@ -394,8 +458,9 @@ def resource_summary(resources: dict) -> str:
     time = resources.get("time") or {}
     parts = [head, f"{resources['tokens_per_step']:,} tokens/step ({resources['accumulation_steps']} accumulation)"]
     if "step_s" in time:
-        parts.append(f"~{time['step_s']:.2f} s/step (compute {time['compute_s']:.2f} at MFU {time['assumed_mfu']:g}, "
-                     f"communication {time['communication_s']:.2f})")
+        bubble = f", pipeline bubble {time['pipeline_bubble']:.0%} of it" if "pipeline_bubble" in time else ""
+        parts.append(f"~{time['step_s']:.2f} s/step (compute {time['compute_s']:.2f} at MFU {time['assumed_mfu']:g}"
+                     f"{bubble}, communication {time['communication_s']:.2f})")
     if "wall_s" in time:
         parts.append(f"~{time['wall_s'] / 3600:.1f} h in all")
     if "chained_jobs" in time:

@@ -36,7 +36,7 @@ def check_parallel_settings(parallel_cfg: ParallelConfig, model_args=None, world
         raise ParallelSettingsError(f"parallel.data_parallel={strategy!r} (DP_SHARDING): use one of "
                                     f"{', '.join(DATA_PARALLEL_STRATEGIES)}")
     tp = parallel_cfg.tensor_parallel_size
-    check_pipeline_parallel(parallel_cfg, model_args, num_experts)
+    check_pipeline_parallel(parallel_cfg, model_args)
     check_expert_parallel(parallel_cfg, model_args, world_size, num_experts)
     if tp > 1 and world_size is not None and world_size // tp > 1 and strategy in ("ddp", "zero1"):
         # DDP cannot reduce DTensor gradients; FSDP2 composes with TP on a 2-D mesh.
@@ -59,12 +59,12 @@ def check_parallel_settings(parallel_cfg: ParallelConfig, model_args=None, world
                                             f"{model_args.name}")
 
 
-PIPELINE_FAMILIES = ("llama", "qwen3")  # dense, untied: their stages split from outside (pipeline.py)
+PIPELINE_FAMILIES = ("llama", "qwen3", "qwen3_moe")  # their stages split from outside (pipeline.py)
 
 
-def check_pipeline_parallel(parallel_cfg: ParallelConfig, model_args=None, num_experts: int | None = None) -> None:
-    """PP_SIZE > 1: dense untied llama / qwen3 models alone, without TP, EP or ZeRO-1, and a layer
-    split that gives every stage at least one block."""
+def check_pipeline_parallel(parallel_cfg: ParallelConfig, model_args=None) -> None:
+    """PP_SIZE > 1: llama / qwen3 / qwen3_moe models alone (tied embeddings too), without TP, EP or
+    ZeRO-1, and a layer split that gives every stage at least one block."""
     pp = parallel_cfg.pipeline_parallel_size
     if pp < 1:
         raise ParallelSettingsError(f"PP_SIZE={pp} must be at least 1")
@@ -80,14 +80,9 @@ def check_pipeline_parallel(parallel_cfg: ParallelConfig, model_args=None, num_e
                                     "or fsdp_zero2")
     if model_args is None:
         return
-    if num_experts is None:
-        num_experts = model_args.num_experts
-    if model_args.family not in PIPELINE_FAMILIES or num_experts:
-        raise ParallelSettingsError(f"PP_SIZE={pp}: pipeline parallelism runs dense {' and '.join(PIPELINE_FAMILIES)} "
+    if model_args.family not in PIPELINE_FAMILIES:
+        raise ParallelSettingsError(f"PP_SIZE={pp}: pipeline parallelism runs {', '.join(PIPELINE_FAMILIES)} "
                                     f"models only, not model {model_args.name} ({model_args.family}); use PP_SIZE=1")
-    if model_args.tie_embeddings:
-        raise ParallelSettingsError(f"PP_SIZE={pp}: model {model_args.name} ties lm_head to the embedding, which "
-                                    "live on the first and the last stage; use PP_SIZE=1")
     pipeline_layers(model_args.num_layers, pp, parallel_cfg.pipeline_layers)
 
 

@@ -12,6 +12,26 @@ The blocks per stage: train/parallel/checks.py pipeline_layers (parallel.pipelin
 The last stage computes the project's token-weighted loss (train/losses.py token_loss, with the
 step's `tokens` of train/trainer.py loss_tokens, divided by the accumulation steps as in
 accumulate_gradients) and broadcasts the step's loss to the other stages.
+
+MoE (qwen3_moe): the load-balancing loss (train/models/common/moe.py combined_aux_loss) mixes
+every MoE layer's routing statistics, so each stage passes on, next to its activations, the
+sums over the MoE layers so far of the routed fraction (no gradient) and the mean router
+probability per expert; the last stage adds the loss of the totals to the micro-batch's token
+loss, as PP_SIZE=1 does, and its gradient goes back to each layer's router through the
+schedule's backward sends.
+
+Tied embeddings (tiny-qwen3, qwen3-0.6b): Megatron's scheme. The first stage's embedding and the
+last stage's lm_head are two copies of the weight, equal at the start (the whole model is
+initialized before the split); after each backward their gradients are summed between the two
+stages (the gradient of the one tied weight at PP_SIZE=1), so the same AdamW update keeps them
+equal. The gradient norm counts the weight once (the first stage's), and checkpoints keep
+PP_SIZE=1's names: the model's lm_head.weight is the copy, and its AdamW state is saved and
+loaded under embed_tokens.weight, which PP_SIZE=1 uses for the one tied parameter.
+
+Checkpoints cross layouts (PP 2 <-> PP 1, tests/integration/test_pipeline.py): DCP saves the
+optimizer's parameter groups once for all ranks, with one stage's parameter names, so each stage
+puts its own names back after the load (loaded_view); the compatibility check compares the
+checkpoint with the keys of all stages (train/checkpoint.py model_shapes).
 """
 
 from __future__ import annotations
@@ -26,21 +46,44 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B
 from torch.distributed.tensor import DTensor
 
 from train.losses import token_loss, unwrap
+from train.models.common.moe import MoE
 from train.parallel.checks import pipeline_layers
 from train.parallel.layout import ParallelLayout
 
 log = logging.getLogger("train")
 
 
-def stage_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def stage_forward(model: nn.Module, x: torch.Tensor, balance: torch.Tensor | None = None):
     """One stage of CausalLM.hidden_states: token ids (B, T) on the first stage, else the previous
-    stage's activations (B, T, D) -> (B, T, D), after the final norm on the last stage."""
+    stage's activations (B, T, D) -> (B, T, D), after the final norm on the last stage.
+    MoE models take and return `balance` too (stage_balance): -> ((B, T, D), (2, E))."""
     if model.embed_tokens is not None:
         x = model.embed(x, None)
     rope = model.rope(x.shape[1], None, x.dtype)
     for block in model.layers:
         x = block(x, rope)
-    return model.norm(x) if model.norm is not None else x
+    hidden = model.norm(x) if model.norm is not None else x
+    return (hidden, stage_balance(model, balance, hidden.device)) if model.args.num_experts else hidden
+
+
+def stage_balance(model: nn.Module, balance: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """(2, E) fp32: `balance` (the earlier stages'; None on the first) plus this stage's MoE layers'
+    statistics of the forward just run: row 0 the routed fraction per expert (detached), row 1
+    the mean router probability (differentiable)."""
+    total = torch.zeros(2, model.args.num_experts, device=device) if balance is None else balance + 0  # a new tensor
+    for layer in model.modules():
+        if isinstance(layer, MoE):
+            total = total + torch.stack(layer.balance_stats).float()
+    return total
+
+
+def balance_loss(model: nn.Module, balance: torch.Tensor) -> torch.Tensor:
+    """combined_aux_loss x router_aux_loss_coef from the whole model's sums (2, E): HF's means over
+    the MoE layers of the fraction and the probability."""
+    args = model.args
+    layers = sum(args.is_moe_layer(index) for index in range(args.num_layers))
+    fraction, probability = balance[0].detach() / layers, balance[1] / layers
+    return args.router_aux_loss_coef * args.num_experts * (fraction * probability).sum()
 
 
 def split_stage(model: nn.Module, stage: int, counts: list[int]) -> nn.Module:
@@ -77,10 +120,17 @@ class Pipeline:
         # scale_grads=False: loss() divides by the accumulation steps itself, like accumulate_gradients
         self.schedule = Schedule1F1B(self.stage, accumulation, loss_fn=self.loss, scale_grads=False)
         self.tokens: torch.Tensor | None = None  # the step's loss denominator (trainer.loss_tokens)
+        # tied embeddings: the group of this rank's first- and last-stage copies (None: untied, or a middle stage)
+        self.tied_group = embedding_group(layout) if unwrap(model).args.tie_embeddings else None
 
-    def loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """hidden (MBS, T, D) from the last stage; labels (MBS, T, 2): targets and loss mask."""
-        loss = token_loss(unwrap(self.model), hidden, labels[..., 0], labels[..., 1], self.tokens)
+    def loss(self, output, labels: torch.Tensor) -> torch.Tensor:
+        """output: hidden (MBS, T, D) from the last stage (MoE: and the balance sums (2, E));
+        labels (MBS, T, 2): targets and loss mask."""
+        inner = unwrap(self.model)
+        hidden, balance = output if isinstance(output, tuple) else (output, None)
+        loss = token_loss(inner, hidden, labels[..., 0], labels[..., 1], self.tokens)
+        if balance is not None:  # the MoE auxiliary loss: a mean per micro-batch, as language_model_loss adds it
+            loss = loss + balance_loss(inner, balance)
         return loss / self.accumulation
 
     def step(self, micro_batches: list, tokens: torch.Tensor, device: str) -> torch.Tensor:
@@ -95,14 +145,30 @@ class Pipeline:
             self.schedule.step(*args, target=labels, losses=losses, return_outputs=False)
         else:
             self.schedule.step(*args, return_outputs=False)
+        if self.tied_group is not None:
+            self.sum_tied_gradients()
         total = torch.stack(losses).sum().detach().float() if losses else torch.zeros((), device=device)
         dist.broadcast(total, group=self.group, group_src=self.last)
         return total
 
+    def tied_weight(self) -> nn.Parameter:
+        """This stage's copy of the tied weight (FSDP2 replaces parameters: looked up each time)."""
+        inner = unwrap(self.model)
+        return inner.embed_tokens.weight if self.stage.is_first else inner.lm_head.weight
+
+    def sum_tied_gradients(self) -> None:
+        """embedding gradient + lm_head gradient on both copies, after the data-parallel reduction
+        (FSDP2: each dp rank's shard, the same rows on both stages)."""
+        grad = self.tied_weight().grad
+        dist.all_reduce(grad.to_local() if isinstance(grad, DTensor) else grad, group=self.tied_group)
+
     def clip_gradients(self, max_norm: float) -> torch.Tensor:
-        """clip_grad_norm_ over the whole model: the squared norms of the stages summed over "pp"."""
+        """clip_grad_norm_ over the whole model: the squared norms of the stages summed over "pp"
+        (the last stage's copy of a tied weight left out of the sum: it counts once)."""
         parameters = [p for p in self.model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm([p.grad for p in parameters]) if parameters else torch.zeros(())
+        copy = self.tied_weight() if self.tied_group is not None and self.stage.is_last else None
+        counted = [p.grad for p in parameters if p is not copy]
+        norm = torch.nn.utils.get_total_norm(counted) if counted else torch.zeros(())
         if isinstance(norm, DTensor):  # FSDP2 inside the stage: the norm over the whole "dp" shards
             norm = norm.full_tensor()
         square = norm.float() ** 2
@@ -110,3 +176,38 @@ class Pipeline:
         total = square.sqrt()
         torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total)
         return total
+
+    def checkpoint_view(self, tensors: dict) -> dict:
+        """{"model", "optimizer"} of get_state_dict with the last stage's AdamW state of a tied
+        lm_head named embed_tokens.weight, PP_SIZE=1's name for the tied parameter."""
+        return self.renamed(tensors, {"lm_head.weight": "embed_tokens.weight"})
+
+    def loaded_view(self, tensors: dict, param_groups: list[list[str]]) -> dict:
+        """checkpoint_view's tensors after dcp.load, back in this stage's names. param_groups: each
+        optimizer group's parameter names before the load, put back: the checkpoint holds one
+        rank's lists (DCP keeps one copy of a key every rank saves), another stage's parameters."""
+        for group, names in zip(tensors["optimizer"]["param_groups"], param_groups):
+            group["params"] = names
+        return self.renamed(tensors, {"embed_tokens.weight": "lm_head.weight"})
+
+    def renamed(self, tensors: dict, rename: dict[str, str]) -> dict:
+        """The optimizer state and groups under other names, on the last stage of a tied model."""
+        if self.tied_group is None or not self.stage.is_last:
+            return tensors
+        optimizer = dict(tensors["optimizer"])
+        optimizer["state"] = {rename.get(name, name): state for name, state in optimizer["state"].items()}
+        optimizer["param_groups"] = [{**group, "params": [rename.get(name, name) for name in group["params"]]}
+                                     for group in optimizer["param_groups"]]
+        return {**tensors, "optimizer": optimizer}
+
+
+def embedding_group(layout: ParallelLayout):
+    """The process group of this rank's first and last stage ranks (the same dp and tp
+    coordinates), None on a middle stage. Every rank creates every pair's group (new_group's rule)."""
+    ranks = layout.mesh.mesh  # (pp, dp, tp) global ranks
+    mine = None
+    for first, last in zip(ranks[0].flatten().tolist(), ranks[-1].flatten().tolist()):
+        group = dist.new_group([first, last])
+        if layout.rank in (first, last):
+            mine = group
+    return mine
