@@ -17,7 +17,9 @@ from tests.integration.test_parallel import pretrain, run_worker
 
 CASES = ["ddp_qwen3_tied", "fsdp_qwen3_tied", "fsdp_gpt2", "fsdp_qwen3_next", "tp2_qwen3", "tp2_gpt2",
          "ep2_fsdp_moe", "ep2_ddp_moe", "bf16_checkpoint_into_fp32", "fsdp_shares_bytes", "teacher_fsdp_bf16",
-         "fsdp_student_calibrated_like_whole", "ep2_fsdp_student_calibrated_like_whole"]
+         "fsdp_student_calibrated_like_whole", "ep2_fsdp_student_calibrated_like_whole",
+         "tp2_student_calibrated_like_whole", "lora_base_ep2_fsdp_moe", "quantized_lora_base_fsdp",
+         "quantized_lora_base_ep2_fsdp_moe"]
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +35,8 @@ def test_sharded_load_equals_whole_load(results, case):
 
 @pytest.mark.slow
 def test_four_processes(tmp_path):
-    """2-D and 3-D meshes: TP 2 x FSDP2 2, TP 2 x EP 2 x FSDP2."""
-    cases = ["tp2_fsdp_qwen3", "tp2_ep2_fsdp_moe"]
+    """2-D and 3-D meshes: TP 2 x FSDP2 2 (also the student calibrated as laid out), TP 2 x EP 2 x FSDP2."""
+    cases = ["tp2_fsdp_qwen3", "tp2_ep2_fsdp_moe", "tp2_fsdp_student_calibrated_like_whole"]
     results = run_worker(tmp_path, cases, "sharded_load_worker.py", processes=4)
     assert results == {case: "ok" for case in cases}, results
 
