@@ -150,10 +150,12 @@ def case_fsdp_shares_bytes():
     assert mine == whole, (int(mine), whole)
 
 
-def assert_calibrated_like_whole(kind: str, quantizer_count: int, exact: bool, **parallel) -> dict:
+def assert_calibrated_like_whole(kind: str, quantizer_count: int, exact: bool, exact_logits: bool | None = None,
+                                 **parallel) -> dict:
     """The QAD job's path (train/engine.py loads_sharded), without the job: a student loaded sharded,
     then fake-quantized (nvfp4) and calibrated as laid out, gets every amax of the whole student
-    calibrated in one process on the same batches, and its logits."""
+    calibrated in one process on the same batches (exact: bit for bit), and its logits
+    (exact_logits, default exact: bit for bit)."""
     from train.parallel.tensor_parallel import quantizers
     from train.quant.recipes import quantize_model
 
@@ -174,7 +176,7 @@ def assert_calibrated_like_whole(kind: str, quantizer_count: int, exact: bool, *
             torch.testing.assert_close(value, expected[name], rtol=1e-6, atol=0, msg=name)
     with torch.no_grad():
         logits, whole = model(batches[0]), reference(batches[0])
-    if exact:
+    if exact if exact_logits is None else exact_logits:
         assert torch.equal(logits, whole)
     else:
         torch.testing.assert_close(logits, whole, rtol=1e-5, atol=1e-5)
@@ -196,15 +198,17 @@ def case_ep2_fsdp_student_calibrated_like_whole():
 
 
 def case_tp2_student_calibrated_like_whole():
-    """TP 2 (train/engine.py loads_sharded): each weight quantizer sees its rank's rows (colwise) or
-    columns (rowwise), a rowwise input quantizer its rank's columns of the activations; modelopt's
-    MAX all-reduce over the ranks gives every amax of the whole student. Each rank holds ~1/2."""
-    assert_calibrated_like_whole("qwen3", 28, exact=False, tensor_parallel_size=2)
+    """TP 2 (train/engine.py loads_sharded): a colwise weight quantizer sees its rank's rows, and
+    modelopt's MAX all-reduce over the ranks gives the whole weight's amax; the rowwise Linears
+    compute whole during calibration (tensor_parallel.rowwise_computed_whole), so every activation
+    is one device's: every amax bit for bit (the logits after it, TP's partial sums, within 1e-5)."""
+    assert_calibrated_like_whole("qwen3", 28, exact=True, exact_logits=False, tensor_parallel_size=2)
 
 
 def case_tp2_fsdp_student_calibrated_like_whole():
-    """4 processes: TP 2 x FSDP2 2, the same amax as the whole student."""
-    assert_calibrated_like_whole("qwen3", 28, exact=False, tensor_parallel_size=2, data_parallel="fsdp")
+    """4 processes: TP 2 x FSDP2 2, every amax of the whole student bit for bit."""
+    assert_calibrated_like_whole("qwen3", 28, exact=True, exact_logits=False, tensor_parallel_size=2,
+                                 data_parallel="fsdp")
 
 
 def assert_lora_base_like_whole(kind: str, recipe: str | None, **parallel) -> None:

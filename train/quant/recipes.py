@@ -108,7 +108,9 @@ def quantize_model(model: torch.nn.Module, recipe: str,
     batches = list(calibration_batches or [])
 
     def forward_loop(module: torch.nn.Module) -> None:
-        with torch.no_grad():
+        from train.parallel.tensor_parallel import rowwise_computed_whole
+
+        with torch.no_grad(), rowwise_computed_whole(module):  # under TP: one device's activations
             for index, tokens in enumerate(batches):
                 started = time.time()
                 module(tokens.to(device))
