@@ -1,13 +1,16 @@
-"""python -m pytest tests/integration/test_sharded_load.py  (torchrun, gloo; ~2 min, all slow)
+"""python -m pytest tests/integration/test_sharded_load.py  (torchrun, gloo; ~8 min, all slow)
 
 Sharded loading (train/parallel/sharded_load.py) against load_hf's whole model, in
 tests/integration/sharded_load_worker.py, 2 processes: DDP and FSDP2 (tied embeddings, GPT-2's
 fused q/k/v, Qwen3-Next), TP 2, EP 2 (MoE, FSDP2 and DDP), a bf16 checkpoint into fp32 parameters, each
 rank's share of the bytes, the QAD teacher (train.qad.build_teacher), a student calibrated
-after an FSDP2 or EP 2 x FSDP2 sharded load (the whole student's amax); 4 processes: TP 2 x FSDP2,
-TP 2 x EP 2 x FSDP2; train.pretrain from an HF checkpoint; train.qad with the student loaded
-sharded under FSDP2 (losses, amax, resume, hf-nvfp4 export) and under EP 2 x FSDP2 (losses,
-amax); train.finetune with the LoRA base loaded sharded under FSDP2 (losses, peft export). The memory
+after an FSDP2, EP 2 x FSDP2 or TP 2 sharded load (the whole student's amax), the LoRA base with
+its adapters (EP 2 x FSDP2; quantized: FSDP2, EP 2 x FSDP2; the whole base's amax and logits);
+4 processes: TP 2 x FSDP2 (also the calibrated student), TP 2 x EP 2 x FSDP2; train.pretrain
+from an HF checkpoint; train.qad with the student loaded sharded under FSDP2 (losses, amax,
+resume, hf-nvfp4 export) and under EP 2 x FSDP2 (losses, amax); train.finetune with the LoRA
+base loaded sharded under FSDP2 (losses, peft export) and quantized (losses, amax, record,
+resume). train.qad under TP 2 (sharded too): tests/integration/test_tp_quant.py. The memory
 per rank at 1.6 GB: benchmarks/load_memory/run.py (docs/benchmarks.md#load-memory).
 """
 

@@ -24,7 +24,10 @@ submodules holding the calibrated per-tensor `_amax` buffers) split the same way
     the split styles below shard only the Linear's own weight and bias, never its quantizers;
     modelopt's TensorQuantizer.forward unwraps a DTensor input or weight, fake-quantizes the
     local shard and wraps the result again with the same placements, and the amax it uses
-    stays a plain tensor, the global one (calibrated before the split, the same on every rank);
+    stays a plain tensor, the global one, the same on every rank (calibrated on the whole
+    student before the split, or, loaded sharded, after it: each rank's amax of its shard,
+    MAX all-reduced by modelopt, with the rowwise Linears computed whole during calibration,
+    rowwise_computed_whole, so that the activations are one device's);
     NVFP4 scales one block of 16 along the last (input) dim: colwise shards keep whole rows,
     rowwise shards (weight (D, in/TP), input (B, T, in/TP)) must start on a block boundary,
     so in/TP must be a multiple of 16 (check_quantized_split), and then every block holds the
