@@ -128,7 +128,7 @@ def whole_model_path(job: str, cfg: JobConfig, ctx, layout: ParallelLayout, data
     model, checkpoint_files = quantize_job_model(job, build_job_model(cfg, ctx), cfg, ctx, dataset, layout)
     if job == "finetune":
         model = add_adapters(model, cfg)
-    return parallelize(model, cfg.parallel, layout.mesh, layout.device), checkpoint_files
+    return parallelize(model, cfg.parallel, layout.mesh, layout.device, precision=cfg.training.precision), checkpoint_files
 
 
 def sharded_model_path(job: str, cfg: JobConfig, ctx, layout: ParallelLayout, dataset):
@@ -143,7 +143,8 @@ def sharded_model_path(job: str, cfg: JobConfig, ctx, layout: ParallelLayout, da
             model, materialize = sharded_lora_model(cfg, model, materialize)
         except ValueError as error:
             fail(str(error))
-    model = parallelize(model, cfg.parallel, layout.mesh, layout.device, materialize=materialize)
+    model = parallelize(model, cfg.parallel, layout.mesh, layout.device, materialize=materialize,
+                        precision=cfg.training.precision)
     with adapters_hidden(model):
         return quantize_job_model(job, model, cfg, ctx, dataset, layout)
 

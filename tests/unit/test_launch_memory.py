@@ -166,3 +166,18 @@ def test_fsdp_mixed_precision_gathers_bf16_blocks_and_caches_no_autocast_copies(
     for key in ("parameters", "gradients", "optimizer", "activations"):
         assert policy[key] == autocast[key], key
     assert policy["total"] < autocast["total"]
+
+
+def test_fsdp_mixed_precision_auto_is_planned_on_for_bf16_and_off_otherwise(tmp_path, env):
+    """FSDP_MIXED_PRECISION unset (auto): a PRECISION=bf16 FSDP2 plan counts bf16 gathered blocks and
+    no autocast copies, as FSDP_MIXED_PRECISION=1 does; PRECISION=fp32, or =0, plans fp32 gathers."""
+    fsdp = BIG.replace("MBS=4", "MBS=1") + "export DP_SHARDING=fsdp\nexport ACTIVATION_CHECKPOINTING=1\n"
+    memory = {}
+    for name, extra in (("auto", "export PRECISION=bf16\n"), ("on", "export PRECISION=bf16\nexport FSDP_MIXED_PRECISION=1\n"),
+                        ("off", "export PRECISION=bf16\nexport FSDP_MIXED_PRECISION=0\n"), ("fp32", "")):
+        path = conf(tmp_path, fsdp + extra)
+        memory[name] = plan_from_conf("pretrain", path, [], env)[0].resources["memory_per_gpu_bytes"]
+    assert memory["auto"] == memory["on"]
+    assert memory["auto"]["gathered"] == pytest.approx(memory["off"]["gathered"] / 2)
+    assert memory["auto"]["autocast_weights"] == 0 < memory["off"]["autocast_weights"]
+    assert memory["fp32"]["gathered"] == memory["off"]["gathered"]
