@@ -128,7 +128,8 @@ def whole_model_path(job: str, cfg: JobConfig, ctx, layout: ParallelLayout, data
     model, checkpoint_files = quantize_job_model(job, build_job_model(cfg, ctx), cfg, ctx, dataset, layout)
     if job == "finetune":
         model = add_adapters(model, cfg)
-    return parallelize(model, cfg.parallel, layout.mesh, layout.device, precision=cfg.training.precision), checkpoint_files
+    model = parallelize(model, cfg.parallel, layout.mesh, layout.device, precision=cfg.training.precision)
+    return model, checkpoint_files
 
 
 def sharded_model_path(job: str, cfg: JobConfig, ctx, layout: ParallelLayout, dataset):

@@ -250,7 +250,8 @@ def test_quantized_lora_base_loaded_sharded_under_fsdp_matches_one_process_and_r
     one, two = losses(tmp_path / "p1", "20260101_000001"), losses(tmp_path / "p2", "20260101_000001")
     assert sorted(two) == [1, 2, 3] and list(two.values()) == pytest.approx(list(one.values()), rel=1e-4)
 
-    middle = {procs: tmp_path / f"p{procs}" / run / "checkpoints" / "tiny-qwen3" / "iter_0000002" for procs in (1, 2)}
+    middle = {procs: tmp_path / f"p{procs}" / run / "checkpoints" / "tiny-qwen3" / "iter_0000002"
+              for procs in (1, 2)}
     whole, sharded = checkpoint_amax(middle[1]), checkpoint_amax(middle[2])
     assert len(whole) == 56 and sharded.keys() == whole.keys(), sorted(sharded.keys() ^ whole.keys())
     assert any(".q_proj.base_layer.input_quantizer." in name for name in whole)  # quantized before the adapters

@@ -173,8 +173,9 @@ def test_fsdp_mixed_precision_auto_is_planned_on_for_bf16_and_off_otherwise(tmp_
     no autocast copies, as FSDP_MIXED_PRECISION=1 does; PRECISION=fp32, or =0, plans fp32 gathers."""
     fsdp = BIG.replace("MBS=4", "MBS=1") + "export DP_SHARDING=fsdp\nexport ACTIVATION_CHECKPOINTING=1\n"
     memory = {}
-    for name, extra in (("auto", "export PRECISION=bf16\n"), ("on", "export PRECISION=bf16\nexport FSDP_MIXED_PRECISION=1\n"),
-                        ("off", "export PRECISION=bf16\nexport FSDP_MIXED_PRECISION=0\n"), ("fp32", "")):
+    bf16 = "export PRECISION=bf16\n"
+    for name, extra in (("auto", bf16), ("on", bf16 + "export FSDP_MIXED_PRECISION=1\n"),
+                        ("off", bf16 + "export FSDP_MIXED_PRECISION=0\n"), ("fp32", "")):
         path = conf(tmp_path, fsdp + extra)
         memory[name] = plan_from_conf("pretrain", path, [], env)[0].resources["memory_per_gpu_bytes"]
     assert memory["auto"] == memory["on"]

@@ -52,8 +52,9 @@ def load_quantizer_state(checkpoint_dir: str | Path) -> dict | None:
 def prepare_student(model: torch.nn.Module, cfg: JobConfig, resume_dir: str | None, dataset=None, layout=None,
                     recipe: str | None = None):
     """Quantizes the student: the whole one before parallelize, or one already laid out (FSDP2,
-    TP, EP: sharded loading, train/engine.py loads_sharded; a LoRA base with its adapters hidden). Returns (model, record): record is what
-    every checkpoint stores as quantizer_state.pt (None without quantization); modelopt names
+    TP, EP: sharded loading, train/engine.py loads_sharded; a LoRA base with its adapters
+    hidden). Returns (model, record): record is what every checkpoint stores as
+    quantizer_state.pt (None without quantization); modelopt names
     the quantizers without wrapper prefixes (`_checkpoint_wrapped_module.` of activation
     checkpointing), so the record is the same either way and restores on either model.
 
