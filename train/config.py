@@ -111,9 +111,10 @@ class ParallelConfig:
     # train/parallel/data_parallel.py gives the memory of each
     data_parallel: str = "ddp"
     # FSDP2's MixedPrecisionPolicy (DP_SHARDING=fsdp|fsdp_zero2): bf16 all-gather and compute, fp32
-    # gradient reduce-scatter and master weights; FSDP_MIXED_PRECISION. Off: bf16 autocast over fp32
-    # parameters (training.precision=bf16), which all-gathers fp32.
-    fsdp_mixed_precision: bool = False
+    # gradient reduce-scatter and master weights; FSDP_MIXED_PRECISION. auto: on for bf16 runs on
+    # CUDA (train/parallel/checks.py fsdp_mixed_precision_on); true | false. Off: bf16 autocast over
+    # fp32 parameters (training.precision=bf16), which all-gathers fp32.
+    fsdp_mixed_precision: str = "auto"
     activation_checkpointing: bool = False  # ACTIVATION_CHECKPOINTING: recompute each block in backward
     compile: bool = False  # COMPILE: torch.compile each block
     backend: str = "auto"  # auto: nccl with CUDA, gloo without

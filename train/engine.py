@@ -52,7 +52,8 @@ def build_job_model(cfg: JobConfig, ctx):
 
 
 def sharded_job_model(cfg: JobConfig, ctx):
-    """A pretrain model from HF weights: built on the meta device in master_dtype, with the function
+    """A model from HF weights (pretraining, the QAD student, the LoRA base): built on the meta
+    device in master_dtype, with the function
     that fills this rank's part of each tensor once parallelize has laid it out
     (train/parallel/sharded_load.py): no rank holds the whole model unless DDP replicates it."""
     from train.models import build_model, hf_args, stored_dtype
@@ -80,35 +81,83 @@ def sharded_lora_model(cfg: JobConfig, model, materialize):
 
 
 def loads_sharded(job: str, cfg: JobConfig, ctx, layout: ParallelLayout) -> bool:
-    """Whether the model comes from HF weights read in parts by each rank (sharded_job_model):
-    pretraining always; under FSDP2 with TP 1: the QAD student (any EP), then quantized and
-    calibrated as laid out (train/quant/student.py; under EP each rank calibrates its experts on
-    the rows routed to them), and the unquantized LoRA base (EP 1), its adapters added on meta
-    (sharded_lora_model). A quantized LoRA base, and the student or base under DDP/zero1
-    (replicated anyway) or TP, load whole and are quantized/adapted before parallelize."""
+    """Whether the model comes from HF weights read in parts by each rank (sharded_model_path):
+    pretraining from HF always; the QAD student and the LoRA base (quantized or not) wherever no
+    DDP wrapper replicates them: under FSDP2 (any TP, EP) or TP (which composes with FSDP2
+    only). Under DDP/zero1 (replicated anyway; quantizers and adapters must go in before DDP
+    wraps the model) and on one process they load whole (whole_model_path). LoRA refuses TP
+    (train/parallel/apply.py)."""
     if not cfg.model.hf_checkpoint or ctx.plan.resume.decision == "from_scratch":
         return False
     fsdp = layout.dp_size > 1 and cfg.parallel.data_parallel in ("fsdp", "fsdp_zero2")
-    laid_out = fsdp and layout.tp == 1  # quantized or adapted after the load
-    lora_base = job == "finetune" and layout.ep == 1 and not cfg.lora.quantized_base
-    return job == "pretrain" or (laid_out and (job == "qad" or lora_base))
+    return job == "pretrain" or fsdp or layout.tp > 1
 
 
-def add_adapters(model, cfg: JobConfig, ctx, dataset, layout: ParallelLayout):
-    """Fine-tuning: the base fake-quantized when lora.quantized_base names a recipe, then the LoRA
-    adapters. Returns (model, quantizer record for each checkpoint or None).
+def add_adapters(model, cfg: JobConfig):
+    """The LoRA adapters on a whole (maybe fake-quantized) base; a bad lora.* key is one error line."""
+    from train.lora import apply_lora
 
-    The base is quantized exactly as a QAD student (train/quant/student.py): calibrated on the
-    first quant.calibration_batches training micro-batches in a fresh run, its quantizers
-    restored from the checkpoint on resume (and in validate mode), where a recipe other than
-    the checkpoint's is refused. The adapters go in afterwards, unquantized."""
-    from train.lora import apply_lora, quantized_base_recipe
-    from train.quant.student import prepare_student
+    try:
+        return apply_lora(model, cfg.lora)
+    except ValueError as error:
+        fail(str(error))
 
+
+def quantize_job_model(job: str, model, cfg: JobConfig, ctx, dataset, layout: ParallelLayout):
+    """The QAD student fake-quantized with quant.recipe, a LoRA base with lora.quantized_base:
+    calibrated in a fresh run, its quantizers restored from the checkpoint on resume
+    (train/quant/student.py). Returns (model, checkpoint_files): {quantizer_state.pt: record}, or
+    {} when nothing is quantized."""
+    from train.lora import quantized_base_recipe
+    from train.quant.student import QUANTIZER_STATE_FILE, prepare_student
+
+    if job not in ("qad", "finetune"):
+        return model, {}
     resume_dir = ctx.plan.resume.path if ctx.plan.resume.decision == "resume" else None
-    model, record = prepare_student(model, cfg, resume_dir, dataset, layout,
-                                    recipe=quantized_base_recipe(cfg.lora))
-    return apply_lora(model, cfg.lora), record
+    recipe = quantized_base_recipe(cfg.lora) if job == "finetune" else None
+    try:
+        model, record = prepare_student(model, cfg, resume_dir, dataset, layout, recipe=recipe)
+    except ValueError as error:
+        fail(str(error))
+    return model, {} if record is None else {QUANTIZER_STATE_FILE: record}
+
+
+def whole_model_path(job: str, cfg: JobConfig, ctx, layout: ParallelLayout, dataset):
+    """Every rank holds the whole model (load_hf, or seeded initialization), quantizes it and adds
+    the adapters, then parallelize splits it. Returns (model, checkpoint_files)."""
+    model, checkpoint_files = quantize_job_model(job, build_job_model(cfg, ctx), cfg, ctx, dataset, layout)
+    if job == "finetune":
+        model = add_adapters(model, cfg)
+    model = parallelize(model, cfg.parallel, layout.mesh, layout.device, precision=cfg.training.precision)
+    return model, checkpoint_files
+
+
+def sharded_model_path(job: str, cfg: JobConfig, ctx, layout: ParallelLayout, dataset):
+    """Built on meta (LoRA adapters added there too), laid out by parallelize, which has each rank
+    read its part; then quantized and calibrated as laid out, a LoRA base with its adapters
+    hidden, so its quantizers and record are the whole path's. Returns (model, checkpoint_files)."""
+    from train.lora import adapters_hidden
+
+    model, materialize = sharded_job_model(cfg, ctx)
+    if job == "finetune":
+        try:
+            model, materialize = sharded_lora_model(cfg, model, materialize)
+        except ValueError as error:
+            fail(str(error))
+    model = parallelize(model, cfg.parallel, layout.mesh, layout.device, materialize=materialize,
+                        precision=cfg.training.precision)
+    with adapters_hidden(model):
+        return quantize_job_model(job, model, cfg, ctx, dataset, layout)
+
+
+def job_vocab_size(cfg: JobConfig, ctx) -> int:
+    """The vocabulary of the model build_job_model or sharded_job_model builds: the HF
+    checkpoint's config.json, or the registry entry of model.name."""
+    from train.models import get_model_args, hf_args
+
+    if cfg.model.hf_checkpoint and ctx.plan.resume.decision != "from_scratch":
+        return hf_args(cfg.model.hf_checkpoint).vocab_size
+    return get_model_args(str(cfg.model.name)).vocab_size
 
 
 def run_job(job: str, cfg: JobConfig, loss_fn=None, make_loss_fn=None) -> str:
@@ -121,37 +170,9 @@ def run_job(job: str, cfg: JobConfig, loss_fn=None, make_loss_fn=None) -> str:
     if make_loss_fn is not None:
         loss_fn = make_loss_fn(layout)
     torch.manual_seed(cfg.training.seed + ctx.rank)
-    sharded = loads_sharded(job, cfg, ctx, layout)
-    materialize = None  # from HF weights: loaded by parallelize, each rank its part
-    if sharded:
-        model, materialize = sharded_job_model(cfg, ctx)
-    else:  # a quantized LoRA base; one process; DDP, TP: whole, quantized and adapted first
-        model = build_job_model(cfg, ctx)
-    vocab_size = model.args.vocab_size
-    dataset = build_train_dataset(cfg, ctx, vocab_size)
-    if sharded and job == "finetune":
-        try:
-            model, materialize = sharded_lora_model(cfg, model, materialize)
-        except ValueError as error:
-            fail(str(error))
-    if sharded:
-        model = parallelize(model, cfg.parallel, layout.mesh, layout.device, materialize=materialize)
-    checkpoint_files = {}  # extra files in every checkpoint: {name: picklable object}
-    if job == "qad" or job == "finetune" and not sharded:  # (a sharded LoRA base has its adapters)
-        from train.quant.student import QUANTIZER_STATE_FILE, prepare_student
-
-        resume_dir = ctx.plan.resume.path if ctx.plan.resume.decision == "resume" else None
-        try:  # QAD: the fake-quantized student (calibrated, or its quantizers resumed)
-            if job == "qad":
-                model, record = prepare_student(model, cfg, resume_dir, dataset, layout)
-            else:
-                model, record = add_adapters(model, cfg, ctx, dataset, layout)
-        except ValueError as error:
-            fail(str(error))
-        if record is not None:
-            checkpoint_files[QUANTIZER_STATE_FILE] = record
-    if not sharded:
-        model = parallelize(model, cfg.parallel, layout.mesh, layout.device)
+    dataset = build_train_dataset(cfg, ctx, job_vocab_size(cfg, ctx))
+    model_path = sharded_model_path if loads_sharded(job, cfg, ctx, layout) else whole_model_path
+    model, checkpoint_files = model_path(job, cfg, ctx, layout, dataset)  # files: {name: object} in every checkpoint
     ctx.mark("model_built")
     trainer = Trainer(cfg, ctx, layout, model, dataset, loss_fn, checkpoint_files=checkpoint_files)
     reason = trainer.train()

@@ -139,7 +139,7 @@ def run_validate(cfg: JobConfig, records: list[dict], tokenizer) -> dict | None:
     """The validate job; returns the summary on rank 0 (None elsewhere)."""
     import torch
     import torch.distributed as dist
-    from train.engine import add_adapters, build_job_model
+    from train.engine import add_adapters, build_job_model, quantize_job_model
     from train.launch.job import fail, start_job
     from train.metrics import MetricsLogger
     from train.parallel import ParallelLayout
@@ -152,10 +152,9 @@ def run_validate(cfg: JobConfig, records: list[dict], tokenizer) -> dict | None:
     # no mesh: the model is not parallelized here (each rank holds all of it)
     layout = ParallelLayout.build(ctx, cfg.parallel, with_mesh=False)
     torch.manual_seed(cfg.training.seed + ctx.rank)
-    try:  # a quantized base gets the checkpoint's quantizers back (no calibration, no dataset)
-        model, _ = add_adapters(build_job_model(cfg, ctx), cfg, ctx, None, layout)
-    except ValueError as error:
-        fail(str(error))
+    # a quantized base gets the checkpoint's quantizers back (no calibration, no dataset)
+    model, _ = quantize_job_model("finetune", build_job_model(cfg, ctx), cfg, ctx, None, layout)
+    model = add_adapters(model, cfg)
     iteration = load_latest_lora_checkpoint(model, ctx, cfg)
     model.eval()
     # val loss: in-loop validation's evaluate(), without sinks or early stopping

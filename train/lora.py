@@ -8,6 +8,9 @@
   output is unchanged until the first step.
 - initial_adapters(model, rng_state): the values apply_lora gives the adapters, for adapters added
   on the meta device (the base loaded sharded under FSDP2, train/engine.py).
+- adapters_hidden(model): a context in which each LoRA layer's parent holds the bare base layer,
+  so a base loaded sharded with its adapters (train/engine.py sharded_model_path) is quantized
+  exactly as a whole one before apply_lora: the same quantizers, names and quantizer record.
 - merge_lora(model): folds W + (alpha / rank) * B @ A into each base weight and puts the plain
   Linear back: our CausalLM again, with the state-dict keys it had before apply_lora
   (save_hf and train.export take it as is).
@@ -25,8 +28,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import sys
 
 import torch
 from torch import nn
@@ -105,6 +110,23 @@ def lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     from peft.tuners.lora import LoraLayer
 
     return [(name, module) for name, module in model.named_modules() if isinstance(module, LoraLayer)]
+
+
+@contextlib.contextmanager
+def adapters_hidden(model: nn.Module):
+    """Inside: `q_proj` is its base Linear again (peft's layer set aside, its adapters untouched);
+    after: the peft layer is back, around the same base object (modelopt converts a Linear in
+    place, so a base quantized inside stays quantized). No-op without peft imported (no adapters)."""
+    layers = lora_layers(model) if "peft" in sys.modules else []
+    for name, layer in layers:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer.get_base_layer())
+    try:
+        yield model
+    finally:
+        for name, layer in layers:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, layer)
 
 
 def merge_lora(model: nn.Module) -> nn.Module:

@@ -150,10 +150,12 @@ def case_fsdp_shares_bytes():
     assert mine == whole, (int(mine), whole)
 
 
-def assert_calibrated_like_whole(kind: str, quantizer_count: int, exact: bool, **parallel) -> dict:
+def assert_calibrated_like_whole(kind: str, quantizer_count: int, exact: bool, exact_logits: bool | None = None,
+                                 **parallel) -> dict:
     """The QAD job's path (train/engine.py loads_sharded), without the job: a student loaded sharded,
     then fake-quantized (nvfp4) and calibrated as laid out, gets every amax of the whole student
-    calibrated in one process on the same batches, and its logits."""
+    calibrated in one process on the same batches (exact: bit for bit), and its logits
+    (exact_logits, default exact: bit for bit)."""
     from train.parallel.tensor_parallel import quantizers
     from train.quant.recipes import quantize_model
 
@@ -165,6 +167,8 @@ def assert_calibrated_like_whole(kind: str, quantizer_count: int, exact: bool, *
     amax = {our_name(n): q._amax for n, q in quantizers(model) if hasattr(q, "_amax")}
     assert amax.keys() == expected.keys(), sorted(amax.keys() ^ expected.keys())
     assert len(amax) == quantizer_count, len(amax)
+    whole = sum(p.numel() * p.element_size() for p in reference.parameters())
+    assert local_bytes(model) <= 0.6 * whole, (local_bytes(model), whole)  # not the whole student
     for name, value in amax.items():
         if exact:
             assert torch.equal(value, expected[name]), (name, value, expected[name])
@@ -172,7 +176,7 @@ def assert_calibrated_like_whole(kind: str, quantizer_count: int, exact: bool, *
             torch.testing.assert_close(value, expected[name], rtol=1e-6, atol=0, msg=name)
     with torch.no_grad():
         logits, whole = model(batches[0]), reference(batches[0])
-    if exact:
+    if exact if exact_logits is None else exact_logits:
         assert torch.equal(logits, whole)
     else:
         torch.testing.assert_close(logits, whole, rtol=1e-5, atol=1e-5)
@@ -191,6 +195,81 @@ def case_ep2_fsdp_student_calibrated_like_whole():
     amax = assert_calibrated_like_whole("qwen3-moe", 26, exact=False, expert_parallel_size=2, data_parallel="fsdp")
     experts = sorted(name for name in amax if ".experts." in name)
     assert len(experts) == 4, experts  # its MoE layer: gate_up/down x input/weight
+
+
+def case_tp2_student_calibrated_like_whole():
+    """TP 2 (train/engine.py loads_sharded): a colwise weight quantizer sees its rank's rows, and
+    modelopt's MAX all-reduce over the ranks gives the whole weight's amax; the rowwise Linears
+    compute whole during calibration (tensor_parallel.rowwise_computed_whole), so every activation
+    is one device's: every amax bit for bit (the logits after it, TP's partial sums, within 1e-5)."""
+    assert_calibrated_like_whole("qwen3", 28, exact=True, exact_logits=False, tensor_parallel_size=2)
+
+
+def case_tp2_fsdp_student_calibrated_like_whole():
+    """4 processes: TP 2 x FSDP2 2, every amax of the whole student bit for bit."""
+    assert_calibrated_like_whole("qwen3", 28, exact=True, exact_logits=False, tensor_parallel_size=2,
+                                 data_parallel="fsdp")
+
+
+def assert_lora_base_like_whole(kind: str, recipe: str | None, **parallel) -> None:
+    """The LoRA job's sharded path (train/engine.py sharded_model_path), without the job: the base
+    built on meta with its adapters, laid out and read in parts, then (recipe) fake-quantized and
+    calibrated with the adapters hidden, equals the whole base quantized, then adapted by
+    apply_lora (train/engine.py whole_model_path): the same quantizers and amax, the same record,
+    and with every lora_B set to 0.01 (the adapters then count) the same logits."""
+    from train.config import LoraConfig
+    from train.engine import sharded_lora_model
+    from train.lora import adapters_hidden, apply_lora
+    from train.parallel.tensor_parallel import quantizers
+    from train.quant.recipes import quantize_model, quantizer_state
+
+    path = checkpoint(kind, torch.bfloat16)
+    cfg = SimpleNamespace(lora=LoraConfig(rank=4, alpha=8, dropout=0.0, target_modules="q_proj,v_proj,o_proj"))
+    batches = [torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(5))]
+    torch.manual_seed(7)
+    reference = load_hf(path, torch.float32)
+    if recipe:
+        reference = quantize_model(reference, recipe, batches)
+        expected_record = quantizer_state(reference)
+    reference = apply_lora(reference, cfg.lora)
+
+    torch.manual_seed(7)
+    mesh = build_mesh(dist.get_world_size(), 1, ep=parallel.get("expert_parallel_size", 1))
+    model, materialize = sharded_lora_model(cfg, build_model(hf_args(path), device="meta"),
+                                            partial(load_hf_sharded, path=path, dtype=torch.float32))
+    model = parallelize(model, ParallelConfig(**parallel), mesh, "cpu", materialize=materialize)
+    if recipe:
+        with adapters_hidden(model):
+            model = quantize_model(model, recipe, batches)
+            assert quantizer_state(model) == expected_record
+        amax = {our_name(n): q._amax for n, q in quantizers(model) if hasattr(q, "_amax")}
+        expected = {our_name(n): q._amax for n, q in quantizers(reference) if hasattr(q, "_amax")}
+        assert amax.keys() == expected.keys() and amax, sorted(amax.keys() ^ expected.keys())
+        for name, value in amax.items():
+            torch.testing.assert_close(value, expected[name], rtol=1e-6, atol=0, msg=name)
+    for module in (model, reference):
+        for name, parameter in module.named_parameters():
+            if "lora_B" in name:
+                parameter.data.fill_(0.01)
+    whole = sum(p.numel() * p.element_size() for p in reference.parameters())
+    assert local_bytes(model) <= 0.6 * whole, (local_bytes(model), whole)
+    with torch.no_grad():
+        torch.testing.assert_close(model(batches[0]), reference(batches[0]), rtol=1e-5, atol=1e-5)
+
+
+def case_lora_base_ep2_fsdp_moe():
+    """The unquantized LoRA base of a MoE model under EP 2 x FSDP2: each rank its 2 of 4 experts."""
+    assert_lora_base_like_whole("qwen3-moe", None, expert_parallel_size=2, data_parallel="fsdp")
+
+
+def case_quantized_lora_base_fsdp():
+    """lora.quantized_base=nvfp4 under FSDP2: quantized after the sharded load, adapters hidden."""
+    assert_lora_base_like_whole("qwen3", "nvfp4", data_parallel="fsdp")
+
+
+def case_quantized_lora_base_ep2_fsdp_moe():
+    """lora.quantized_base=nvfp4 on a MoE base under EP 2 x FSDP2."""
+    assert_lora_base_like_whole("qwen3-moe", "nvfp4", expert_parallel_size=2, data_parallel="fsdp")
 
 
 def case_teacher_fsdp_bf16():

@@ -1,13 +1,16 @@
-"""python -m pytest tests/integration/test_sharded_load.py  (torchrun, gloo; ~2 min, all slow)
+"""python -m pytest tests/integration/test_sharded_load.py  (torchrun, gloo; ~8 min, all slow)
 
 Sharded loading (train/parallel/sharded_load.py) against load_hf's whole model, in
 tests/integration/sharded_load_worker.py, 2 processes: DDP and FSDP2 (tied embeddings, GPT-2's
 fused q/k/v, Qwen3-Next), TP 2, EP 2 (MoE, FSDP2 and DDP), a bf16 checkpoint into fp32 parameters, each
 rank's share of the bytes, the QAD teacher (train.qad.build_teacher), a student calibrated
-after an FSDP2 or EP 2 x FSDP2 sharded load (the whole student's amax); 4 processes: TP 2 x FSDP2,
-TP 2 x EP 2 x FSDP2; train.pretrain from an HF checkpoint; train.qad with the student loaded
-sharded under FSDP2 (losses, amax, resume, hf-nvfp4 export) and under EP 2 x FSDP2 (losses,
-amax); train.finetune with the LoRA base loaded sharded under FSDP2 (losses, peft export). The memory
+after an FSDP2, EP 2 x FSDP2 or TP 2 sharded load (the whole student's amax), the LoRA base with
+its adapters (EP 2 x FSDP2; quantized: FSDP2, EP 2 x FSDP2; the whole base's amax and logits);
+4 processes: TP 2 x FSDP2 (also the calibrated student), TP 2 x EP 2 x FSDP2; train.pretrain
+from an HF checkpoint; train.qad with the student loaded sharded under FSDP2 (losses, amax,
+resume, hf-nvfp4 export) and under EP 2 x FSDP2 (losses, amax); train.finetune with the LoRA
+base loaded sharded under FSDP2 (losses, peft export) and quantized (losses, amax, record,
+resume). train.qad under TP 2 (sharded too): tests/integration/test_tp_quant.py. The memory
 per rank at 1.6 GB: benchmarks/load_memory/run.py (docs/benchmarks.md#load-memory).
 """
 
@@ -17,7 +20,9 @@ from tests.integration.test_parallel import pretrain, run_worker
 
 CASES = ["ddp_qwen3_tied", "fsdp_qwen3_tied", "fsdp_gpt2", "fsdp_qwen3_next", "tp2_qwen3", "tp2_gpt2",
          "ep2_fsdp_moe", "ep2_ddp_moe", "bf16_checkpoint_into_fp32", "fsdp_shares_bytes", "teacher_fsdp_bf16",
-         "fsdp_student_calibrated_like_whole", "ep2_fsdp_student_calibrated_like_whole"]
+         "fsdp_student_calibrated_like_whole", "ep2_fsdp_student_calibrated_like_whole",
+         "tp2_student_calibrated_like_whole", "lora_base_ep2_fsdp_moe", "quantized_lora_base_fsdp",
+         "quantized_lora_base_ep2_fsdp_moe"]
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +38,8 @@ def test_sharded_load_equals_whole_load(results, case):
 
 @pytest.mark.slow
 def test_four_processes(tmp_path):
-    """2-D and 3-D meshes: TP 2 x FSDP2 2, TP 2 x EP 2 x FSDP2."""
-    cases = ["tp2_fsdp_qwen3", "tp2_ep2_fsdp_moe"]
+    """2-D and 3-D meshes: TP 2 x FSDP2 2 (also the student calibrated as laid out), TP 2 x EP 2 x FSDP2."""
+    cases = ["tp2_fsdp_qwen3", "tp2_ep2_fsdp_moe", "tp2_fsdp_student_calibrated_like_whole"]
     results = run_worker(tmp_path, cases, "sharded_load_worker.py", processes=4)
     assert results == {case: "ok" for case in cases}, results
 
@@ -206,3 +211,59 @@ def test_lora_base_loaded_sharded_under_fsdp_matches_one_process_and_exports(tmp
         assert value.dtype == torch.float32
         torch.testing.assert_close(value, adapters[1][name], rtol=1e-4, atol=1e-6, msg=name)
     assert any(value.abs().sum() > 0 for name, value in adapters[1].items() if "lora_B" in name)  # trained
+
+
+@pytest.mark.slow
+def test_quantized_lora_base_loaded_sharded_under_fsdp_matches_one_process_and_resumes(tmp_path):
+    """`torchrun -m train.finetune lora.quantized_base=nvfp4` under FSDP2: the base is read in parts,
+    quantized and calibrated as laid out with its adapters hidden; the losses, every amax and the
+    quantizer record equal one process's (the whole base quantized before apply_lora), and a
+    resume restores the quantizers on the laid-out base and continues bitwise."""
+    import json
+    import shutil
+
+    import torch
+
+    from tests.fixtures.synthetic_data import build_tokenizer, generate_documents
+    from tests.integration.test_finetune import finetune, output
+    from train.models import build_model, init_weights, save_hf
+
+    base = tmp_path / "base"
+    save_hf(init_weights(build_model("tiny-qwen3", device="cpu"), 1234), base)
+    build_tokenizer(str(base), generate_documents(100, 40), 400)
+    run = "tiny-qwen3-finetune-Data-synthetic-lr0.02"
+    args = ["lora.quantized_base=nvfp4", "quant.calibration_batches=2", "lora.dropout=0", "optim.lr=0.02",
+            "optim.warmup_iters=0", "training.train_iters=3", "training.micro_batch_size=2",
+            "training.global_batch_size=4", "checkpoint.save_interval=2"]
+    fsdp = ["parallel.data_parallel=fsdp"]
+
+    def losses(root, datetime):
+        log = next((root / run / "logs").glob(f"*_{datetime}.jsonl"))
+        return {r["iteration"]: r["loss"] for r in map(json.loads, log.read_text().splitlines()) if "loss" in r}
+
+    for procs, extra in ((1, []), (2, fsdp)):
+        result = finetune(tmp_path / f"p{procs}", base, *args, *extra, procs=procs,
+                          env_extra={"RUN_DATETIME": "20260101_000001"})
+        assert result.returncode == 0, output(result)
+        assert ("each rank reads its part" in result.stdout + result.stderr) == (procs == 2)
+        assert "quantized with recipe nvfp4" in result.stdout + result.stderr
+    one, two = losses(tmp_path / "p1", "20260101_000001"), losses(tmp_path / "p2", "20260101_000001")
+    assert sorted(two) == [1, 2, 3] and list(two.values()) == pytest.approx(list(one.values()), rel=1e-4)
+
+    middle = {procs: tmp_path / f"p{procs}" / run / "checkpoints" / "tiny-qwen3" / "iter_0000002"
+              for procs in (1, 2)}
+    whole, sharded = checkpoint_amax(middle[1]), checkpoint_amax(middle[2])
+    assert len(whole) == 56 and sharded.keys() == whole.keys(), sorted(sharded.keys() ^ whole.keys())
+    assert any(".q_proj.base_layer.input_quantizer." in name for name in whole)  # quantized before the adapters
+    for name, value in sharded.items():
+        torch.testing.assert_close(value, whole[name], rtol=1e-6, atol=0, msg=name)
+    records = [torch.load(middle[procs] / "quantizer_state.pt", weights_only=False) for procs in (1, 2)]
+    assert records[1] == records[0]
+
+    checkpoints = middle[2].parent
+    shutil.rmtree(checkpoints / "iter_0000003", ignore_errors=True)
+    (checkpoints / "latest_checkpointed_iteration.txt").write_text("2\n")
+    resumed = finetune(tmp_path / "p2", base, *args, *fsdp, procs=2, env_extra={"RUN_DATETIME": "20260101_000002"})
+    assert resumed.returncode == 0, output(resumed)
+    assert "quantizer state (nvfp4) restored" in resumed.stdout + resumed.stderr
+    assert losses(tmp_path / "p2", "20260101_000002") == {3: two[3]}  # bitwise

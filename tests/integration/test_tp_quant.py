@@ -4,8 +4,9 @@
   MoE) split over TP 2 gives the single-device losses, gradients and weights for 3 AdamW
   steps; every quantizer amax stays a plain tensor, the same on all ranks; on 4 processes
   (slow) the qwen3-30b-a3b layout in small: TP 2 x EP 2 with FSDP2.
-- the real entrypoint (`torchrun -m train.qad parallel.tensor_parallel_size=2`): the losses of
-  TP_SIZE=1, the same calibrated amax in the checkpoint, exact resume; a MoE student at TP 2.
+- the real entrypoint (`torchrun -m train.qad parallel.tensor_parallel_size=2`): the student read
+  in parts, quantized and calibrated as laid out; the losses of TP_SIZE=1, the same calibrated
+  amax in the checkpoint (bit for bit), exact resume; a MoE student at TP 2.
 
 Why the job losses are compared within rtol 1e-3 and not bitwise: TP sums the rowwise halves
 (o_proj, down_proj) in another order than one device, a few float32 ulps apart; an input
@@ -70,11 +71,12 @@ def test_qad_tp2_gives_the_tp1_losses_and_resumes_exactly(tmp_path, models, reci
     split = qad(tmp_path / "tp2", models, "20260101_000001", *args, *TP2, procs=2)
     output = split.stdout + split.stderr
     assert f"quantized with recipe {recipe}" in output and "x tp 2" in output
+    assert "each rank reads its part" in output  # loaded sharded, calibrated as laid out (engine.loads_sharded)
     tp1, tp2 = losses(tmp_path / "tp1", "20260101_000001"), losses(tmp_path / "tp2", "20260101_000001")
     assert sorted(tp2) == sorted(tp1) == [1, 2, 3]
     assert tp2 == pytest.approx(tp1, rel=1e-3), (tp1, tp2)
 
-    # calibrated before the split, on the same batches: the very same amax values
+    # calibrated after the split, the rowwise Linears computed whole: the very same amax values
     single = amax_values(checkpoints(tmp_path / "tp1") / "iter_0000002")
     assert single and single.keys() == amax_values(checkpoints(tmp_path / "tp2") / "iter_0000002").keys()
     split_amax = amax_values(checkpoints(tmp_path / "tp2") / "iter_0000002")

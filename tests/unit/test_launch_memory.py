@@ -225,3 +225,19 @@ def test_pipeline_plan_takes_the_largest_stage_and_the_bubble(tmp_path, env, cap
     os.environ.update({k: v for k, v in env.items() if k != "PATH"})
     assert main(["--job", "pretrain", "--config", path, "--dry-run"]) == 0
     assert json.loads(capsys.readouterr().out)["resources"]["time"]["pipeline_bubble"] == pytest.approx(0.2)
+
+
+def test_fsdp_mixed_precision_auto_is_planned_on_for_bf16_and_off_otherwise(tmp_path, env):
+    """FSDP_MIXED_PRECISION unset (auto): a PRECISION=bf16 FSDP2 plan counts bf16 gathered blocks and
+    no autocast copies, as FSDP_MIXED_PRECISION=1 does; PRECISION=fp32, or =0, plans fp32 gathers."""
+    fsdp = BIG.replace("MBS=4", "MBS=1") + "export DP_SHARDING=fsdp\nexport ACTIVATION_CHECKPOINTING=1\n"
+    memory = {}
+    bf16 = "export PRECISION=bf16\n"
+    for name, extra in (("auto", bf16), ("on", bf16 + "export FSDP_MIXED_PRECISION=1\n"),
+                        ("off", bf16 + "export FSDP_MIXED_PRECISION=0\n"), ("fp32", "")):
+        path = conf(tmp_path, fsdp + extra)
+        memory[name] = plan_from_conf("pretrain", path, [], env)[0].resources["memory_per_gpu_bytes"]
+    assert memory["auto"] == memory["on"]
+    assert memory["auto"]["gathered"] == pytest.approx(memory["off"]["gathered"] / 2)
+    assert memory["auto"]["autocast_weights"] == 0 < memory["off"]["autocast_weights"]
+    assert memory["fp32"]["gathered"] == memory["off"]["gathered"]

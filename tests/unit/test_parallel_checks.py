@@ -10,7 +10,7 @@ import torch
 
 from train.models import build_model, get_model_args, init_weights
 from train.parallel.apply import apply_activation_checkpointing
-from train.parallel.checks import pipeline_layers
+from train.parallel.checks import fsdp_mixed_precision_on, pipeline_layers
 from train.parallel.pipeline import balance_loss, split_stage
 from train.parallel import (ParallelSettingsError, build_mesh, check_engine_support, check_parallel_settings,
                             parallelize)
@@ -18,7 +18,7 @@ from train.parallel import (ParallelSettingsError, build_mesh, check_engine_supp
 
 def settings(**overrides):
     values = dict(tensor_parallel_size=1, pipeline_parallel_size=1, pipeline_layers="", expert_parallel_size=1,
-                  data_parallel="ddp", activation_checkpointing=False, compile=False)
+                  data_parallel="ddp", activation_checkpointing=False, compile=False, fsdp_mixed_precision="auto")
     return SimpleNamespace(**{**values, **overrides})
 
 
@@ -38,10 +38,22 @@ def test_every_strategy_is_accepted(strategy):
     (dict(tensor_parallel_size=4), 4, "TP_SIZE=4 does not divide num_kv_heads=2"),  # tiny: 4 heads, 2 KV
     (dict(tensor_parallel_size=2, data_parallel="ddp"), 4, "use fsdp or fsdp_zero2"),
     (dict(tensor_parallel_size=2, data_parallel="zero1"), 4, "use fsdp or fsdp_zero2"),
+    (dict(fsdp_mixed_precision="sometimes"), 2, "parallel.fsdp_mixed_precision='sometimes'"),
 ])
 def test_impossible_settings_are_named(overrides, world_size, message):
     with pytest.raises(ParallelSettingsError, match=message.replace("(", r"\(").replace("[", r"\[")):
         check_parallel_settings(settings(**overrides), get_model_args("tiny-qwen3"), world_size)
+
+
+@pytest.mark.parametrize("setting, precision, cuda, on", [
+    ("auto", "bf16", True, True), ("auto", "bf16", False, False), ("auto", "fp32", True, False),
+    (True, "fp32", False, True), ("1", "fp32", False, True), ("True", "bf16", True, True),
+    (False, "bf16", True, False), ("0", "bf16", True, False), ("false", "bf16", True, False),
+])
+def test_fsdp_mixed_precision_auto_is_on_for_bf16_on_cuda_only(setting, precision, cuda, on):
+    """auto: FSDP2's MixedPrecisionPolicy on GPUs with PRECISION=bf16; the CPU keeps autocast;
+    true/1 (a conf's FSDP_MIXED_PRECISION=1, a CLI's true) and false/0 as given."""
+    assert fsdp_mixed_precision_on(setting, precision, cuda) is on
 
 
 @pytest.mark.parametrize("model, overrides, message", [

@@ -119,8 +119,9 @@ CONF_VARIABLES: dict[str, ConfVariable] = {v.name: v for v in [
     _var("DP_SHARDING", "parallel.data_parallel", "str", "ddp | fsdp | fsdp_zero2 | zero1 | auto (the fastest whose plan fits the GPU)"),
     _var("ACTIVATION_CHECKPOINTING", "parallel.activation_checkpointing", "bool", "recompute each block's activations in backward"),
     _var("COMPILE", "parallel.compile", "bool", "torch.compile each transformer block"),
-    _var("FSDP_MIXED_PRECISION", "parallel.fsdp_mixed_precision", "bool",
-         "FSDP2 MixedPrecisionPolicy: bf16 all-gather and compute, fp32 reduce-scatter (DP_SHARDING=fsdp)"),
+    _var("FSDP_MIXED_PRECISION", "parallel.fsdp_mixed_precision", "str",
+         "FSDP2 MixedPrecisionPolicy: bf16 all-gather and compute, fp32 reduce-scatter (DP_SHARDING=fsdp); "
+         "auto (on with PRECISION=bf16 on GPUs) | 1 | 0"),
     _var("TIME_BUDGET_S", "training.time_budget_s", "float", "stop cleanly after this many seconds"),
     _var("WANDB_PROJECT", "logging.wandb_project", "str", "W&B project: metrics to W&B too (rank 0); unset: off"),
     _var("WANDB_ENTITY", "logging.wandb_entity", "str", "W&B user or team"),

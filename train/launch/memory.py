@@ -350,6 +350,13 @@ def job_models(job: str, cfg: JobConfig):
     return student, teacher, checkpoint_bytes(config)
 
 
+def plans_fsdp_mixed_precision(cfg: JobConfig) -> bool:
+    """FSDP2's MixedPrecisionPolicy as the job on GPUs resolves it (auto: on for PRECISION=bf16)."""
+    from train.parallel.checks import fsdp_mixed_precision_on
+
+    return fsdp_mixed_precision_on(cfg.parallel.fsdp_mixed_precision, cfg.training.precision, cuda=True)
+
+
 def job_memory(job: str, cfg: JobConfig, layout: Split, models) -> dict[str, float] | None:
     student, teacher, teacher_bytes = models
     if student is None:
@@ -365,7 +372,7 @@ def job_memory(job: str, cfg: JobConfig, layout: Split, models) -> dict[str, flo
         act_bytes=2 if cfg.training.precision == "bf16" else 4,
         checkpointing=bool(cfg.parallel.activation_checkpointing), accumulation=accumulation, teacher=teacher,
         teacher_bytes=teacher_bytes, lora=lora, distill_rows=int(cfg.distill.chunk_size),
-        fsdp_mixed_precision=bool(cfg.parallel.fsdp_mixed_precision), stage=stage)
+        fsdp_mixed_precision=plans_fsdp_mixed_precision(cfg), stage=stage)
         for stage in pipeline_stages(student, layout.pp, layout.pipeline_layers, accumulation)]
     return max(stages, key=lambda memory: memory["total"])  # PP: the stage that needs the most
 
@@ -380,7 +387,7 @@ def job_communication(job: str, cfg: JobConfig, layout: Split, models, link: Int
     shape = StepShape(layout.tp, layout.ep, layout.dp, layout.strategy, mbs * int(cfg.data.seq_length),
                       accumulation=max(int(cfg.training.global_batch_size or mbs * layout.dp) // (mbs * layout.dp), 1),
                       param_bytes=param_bytes, act_bytes=2 if cfg.training.precision == "bf16" else 4,
-                      gather_bytes=2 if cfg.parallel.fsdp_mixed_precision else param_bytes,
+                      gather_bytes=2 if plans_fsdp_mixed_precision(cfg) else param_bytes,
                       checkpointing=bool(cfg.parallel.activation_checkpointing))
     targets = [name.strip() for name in str(cfg.lora.target_modules).split(",") if name.strip()]
     trainable = lora_elements(student, int(cfg.lora.rank), targets) if job == "finetune" else None

@@ -196,7 +196,7 @@ def _llama_from_hf(state: StateDict, args: ModelArgs) -> StateDict:
 # each expert is three Linear weights: mlp.experts.{j}.{gate,up}_proj.weight (F, D),
 # mlp.experts.{j}.down_proj.weight (D, F). We write the per-expert form and read both.
 _GROUPED = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
-_PER_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+PER_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
 def _split_experts(key: str, value):
@@ -230,7 +230,7 @@ def _stack_per_expert(state: StateDict) -> StateDict:
     """Per-expert keys -> grouped 3-D tensors (expert order by index); other keys unchanged."""
     out, groups = {}, {}
     for key, value in state.items():
-        match = _PER_EXPERT.match(key)
+        match = PER_EXPERT.match(key)
         if match is None:
             out[key] = value
         else:
@@ -269,7 +269,8 @@ _GPT2_LAYER_RENAMES = [
 ]
 
 
-def _gpt2_renames(args: ModelArgs):
+def gpt2_renames(args: ModelArgs):
+    """(our name, HF name, transposed) for every GPT-2 tensor but q/k/v (fused in c_attn) and lm_head."""
     yield from ((ours, f"transformer.{hf}", t) for ours, hf, t in _GPT2_RENAMES)
     for i in range(args.num_layers):
         yield from ((f"layers.{i}.{ours}", f"transformer.h.{i}.{hf}", t) for ours, hf, t in _GPT2_LAYER_RENAMES)
@@ -278,7 +279,7 @@ def _gpt2_renames(args: ModelArgs):
 def _gpt2_to_hf(state: StateDict, args: ModelArgs) -> StateDict:
     import torch
 
-    out = {hf: (state[ours].t() if transposed else state[ours]) for ours, hf, transposed in _gpt2_renames(args)}
+    out = {hf: (state[ours].t() if transposed else state[ours]) for ours, hf, transposed in gpt2_renames(args)}
     for i in range(args.num_layers):
         attn = f"layers.{i}.self_attn"
         q, k, v = (state[f"{attn}.{p}_proj.weight"] for p in "qkv")
@@ -293,7 +294,7 @@ def _gpt2_from_hf(state: StateDict, args: ModelArgs) -> StateDict:
     if not any(key.startswith("transformer.") for key in state):  # a bare GPT2Model checkpoint
         state = {f"transformer.{key}": value for key, value in state.items()}
     out = {ours: (state[hf].t() if transposed else state[hf])
-           for ours, hf, transposed in _gpt2_renames(args) if hf in state}
+           for ours, hf, transposed in gpt2_renames(args) if hf in state}
     widths = [args.num_heads * args.head_dim] + 2 * [args.num_kv_heads * args.head_dim]
     for i in range(args.num_layers):
         for suffix in ("weight", "bias"):

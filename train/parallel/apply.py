@@ -18,12 +18,13 @@ rank 0's tensors, which must exist).
 import logging
 from collections.abc import Callable
 
+import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
 
 from train.config import ParallelConfig
-from train.parallel.checks import check_engine_support, check_parallel_settings
+from train.parallel.checks import check_engine_support, check_parallel_settings, fsdp_mixed_precision_on
 from train.parallel.data_parallel import apply_ddp, apply_fsdp
 from train.parallel.expert_parallel import apply_expert_parallel, expert_parameters
 from train.parallel.mesh import data_parallel_mesh
@@ -52,10 +53,11 @@ def apply_compile(model: nn.Module) -> None:
 
 
 def parallelize(model: nn.Module, parallel_cfg: ParallelConfig, mesh: DeviceMesh | None, device: str,
-                materialize: Callable[[nn.Module], object] | None = None) -> nn.Module:
+                materialize: Callable[[nn.Module], object] | None = None, precision: str = "fp32") -> nn.Module:
     """Returns the model to train: `model` itself (TP, FSDP), or a DDP wrapper around it.
     materialize: fills a meta-device model's weights once each rank knows its part (None: the
-    model already holds them)."""
+    model already holds them). precision: training.precision (bf16 on CUDA turns FSDP2's
+    MixedPrecisionPolicy on when parallel.fsdp_mixed_precision is auto)."""
     world_size = mesh.size() if mesh is not None else 1
     check_parallel_settings(parallel_cfg, getattr(model, "args", None), world_size)
     check_engine_support(parallel_cfg)
@@ -85,7 +87,8 @@ def parallelize(model: nn.Module, parallel_cfg: ParallelConfig, mesh: DeviceMesh
         apply_compile(model)
     if fsdp:
         model = apply_fsdp(model, dp_mesh, reshard_after_forward=strategy == "fsdp", ignored=experts,
-                           mixed_precision=parallel_cfg.fsdp_mixed_precision)
+                           mixed_precision=fsdp_mixed_precision_on(parallel_cfg.fsdp_mixed_precision, precision,
+                                                                   torch.device(device).type == "cuda"))
         if materialize is not None:
             materialize(model)
     elif dp > 1:  # ddp, zero1 (the optimizer shards its state: data_parallel.py)

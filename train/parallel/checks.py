@@ -24,6 +24,20 @@ class ParallelSettingsError(ValueError):
     """A parallel setting that cannot work; the message names the variable."""
 
 
+def fsdp_mixed_precision_on(setting, precision: str, cuda: bool) -> bool:
+    """parallel.fsdp_mixed_precision (FSDP_MIXED_PRECISION) resolved for a run that shards with
+    FSDP2: auto is on for bf16 runs (training.precision=bf16) on CUDA, off on the CPU (bf16
+    autocast there, if asked); true/1 and false/0 as given. ParallelSettingsError for another value."""
+    value = str(setting).strip().lower()
+    if value == "auto":
+        return cuda and precision == "bf16"
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ParallelSettingsError(f"parallel.fsdp_mixed_precision={setting!r} (FSDP_MIXED_PRECISION): use auto, 1 or 0")
+
+
 def check_parallel_settings(parallel_cfg: ParallelConfig, model_args=None, world_size: int | None = None,
                             num_experts: int | None = None) -> None:
     """Raises ParallelSettingsError; model_args (train.models.registry.ModelArgs) adds the TP shape checks.
@@ -32,6 +46,7 @@ def check_parallel_settings(parallel_cfg: ParallelConfig, model_args=None, world
     These are the checks of a plan; check_engine_support adds what this engine cannot run yet.
     """
     strategy = parallel_cfg.data_parallel
+    fsdp_mixed_precision_on(parallel_cfg.fsdp_mixed_precision, "fp32", False)  # a known value
     if strategy not in DATA_PARALLEL_STRATEGIES:
         raise ParallelSettingsError(f"parallel.data_parallel={strategy!r} (DP_SHARDING): use one of "
                                     f"{', '.join(DATA_PARALLEL_STRATEGIES)}")

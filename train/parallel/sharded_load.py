@@ -37,7 +37,7 @@ from safetensors import safe_open
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from train.models.hf_adapters import _gpt2_renames, _PER_EXPERT
+from train.models.hf_adapters import PER_EXPERT, gpt2_renames
 from train.models.registry import ModelArgs
 from train.parallel.expert_parallel import expert_parallel_state
 
@@ -86,7 +86,7 @@ class Experts:
 
 def _decoder_sources(args: ModelArgs, names: list[str], found: set[str]) -> dict:
     """LLaMA-style families: 'model.' + our name; experts per expert on disk (or grouped)."""
-    per_expert = {m.group(1) for m in map(_PER_EXPERT.match, found) if m}  # "model.layers.N.mlp.experts"
+    per_expert = {m.group(1) for m in map(PER_EXPERT.match, found) if m}  # "model.layers.N.mlp.experts"
     sources = {}
     for name in names:
         hf = name if name == "lm_head.weight" else f"model.{name}"
@@ -102,8 +102,8 @@ def _decoder_sources(args: ModelArgs, names: list[str], found: set[str]) -> dict
 
 
 def _gpt2_sources(args: ModelArgs, names: list[str], found: set[str]) -> dict:
-    """GPT-2: renames (hf_adapters._gpt2_renames), Conv1D transposes, q/k/v from c_attn."""
-    sources = {ours: Stored(hf, transposed) for ours, hf, transposed in _gpt2_renames(args)}
+    """GPT-2: renames (hf_adapters.gpt2_renames), Conv1D transposes, q/k/v from c_attn."""
+    sources = {ours: Stored(hf, transposed) for ours, hf, transposed in gpt2_renames(args)}
     widths = [args.num_heads * args.head_dim] + 2 * [args.num_kv_heads * args.head_dim]
     offsets = [0, widths[0], widths[0] + widths[1]]
     for i in range(args.num_layers):

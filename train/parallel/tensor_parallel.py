@@ -24,13 +24,17 @@ submodules holding the calibrated per-tensor `_amax` buffers) split the same way
     the split styles below shard only the Linear's own weight and bias, never its quantizers;
     modelopt's TensorQuantizer.forward unwraps a DTensor input or weight, fake-quantizes the
     local shard and wraps the result again with the same placements, and the amax it uses
-    stays a plain tensor, the global one (calibrated before the split, the same on every rank);
+    stays a plain tensor, the global one, the same on every rank (calibrated on the whole
+    student before the split, or, loaded sharded, after it: each rank's amax of its shard,
+    MAX all-reduced by modelopt, with the rowwise Linears computed whole during calibration,
+    rowwise_computed_whole, so that the activations are one device's);
     NVFP4 scales one block of 16 along the last (input) dim: colwise shards keep whole rows,
     rowwise shards (weight (D, in/TP), input (B, T, in/TP)) must start on a block boundary,
     so in/TP must be a multiple of 16 (check_quantized_split), and then every block holds the
     same 16 values as on one device: the same numbers as TP_SIZE=1.
 """
 
+import contextlib
 import sys
 from functools import partial
 
@@ -154,6 +158,41 @@ def keep_quantizer_buffers_local(model: nn.Module) -> None:
         for key, buffer in quantizer._buffers.items():
             if isinstance(buffer, DTensor):
                 quantizer._buffers[key] = buffer.to_local()
+
+
+@contextlib.contextmanager
+def rowwise_computed_whole(model: nn.Module):
+    """Inside: every rowwise-split Linear (weight Shard(1) on "tp": o_proj, down_proj) computes its
+    output from the whole input and the whole weight, all-gathered one Linear at a time, instead
+    of adding the ranks' partial sums; no-op without TP. For calibration on a laid-out student
+    (train/quant/recipes.py quantize_model): partial sums added in another order move an
+    activation's last bits, the input amax calibrated from it moves with them, and NVFP4 turns a
+    moved amax into whole quantization steps for the values on a rounding boundary; computed
+    whole, every activation and amax is one device's (bit for bit on the CPU). Its quantizers
+    see the whole tensors; the outputs (B, T, D) are Replicate, as after the all-reduce."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear) and isinstance(m.weight, DTensor)
+               and Shard(1) in m.weight.placements]
+    for linear in linears:
+        linear.forward = partial(_whole_rowwise_forward, linear)
+    try:
+        yield model
+    finally:
+        for linear in linears:
+            del linear.forward  # the class's (modelopt's QuantLinear) forward again
+
+
+def _whole_rowwise_forward(linear: nn.Linear, inputs: DTensor) -> DTensor:
+    """inputs: (B, T, in) Shard(-1), as RowwiseParallel's input hook makes it; the weight as FSDP2
+    unsharded it for this forward, (out, in) Shard(1)."""
+    def unchanged(tensor):
+        return tensor
+
+    quantize_input, quantize_weight, quantize_output = (getattr(linear, f"{name}_quantizer", unchanged)
+                                                        for name in ("input", "weight", "output"))
+    bias = linear.bias.full_tensor() if linear.bias is not None else None
+    output = torch.nn.functional.linear(quantize_input(inputs.full_tensor()),
+                                        quantize_weight(linear.weight.full_tensor()), bias)
+    return DTensor.from_local(quantize_output(output), inputs.device_mesh, [Replicate()], run_check=False)
 
 
 def _local_to_dtensor(placement, module, inputs, mesh):

@@ -96,8 +96,8 @@ def quantize_model(model: torch.nn.Module, recipe: str,
 
     calibration_batches: token ids (B, T) on any device (moved to the model's). None or empty:
     weight amax only; input quantizers then keep no amax and quantize dynamically per tensor.
-    Call on the single-device model before DDP/TP, or on an FSDP2-sharded one (every amax then
-    equals the whole model's: tests/integration/test_sharded_load.py).
+    Call on the single-device model before DDP, or on one laid out by FSDP2, TP or EP (every
+    amax then equals the whole model's: tests/integration/test_sharded_load.py).
     """
     config = recipe_config(recipe)  # unknown names fail here, before modelopt is touched
     import modelopt.torch.quantization as mtq
@@ -108,7 +108,9 @@ def quantize_model(model: torch.nn.Module, recipe: str,
     batches = list(calibration_batches or [])
 
     def forward_loop(module: torch.nn.Module) -> None:
-        with torch.no_grad():
+        from train.parallel.tensor_parallel import rowwise_computed_whole
+
+        with torch.no_grad(), rowwise_computed_whole(module):  # under TP: one device's activations
             for index, tokens in enumerate(batches):
                 started = time.time()
                 module(tokens.to(device))

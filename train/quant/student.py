@@ -5,8 +5,10 @@
 Fresh run (no tracker file): the student loaded from STUDENT_CKPT is fake-quantized with
 quant.recipe, calibrating on quant.calibration_batches micro-batches of the training dataset
 (samples 0, 1, 2, ...: the same on every rank, so the amax does not depend on the number of
-ranks; modelopt all-reduces it with MAX anyway). Under FSDP2 the student is loaded sharded and
-quantized as laid out (train/engine.py loads_sharded); otherwise whole, before parallelize.
+ranks; modelopt all-reduces it with MAX anyway). Under FSDP2 (any TP, EP) and under TP the
+student is loaded sharded and quantized as laid out (train/engine.py loads_sharded; under TP the
+rowwise Linears compute whole during calibration, train/parallel/tensor_parallel.py
+rowwise_computed_whole, so every amax is one process's); under DDP/zero1 whole, before parallelize.
 
 Resume: the quantizers are re-created from the checkpoint's `quantizer_state.pt` before the
 weights are loaded; the amax values are buffers of the model's state dict (DCP, next to the
@@ -49,9 +51,10 @@ def load_quantizer_state(checkpoint_dir: str | Path) -> dict | None:
 
 def prepare_student(model: torch.nn.Module, cfg: JobConfig, resume_dir: str | None, dataset=None, layout=None,
                     recipe: str | None = None):
-    """Quantizes the student: the whole one before parallelize, or one FSDP2 has already sharded
-    (sharded loading, train/engine.py loads_sharded). Returns (model, record): record is what
-    every checkpoint stores as quantizer_state.pt (None without quantization); modelopt names
+    """Quantizes the student: the whole one before parallelize, or one already laid out (FSDP2,
+    TP, EP: sharded loading, train/engine.py loads_sharded; a LoRA base with its adapters
+    hidden). Returns (model, record): record is what every checkpoint stores as
+    quantizer_state.pt (None without quantization); modelopt names
     the quantizers without wrapper prefixes (`_checkpoint_wrapped_module.` of activation
     checkpointing), so the record is the same either way and restores on either model.
 
@@ -76,7 +79,7 @@ def prepare_student(model: torch.nn.Module, cfg: JobConfig, resume_dir: str | No
         batches = calibration_batches(dataset, cfg.quant.calibration_batches, cfg.training.micro_batch_size)
         model = quantize_model(model, recipe, batches)
     tp = layout.tp if layout is not None else 1
-    if tp > 1:  # the quantizers split with their Linears: fail here, not inside parallelize
+    if tp > 1:  # the quantizers split with their Linears: fail here, before training
         from train.parallel.tensor_parallel import check_quantized_split
 
         check_quantized_split(model, tp)
