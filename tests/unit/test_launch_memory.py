@@ -214,7 +214,8 @@ def test_pipeline_plan_takes_the_largest_stage_and_the_bubble(tmp_path, env, cap
     args = get_model_args("qwen3-8b")
     stages = pipeline_stages(args, 2, "", accumulation=4)
     memory = [memory_breakdown(args, job="pretrain", layout=Split(1, 1, 4, "fsdp", pp=2), mbs=4, seq_length=4096,
-                               param_bytes=4, act_bytes=2, checkpointing=True, accumulation=4, stage=stage)
+                               param_bytes=4, act_bytes=2, checkpointing=True, accumulation=4, stage=stage,
+                               fsdp_mixed_precision=True)  # FSDP_MIXED_PRECISION auto: on with bf16 FSDP2
               for stage in stages]
     assert piped["memory_per_gpu_bytes"] == max(memory, key=lambda m: m["total"])
     time = piped["time"]
