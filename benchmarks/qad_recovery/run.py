@@ -44,8 +44,7 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))  # run from anywhere without installing
 
-MODEL, SEQ = "small-qwen3", 256
-TEACHER_BATCH, TEACHER_LR, WARMUP = 8, 2e-3, 25
+SEQ, TEACHER_BATCH, WARMUP = 256, 8, 25
 QAD_ITERS, QAD_BATCH, MICRO_BATCH = 24, 32, 8
 EVAL_BATCH, EVAL_BATCHES = 8, 20  # 160 x 256 = 41k valid tokens
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -63,6 +62,7 @@ def log(message: str) -> None:
 
 
 def build_corpus(directory: Path, vocab_size: int) -> Path:
+    """Every stdlib docstring, a BPE of `vocab_size` tokens, train.preprocess (10% valid), a datablend."""
     from train.data.corpus import stdlib_docstrings
     from train.data.tokenizer import build_tokenizer
 
@@ -78,9 +78,9 @@ def build_corpus(directory: Path, vocab_size: int) -> Path:
     return blend
 
 
-def train_teacher(blend: Path, directory: Path, steps: int) -> None:
-    """MODEL trained with AdamW on the train split (warmup, cosine to 0), its val loss every 40
-    steps in directory/curve.json, saved as an HF checkpoint directory."""
+def train_teacher(blend: Path, directory: Path, model_name: str, steps: int, lr: float, final_lr: float) -> None:
+    """model_name trained with AdamW on the train split (warmup, cosine from lr to final_lr), its
+    val loss every 40 steps in directory/curve.json, saved as an HF checkpoint directory."""
     from train.data import build_datasets
     from train.data.collate import to_batch
     from train.losses import masked_cross_entropy
@@ -91,10 +91,11 @@ def train_teacher(blend: Path, directory: Path, steps: int) -> None:
     data = build_datasets(str(blend), SEQ, {"train": steps * TEACHER_BATCH, "valid": EVAL_BATCH * EVAL_BATCHES}, seed=1)
     valid = [to_batch([data["valid"][i] for i in range(b * EVAL_BATCH, (b + 1) * EVAL_BATCH)], "cpu")
              for b in range(EVAL_BATCHES)]
-    model = init_weights(build_model(MODEL, device="cpu"), 1234)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=TEACHER_LR, betas=(0.9, 0.95), weight_decay=0.1)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / WARMUP) * 0.5 * (
-        1 + math.cos(math.pi * min(1.0, max(0, step - WARMUP) / (steps - WARMUP)))))
+    model = init_weights(build_model(model_name, device="cpu"), 1234)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    low = final_lr / lr
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / WARMUP) * (low + (
+        1 - low) * 0.5 * (1 + math.cos(math.pi * min(1.0, max(0, step - WARMUP) / (steps - WARMUP))))))
     curve, begin = [], time.time()
     for step in range(steps):
         batch = [data["train"][i] for i in range(step * TEACHER_BATCH, (step + 1) * TEACHER_BATCH)]
@@ -128,20 +129,21 @@ def evaluate(student, teacher: Path, blend: Path, out: Path, *extra) -> dict:
     return json.loads(out.read_text())
 
 
-def prepare(cache: Path, steps: int) -> tuple[Path, Path, dict]:
+def prepare(cache: Path, model: str, steps: int, lr: float, final_lr: float) -> tuple[Path, Path, dict]:
     """The corpus blend, the teacher directory and the PTQ eval result, built once and cached."""
     from train.models import get_model_args
 
-    corpus, teacher = cache / "corpus", cache / f"teacher-{steps}"
+    vocab = get_model_args(model).vocab_size
+    corpus, teacher = cache / f"corpus-{vocab}", cache / f"teacher-{model}-{steps}-lr{lr:g}-to{final_lr:g}"
     blend = corpus / "datablend_stdlib.json"
     if not blend.exists():
         log("building the corpus (stdlib docstrings with subpackages, BPE, train.preprocess)")
         corpus.mkdir(parents=True, exist_ok=True)
-        build_corpus(corpus, get_model_args(MODEL).vocab_size)
+        build_corpus(corpus, vocab)
     if not (teacher / "config.json").exists():
-        log(f"training the teacher: {MODEL}, {steps} steps of {TEACHER_BATCH} x {SEQ} tokens")
+        log(f"training the teacher: {model}, {steps} steps of {TEACHER_BATCH} x {SEQ} tokens, LR {lr:g} to {final_lr:g}")
         shutil.rmtree(teacher.with_suffix(".tmp"), ignore_errors=True)
-        train_teacher(blend, teacher.with_suffix(".tmp"), steps)
+        train_teacher(blend, teacher.with_suffix(".tmp"), model, steps, lr, final_lr)
         teacher.with_suffix(".tmp").rename(teacher)
     ptq_json = teacher / "ptq.json"
     if not ptq_json.exists():
@@ -150,19 +152,19 @@ def prepare(cache: Path, steps: int) -> tuple[Path, Path, dict]:
     return blend, teacher, json.loads(ptq_json.read_text())
 
 
-def run_job(cache: Path, blend: Path, teacher: Path, name: str, seed: int) -> dict:
+def run_job(cache: Path, model: str, blend: Path, teacher: Path, name: str, seed: int) -> dict:
     """One QAD/QAT/fp job and its eval against the teacher; the eval JSON is the cache."""
     lr, temperature, kd_weight, lm_weight, recipe = CONFIGS[name]
-    out = cache / "results" / f"{name}-seed{seed}.json"
+    out = cache / f"{teacher.name}-results" / f"{name}-seed{seed}.json"
     if out.exists():
         return json.loads(out.read_text())
-    root = cache / "jobs" / f"{name}-seed{seed}"
+    root = cache / f"{teacher.name}-jobs" / f"{name}-seed{seed}"
     shutil.rmtree(root, ignore_errors=True)  # a stale, unfinished run
     log(f"{name} seed {seed}: train.qad, {QAD_ITERS} iterations of {QAD_BATCH} x {SEQ} tokens")
     begin = time.time()
     job = subprocess.run(
-        [sys.executable, "-m", "train.qad", f"checkpoint.root={root}", f"model.name={MODEL}",
-         f"model.hf_checkpoint={teacher}", f"distill.teacher_checkpoint={teacher}", f"distill.teacher_model={MODEL}",
+        [sys.executable, "-m", "train.qad", f"checkpoint.root={root}", f"model.name={model}",
+         f"model.hf_checkpoint={teacher}", f"distill.teacher_checkpoint={teacher}", f"distill.teacher_model={model}",
          "data=blend", "data.dataset_name=stdlib", f"data.datacache_dir={blend.parent}", f"data.seq_length={SEQ}",
          f"training.micro_batch_size={MICRO_BATCH}", f"training.global_batch_size={QAD_BATCH}",
          f"training.train_iters={QAD_ITERS}", f"training.seed={seed}", f"data.seed={seed}", f"quant.recipe={recipe}",
@@ -215,17 +217,18 @@ def continuation_task(corpus: Path, directory: Path, items: int = 200, context: 
     return task
 
 
-def downstream(cache: Path, names: list[str]) -> str:
+def downstream(blend: Path, teacher: Path, names: list[str]) -> str:
     """`python -m train.downstream` (lm-eval) of each named seed-1 job on the held-out
     continuation task: the teacher, the PTQ student and the job's student, side by side."""
-    task = continuation_task(cache / "corpus", cache / "downstream")
+    corpus, results_dir = blend.parent, teacher.parent / f"{teacher.name}-results"
+    task = continuation_task(corpus, results_dir / "downstream")
     lines = ["| model | acc | acc_norm |", "|---|---|---|"]
     for index, name in enumerate(names):
-        out = cache / "downstream" / f"{name}-seed1.json"
+        out = results_dir / "downstream" / f"{name}-seed1.json"
         if not out.exists():
             log(f"{name} seed 1: train.downstream (lm-eval)")
-            subprocess.run([sys.executable, "-m", "train.downstream", str(next((cache / "jobs" / f"{name}-seed1").glob(
-                "*-Teacher-*"))), "--tasks", str(task), "--tokenizer", str(cache / "corpus" / "tokenizer"),
+            subprocess.run([sys.executable, "-m", "train.downstream", str(next((teacher.parent / f"{teacher.name}-jobs" / f"{name}-seed1").glob(
+                "*-Teacher-*"))), "--tasks", str(task), "--tokenizer", str(corpus / "tokenizer"),
                 "--json", str(out)], cwd=REPO, env=ONE_THREAD, check=True, capture_output=True, timeout=3600)
         results = json.loads(out.read_text())["results"]
         for label, tasks in results.items():
@@ -263,8 +266,11 @@ def markdown(table: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--teacher-steps", type=int, default=600)
-    parser.add_argument("--cache", type=Path, default=REPO / "runs" / "bench-qad-recovery-small")
+    parser.add_argument("--model", default="tiny-qwen3", help="registry name of the teacher (and student)")
+    parser.add_argument("--teacher-steps", type=int, default=1500)
+    parser.add_argument("--teacher-lr", type=float, default=3e-3)
+    parser.add_argument("--teacher-final-lr", type=float, default=0.0, help="where the teacher's cosine ends")
+    parser.add_argument("--cache", type=Path, default=REPO / "runs" / "bench-qad-recovery")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 1..N of each job")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--parallel", type=int, default=2, help="jobs at a time (one thread each)")
@@ -272,19 +278,19 @@ def main() -> None:
                         help="then lm-eval (train.downstream) of the best QAD and QAT jobs on a held-out task")
     args = parser.parse_args()
     cache = args.cache.resolve()
-    blend, teacher, ptq = prepare(cache, args.teacher_steps)
+    blend, teacher, ptq = prepare(cache, args.model, args.teacher_steps, args.teacher_lr, args.teacher_final_lr)
     log(f"teacher val {ptq['teacher']['val_loss']:.4f}, NVFP4 PTQ {ptq['student']['val_loss']:.4f} "
         f"(KL {ptq['student']['kl']:.4f}, agreement {ptq['student']['agreement']:.2%})")
     jobs = [(name, seed) for seed in range(1, args.seeds + 1) for name in args.configs]
     with ThreadPoolExecutor(args.parallel) as pool:
-        results = list(pool.map(lambda job: run_job(cache, blend, teacher, *job), jobs))
+        results = list(pool.map(lambda job: run_job(cache, args.model, blend, teacher, *job), jobs))
     runs: dict[str, list[dict]] = {}
     for (name, _), result in zip(jobs, results):
         runs.setdefault(name, []).append(result)
     table = summarize(ptq, runs)
     text = markdown(table)
     print(text)
-    stem = cache / "results" / "results"
+    stem = cache / f"{teacher.name}-results" / f"results-{args.seeds}seeds"
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".md").write_text(text + "\n")
     stem.with_suffix(".json").write_text(json.dumps({"ptq": ptq, "runs": runs, "table": table,
@@ -294,9 +300,9 @@ def main() -> None:
     if args.downstream:
         best = {kind: max((n for n in args.configs if n.startswith(kind)), default=None,
                           key=lambda n: table[f"{n} ({len(runs[n])})"]["recovered"][0]) for kind in ("qad", "qat")}
-        text = downstream(cache, [name for name in best.values() if name])
+        text = downstream(blend, teacher, [name for name in best.values() if name])
         print(text)
-        (cache / "results" / "downstream.md").write_text(text + "\n")
+        (stem.parent / "downstream.md").write_text(text + "\n")
 
 
 if __name__ == "__main__":
