@@ -48,11 +48,13 @@ SEQ, TEACHER_BATCH, WARMUP = 256, 8, 25
 QAD_ITERS, QAD_BATCH, MICRO_BATCH = 24, 32, 8
 EVAL_BATCH, EVAL_BATCHES = 8, 20  # 160 x 256 = 41k valid tokens
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-# name: (LR, temperature, kd_loss_weight, lm_loss_weight, quant recipe)
-CONFIGS = {"qad-lr3e-4-T1": (3e-4, 1.0, 1.0, 0.0, "nvfp4"), "qad-lr1e-4-T1": (1e-4, 1.0, 1.0, 0.0, "nvfp4"),
-           "qad-lr3e-4-T2": (3e-4, 2.0, 1.0, 0.0, "nvfp4"), "qad-lr1e-3-T1": (1e-3, 1.0, 1.0, 0.0, "nvfp4"),
-           "qat-lr3e-4": (3e-4, 1.0, 0.0, 1.0, "nvfp4"), "qat-lr1e-4": (1e-4, 1.0, 0.0, 1.0, "nvfp4"),
-           "fp-lr3e-4": (3e-4, 1.0, 0.0, 1.0, "none")}
+# name: (LR, temperature, kd_loss_weight, lm_loss_weight, quant recipe, iterations)
+CONFIGS = {f"{kind}-lr{lr:.0e}".replace("e-0", "e-") + f"{f'-T{t:g}' if kind == 'qad' else ''}{f'-{iters}it' if iters != QAD_ITERS else ''}":
+           (lr, t, *{"qad": (1.0, 0.0, "nvfp4"), "qat": (0.0, 1.0, "nvfp4"), "fp": (0.0, 1.0, "none")}[kind], iters)
+           for kind, lr, t, iters in (
+               ("qad", 3e-4, 1, 24), ("qad", 1e-3, 1, 24), ("qad", 3e-3, 1, 24), ("qad", 1e-3, 2, 24),
+               ("qad", 1e-3, 1, 96), ("qad", 3e-3, 1, 96), ("qat", 1e-3, 1, 96), ("qat", 3e-4, 1, 96),
+               ("qat", 3e-3, 1, 96), ("fp", 1e-3, 1, 96))}
 METRICS = ("val_loss", "val_ppl", "kl", "agreement", "recovered")
 START = time.time()
 
@@ -154,20 +156,20 @@ def prepare(cache: Path, model: str, steps: int, lr: float, final_lr: float) -> 
 
 def run_job(cache: Path, model: str, blend: Path, teacher: Path, name: str, seed: int) -> dict:
     """One QAD/QAT/fp job and its eval against the teacher; the eval JSON is the cache."""
-    lr, temperature, kd_weight, lm_weight, recipe = CONFIGS[name]
+    lr, temperature, kd_weight, lm_weight, recipe, iterations = CONFIGS[name]
     out = cache / f"{teacher.name}-results" / f"{name}-seed{seed}.json"
     if out.exists():
         return json.loads(out.read_text())
     root = cache / f"{teacher.name}-jobs" / f"{name}-seed{seed}"
     shutil.rmtree(root, ignore_errors=True)  # a stale, unfinished run
-    log(f"{name} seed {seed}: train.qad, {QAD_ITERS} iterations of {QAD_BATCH} x {SEQ} tokens")
+    log(f"{name} seed {seed}: train.qad, {iterations} iterations of {QAD_BATCH} x {SEQ} tokens")
     begin = time.time()
     job = subprocess.run(
         [sys.executable, "-m", "train.qad", f"checkpoint.root={root}", f"model.name={model}",
          f"model.hf_checkpoint={teacher}", f"distill.teacher_checkpoint={teacher}", f"distill.teacher_model={model}",
          "data=blend", "data.dataset_name=stdlib", f"data.datacache_dir={blend.parent}", f"data.seq_length={SEQ}",
          f"training.micro_batch_size={MICRO_BATCH}", f"training.global_batch_size={QAD_BATCH}",
-         f"training.train_iters={QAD_ITERS}", f"training.seed={seed}", f"data.seed={seed}", f"quant.recipe={recipe}",
+         f"training.train_iters={iterations}", f"training.seed={seed}", f"data.seed={seed}", f"quant.recipe={recipe}",
          f"optim.lr={lr}", f"optim.min_lr={lr / 10}", "optim.schedule=cosine",
          f"distill.temperature={temperature}", f"distill.kd_loss_weight={kd_weight}",
          f"distill.lm_loss_weight={lm_weight}", "checkpoint.save_interval=1000", "logging.tensorboard=false"],
