@@ -52,9 +52,9 @@ ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 CONFIGS = {f"{kind}-lr{lr:.0e}".replace("e-0", "e-") + f"{f'-T{t:g}' if kind == 'qad' else ''}{f'-{iters}it' if iters != QAD_ITERS else ''}":
            (lr, t, *{"qad": (1.0, 0.0, "nvfp4"), "qat": (0.0, 1.0, "nvfp4"), "fp": (0.0, 1.0, "none")}[kind], iters)
            for kind, lr, t, iters in (
-               ("qad", 3e-4, 1, 24), ("qad", 1e-3, 1, 24), ("qad", 3e-3, 1, 24), ("qad", 1e-3, 2, 24),
-               ("qad", 1e-3, 1, 96), ("qad", 3e-3, 1, 96), ("qat", 1e-3, 1, 96), ("qat", 3e-4, 1, 96),
-               ("qat", 3e-3, 1, 96), ("fp", 1e-3, 1, 96))}
+               ("qad", 3e-4, 1, 96), ("qat", 3e-4, 1, 96), ("fp", 3e-4, 1, 96), ("qad", 1e-4, 1, 96),
+               ("qad", 3e-4, 2, 96), ("qat", 1e-4, 1, 96), ("qat", 1e-3, 1, 96), ("fp", 1e-3, 1, 96),
+               ("qad", 1e-3, 1, 96), ("qad", 3e-4, 1, 24), ("qad", 1e-3, 1, 24), ("qad", 3e-3, 1, 24))}
 METRICS = ("val_loss", "val_ppl", "kl", "agreement", "recovered")
 START = time.time()
 
