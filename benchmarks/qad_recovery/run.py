@@ -49,12 +49,14 @@ QAD_ITERS, QAD_BATCH, MICRO_BATCH = 24, 32, 8
 EVAL_BATCH, EVAL_BATCHES = 8, 20  # 160 x 256 = 41k valid tokens
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 # name: (LR, temperature, kd_loss_weight, lm_loss_weight, quant recipe, iterations)
-CONFIGS = {f"{kind}-lr{lr:.0e}".replace("e-0", "e-") + f"{f'-T{t:g}' if kind == 'qad' else ''}{f'-{iters}it' if iters != QAD_ITERS else ''}":
-           (lr, t, *{"qad": (1.0, 0.0, "nvfp4"), "qat": (0.0, 1.0, "nvfp4"), "fp": (0.0, 1.0, "none")}[kind], iters)
+CONFIGS = {f"{kind}-lr{lr:.0e}".replace("e-0", "e-") + f"{f'-T{t:g}' if kind.startswith('qad') else ''}{f'-{iters}it' if iters != QAD_ITERS else ''}":
+           (lr, t, *{"qad": (1.0, 0.0, "nvfp4"), "qat": (0.0, 1.0, "nvfp4"), "fp": (0.0, 1.0, "none"),
+                          "qad+lm": (1.0, 1.0, "nvfp4")}[kind], iters)
            for kind, lr, t, iters in (
                ("qad", 3e-4, 1, 96), ("qat", 3e-4, 1, 96), ("fp", 3e-4, 1, 96), ("qad", 1e-4, 1, 96),
                ("qad", 3e-4, 2, 96), ("qat", 1e-4, 1, 96), ("qat", 1e-3, 1, 96), ("fp", 1e-3, 1, 96),
-               ("qad", 1e-3, 1, 96), ("qad", 3e-4, 1, 24), ("qad", 1e-3, 1, 24), ("qad", 3e-3, 1, 24))}
+               ("qad", 1e-3, 1, 96), ("qad", 3e-4, 1, 24), ("qad", 1e-3, 1, 24), ("qad", 3e-3, 1, 24),
+               ("qad+lm", 3e-4, 1, 96))}
 METRICS = ("val_loss", "val_ppl", "kl", "agreement", "recovered")
 START = time.time()
 
@@ -274,6 +276,8 @@ def main() -> None:
     parser.add_argument("--teacher-final-lr", type=float, default=0.0, help="where the teacher's cosine ends")
     parser.add_argument("--cache", type=Path, default=REPO / "runs" / "bench-qad-recovery")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 1..N of each job")
+    parser.add_argument("--run-from-seed", type=int, default=1,
+                        help="run only seeds from this one on (the others' cached results still count)")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--parallel", type=int, default=2, help="jobs at a time (one thread each)")
     parser.add_argument("--downstream", action="store_true",
@@ -285,7 +289,9 @@ def main() -> None:
         f"(KL {ptq['student']['kl']:.4f}, agreement {ptq['student']['agreement']:.2%})")
     jobs = [(name, seed) for seed in range(1, args.seeds + 1) for name in args.configs]
     with ThreadPoolExecutor(args.parallel) as pool:
-        results = list(pool.map(lambda job: run_job(cache, args.model, blend, teacher, *job), jobs))
+        list(pool.map(lambda job: run_job(cache, args.model, blend, teacher, *job),
+                      [job for job in jobs if job[1] >= args.run_from_seed]))
+    results = [run_job(cache, args.model, blend, teacher, *job) for job in jobs]  # all cached now
     runs: dict[str, list[dict]] = {}
     for (name, _), result in zip(jobs, results):
         runs.setdefault(name, []).append(result)
