@@ -1,28 +1,31 @@
-"""QAD vs QAT: how much of the NVFP4 PTQ val-loss gap each wins back, over seeds, on an 11M teacher.
+"""QAD vs QAT vs plain LM training: how much of the NVFP4 PTQ val-loss gap each wins back, over seeds.
 
-    PYTHONPATH=. python benchmarks/qad_recovery/run.py [--seeds 3] [--parallel 2] \
-        [--configs qad-lr3e-4-T1 ...] [--cache runs/bench-qad-recovery-small]
+    PYTHONPATH=. python benchmarks/qad_recovery/run.py [--seeds 3] [--parallel 2] [--downstream] \
+        [--configs NAME ...] [--model tiny-qwen3] [--teacher-steps 1500] [--cache runs/bench-qad-recovery]
 
 1. The corpus: every docstring of the standard library (subpackages included, never
-   site-packages: ~2,800 documents, 1.7 MB), a byte-level BPE of the model's vocabulary (4096),
+   site-packages: ~2,800 documents, 1.7 MB), a byte-level BPE of the model's vocabulary,
    `python -m train.preprocess` with a 10% valid split, a datablend.
-2. The teacher: small-qwen3 (11.1M parameters) trained in process with AdamW (LR 2e-3, 25
-   warmup steps, cosine to 0, weight decay 0.1) on --teacher-steps x 8 x 256 tokens (600 steps:
-   1.2M tokens, ~2.9 passes over the train split's 420k), one thread, its val loss logged every 40 steps into
-   teacher/curve.json, then saved as an HF directory.
+2. The teacher: --model (tiny-qwen3: 1M parameters, vocabulary 2048) trained in process with
+   AdamW (LR --teacher-lr 3e-3 after 25 warmup steps, cosine to --teacher-final-lr 0) on
+   --teacher-steps x 8 x 256 tokens (1500 steps: 3.1M tokens, ~5.5 passes over the train split),
+   one thread; its val loss every 40 steps in <teacher>/curve.json; saved as an HF directory.
 3. NVFP4 PTQ: `python -m train.eval --quant nvfp4` (4 calibration batches).
-4. Per configuration and seed, the real `python -m train.qad` job (NVFP4 student, 24 iterations
-   of 32 x 256 tokens, micro-batch 8, LR cosine to LR/10) and `python -m train.eval --student
-   RUN_DIR`. QAT is the same job with distill.kd_loss_weight=0, distill.lm_loss_weight=1 (the
-   quantized student on the LM loss alone; the teacher still runs, unused). "fp" is the teacher
-   itself trained on, unquantized (quant.recipe=none, LM loss): what the same extra tokens of
-   plain LM training do to val loss, so that QAT's number can be read. A seed sets the job's
-   training.seed and data.seed; the corpus and teacher stay fixed.
+4. Per configuration (CONFIGS; the defaults: DEFAULT_CONFIGS) and seed, the real `python -m
+   train.qad` job (NVFP4 student, 32 x 256 tokens an iteration, micro-batch 8, LR cosine to
+   LR/10) and `python -m train.eval --student RUN_DIR` on 20 x 8 x 256 valid tokens. "qad" is KL
+   only at temperature T; "qad+lm" adds the LM loss (distill.lm_loss_weight=1); "qat" is the
+   LM loss alone (distill.kd_loss_weight=0: the quantized student trained on the data; the
+   teacher still runs, unused); "fp" is the teacher itself trained on, unquantized
+   (quant.recipe=none, LM loss): what the same tokens of plain LM training do to val loss, the
+   reference QAT's figure must be read against. A seed sets training.seed and data.seed.
+5. --downstream: `python -m train.downstream` (lm-eval) of the best QAD and QAT jobs (seed 1)
+   on a held-out multiple-choice task built from the valid split (continuation_task).
 
 Jobs run --parallel at a time with one thread each. Everything is cached under --cache (corpus,
 teacher, PTQ result, each job's eval JSON): a rerun only runs what is missing. Prints a Markdown
-table (mean +- half the range over the seeds that ran) and writes it with the raw numbers to
-<cache>/results/results.{md,json}.
+table (mean +- half the range over the seeds) and writes it with the raw numbers to
+<cache>/<teacher>-results/results-<N>seeds.{md,json}.
 """
 
 from __future__ import annotations
@@ -45,11 +48,11 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))  # run from anywhere without installing
 
 SEQ, TEACHER_BATCH, WARMUP = 256, 8, 25
-QAD_ITERS, QAD_BATCH, MICRO_BATCH = 24, 32, 8
+QAD_BATCH, MICRO_BATCH = 32, 8  # 8192 tokens an iteration
 EVAL_BATCH, EVAL_BATCHES = 8, 20  # 160 x 256 = 41k valid tokens
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 # name: (LR, temperature, kd_loss_weight, lm_loss_weight, quant recipe, iterations)
-CONFIGS = {f"{kind}-lr{lr:.0e}".replace("e-0", "e-") + f"{f'-T{t:g}' if kind.startswith('qad') else ''}{f'-{iters}it' if iters != QAD_ITERS else ''}":
+CONFIGS = {f"{kind}-lr{lr:.0e}".replace("e-0", "e-") + f"{f'-T{t:g}' if kind.startswith('qad') else ''}-{iters}it":
            (lr, t, *{"qad": (1.0, 0.0, "nvfp4"), "qat": (0.0, 1.0, "nvfp4"), "fp": (0.0, 1.0, "none"),
                           "qad+lm": (1.0, 1.0, "nvfp4")}[kind], iters)
            for kind, lr, t, iters in (
@@ -57,6 +60,7 @@ CONFIGS = {f"{kind}-lr{lr:.0e}".replace("e-0", "e-") + f"{f'-T{t:g}' if kind.sta
                ("qad", 3e-4, 2, 96), ("qat", 1e-4, 1, 96), ("qat", 1e-3, 1, 96), ("fp", 1e-3, 1, 96),
                ("qad", 1e-3, 1, 96), ("qad", 3e-4, 1, 24), ("qad", 1e-3, 1, 24), ("qad", 3e-3, 1, 24),
                ("qad+lm", 3e-4, 1, 96))}
+DEFAULT_CONFIGS = ["qad-lr3e-4-T1-96it", "qad+lm-lr3e-4-T1-96it", "qat-lr3e-4-96it", "fp-lr3e-4-96it"]
 METRICS = ("val_loss", "val_ppl", "kl", "agreement", "recovered")
 START = time.time()
 
@@ -226,7 +230,7 @@ def downstream(blend: Path, teacher: Path, names: list[str]) -> str:
     continuation task: the teacher, the PTQ student and the job's student, side by side."""
     corpus, results_dir = blend.parent, teacher.parent / f"{teacher.name}-results"
     task = continuation_task(corpus, results_dir / "downstream")
-    lines = ["| model | acc | acc_norm |", "|---|---|---|"]
+    lines = ["| model | acc ± stderr | acc_norm ± stderr |", "|---|---|---|"]
     for index, name in enumerate(names):
         out = results_dir / "downstream" / f"{name}-seed1.json"
         if not out.exists():
@@ -239,7 +243,9 @@ def downstream(blend: Path, teacher: Path, names: list[str]) -> str:
             if label in ("teacher", "PTQ") and index > 0:
                 continue  # the same in every QAD/QAT run
             metrics = tasks["stdlib_continuation"]
-            lines.append(f"| {name if label == 'QAD' else label} | {metrics['acc']:.1%} | {metrics['acc_norm']:.1%} |")
+            lines.append(f"| {name if label == 'QAD' else label} | {metrics['acc,none']:.1%} ± "
+                         f"{metrics['acc_stderr,none']:.1%} | {metrics['acc_norm,none']:.1%} ± "
+                         f"{metrics['acc_norm_stderr,none']:.1%} |")
     return "\n".join(lines)
 
 
@@ -278,7 +284,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3, help="seeds 1..N of each job")
     parser.add_argument("--run-from-seed", type=int, default=1,
                         help="run only seeds from this one on (the others' cached results still count)")
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, choices=list(CONFIGS))
     parser.add_argument("--parallel", type=int, default=2, help="jobs at a time (one thread each)")
     parser.add_argument("--downstream", action="store_true",
                         help="then lm-eval (train.downstream) of the best QAD and QAT jobs on a held-out task")

@@ -231,8 +231,9 @@ _MODELS += [model for size, shape in (("tiny", _TINY), ("debug", _DEBUG)) for mo
            router_aux_loss_coef=0.01),
 )]
 
-# small-qwen3 (11.1M parameters, 4096-token vocabulary, tied): the teacher of benchmarks/qad_recovery,
-# large enough that NVFP4 PTQ costs a clear amount, small enough to train on 2 CPU cores in half an hour.
+# small-qwen3 (11.1M parameters, 4096-token vocabulary, tied): benchmarks/qad_recovery --model small-qwen3.
+# After 1.2M tokens (34 min on a shared 2-core machine) NVFP4 PTQ cost it only 0.003 nats: too early in
+# training to measure recovery (docs/qad.md); tiny-qwen3 after 3.1M tokens loses 0.024.
 _MODELS.append(ModelArgs(name="small-qwen3", vocab_size=4096, hidden_size=320, num_layers=8, num_heads=4,
                          num_kv_heads=2, head_dim=80, intermediate_size=960, max_seq_len=512,
                          tie_embeddings=True, **_QWEN3))
