@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import statistics
@@ -51,15 +50,22 @@ SEQ, TEACHER_BATCH, WARMUP = 256, 8, 25
 QAD_BATCH, MICRO_BATCH = 32, 8  # 8192 tokens an iteration
 EVAL_BATCH, EVAL_BATCHES = 8, 20  # 160 x 256 = 41k valid tokens
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+LOSSES = {"qad": (1.0, 0.0, "nvfp4"), "qad+lm": (1.0, 1.0, "nvfp4"),  # kind: (kd weight, lm weight, recipe)
+          "qat": (0.0, 1.0, "nvfp4"), "fp": (0.0, 1.0, "none")}
+
+
+def config_name(kind: str, lr: float, temperature: float, iterations: int) -> str:
+    """e.g. qad-lr3e-4-T1-96it; QAT and fp have no temperature."""
+    lr_text = f"{lr:.0e}".replace("e-0", "e-")
+    return f"{kind}-lr{lr_text}" + (f"-T{temperature:g}" if kind.startswith("qad") else "") + f"-{iterations}it"
+
+
 # name: (LR, temperature, kd_loss_weight, lm_loss_weight, quant recipe, iterations)
-CONFIGS = {f"{kind}-lr{lr:.0e}".replace("e-0", "e-") + f"{f'-T{t:g}' if kind.startswith('qad') else ''}-{iters}it":
-           (lr, t, *{"qad": (1.0, 0.0, "nvfp4"), "qat": (0.0, 1.0, "nvfp4"), "fp": (0.0, 1.0, "none"),
-                          "qad+lm": (1.0, 1.0, "nvfp4")}[kind], iters)
-           for kind, lr, t, iters in (
-               ("qad", 3e-4, 1, 96), ("qat", 3e-4, 1, 96), ("fp", 3e-4, 1, 96), ("qad", 1e-4, 1, 96),
-               ("qad", 3e-4, 2, 96), ("qat", 1e-4, 1, 96), ("qat", 1e-3, 1, 96), ("fp", 1e-3, 1, 96),
-               ("qad", 1e-3, 1, 96), ("qad", 3e-4, 1, 24), ("qad", 1e-3, 1, 24), ("qad", 3e-3, 1, 24),
-               ("qad+lm", 3e-4, 1, 96))}
+CONFIGS = {config_name(kind, lr, t, iters): (lr, t, *LOSSES[kind], iters) for kind, lr, t, iters in (
+    ("qad", 3e-4, 1, 96), ("qat", 3e-4, 1, 96), ("fp", 3e-4, 1, 96), ("qad", 1e-4, 1, 96),
+    ("qad", 3e-4, 2, 96), ("qat", 1e-4, 1, 96), ("qat", 1e-3, 1, 96), ("fp", 1e-3, 1, 96),
+    ("qad", 1e-3, 1, 96), ("qad", 3e-4, 1, 24), ("qad", 1e-3, 1, 24), ("qad", 3e-3, 1, 24),
+    ("qad+lm", 3e-4, 1, 96))}
 DEFAULT_CONFIGS = ["qad-lr3e-4-T1-96it", "qad+lm-lr3e-4-T1-96it", "qat-lr3e-4-96it", "fp-lr3e-4-96it"]
 METRICS = ("val_loss", "val_ppl", "kl", "agreement", "recovered")
 START = time.time()
@@ -92,7 +98,9 @@ def train_teacher(blend: Path, directory: Path, model_name: str, steps: int, lr:
     from train.data import build_datasets
     from train.data.collate import to_batch
     from train.losses import masked_cross_entropy
+    from train.config import OptimConfig
     from train.models import build_model, init_weights, save_hf
+    from train.optim import learning_rate
 
     torch.manual_seed(0)
     torch.set_num_threads(1)  # a second thread spinning against other processes costs more than it gives
@@ -101,11 +109,11 @@ def train_teacher(blend: Path, directory: Path, model_name: str, steps: int, lr:
              for b in range(EVAL_BATCHES)]
     model = init_weights(build_model(model_name, device="cpu"), 1234)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    low = final_lr / lr
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / WARMUP) * (low + (
-        1 - low) * 0.5 * (1 + math.cos(math.pi * min(1.0, max(0, step - WARMUP) / (steps - WARMUP))))))
+    schedule = OptimConfig(lr=lr, min_lr=final_lr, schedule="cosine", warmup_iters=WARMUP)
     curve, begin = [], time.time()
     for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, steps, schedule)
         batch = [data["train"][i] for i in range(step * TEACHER_BATCH, (step + 1) * TEACHER_BATCH)]
         inputs, targets, mask = to_batch(batch, "cpu")
         loss = masked_cross_entropy(model(inputs), targets, mask)
@@ -113,7 +121,6 @@ def train_teacher(blend: Path, directory: Path, model_name: str, steps: int, lr:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad()
-        schedule.step()
         if (step + 1) % 40 == 0 or step + 1 == steps:
             with torch.no_grad():
                 val = statistics.mean(masked_cross_entropy(model(x), y, m).item() for x, y, m in valid)
