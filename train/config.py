@@ -75,7 +75,7 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # max gradient norm (0: no clipping)
 
 
 @dataclass
@@ -126,7 +126,7 @@ class ParallelConfig:
 @dataclass
 class CheckpointConfig:
     root: str = "runs"  # QAD_CHECKPOINT_ROOT: run directories live below
-    save_interval: int = 100  # iterations
+    save_interval: int = 100  # iterations (0: no periodic saves; the last iteration is saved)
     save_interval_s: float = 0.0  # also save when this much wall time passed since the last save (0: off)
     keep_last: int = 3
     keep_every: int = 0  # iterations divisible by this are never purged (0: off)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -273,6 +274,11 @@ class Trainer:
         """Micro-batches per step on each data-parallel rank: GBS / (MBS x dp)."""
         return self.plan.global_batch_size // (self.cfg.training.micro_batch_size * self.layout.dp_size)
 
+    @property
+    def max_grad_norm(self) -> float:
+        """optim.grad_clip; 0 turns clipping off, as Megatron's --clip-grad 0 (the norm is still logged)."""
+        return self.cfg.optim.grad_clip or math.inf
+
     def pipeline_step(self, micro_batches: list) -> tuple[torch.Tensor, dict, torch.Tensor]:
         """train_step's forward, backward and clipping through the pipeline schedule (PP_SIZE > 1)."""
         tokens = loss_tokens(micro_batches, self.layout)
@@ -281,7 +287,7 @@ class Trainer:
         with autocast:
             total_loss = self.pipeline.step(micro_batches, tokens, self.layout.device)
         self.optimizer.grad_scale = None  # clipped in place below, not folded into the step
-        return total_loss, {}, self.pipeline.clip_gradients(self.cfg.optim.grad_clip)
+        return total_loss, {}, self.pipeline.clip_gradients(self.max_grad_norm)
 
     def train_step(self, batches, accumulation: int) -> tuple[float, float]:
         """Forward/backward over `accumulation` micro-batches, then the gradient norm (clipping);
@@ -295,16 +301,22 @@ class Trainer:
                                                      self.cfg.training.precision,
                                                      sync_every_micro_batch=self.cfg.parallel.data_parallel == "fsdp")
             # fused AdamW: the clipping factor goes into the next optimizer.step() (train/optim.py)
-            grad_norm = fold_clipping_into_step(self.model, self.optimizer, self.cfg.optim.grad_clip)
+            grad_norm = fold_clipping_into_step(self.model, self.optimizer, self.max_grad_norm)
         if grad_norm is None:
             # clip_grad_norm_; under EP it first finishes the expert gradients (train/parallel/expert_parallel.py)
-            grad_norm = clip_gradients(self.model, self.cfg.optim.grad_clip)
+            grad_norm = clip_gradients(self.model, self.max_grad_norm)
         reduced = torch.stack([total_loss.float(), *terms.values()])  # one all-reduce for the loss and its terms
         if dist.is_initialized():
             dist.all_reduce(reduced, op=dist.ReduceOp.AVG)
         values = reduced.tolist()
         self.loss_terms = dict(zip(terms, values[1:]))
         return values[0], grad_norm.item()
+
+    def periodic_save_due(self) -> bool:
+        """This iteration is a multiple of checkpoint.save_interval (0: no periodic saves; the last
+        iteration, a signal and save_interval_s still save)."""
+        interval = self.cfg.checkpoint.save_interval
+        return bool(interval) and self.state.iteration % interval == 0
 
     def train(self) -> str:
         """Runs to train_iters; returns why it stopped: done | signal | time_budget | early_stop."""
@@ -355,7 +367,7 @@ class Trainer:
                     self.model, self.state, loss, lr, grad_norm, elapsed, self.loss_terms))
             evaluation = self.validation.maybe_evaluate(self.model, self.state.iteration)  # every eval_interval
             verdict = self.validation.early_stopping_verdict(evaluation, self.state.iteration, self.keep_best)
-            if self.state.iteration % cfg.checkpoint.save_interval == 0 or self.checkpoints.time_to_save():
+            if self.periodic_save_due() or self.checkpoints.time_to_save():
                 self.save()
             if verdict == "stop":
                 reason = "early_stop"
@@ -364,12 +376,12 @@ class Trainer:
             elif cfg.training.time_budget_s and time.time() - started > cfg.training.time_budget_s:
                 reason = "time_budget"
             if reason != "done":
-                if self.state.iteration % cfg.checkpoint.save_interval:
+                if not self.periodic_save_due():
                     self.save()
                 break
             self.watchdog.progress(self.state.iteration)
         else:
-            if self.state.iteration % cfg.checkpoint.save_interval:
+            if not self.periodic_save_due():  # the last iteration is always saved
                 self.save()
         self.watchdog.stop()
         batches.close()  # the prefetch thread (it may be reading ahead)

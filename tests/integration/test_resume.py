@@ -100,3 +100,15 @@ def test_resume_on_a_different_process_count(tmp_path, first, second):
     trainer_state = __import__("torch").load(checkpoints(tmp_path) / f"iter_{2 * N:07d}" / "trainer.pt",
                                              weights_only=False)
     assert trainer_state["world_size"] == second and trainer_state["consumed_samples"] == 2 * N * 4
+
+
+@pytest.mark.slow
+def test_save_interval_0_saves_the_last_iteration_only_and_grad_clip_0_does_not_clip(tmp_path):
+    """0 means off for both (Megatron's --clip-grad 0); they were a ZeroDivisionError after the
+    first step and a step divided by an infinite clipping factor."""
+    pretrain(tmp_path / "off", "20260101_000001", "training.train_iters=3", "checkpoint.save_interval=0",
+             "optim.grad_clip=0")
+    pretrain(tmp_path / "huge", "20260101_000001", "training.train_iters=3", "checkpoint.save_interval=1",
+             "optim.grad_clip=1e9")
+    assert sorted(path.name for path in checkpoints(tmp_path / "off").glob("iter_*")) == ["iter_0000003"]
+    assert losses(tmp_path / "off", "20260101_000001") == losses(tmp_path / "huge", "20260101_000001")

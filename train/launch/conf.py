@@ -62,7 +62,7 @@ CONF_VARIABLES: dict[str, ConfVariable] = {v.name: v for v in [
     _var("WARMUP_ITERS", "optim.warmup_iters", "int", "linear warmup steps"),
     _var("LR_SCHEDULE", "optim.schedule", "str", "cosine | wsd | constant"),
     _var("PRECISION", "training.precision", "str", "fp32 (default, CPU) | bf16 (autocast, fp32 master weights; GPU confs)"),
-    _var("SAVE_INTERVAL", "checkpoint.save_interval", "int", "iterations between checkpoints"),
+    _var("SAVE_INTERVAL", "checkpoint.save_interval", "int", "iterations between checkpoints (0: the last only)"),
     _var("KEEP_LAST", "checkpoint.keep_last", "int", "checkpoints kept on disk"),
     _var("SAVE_INTERVAL_S", "checkpoint.save_interval_s", "float", "seconds of wall time between checkpoints"),
     _var("KEEP_EVERY", "checkpoint.keep_every", "int", "iterations divisible by this are never purged"),

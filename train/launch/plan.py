@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from train.launch import cluster as cluster_lib
-from train.launch.conf import EXIT_USAGE, REPO_ROOT, ConfError, command_line_variables, config_overrides, load_conf
+from train.launch.conf import (CONF_VARIABLES, EXIT_USAGE, REPO_ROOT, ConfError, command_line_variables,
+                               config_overrides, load_conf)
 from train.launch.inputs import input_problems, resume_problems
 from train.launch.memory import (AUTO_ORDER, describe, fitting_alternatives, format_bytes, gpu_memory_bytes,
                                  job_split, job_memory, job_models, resource_plan, resource_summary)
@@ -304,6 +305,34 @@ class JobPlan:
         }
 
 
+# The smallest value of each count, interval and rate (train/config.py says what a 0 means where
+# 0 is allowed: "off", "no periodic saves", "the default"); None and unset keys are not checked.
+MINIMUMS = {"training.micro_batch_size": 1, "training.global_batch_size": 0, "training.train_iters": 0,
+            "training.log_interval": 1, "training.eval_interval": 0, "training.eval_iters": 1,
+            "training.max_bad_iterations": 0, "training.time_budget_s": 0, "training.early_stop_patience": 0,
+            "data.seq_length": 1, "data.train_samples": 0, "optim.lr": 0, "optim.min_lr": 0,
+            "optim.warmup_iters": 0, "optim.weight_decay": 0, "optim.grad_clip": 0, "optim.eps": 0,
+            "checkpoint.save_interval": 0, "checkpoint.save_interval_s": 0, "checkpoint.keep_last": 0,
+            "checkpoint.keep_every": 0, "checkpoint.max_failed_saves": 1, "parallel.timeout_s": 1,
+            "distill.chunk_size": 1, "lora.rank": 1, "validate.max_new_tokens": 1, "validate.batch_size": 1}
+
+
+def check_minimums(cfg: JobConfig, conf: str) -> None:
+    """Every MINIMUMS key at or above its minimum: one line per value below it, naming the conf
+    variable (when one sets the key) and the key. Before this, SAVE_INTERVAL=0 or LOG_INTERVAL=0
+    passed the plan and ended the job with a ZeroDivisionError after its first step."""
+    variables = {variable.key: name for name, variable in CONF_VARIABLES.items() if variable.key}
+    problems = []
+    for key, minimum in MINIMUMS.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value is not None and value < minimum:
+            setting = f"{variables[key]}={value} ({key})" if key in variables else f"{key}={value}"
+            problems.append(f"{conf}: {setting} must be at least {minimum}")
+    if problems:
+        raise PlanError("\n".join(problems))
+
+
 WANDB_MODES = ("", "online", "offline", "disabled")  # "": wandb's default
 
 
@@ -316,6 +345,7 @@ def check_logging(cfg: JobConfig, conf: str) -> None:
 def build_plan(job: str, cfg: JobConfig, env: dict[str, str], conf: str, cluster: cluster_lib.ClusterEnv,
                strict_paths: bool = True) -> JobPlan:
     check_model_name(cfg, conf)
+    check_minimums(cfg, conf)
     check_logging(cfg, conf)
     data_parallel = check_parallel(cfg, cluster.world_size, conf)
     check_quant(cfg, job, conf)

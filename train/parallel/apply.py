@@ -91,8 +91,9 @@ def parallelize(model: nn.Module, parallel_cfg: ParallelConfig, mesh: DeviceMesh
                                                                    torch.device(device).type == "cuda"))
         if materialize is not None:
             materialize(model)
-    elif dp > 1:  # ddp, zero1 (the optimizer shards its state: data_parallel.py)
+    elif dp > 1 and pp == 1:  # ddp, zero1 (the optimizer shards its state: data_parallel.py)
         model = apply_ddp(model, dp_mesh, device, ignored=experts)
+    # PP x ddp: no DDP wrapper; the pipeline averages the stage's gradients itself (pipeline.py)
     log.info("parallelism: pp %d x dp %d (%s) x tp %d x ep %d; activation checkpointing %s, compile %s", pp, dp,
              strategy, tp, ep,
              "on" if parallel_cfg.activation_checkpointing else "off", "on" if parallel_cfg.compile else "off")

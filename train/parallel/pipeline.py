@@ -32,6 +32,13 @@ Checkpoints cross layouts (PP 2 <-> PP 1, tests/integration/test_pipeline.py): D
 optimizer's parameter groups once for all ranks, with one stage's parameter names, so each stage
 puts its own names back after the load (loaded_view); the compatibility check compares the
 checkpoint with the keys of all stages (train/checkpoint.py model_shapes).
+
+DP_SHARDING=ddp: a stage is not wrapped in DistributedDataParallel. DDP's reducer expects each
+backward to follow its own forward; 1F1B runs F0 F1 B0 B1 on the first stage, and the reducer,
+armed for the last backward, counts the parameters of both backwards and fails the next forward
+(`rebuilt parameter indices size is not same as original model parameters size`). Instead the
+stage's gradients are averaged over "dp" after the schedule, in buckets, which is the reduction DDP
+makes in the last backward (average_gradients). FSDP2 stages are sharded as without PP.
 """
 
 from __future__ import annotations
@@ -42,6 +49,8 @@ import types
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B
 from torch.distributed.tensor import DTensor
 
@@ -122,6 +131,9 @@ class Pipeline:
         self.tokens: torch.Tensor | None = None  # the step's loss denominator (trainer.loss_tokens)
         # tied embeddings: the group of this rank's first- and last-stage copies (None: untied, or a middle stage)
         self.tied_group = embedding_group(layout) if unwrap(model).args.tie_embeddings else None
+        # DP_SHARDING=ddp with dp > 1: the dp group this stage's gradients are averaged over (None: FSDP2 or dp 1)
+        self.dp_group = layout.mesh["dp"].get_group() if layout.dp_size > 1 and not isinstance(model, FSDPModule) \
+            else None
 
     def loss(self, output, labels: torch.Tensor) -> torch.Tensor:
         """output: hidden (MBS, T, D) from the last stage (MoE: and the balance sums (2, E));
@@ -145,11 +157,29 @@ class Pipeline:
             self.schedule.step(*args, target=labels, losses=losses, return_outputs=False)
         else:
             self.schedule.step(*args, return_outputs=False)
+        if self.dp_group is not None:
+            self.average_gradients()
         if self.tied_group is not None:
             self.sum_tied_gradients()
         total = torch.stack(losses).sum().detach().float() if losses else torch.zeros((), device=device)
         dist.broadcast(total, group=self.group, group_src=self.last)
         return total
+
+    def average_gradients(self, bucket_elements: int = 25_000_000) -> None:
+        """DDP's reduction of the stage's gradients, once per step: each bucket of about
+        `bucket_elements` (DDP's 25M elements, 100 MB of fp32) flattened, all-reduced over "dp" and
+        divided by the dp size, so a rank holds at most one bucket beyond its gradients."""
+        size = dist.get_world_size(self.dp_group)
+        bucket: list[torch.Tensor] = []
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        for index, grad in enumerate(grads):
+            bucket.append(grad)
+            if index == len(grads) - 1 or sum(g.numel() for g in bucket) >= bucket_elements:
+                flat = _flatten_dense_tensors(bucket)
+                dist.all_reduce(flat, group=self.dp_group)
+                for grad_in_bucket, averaged in zip(bucket, _unflatten_dense_tensors(flat.div_(size), bucket)):
+                    grad_in_bucket.copy_(averaged)
+                bucket = []
 
     def tied_weight(self) -> nn.Parameter:
         """This stage's copy of the tied weight (FSDP2 replaces parameters: looked up each time)."""
