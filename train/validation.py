@@ -14,7 +14,9 @@ training.eval_iters micro-batches of the valid split (the same samples every tim
 evaluations compare); the loss is the language-model cross entropy over the loss-masked
 tokens (also for QAD, whose training loss is the KD loss), summed over the micro-batches
 and all ranks, then divided by the token count: a token-weighted mean over the
-data-parallel ranks. val_ppl = exp(val_loss). Both go to the metrics sinks with the
+data-parallel ranks. val_ppl = exp(val_loss). Under PP_SIZE > 1 the micro-batches go through
+the stages one after another (train/parallel/pipeline.py forward_logits) and the last stage
+counts them. Both go to the metrics sinks with the
 iteration they were taken at.
 
 Eval-only (training.eval_only=true / EVAL_ONLY=1): the trainer loads the latest
@@ -42,6 +44,7 @@ import torch.distributed as dist
 from train.config import JobConfig, TrainingConfig
 from train.data.collate import to_batch
 from train.losses import masked_cross_entropy_sum
+from train.parallel.pipeline import forward_logits
 
 log = logging.getLogger("train")
 
@@ -91,8 +94,10 @@ class Validation:
             for indices in eval_batches(dataset, self.cfg.training.eval_iters, self.cfg.training.micro_batch_size,
                                         layout.dp_rank, layout.dp_size):
                 inputs, targets, mask = to_batch([dataset[i] for i in indices], device)
-                totals[0] += float(masked_cross_entropy_sum(model(inputs), targets, mask))
-                totals[1] += float(mask.sum())
+                logits = model(inputs) if layout.pp == 1 else forward_logits(model, layout, inputs)
+                if logits is not None:  # PP: the last stage's; the others add nothing
+                    totals[0] += float(masked_cross_entropy_sum(logits, targets, mask))
+                    totals[1] += float(mask.sum())
         finally:
             model.train(was_training)
         if dist.is_initialized():

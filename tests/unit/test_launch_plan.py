@@ -136,7 +136,6 @@ def test_pipeline_parallelism_leaves_the_data_parallel_size(tmp_path, env):
 @pytest.mark.parametrize("extra, job, message", [
     ("export GBS=8\n", "pretrain", "PP_SIZE=2 needs at least 2 micro-batches per step \\(1F1B\\), the plan has "
      "GBS / \\(MBS x data-parallel size\\) = 1"),
-    ("export GBS=16\nexport EVAL_INTERVAL=10\n", "pretrain", "EVAL_INTERVAL=10: in-loop validation"),
     ("export GBS=16\nexport PP_SIZE=3\n", "pretrain", "TP_SIZE x PP_SIZE = 1 x 3 = 3 does not divide the 8 GPUs"),
     ("export GBS=16\nexport PP_LAYERS=3,3\n", "pretrain", "parallel.pipeline_layers='3,3'"),
     ("export GBS=16\nexport MODEL=tiny-qwen3-next\n", "pretrain", "not model tiny-qwen3-next"),

@@ -149,7 +149,7 @@ def check_parallel(cfg: JobConfig, world_size: int, conf: str) -> int:
 
 
 def check_pipeline(job: str, cfg: JobConfig, accumulation: int, conf: str) -> None:
-    """PP_SIZE > 1 (train/parallel/pipeline.py): pretraining without in-loop validation, and at
+    """PP_SIZE > 1 (train/parallel/pipeline.py): pretraining, and at
     least one micro-batch (accumulation step) per stage, which 1F1B needs to fill the pipeline."""
     pp = cfg.parallel.pipeline_parallel_size
     if pp == 1:
@@ -157,9 +157,6 @@ def check_pipeline(job: str, cfg: JobConfig, accumulation: int, conf: str) -> No
     if job != "pretrain":
         raise PlanError(f"{conf}: PP_SIZE={pp}: pipeline parallelism runs the pretrain job only, not {job}; "
                         "use PP_SIZE=1")
-    if cfg.training.eval_interval:
-        raise PlanError(f"{conf}: PP_SIZE={pp} with EVAL_INTERVAL={cfg.training.eval_interval}: in-loop validation "
-                        "does not run on pipeline stages yet; use EVAL_INTERVAL=0")
     if accumulation < pp:
         raise PlanError(f"{conf}: PP_SIZE={pp} needs at least {pp} micro-batches per step (1F1B), the plan has "
                         f"GBS / (MBS x data-parallel size) = {accumulation}; raise GBS")

@@ -39,6 +39,11 @@ armed for the last backward, counts the parameters of both backwards and fails t
 (`rebuilt parameter indices size is not same as original model parameters size`). Instead the
 stage's gradients are averaged over "dp" after the schedule, in buckets, which is the reduction DDP
 makes in the last backward (average_gradients). FSDP2 stages are sharded as without PP.
+
+Evaluation (train/validation.py, EVAL_INTERVAL and EVAL_ONLY): forward_logits runs one
+micro-batch through the stages without the schedule, one stage after another (no overlap: an
+evaluation is a few micro-batches), each stage receiving the previous one's activations in fp32;
+the last stage makes the logits.
 """
 
 from __future__ import annotations
@@ -229,6 +234,24 @@ class Pipeline:
         optimizer["param_groups"] = [{**group, "params": [rename.get(name, name) for name in group["params"]]}
                                      for group in optimizer["param_groups"]]
         return {**tensors, "optimizer": optimizer}
+
+
+def forward_logits(model: nn.Module, layout: ParallelLayout, inputs: torch.Tensor) -> torch.Tensor | None:
+    """Logits (B, T, V) of token ids `inputs` (B, T) on the last stage, None on the others: the
+    stage's forward on the ids (first stage) or on the activations (B, T, D) received from the
+    previous stage, sent on to the next in fp32 (the residual stream's dtype)."""
+    group, stage = layout.mesh["pp"].get_group(), layout.pp_rank
+    inner = unwrap(model)
+    x = inputs
+    if stage > 0:
+        x = torch.empty(*inputs.shape, inner.args.hidden_size, dtype=torch.float32, device=inputs.device)
+        dist.recv(x, group=group, group_src=stage - 1)
+    output = model(x)
+    hidden = output[0] if isinstance(output, tuple) else output  # MoE: (hidden, balance sums)
+    if stage < layout.pp - 1:
+        dist.send(hidden.float().contiguous(), group=group, group_dst=stage + 1)
+        return None
+    return inner.lm_head(hidden)
 
 
 def embedding_group(layout: ParallelLayout):
