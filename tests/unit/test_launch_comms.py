@@ -168,3 +168,33 @@ def test_scaling_refuses_bad_values_before_any_table(capsys):
     assert captured.out == "" and captured.err.count("\n") == 1 and "INTER_NODE_GBPS" in captured.err
     with pytest.raises(SystemExit):
         main(["--job", "qad", "--config", "qwen3-8b", "--scaling", "1,2"])  # needs --dry-run
+
+
+def test_pipeline_stages_reduce_their_own_gradients_and_send_activations():
+    from train.launch.memory import pipeline_stages
+
+    stages = pipeline_stages(DENSE, pp=4, accumulation=8)
+    plans = [by_name(step_collectives(DENSE, shape(dp=2, accumulation=8), groups=stage.groups, stage=index, pp=4))
+             for index, stage in enumerate(stages)]
+    whole = by_name(step_collectives(DENSE, shape(dp=2, accumulation=8)))["gradients"].payload_bytes
+    stage_bytes = [plan["gradients"].payload_bytes for plan in plans]
+    assert sum(stage_bytes) == pytest.approx(whole)  # each stage all-reduces its own share, together the model
+    row = 4096 * DENSE.hidden_size * 4  # MBS x SEQ x hidden, fp32 master weights
+    sends = [plan["stage activations and their gradients"] for plan in plans]
+    assert [send.times for send in sends] == [8, 16, 16, 8]  # the first and last stage send one way only
+    assert all(send.bytes_per_rank == send.times * row for send in sends)
+    assert [send.footprint for send in sends] == [3] * 4  # the next stage's peer is dp x tp = 2 ranks on
+    assert not any("tied embedding gradients" in plan for plan in plans)  # qwen3-8b does not tie
+
+
+def test_a_tied_model_all_reduces_the_embedding_gradient_between_its_first_and_last_stage():
+    from train.launch.memory import pipeline_stages
+
+    tied = get_model_args("qwen3-0.6b")
+    stages = pipeline_stages(tied, pp=3, accumulation=4)
+    plans = [by_name(step_collectives(tied, shape(dp=1), groups=stage.groups, stage=index, pp=3))
+             for index, stage in enumerate(stages)]
+    assert ["tied embedding gradients" in plan for plan in plans] == [True, False, True]
+    tied_row = plans[0]["tied embedding gradients"]
+    assert (tied_row.ranks, tied_row.footprint) == (2, 3)  # ranks 0 and 2 of a pp 3 x dp 1 job
+    assert tied_row.payload_bytes == tied.vocab_size * tied.hidden_size * 4

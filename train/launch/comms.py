@@ -26,6 +26,11 @@ HF config.json). Per optimizer step of `accumulation` micro-batches of MBS x SEQ
                   ranks holding the same experts (edp) once per step
     QAD teacher   forward only: FSDP2's block all-gathers (when the student shards), TP's 2 forward
                   all-reduces per block and its logits gather, EP's 2 all-to-alls per MoE layer
+    pp            (PP_SIZE > 1) the collectives above over the stage's parameters only, plus per
+                  micro-batch the stage's activations (MBS x SEQ x hidden, master dtype) sent to the next
+                  stage and their gradient sent back to the previous: 2 sends on a middle stage, 1 on
+                  the first and last; tied embeddings: the embedding gradient all-reduced between
+                  the first and last stage once per step. The plan reports the stage that takes longest.
 
 Ring cost per rank (NCCL's rings; n ranks, payload B: the whole reduced or gathered tensor):
 all-reduce 2 (n-1)/n B, all-gather and reduce-scatter (n-1)/n B, all-to-all (n-1)/n B (even routing).
@@ -49,7 +54,8 @@ GB = 1e9
 DEFAULT_INTRA_NODE_GBPS = 450.0  # NVLink4 (H100, H200): 900 GB/s both directions per GPU
 DEFAULT_INTER_NODE_GBPS = 50.0  # 400 Gb/s InfiniBand NDR, one NIC per GPU
 RING_FACTOR = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
-               "reduce_scatter": lambda n: (n - 1) / n, "all_to_all": lambda n: (n - 1) / n}
+               "reduce_scatter": lambda n: (n - 1) / n, "all_to_all": lambda n: (n - 1) / n,
+               "send": lambda n: 1.0}  # point to point: the whole payload to one peer
 
 
 @dataclass(frozen=True)
@@ -69,8 +75,8 @@ class Interconnect:
 @dataclass(frozen=True)
 class Collective:
     name: str
-    kind: str  # all_reduce | all_gather | reduce_scatter | all_to_all
-    group: str  # dp | tp | ep | edp
+    kind: str  # all_reduce | all_gather | reduce_scatter | all_to_all | send
+    group: str  # dp | tp | ep | edp | pp
     ranks: int
     footprint: int  # consecutive ranks the group spans (inside a node when <= GPUs per node)
     payload_bytes: float  # the whole tensor reduced or gathered, summed over the layers: one pass
@@ -190,11 +196,28 @@ def teacher_collectives(teacher, teacher_bytes: int, shape: StepShape) -> list[C
     return out
 
 
+def pipeline_collectives(args, shape: StepShape, stage: int, pp: int) -> list[Collective]:
+    """Stage `stage` of `pp`: its activation sends (forward to the next stage, gradients back to
+    the previous, each micro-batch) and the tied embedding's gradient all-reduce (first and last)."""
+    stride = shape.dp * shape.tp  # ranks between a rank and its peer in the next stage
+    sends = (stage < pp - 1) + (stage > 0)
+    out = [Collective("stage activations and their gradients", "send", "pp", 2, stride + 1,
+                      shape.tokens * args.hidden_size * shape.param_bytes, sends * shape.accumulation)]
+    if args.tie_embeddings and stage in (0, pp - 1):
+        out.append(Collective("tied embedding gradients", "all_reduce", "pp", 2, (pp - 1) * stride + 1,
+                              args.vocab_size * args.hidden_size / shape.tp * shape.param_bytes, 1))
+    return out
+
+
 def step_collectives(args, shape: StepShape, *, teacher=None, teacher_bytes: int = 2,
-                     lora_trainable: float | None = None) -> list[Collective]:
-    """Every collective of one optimizer step on one rank, the student's and the teacher's."""
-    out = gradient_collectives(parameter_groups(args), shape, lora_trainable)
+                     lora_trainable: float | None = None, groups: dict[str, int] | None = None,
+                     stage: int = 0, pp: int = 1) -> list[Collective]:
+    """Every collective of one optimizer step on one rank, the student's and the teacher's.
+    PP (pp > 1): groups, the parameter_groups of this rank's stage `stage`."""
+    out = gradient_collectives(groups or parameter_groups(args), shape, lora_trainable)
     out += activation_collectives(args, shape, forward_only=False)
+    if pp > 1:
+        out += pipeline_collectives(args, shape, stage, pp)
     if teacher is not None:
         out += teacher_collectives(teacher, teacher_bytes, shape)
     return out

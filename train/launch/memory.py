@@ -40,7 +40,8 @@ over the GPUs' peak bf16 FLOP/s at an assumed MFU (ASSUMED_MFU, default 0.35), a
 SLURM jobs the wrapper's time limit (#SBATCH --time, or SBATCH_TIMELIMIT) implies. With PP_SIZE=p
 and m micro-batches per step, 1F1B idles each stage for p - 1 of its m + p - 1 slots: the
 compute time grows by (m + p - 1) / m, the pipeline bubble (p - 1) / (m + p - 1) of it (stages
-taken as balanced; the activation sends between stages are not counted).
+taken as balanced). The communication plan (comms.py) is the stage's: its own gradients and its
+activation sends between stages.
 """
 
 from __future__ import annotations
@@ -391,9 +392,12 @@ def job_communication(job: str, cfg: JobConfig, layout: Split, models, link: Int
                       checkpointing=bool(cfg.parallel.activation_checkpointing))
     targets = [name.strip() for name in str(cfg.lora.target_modules).split(",") if name.strip()]
     trainable = lora_elements(student, int(cfg.lora.rank), targets) if job == "finetune" else None
-    collectives = step_collectives(student, shape, teacher=teacher, teacher_bytes=teacher_bytes,
-                                   lora_trainable=trainable)
-    return communication_plan(collectives, link)
+    stages = pipeline_stages(student, layout.pp, layout.pipeline_layers, shape.accumulation)
+    plans = [communication_plan(step_collectives(student, shape, teacher=teacher, teacher_bytes=teacher_bytes,
+                                                 lora_trainable=trainable, groups=stage.groups, stage=index,
+                                                 pp=layout.pp), link)
+             for index, stage in enumerate(stages)]
+    return max(plans, key=lambda plan: plan["seconds"])  # PP: the stage that waits longest
 
 
 def job_split(cfg: JobConfig, data_parallel: int) -> Split:
