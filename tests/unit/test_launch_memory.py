@@ -185,6 +185,25 @@ def test_pipeline_stages_hold_their_blocks_and_the_ends_the_embedding_and_lm_hea
     assert pipeline_stages(tied, 4, "", accumulation=2)[0].in_flight == 2  # no more than the step's micro-batches
 
 
+@pytest.mark.parametrize("name", ["tiny-llama3", "tiny-qwen3", "tiny-qwen3-moe", "tiny-qwen3-next", "tiny-gpt2"])
+def test_each_planned_stage_holds_the_parameters_of_the_stage_the_job_builds(name):
+    """The plan's arithmetic against the real split (train/parallel/pipeline.py split_stage) of a
+    meta-device model, PP 2 and PP 3: GPT-2's learned positions on the first stage, a tied
+    lm_head on the last as a copy (the split keeps it as the embedding's parameter there)."""
+    from train.models import build_model
+    from train.parallel.pipeline import split_stage
+
+    args = get_model_args(name)
+    for pp, spec in ((2, ""), (3, "1,1,2")):
+        stages = pipeline_stages(args, pp, spec, accumulation=4)
+        counts = [len(stage.layers) for stage in stages]
+        planned = [sum(stage.groups.values()) for stage in stages]
+        built = [sum(parameter.numel() for parameter in split_stage(build_model(name, device="meta"), index,
+                                                                     counts).parameters())
+                 for index in range(pp)]
+        assert planned == built, (pp, planned, built)
+
+
 def test_pipeline_memory_is_the_stages_share_with_its_micro_batches_in_flight():
     """qwen3-8b, PP 4 (36 blocks: 9 a stage), fp32 master weights: parameters, gradients and
     AdamW of a stage; the first stage keeps 4 micro-batches' block inputs, the last computes the loss."""

@@ -112,13 +112,15 @@ def pipeline_stages(args, pp: int = 1, spec: str = "", accumulation: int = 1) ->
     if pp == 1:
         return [Stage(whole, range(args.num_layers))]
     blocks = [block_groups(args, index) for index in range(args.num_layers)]
-    final_norm = whole["dense"] - sum(block["dense"] for block in blocks)
+    positions = args.max_seq_len * args.hidden_size if args.family == "gpt2" else 0  # GPT-2's learned ones
+    final_norm = whole["dense"] - sum(block["dense"] for block in blocks) - positions
     stages, start = [], 0
     for stage, count in enumerate(pipeline_layers(args.num_layers, pp, spec)):
         layers, last = range(start, start + count), stage == pp - 1
         groups = {"embedding": args.vocab_size * args.hidden_size if stage in (0, pp - 1) else 0,
                   "experts": sum(blocks[i]["experts"] for i in layers),
-                  "dense": sum(blocks[i]["dense"] for i in layers) + (final_norm if last else 0)}
+                  "dense": sum(blocks[i]["dense"] for i in layers) + (final_norm if last else 0)
+                  + (positions if stage == 0 else 0)}
         stages.append(Stage(groups, layers, min(pp - stage, accumulation), last))
         start += count
     return stages

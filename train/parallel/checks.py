@@ -74,12 +74,11 @@ def check_parallel_settings(parallel_cfg: ParallelConfig, model_args=None, world
                                             f"{model_args.name}")
 
 
-PIPELINE_FAMILIES = ("llama", "qwen3", "qwen3_moe")  # their stages split from outside (pipeline.py)
 
 
 def check_pipeline_parallel(parallel_cfg: ParallelConfig, model_args=None) -> None:
-    """PP_SIZE > 1: llama / qwen3 / qwen3_moe models alone (tied embeddings too), without TP, EP or
-    ZeRO-1, and a layer split that gives every stage at least one block."""
+    """PP_SIZE > 1 (every family, tied embeddings too): without TP, EP or ZeRO-1, and a layer split
+    that gives every stage at least one block."""
     pp = parallel_cfg.pipeline_parallel_size
     if pp < 1:
         raise ParallelSettingsError(f"PP_SIZE={pp} must be at least 1")
@@ -95,9 +94,6 @@ def check_pipeline_parallel(parallel_cfg: ParallelConfig, model_args=None) -> No
                                     "or fsdp_zero2")
     if model_args is None:
         return
-    if model_args.family not in PIPELINE_FAMILIES:
-        raise ParallelSettingsError(f"PP_SIZE={pp}: pipeline parallelism runs {', '.join(PIPELINE_FAMILIES)} "
-                                    f"models only, not model {model_args.name} ({model_args.family}); use PP_SIZE=1")
     pipeline_layers(model_args.num_layers, pp, parallel_cfg.pipeline_layers)
 
 

@@ -110,6 +110,8 @@ def split_stage(model: nn.Module, stage: int, counts: list[int]) -> nn.Module:
             del model.layers._modules[name]
     if stage > 0:
         model.embed_tokens = None
+        if hasattr(model, "embed_positions"):  # GPT-2's learned positions: the first stage's too
+            model.embed_positions = None
     if stage < len(counts) - 1:
         model.norm = model.lm_head = None
     model.forward = types.MethodType(stage_forward, model)
