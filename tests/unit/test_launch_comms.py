@@ -198,3 +198,19 @@ def test_a_tied_model_all_reduces_the_embedding_gradient_between_its_first_and_l
     tied_row = plans[0]["tied embedding gradients"]
     assert (tied_row.ranks, tied_row.footprint) == (2, 3)  # ranks 0 and 2 of a pp 3 x dp 1 job
     assert tied_row.payload_bytes == tied.vocab_size * tied.hidden_size * 4
+
+
+def test_tensor_parallel_inside_stages_counts_each_stages_blocks_and_ends():
+    """PP 2 x TP 2: stage 0 all-reduces the embedding's output and its blocks' activations, stage 1
+    its blocks', lm_head's input gradient and gathers the logits; together the PP 1 traffic."""
+    from train.launch.memory import pipeline_stages
+
+    stages = pipeline_stages(DENSE, pp=2, accumulation=4)
+    tp = shape(tp=2, dp=1)
+    whole = by_name(step_collectives(DENSE, tp))
+    first, last = (by_name(step_collectives(DENSE, tp, groups=stage.groups, layers=stage.layers, stage=index, pp=2))
+                   for index, stage in enumerate(stages))
+    for name in ("block activations (forward)", "block activations (backward)", "embedding and lm_head activations"):
+        assert first[name].bytes_per_rank + last[name].bytes_per_rank == pytest.approx(whole[name].bytes_per_rank)
+    assert "logits" not in first and last["logits"] == whole["logits"]
+    assert first["embedding and lm_head activations"].times == last["embedding and lm_head activations"].times == 4

@@ -57,8 +57,8 @@ def test_fsdp_mixed_precision_auto_is_on_for_bf16_on_cuda_only(setting, precisio
 
 
 @pytest.mark.parametrize("model, overrides, message", [
-    ("tiny-llama3", dict(pipeline_parallel_size=2, tensor_parallel_size=2, data_parallel="fsdp"),
-     "PP_SIZE=2 with TP_SIZE=2: pipeline parallelism does not compose with TP_SIZE yet"),
+    ("tiny-qwen3-moe", dict(pipeline_parallel_size=2, expert_parallel_size=2, data_parallel="fsdp"),
+     "PP_SIZE=2 with EP_SIZE=2: pipeline parallelism does not compose with EP_SIZE yet"),
     ("tiny-llama3", dict(pipeline_parallel_size=2, data_parallel="zero1"), "PP_SIZE=2 with parallel.data_parallel='zero1'"),
     ("tiny-llama3", dict(pipeline_parallel_size=5), "PP_SIZE=5 exceeds the model's 4 layers"),
     ("tiny-llama3", dict(pipeline_parallel_size=2, pipeline_layers="1,2"), "add up to the model's 4 layers"),

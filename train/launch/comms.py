@@ -148,36 +148,42 @@ def gradient_collectives(groups: dict[str, int], shape: StepShape, trainable: fl
     return out
 
 
-def tensor_parallel_all_reduces(args) -> tuple[int, int]:
-    """All-reduces of (MBS, SEQ, hidden) over all blocks in one forward and one backward: rowwise
-    outputs in forward, colwise input gradients in backward (one per colwise Linear)."""
-    dense_layers = sum(not args.is_moe_layer(i) for i in range(args.num_layers))
+def tensor_parallel_all_reduces(args, layers: range | None = None) -> tuple[int, int]:
+    """All-reduces of (MBS, SEQ, hidden) over the blocks `layers` (None: all) in one forward and one
+    backward: rowwise outputs in forward, colwise input gradients in backward (one per colwise Linear)."""
+    layers = range(args.num_layers) if layers is None else layers
+    dense_layers = sum(not args.is_moe_layer(i) for i in layers)
     mlp_colwise = 1 if args.family == "gpt2" else 2  # up_proj (and gate_proj)
-    forward = args.num_layers + dense_layers  # o_proj in every block, down_proj in dense ones
-    backward = 3 * args.num_layers + mlp_colwise * dense_layers  # q, k, v_proj; the MLP's colwise
+    forward = len(layers) + dense_layers  # o_proj in every block, down_proj in dense ones
+    backward = 3 * len(layers) + mlp_colwise * dense_layers  # q, k, v_proj; the MLP's colwise
     return forward, backward
 
 
-def activation_collectives(args, shape: StepShape, *, forward_only: bool, prefix: str = "") -> list[Collective]:
-    """TP's activation all-reduces and logits gather, EP's all-to-alls, over one step's micro-batches."""
+def activation_collectives(args, shape: StepShape, *, forward_only: bool, prefix: str = "",
+                           layers: range | None = None, first: bool = True, last: bool = True) -> list[Collective]:
+    """TP's activation all-reduces and logits gather, EP's all-to-alls, over one step's micro-batches.
+    A pipeline stage: its blocks `layers`; the embedding's on the `first` stage, lm_head's on the `last`."""
     out = []
+    layers = range(args.num_layers) if layers is None else layers
     passes = 1 if forward_only else 2 + (1 if shape.checkpointing else 0)  # forward, backward, recompute
     token_row = shape.tokens * args.hidden_size * shape.act_bytes  # MBS x SEQ x hidden
     if shape.tp > 1:
         tp, times = shape.tp, shape.accumulation
-        forward, backward = tensor_parallel_all_reduces(args)
+        forward, backward = tensor_parallel_all_reduces(args, layers)
         out.append(Collective(f"{prefix}block activations (forward)", "all_reduce", "tp", tp, tp,
                               forward * token_row, times * (2 if shape.checkpointing and not forward_only else 1)))
         if not forward_only:
             out.append(Collective(f"{prefix}block activations (backward)", "all_reduce", "tp", tp, tp,
                                   backward * token_row, times))
-        edges = 1 if forward_only else 2  # the embedding's output; lm_head's input gradient
-        out.append(Collective(f"{prefix}embedding and lm_head activations", "all_reduce", "tp", tp, tp,
-                              token_row, edges * times))
-        out.append(Collective(f"{prefix}logits", "all_gather", "tp", tp, tp,
-                              shape.tokens * args.vocab_size * shape.act_bytes, times))
+        edges = first + (last and not forward_only)  # the embedding's output; lm_head's input gradient
+        if edges:
+            out.append(Collective(f"{prefix}embedding and lm_head activations", "all_reduce", "tp", tp, tp,
+                                  token_row, edges * times))
+        if last:
+            out.append(Collective(f"{prefix}logits", "all_gather", "tp", tp, tp,
+                                  shape.tokens * args.vocab_size * shape.act_bytes, times))
     if shape.ep > 1 and args.num_experts:
-        moe_layers = sum(args.is_moe_layer(i) for i in range(args.num_layers))
+        moe_layers = sum(args.is_moe_layer(i) for i in layers)
         routed = moe_layers * args.num_experts_per_token * token_row  # rows leaving this rank, all layers
         out.append(Collective(f"{prefix}routed tokens", "all_to_all", "ep", shape.ep, shape.ep * shape.tp,
                               2 * routed, passes * shape.accumulation))  # to the experts and back
@@ -211,11 +217,12 @@ def pipeline_collectives(args, shape: StepShape, stage: int, pp: int) -> list[Co
 
 def step_collectives(args, shape: StepShape, *, teacher=None, teacher_bytes: int = 2,
                      lora_trainable: float | None = None, groups: dict[str, int] | None = None,
-                     stage: int = 0, pp: int = 1) -> list[Collective]:
+                     layers: range | None = None, stage: int = 0, pp: int = 1) -> list[Collective]:
     """Every collective of one optimizer step on one rank, the student's and the teacher's.
-    PP (pp > 1): groups, the parameter_groups of this rank's stage `stage`."""
+    PP (pp > 1): groups and layers, the parameter_groups and blocks of this rank's stage `stage`."""
     out = gradient_collectives(groups or parameter_groups(args), shape, lora_trainable)
-    out += activation_collectives(args, shape, forward_only=False)
+    out += activation_collectives(args, shape, forward_only=False, layers=layers, first=stage == 0,
+                                  last=stage == pp - 1)
     if pp > 1:
         out += pipeline_collectives(args, shape, stage, pp)
     if teacher is not None:

@@ -396,8 +396,8 @@ def job_communication(job: str, cfg: JobConfig, layout: Split, models, link: Int
     trainable = lora_elements(student, int(cfg.lora.rank), targets) if job == "finetune" else None
     stages = pipeline_stages(student, layout.pp, layout.pipeline_layers, shape.accumulation)
     plans = [communication_plan(step_collectives(student, shape, teacher=teacher, teacher_bytes=teacher_bytes,
-                                                 lora_trainable=trainable, groups=stage.groups, stage=index,
-                                                 pp=layout.pp), link)
+                                                 lora_trainable=trainable, groups=stage.groups, layers=stage.layers,
+                                                 stage=index, pp=layout.pp), link)
              for index, stage in enumerate(stages)]
     return max(plans, key=lambda plan: plan["seconds"])  # PP: the stage that waits longest
 

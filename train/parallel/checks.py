@@ -84,10 +84,9 @@ def check_pipeline_parallel(parallel_cfg: ParallelConfig, model_args=None) -> No
         raise ParallelSettingsError(f"PP_SIZE={pp} must be at least 1")
     if pp == 1:
         return
-    for name, size in (("TP_SIZE", parallel_cfg.tensor_parallel_size), ("EP_SIZE", parallel_cfg.expert_parallel_size)):
-        if size > 1:
-            raise ParallelSettingsError(f"PP_SIZE={pp} with {name}={size}: pipeline parallelism does not compose "
-                                        f"with {name} yet; use {name}=1")
+    if parallel_cfg.expert_parallel_size > 1:
+        raise ParallelSettingsError(f"PP_SIZE={pp} with EP_SIZE={parallel_cfg.expert_parallel_size}: pipeline "
+                                    "parallelism does not compose with EP_SIZE yet; use EP_SIZE=1")
     if parallel_cfg.data_parallel == "zero1":
         # ZeroRedundancyOptimizer shards over every rank, and the stages hold different parameters
         raise ParallelSettingsError(f"PP_SIZE={pp} with parallel.data_parallel='zero1' (DP_SHARDING): use ddp, fsdp "

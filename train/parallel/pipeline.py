@@ -20,6 +20,9 @@ probability per expert; the last stage adds the loss of the totals to the micro-
 loss, as PP_SIZE=1 does, and its gradient goes back to each layer's router through the
 schedule's backward sends.
 
+TP inside a stage (the (pp, dp, tp) mesh): train/parallel/tensor_parallel.py splits the stage,
+the embedding's and lm_head's plans applied where the stage holds them.
+
 Tied embeddings (tiny-qwen3, qwen3-0.6b): Megatron's scheme. The first stage's embedding and the
 last stage's lm_head are two copies of the weight, equal at the start (the whole model is
 initialized before the split); after each backward their gradients are summed between the two
@@ -195,9 +198,16 @@ class Pipeline:
 
     def sum_tied_gradients(self) -> None:
         """embedding gradient + lm_head gradient on both copies, after the data-parallel reduction
-        (FSDP2: each dp rank's shard, the same rows on both stages)."""
-        grad = self.tied_weight().grad
-        dist.all_reduce(grad.to_local() if isinstance(grad, DTensor) else grad, group=self.tied_group)
+        (FSDP2: each dp rank's shard, the same rows on both stages). Under TP both copies are
+        vocabulary shards, but the embedding's gradient comes back Replicate: it is put on its
+        weight's placement first, so that both stages reduce the same rows."""
+        weight = self.tied_weight()
+        grad = weight.grad
+        if isinstance(grad, DTensor):
+            if grad.placements != weight.placements:
+                grad = weight.grad = grad.redistribute(placements=weight.placements)
+            grad = grad.to_local()
+        dist.all_reduce(grad, group=self.tied_group)
 
     def clip_gradients(self, max_norm: float) -> torch.Tensor:
         """clip_grad_norm_ over the whole model: the squared norms of the stages summed over "pp"

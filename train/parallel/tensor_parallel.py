@@ -219,8 +219,10 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
     """Splits `model` (a CausalLM) over tp_mesh in place; returns it."""
     tied = model.args.tie_embeddings
     check_quantized_split(model, tp_mesh.size())
-    parallelize_module(model, tp_mesh, OUTER_PLAN)
-    if tied:
+    # a pipeline stage (pipeline.py) holds the embedding, the lm_head, both or neither
+    parallelize_module(model, tp_mesh, {name: style for name, style in OUTER_PLAN.items()
+                                        if getattr(model, name) is not None})
+    if tied and model.embed_tokens is not None and model.lm_head is not None:
         model.tie_weights()  # parallelize_module made two DTensors out of the one shared weight
     for block in model.layers:
         parallelize_module(block, tp_mesh, block_plan(block))
