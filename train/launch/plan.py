@@ -149,8 +149,8 @@ def check_parallel(cfg: JobConfig, world_size: int, conf: str) -> int:
 
 
 def check_pipeline(job: str, cfg: JobConfig, accumulation: int, conf: str) -> None:
-    """PP_SIZE > 1 (train/parallel/pipeline.py): pretraining, and at
-    least one micro-batch (accumulation step) per stage, which 1F1B needs to fill the pipeline."""
+    """PP_SIZE > 1 (train/parallel/pipeline.py): pretraining, and at least one micro-batch
+    (accumulation step) per stage, which 1F1B needs to fill the pipeline."""
     pp = cfg.parallel.pipeline_parallel_size
     if pp == 1:
         return

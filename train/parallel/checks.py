@@ -74,8 +74,6 @@ def check_parallel_settings(parallel_cfg: ParallelConfig, model_args=None, world
                                             f"{model_args.name}")
 
 
-
-
 def check_pipeline_parallel(parallel_cfg: ParallelConfig, model_args=None) -> None:
     """PP_SIZE > 1 (every family, tied embeddings too): without TP, EP or ZeRO-1, and a layer split
     that gives every stage at least one block."""
