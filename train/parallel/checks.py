@@ -75,7 +75,7 @@ def check_parallel_settings(parallel_cfg: ParallelConfig, model_args=None, world
 
 
 def check_pipeline_parallel(parallel_cfg: ParallelConfig, model_args=None) -> None:
-    """PP_SIZE > 1 (every family, tied embeddings too): without TP, EP or ZeRO-1, and a layer split
+    """PP_SIZE > 1 (every family, tied embeddings, TP inside a stage): without EP or ZeRO-1, and a layer split
     that gives every stage at least one block."""
     pp = parallel_cfg.pipeline_parallel_size
     if pp < 1:
