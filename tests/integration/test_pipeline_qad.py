@@ -1,4 +1,4 @@
-"""python -m pytest tests/integration/test_pipeline_qad.py  (QAD under PP_SIZE=2; torchrun, 2 processes, gloo; ~4 min)
+"""python -m pytest tests/integration/test_pipeline_qad.py  (QAD under PP_SIZE=2; torchrun, 2 and 4 processes, gloo; ~6 min)
 
 The QAD job (tiny-qwen3 student and teacher, tied embeddings, NVFP4 student, KD + LM loss) with
 PP_SIZE=2 (train/parallel/pipeline.py: the student and the teacher split into the same two
@@ -14,6 +14,10 @@ stage) against one process with the same global batch (2 micro-batches of 2 sequ
   every rank before the split) and the checkpoint's names those of PP_SIZE=1;
 - PP 2 resumed from its own checkpoint repeats the uninterrupted PP 2 run bit for bit, and
   PP 2's checkpoint resumes in one process with the losses of PP_SIZE=1.
+
+Also within rel 1e-6 of one process: a tiny-qwen3-moe student and teacher in two stages (the
+balance sums passed on beside the teacher's activations), and PP 2 x FSDP2 2 on 4
+processes (the teacher's stage sharded over dp).
 """
 
 import shutil
@@ -22,7 +26,7 @@ import pytest
 import torch
 
 from test_pipeline import assert_same_weights, weights  # same folder
-from test_qad import RUN, checkpoints, models, qad  # noqa: F401  (models: the fixture)
+from test_qad import checkpoints, models, qad  # noqa: F401  (models: the fixture)
 
 ARGS = ["training.eval_interval=0", "distill.lm_loss_weight=0.5"]
 PP2 = ["parallel.pipeline_parallel_size=2"]
@@ -37,7 +41,7 @@ def run(root, models, datetime: str, iterations: int, procs: int, *extra: str) -
 def losses_and_terms(root, datetime: str) -> dict[int, tuple[float, float, float]]:
     import json
 
-    path = next((root / RUN / "logs").glob(f"*_{datetime}.jsonl"))
+    path = next(root.glob(f"*/logs/*_{datetime}.jsonl"))
     records = map(json.loads, path.read_text().splitlines())
     return {r["iteration"]: (r["loss"], r["kd_loss"], r["lm_loss"]) for r in records if "loss" in r}
 
@@ -80,3 +84,33 @@ def test_two_stages_match_one_process_and_resume(tmp_path, models, one_process):
     assert resumed == {i: straight[i] for i in (4, 5)}  # exact float equality
     final, straight_final = weights(tmp_path / "split", 5), weights(tmp_path / "straight", 5)
     assert all(torch.equal(final[name], tensor) for name, tensor in straight_final.items())
+
+
+@pytest.fixture(scope="module")
+def moe_models(tmp_path_factory):
+    """tiny-qwen3-moe student (seed 1) and teacher (seed 2) HF checkpoints."""
+    from train.models import build_model, init_weights, save_hf
+
+    root = tmp_path_factory.mktemp("moe-models")
+    for name, seed in (("student", 1), ("teacher", 2)):
+        save_hf(init_weights(build_model("tiny-qwen3-moe", device="cpu"), seed), root / name)
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["moe", "fsdp"])
+def test_moe_stages_and_fsdp_inside_stages_match_one_process(tmp_path, models, moe_models, case):
+    """moe: 2 processes, blocks 2,2 (the balance sums of layer 1 travel to stage 1); fsdp: PP 2 x FSDP2 2 on 4
+    processes, GBS 8 = MBS 2 x dp 2 x 2 micro-batches (one process: 4 micro-batches)."""
+    if case == "moe":
+        models = moe_models
+        common = ["model.name=tiny-qwen3-moe", "distill.teacher_model=tiny-qwen3-moe"]
+        split, procs = PP2, 2
+    else:
+        common = ["training.global_batch_size=8"]
+        split, procs = [*PP2, "parallel.data_parallel=fsdp"], 4
+    expected = run(tmp_path / "one", models, "20260101_000001", 3, 1, *common)
+    actual = run(tmp_path / "split", models, "20260101_000001", 3, procs, *common, *split)
+    assert sorted(actual) == [1, 2, 3]
+    for iteration, values in actual.items():
+        assert values == pytest.approx(expected[iteration], rel=1e-6), iteration
