@@ -153,8 +153,9 @@ class Pipeline:
     def __init__(self, model: nn.Module, layout: ParallelLayout, accumulation: int, stage_loss=None):
         self.model, self.accumulation = model, accumulation
         # stage_loss(inner, hidden, targets, mask, tokens, *extra) -> loss or (loss, terms): the last stage's
-        # loss from its outputs (extra: what it carries beside them, QAD's teacher activations)
-        self.stage_loss = stage_loss or language_model_stage_loss
+        # loss from its outputs (extra: what it carries beside them, QAD's teacher activations); pretrain's:
+        # token_loss (the MoE term is added by loss())
+        self.stage_loss = stage_loss or token_loss
         # the loss terms (QAD: kd_loss, lm_loss) of each loss call of this step, on the last stage: the first
         # step's schedule also calls the loss once for its shape inference, on uninitialized activations
         self.micro_terms: list[dict[str, torch.Tensor]] = []
@@ -258,12 +259,6 @@ class Pipeline:
         optimizer["param_groups"] = [{**group, "params": [rename.get(name, name) for name in group["params"]]}
                                      for group in optimizer["param_groups"]]
         return {**tensors, "optimizer": optimizer}
-
-
-def language_model_stage_loss(inner: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
-                              tokens: torch.Tensor) -> torch.Tensor:
-    """The pretrain loss on the last stage: train/losses.py token_loss (the MoE term is Pipeline.loss's)."""
-    return token_loss(inner, hidden, targets, mask, tokens)
 
 
 def embedding_group(layout: ParallelLayout):
