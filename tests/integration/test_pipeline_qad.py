@@ -1,4 +1,4 @@
-"""python -m pytest tests/integration/test_pipeline_qad.py  (QAD under PP_SIZE=2; torchrun, 2 and 4 processes, gloo; ~6 min)
+"""python -m pytest tests/integration/test_pipeline_qad.py  (QAD, PP_SIZE=2; torchrun, 2 and 4 processes; ~6 min)
 
 The QAD job (tiny-qwen3 student and teacher, tied embeddings, NVFP4 student, KD + LM loss) with
 PP_SIZE=2 (train/parallel/pipeline.py: the student and the teacher split into the same two

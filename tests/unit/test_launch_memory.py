@@ -235,7 +235,8 @@ def test_qad_pipeline_plan_counts_each_stage_share_of_the_teacher(tmp_path, env,
     the two shares add up to the whole teacher. --dry-run plans it (exit 0)."""
     env["MODELS_ROOT"] = str(tmp_path / "no-models")
     flat = plan_from_conf("qad", "qwen3-8b", [], env, strict_paths=False)[0].resources["memory_per_gpu_bytes"]
-    path = conf(tmp_path, (Path(__file__).resolve().parents[2] / "conf.d" / "qwen3-8b.conf").read_text() + "export PP_SIZE=2\n")
+    shipped = Path(__file__).resolve().parents[2] / "conf.d" / "qwen3-8b.conf"
+    path = conf(tmp_path, shipped.read_text() + "export PP_SIZE=2\n")
     piped = plan_from_conf("qad", path, [], env, strict_paths=False)[0].resources["memory_per_gpu_bytes"]
     shares = [(stage.groups["embedding"] + stage.groups["dense"]) * 2 / 4  # bf16, FSDP2 over dp 4
               for stage in pipeline_stages(get_model_args("qwen3-8b"), 2)]

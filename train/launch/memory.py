@@ -32,9 +32,10 @@ The peak ("total") is not the sum: gradients (set to None after each step) and a
 Pipeline parallelism (PP_SIZE > 1, train/parallel/pipeline.py): each GPU holds its stage's share
 (pipeline_stages): its blocks, the embedding on the first stage, the final norm and lm_head on
 the last (a tied lm_head: the last stage's copy of the embedding), so parameters, gradients and
-AdamW state are the stage's, and so is the QAD teacher (teacher_pipeline_stages); 1F1B keeps the activations of up to PP_SIZE - s micro-batches of
-stage s (PP_SIZE on the first stage, at most the step's micro-batches); the loss's logits only on
-the last stage. The plan's figure is the largest stage's total.
+AdamW state are the stage's, and so is the QAD teacher (teacher_pipeline_stages); 1F1B keeps
+the activations of up to PP_SIZE - s micro-batches of stage s (PP_SIZE on the first stage, at
+most the step's micro-batches); the loss's logits only on the last stage. The plan's figure is
+the largest stage's total.
 
 The time: training FLOPs (the PaLM count of flops_per_token, + the teacher's forward for QAD)
 over the GPUs' peak bf16 FLOP/s at an assumed MFU (ASSUMED_MFU, default 0.35), and the chained

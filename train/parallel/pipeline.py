@@ -137,7 +137,8 @@ def teacher_stage_forward(model: nn.Module, x: torch.Tensor, *carried: torch.Ten
     student = stage_forward(model, x, *carried[:-1])
     with torch.no_grad():
         teacher_out = teacher(teacher_input)
-    teacher_hidden = teacher_out[0] if isinstance(teacher_out, tuple) else teacher_out  # a MoE teacher's balance: unused
+    # a MoE teacher's balance sums are not used
+    teacher_hidden = teacher_out[0] if isinstance(teacher_out, tuple) else teacher_out
     return (*student, teacher_hidden) if isinstance(student, tuple) else (student, teacher_hidden)
 
 
