@@ -85,9 +85,12 @@ def loads_sharded(job: str, cfg: JobConfig, ctx, layout: ParallelLayout) -> bool
     pretraining from HF always; the QAD student and the LoRA base (quantized or not) wherever no
     DDP wrapper replicates them: under FSDP2 (any TP, EP) or TP (which composes with FSDP2
     only). Under DDP/zero1 (replicated anyway; quantizers and adapters must go in before DDP
-    wraps the model) and on one process they load whole (whole_model_path). LoRA refuses TP
-    (train/parallel/apply.py)."""
+    wraps the model), on one process and for the QAD student under PP_SIZE > 1 (quantized and
+    calibrated whole on every rank, then split: train/parallel/pipeline.py) they load whole
+    (whole_model_path). LoRA refuses TP (train/parallel/apply.py)."""
     if not cfg.model.hf_checkpoint or ctx.plan.resume.decision == "from_scratch":
+        return False
+    if job != "pretrain" and layout.pp > 1:
         return False
     fsdp = layout.dp_size > 1 and cfg.parallel.data_parallel in ("fsdp", "fsdp_zero2")
     return job == "pretrain" or fsdp or layout.tp > 1

@@ -151,8 +151,10 @@ class Trainer:
         self.optimizer = (build_zero_redundancy_optimizer(model, cfg.optim) if self.zero1
                           else build_optimizer(model, cfg.optim))
         self.state = TrainState()
-        # PP_SIZE > 1: the step runs through the 1F1B schedule of this rank's stage (train/parallel/pipeline.py)
-        self.pipeline = Pipeline(model, layout, self.accumulation) if layout.pp > 1 else None
+        # PP_SIZE > 1: the step runs through the 1F1B schedule of this rank's stage (train/parallel/pipeline.py);
+        # a loss_fn with pipeline_loss(model) (QAD's) readies the stage and returns the last stage's loss
+        self.pipeline = Pipeline(model, layout, self.accumulation, stage_loss=self.stage_loss()) \
+            if layout.pp > 1 else None
         self.loss_terms: dict[str, float] = {}  # the last step's loss terms (QAD: kd_loss, lm_loss), for the logs
         self.checkpoints = CheckpointManager(
             self.plan.paths.checkpoints, cfg.checkpoint.keep_last, keep_every=cfg.checkpoint.keep_every,
@@ -176,6 +178,11 @@ class Trainer:
 
             fail(str(error))
         self.validation = Validation(cfg, ctx, layout, self.metrics, early_stopping)
+
+    def stage_loss(self):
+        """The pipeline's last-stage loss of this job's loss_fn (None: the pretrain loss)."""
+        pipeline_loss = getattr(self.loss_fn, "pipeline_loss", None)
+        return pipeline_loss(self.model) if pipeline_loss is not None else None
 
     @property
     def early_stopping(self):
@@ -285,9 +292,9 @@ class Trainer:
         autocast = torch.autocast(torch.device(self.layout.device).type, dtype=torch.bfloat16,
                                   enabled=self.cfg.training.precision == "bf16")
         with autocast:
-            total_loss = self.pipeline.step(micro_batches, tokens, self.layout.device)
+            total_loss, terms = self.pipeline.step(micro_batches, tokens, self.layout.device)
         self.optimizer.grad_scale = None  # clipped in place below, not folded into the step
-        return total_loss, {}, self.pipeline.clip_gradients(self.max_grad_norm)
+        return total_loss, terms, self.pipeline.clip_gradients(self.max_grad_norm)
 
     def train_step(self, batches, accumulation: int) -> tuple[float, float]:
         """Forward/backward over `accumulation` micro-batches, then the gradient norm (clipping);

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+from pathlib import Path
 
 import pytest
 
@@ -245,6 +246,25 @@ def test_pipeline_plan_takes_the_largest_stage_and_the_bubble(tmp_path, env, cap
     os.environ.update({k: v for k, v in env.items() if k != "PATH"})
     assert main(["--job", "pretrain", "--config", path, "--dry-run"]) == 0
     assert json.loads(capsys.readouterr().out)["resources"]["time"]["pipeline_bubble"] == pytest.approx(0.2)
+
+
+def test_qad_pipeline_plan_counts_each_stage_share_of_the_teacher(tmp_path, env, capsys):
+    """The shipped qwen3-8b QAD conf (FSDP2, 8 GPUs) with PP_SIZE=2: dp 4, and each stage holds its
+    share of the bf16 teacher (split like the student, train/parallel/pipeline.py), sharded over dp;
+    the two shares add up to the whole teacher. --dry-run plans it (exit 0)."""
+    env["MODELS_ROOT"] = str(tmp_path / "no-models")
+    flat = plan_from_conf("qad", "qwen3-8b", [], env, strict_paths=False)[0].resources["memory_per_gpu_bytes"]
+    shipped = Path(__file__).resolve().parents[2] / "conf.d" / "qwen3-8b.conf"
+    path = conf(tmp_path, shipped.read_text() + "export PP_SIZE=2\n")
+    piped = plan_from_conf("qad", path, [], env, strict_paths=False)[0].resources["memory_per_gpu_bytes"]
+    shares = [(stage.groups["embedding"] + stage.groups["dense"]) * 2 / 4  # bf16, FSDP2 over dp 4
+              for stage in pipeline_stages(get_model_args("qwen3-8b"), 2)]
+    assert piped["teacher"] in shares and sum(shares) == pytest.approx(flat["teacher"] * 8 / 4)
+    assert piped["teacher"] < 0.6 * flat["teacher"] * 8 / 4  # not the whole teacher on each stage
+    os.environ.update({k: v for k, v in env.items() if k != "PATH"})
+    assert main(["--job", "qad", "--config", path, "--dry-run"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["parallel"]["pipeline_parallel"] == 2 and plan["resources"]["memory_per_gpu_bytes"] == piped
 
 
 def test_fsdp_mixed_precision_auto_is_planned_on_for_bf16_and_off_otherwise(tmp_path, env):

@@ -85,8 +85,17 @@ def distill_loss(student: torch.nn.Module, teacher: torch.nn.Module, inputs: tor
     hidden = student(inputs, return_hidden=True)  # (B, T, D)
     with torch.no_grad():  # the teacher may be FSDP2-sharded or TP-split like the student: its forward too
         teacher_hidden = teacher(inputs, return_hidden=True)  # (B, T, D_teacher)
+    return distill_terms(inner, getattr(teacher, "module", teacher), hidden, teacher_hidden, targets, mask,
+                         distill_cfg, vocab, tokens)
+
+
+def distill_terms(inner: torch.nn.Module, teacher: torch.nn.Module, hidden: torch.Tensor, teacher_hidden: torch.Tensor,
+                  targets: torch.Tensor, mask: torch.Tensor, distill_cfg: DistillConfig, vocab: int | None = None,
+                  tokens: torch.Tensor | float | None = None) -> tuple[torch.Tensor, dict]:
+    """distill_loss from the final hidden states (B, T, D) and (B, T, D_teacher) of the unwrapped
+    student and teacher, after their forwards (PP_SIZE > 1: the last stage's, train/parallel/pipeline.py)."""
     weight = inner.lm_head.weight  # read after the forward: FSDP2 has unsharded it
-    teacher_weight = getattr(teacher, "module", teacher).lm_head.weight
+    teacher_weight = teacher.lm_head.weight
     if isinstance(weight, DTensor) or isinstance(teacher_weight, DTensor) or _lm_head_quantized(inner.lm_head):
         with torch.no_grad():
             teacher_logits = teacher.output_logits(teacher_hidden)

@@ -15,7 +15,8 @@ Bytes per GPU, for this rank's share of the model (tp, ep and data-parallel shar
                   reduce-scatters each micro-batch's and keeps them sharded)
     ddp_buckets   DDP and ZeRO-1 on more than one rank: the all-reduce buckets, a second copy
     optimizer     AdamW's exp_avg + exp_avg_sq: trainable P_local x 2 x master bytes (ZeRO-1: / dp)
-    teacher       QAD: the frozen teacher in its checkpoint's dtype, split like the student
+    teacher       QAD: the frozen teacher in its checkpoint's dtype, split like the student (PP:
+                  the stage's share of it, as train/parallel/pipeline.py splits it)
     activations   what backward needs of MBS x SEQ_LENGTH tokens: per layer and token the norm
                   inputs (fp32 residual stream) and ~2 D + 4 q-width + 5 kv-width + 4 F values in the
                   compute dtype (bf16 under PRECISION=bf16); with activation checkpointing one
@@ -31,9 +32,10 @@ The peak ("total") is not the sum: gradients (set to None after each step) and a
 Pipeline parallelism (PP_SIZE > 1, train/parallel/pipeline.py): each GPU holds its stage's share
 (pipeline_stages): its blocks, the embedding on the first stage, the final norm and lm_head on
 the last (a tied lm_head: the last stage's copy of the embedding), so parameters, gradients and
-AdamW state are the stage's; 1F1B keeps the activations of up to PP_SIZE - s micro-batches of
-stage s (PP_SIZE on the first stage, at most the step's micro-batches); the loss's logits only on
-the last stage. The plan's figure is the largest stage's total.
+AdamW state are the stage's, and so is the QAD teacher (teacher_pipeline_stages); 1F1B keeps
+the activations of up to PP_SIZE - s micro-batches of stage s (PP_SIZE on the first stage, at
+most the step's micro-batches); the loss's logits only on the last stage. The plan's figure is
+the largest stage's total.
 
 The time: training FLOPs (the PaLM count of flops_per_token, + the teacher's forward for QAD)
 over the GPUs' peak bf16 FLOP/s at an assumed MFU (ASSUMED_MFU, default 0.35), and the chained
@@ -184,9 +186,10 @@ def memory_breakdown(args, *, job: str, layout: Split, mbs: int, seq_length: int
                      act_bytes: int, checkpointing: bool, accumulation: int = 1, teacher=None,
                      teacher_bytes: int = 2, lora: tuple[int, list[str]] | None = None,
                      distill_rows: int = 512, fsdp_mixed_precision: bool = False,
-                     stage: Stage | None = None) -> dict[str, float]:
+                     stage: Stage | None = None, teacher_stage: Stage | None = None) -> dict[str, float]:
     """Bytes per GPU by category (the module docstring says what each holds) and the peak, "total".
-    stage: the GPU's pipeline stage (pipeline_stages; None: the whole model).
+    stage: the GPU's pipeline stage (pipeline_stages; None: the whole model); teacher_stage: the
+    same stage of the teacher (None: the whole teacher).
 
     The peak is what stays (parameters, gathered blocks, optimizer state, the teacher, DDP's
     buckets) plus the larger of the two moments of a step: the end of the forward (activations
@@ -216,7 +219,8 @@ def memory_breakdown(args, *, job: str, layout: Split, mbs: int, seq_length: int
     out["optimizer"] = optimizer / layout.dp if layout.strategy == "zero1" else optimizer
     out["teacher"] = 0.0
     if teacher is not None:
-        out["teacher"] = local_elements(parameter_groups(teacher), layout, fsdp) * teacher_bytes
+        teacher_groups = (teacher_stage or pipeline_stages(teacher)[0]).groups
+        out["teacher"] = local_elements(teacher_groups, layout, fsdp) * teacher_bytes
     tokens = mbs * seq_length
     activations, one_layer = activation_bytes(args, tokens, act_bytes, layout, stage.layers)
     activations *= stage.in_flight  # 1F1B: the micro-batches forwarded and not yet backwarded
@@ -369,15 +373,27 @@ def job_memory(job: str, cfg: JobConfig, layout: Split, models) -> dict[str, flo
     accumulation = max(gbs // (mbs * layout.dp), 1)
     targets = [name.strip() for name in str(cfg.lora.target_modules).split(",") if name.strip()]
     lora = (int(cfg.lora.rank), targets) if job == "finetune" else None
+    student_stages = pipeline_stages(student, layout.pp, layout.pipeline_layers, accumulation)
+    teacher_stages = teacher_pipeline_stages(student, teacher, layout)
     stages = [memory_breakdown(
         student, job=job, layout=layout, mbs=int(cfg.training.micro_batch_size), seq_length=int(cfg.data.seq_length),
         param_bytes=2 if cfg.model.param_dtype == "bfloat16" else 4,
         act_bytes=2 if cfg.training.precision == "bf16" else 4,
         checkpointing=bool(cfg.parallel.activation_checkpointing), accumulation=accumulation, teacher=teacher,
         teacher_bytes=teacher_bytes, lora=lora, distill_rows=int(cfg.distill.chunk_size),
-        fsdp_mixed_precision=plans_fsdp_mixed_precision(cfg), stage=stage)
-        for stage in pipeline_stages(student, layout.pp, layout.pipeline_layers, accumulation)]
+        fsdp_mixed_precision=plans_fsdp_mixed_precision(cfg), stage=stage, teacher_stage=teacher_stage)
+        for stage, teacher_stage in zip(student_stages, teacher_stages)]
     return max(stages, key=lambda memory: memory["total"])  # PP: the stage that needs the most
+
+
+def teacher_pipeline_stages(student, teacher, layout: Split) -> list[Stage | None]:
+    """The QAD teacher's share on each pipeline stage (train/parallel/pipeline.py split_model: the
+    student's blocks per stage, balanced for a teacher of another depth); None: the whole teacher
+    (PP_SIZE=1), or no teacher."""
+    if teacher is None or layout.pp == 1:
+        return [None] * layout.pp
+    spec = layout.pipeline_layers if teacher.num_layers == student.num_layers else ""
+    return pipeline_stages(teacher, layout.pp, spec)
 
 
 def job_communication(job: str, cfg: JobConfig, layout: Split, models, link: Interconnect) -> dict | None:

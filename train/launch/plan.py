@@ -149,17 +149,37 @@ def check_parallel(cfg: JobConfig, world_size: int, conf: str) -> int:
 
 
 def check_pipeline(job: str, cfg: JobConfig, accumulation: int, conf: str) -> None:
-    """PP_SIZE > 1 (train/parallel/pipeline.py): pretraining, and at least one micro-batch
+    """PP_SIZE > 1 (train/parallel/pipeline.py): pretraining or QAD, and at least one micro-batch
     (accumulation step) per stage, which 1F1B needs to fill the pipeline."""
     pp = cfg.parallel.pipeline_parallel_size
     if pp == 1:
         return
-    if job != "pretrain":
-        raise PlanError(f"{conf}: PP_SIZE={pp}: pipeline parallelism runs the pretrain job only, not {job}; "
+    if job not in ("pretrain", "qad"):
+        raise PlanError(f"{conf}: PP_SIZE={pp}: pipeline parallelism runs the pretrain and qad jobs only, not {job}; "
                         "use PP_SIZE=1")
     if accumulation < pp:
         raise PlanError(f"{conf}: PP_SIZE={pp} needs at least {pp} micro-batches per step (1F1B), the plan has "
                         f"GBS / (MBS x data-parallel size) = {accumulation}; raise GBS")
+    if job == "qad":
+        check_pipeline_teacher(cfg, conf)
+
+
+def check_pipeline_teacher(cfg: JobConfig, conf: str) -> None:
+    """QAD under PP: the teacher splits into the student's stages (train/parallel/pipeline.py
+    split_model: the same blocks per stage, balanced when its depth differs); a teacher the
+    registry does not know is checked when the job builds it."""
+    from train.models.registry import args_for_display_name
+    from train.parallel.checks import ParallelSettingsError, pipeline_layers
+
+    teacher, student = (args_for_display_name(str(name)) for name in (cfg.distill.teacher_model, cfg.model.name))
+    if teacher is None:
+        return
+    pp = cfg.parallel.pipeline_parallel_size
+    same_depth = student is not None and student.num_layers == teacher.num_layers
+    try:
+        pipeline_layers(teacher.num_layers, pp, cfg.parallel.pipeline_layers if same_depth else "")
+    except ParallelSettingsError as error:
+        raise PlanError(f"{conf}: the teacher TEACHER_MODEL={cfg.distill.teacher_model}: {error}") from None
 
 
 def check_quant(cfg: JobConfig, job: str, conf: str) -> None:

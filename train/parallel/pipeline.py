@@ -1,7 +1,7 @@
 """Pipeline parallelism (PP_SIZE > 1): the blocks split into stages over the "pp" mesh dimension,
 one step's micro-batches run by torch.distributed.pipelining's 1F1B schedule.
 
-    python -m pytest tests/integration/test_pipeline.py
+    python -m pytest tests/integration/test_pipeline.py tests/integration/test_pipeline_qad.py
 
 Each stage is the whole model (built and initialized as for PP_SIZE=1) with the blocks of the
 other stages deleted, the embedding kept on the first stage alone and the final norm + lm_head
@@ -11,7 +11,20 @@ The blocks per stage: train/parallel/checks.py pipeline_layers (parallel.pipelin
 
 The last stage computes the project's token-weighted loss (train/losses.py token_loss, with the
 step's `tokens` of train/trainer.py loss_tokens, divided by the accumulation steps as in
-accumulate_gradients) and broadcasts the step's loss to the other stages.
+accumulate_gradients; a job may give its own stage_loss, QAD below) and broadcasts the step's
+loss and its terms to the other stages.
+
+QAD (train/qad.py Distillation.pipeline_loss): the frozen teacher is split the same way
+(split_model; a teacher of another depth into balanced stages) and each rank reads its stage of
+it from the HF checkpoint. attach_teacher makes the student stage's forward run the teacher's
+stage under no_grad too (teacher_stage_forward) and return the teacher's activations after the
+student's, so they travel to the next stage beside them (no gradient goes back for them); the
+teacher is no submodule, so no parameter, checkpoint key or DDP bucket. The last stage's loss
+is then the job's stage_loss (the chunked KD loss from both final hidden states,
+train/distill/loss.py distill_terms) with the same tokens and accumulation scaling, and its
+terms (kd_loss, lm_loss) are broadcast with the loss. The student is loaded whole on every
+rank, quantized and calibrated before the split (train/engine.py whole_model_path), so its
+amax values and quantizer_state.pt are PP_SIZE=1's; a sharded per-stage load is a follow-up.
 
 MoE (qwen3_moe): the load-balancing loss (train/models/common/moe.py combined_aux_loss) mixes
 every MoE layer's routing statistics, so each stage passes on, next to its activations, the
@@ -53,6 +66,7 @@ from __future__ import annotations
 
 import logging
 import types
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -62,7 +76,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B
 from torch.distributed.tensor import DTensor
 
-from train.losses import token_loss, unwrap
+from train.losses import split_loss, token_loss, unwrap
 from train.models.common.moe import MoE
 from train.parallel.checks import pipeline_layers
 from train.parallel.layout import ParallelLayout
@@ -70,10 +84,12 @@ from train.parallel.layout import ParallelLayout
 log = logging.getLogger("train")
 
 
-def stage_forward(model: nn.Module, x: torch.Tensor, balance: torch.Tensor | None = None):
+def stage_forward(model: nn.Module, x: torch.Tensor, balance: torch.Tensor | None = None,
+                  student_only: bool = True):
     """One stage of CausalLM.hidden_states: token ids (B, T) on the first stage, else the previous
     stage's activations (B, T, D) -> (B, T, D), after the final norm on the last stage.
-    MoE models take and return `balance` too (stage_balance): -> ((B, T, D), (2, E))."""
+    MoE models take and return `balance` too (stage_balance): -> ((B, T, D), (2, E)).
+    student_only: forward_logits's flag, which only QAD's teacher_stage_forward reads."""
     if model.embed_tokens is not None:
         x = model.embed(x, None)
     rope = model.rope(x.shape[1], None, x.dtype)
@@ -121,18 +137,55 @@ def split_stage(model: nn.Module, stage: int, counts: list[int]) -> nn.Module:
     return model
 
 
-def split_model(model: nn.Module, parallel_cfg, stage: int) -> nn.Module:
-    """This rank's stage (the "pp" mesh coordinate) of the whole model, split by parallel.pipeline_layers."""
-    counts = pipeline_layers(model.args.num_layers, parallel_cfg.pipeline_parallel_size, parallel_cfg.pipeline_layers)
-    log.info("pipeline: stage %d of %d, blocks per stage %s", stage, len(counts), ",".join(map(str, counts)))
+def split_model(model: nn.Module, parallel_cfg, stage: int, student_layers: int | None = None) -> nn.Module:
+    """This rank's stage (the "pp" mesh coordinate) of the whole model, split by parallel.pipeline_layers.
+    student_layers: the QAD teacher's split follows the student's (its layer count here); a teacher
+    of another depth is split into balanced stages instead (the list names the student's blocks)."""
+    spec = parallel_cfg.pipeline_layers if student_layers in (None, model.args.num_layers) else ""
+    counts = pipeline_layers(model.args.num_layers, parallel_cfg.pipeline_parallel_size, spec)
+    log.info("pipeline: %sstage %d of %d, blocks per stage %s", "" if student_layers is None else "teacher ", stage,
+             len(counts), ",".join(map(str, counts)))
     return split_stage(model, stage, counts)
+
+
+def teacher_stage_forward(model: nn.Module, x: torch.Tensor, *carried: torch.Tensor, teacher: nn.Module,
+                          student_only: bool = False):
+    """QAD: the student's stage (stage_forward) and, under no_grad, the same stage of the frozen
+    teacher. x: token ids (B, T) on the first stage (both models read them), else the student's
+    activations; carried: the MoE balance sums of a MoE student, then (last) the teacher's
+    activations (B, T, D_teacher) from the previous stage. Returns the student's outputs with the
+    teacher's (B, T, D_teacher) appended (after its final norm on the last stage). student_only
+    (evaluation, forward_logits): the student's stage alone, nothing carried for the teacher."""
+    if student_only:
+        return stage_forward(model, x, *carried)
+    teacher_input = carried[-1] if carried else x
+    student = stage_forward(model, x, *carried[:-1])
+    with torch.no_grad():
+        teacher_out = teacher(teacher_input)
+    # a MoE teacher's balance sums are not used
+    teacher_hidden = teacher_out[0] if isinstance(teacher_out, tuple) else teacher_out
+    return (*student, teacher_hidden) if isinstance(student, tuple) else (student, teacher_hidden)
+
+
+def attach_teacher(model: nn.Module, teacher: nn.Module) -> None:
+    """Runs `teacher` (this rank's stage of it, split_model) inside the student stage's forward
+    (teacher_stage_forward); the teacher is no submodule: no parameter, state-dict key or DDP bucket."""
+    unwrap(model).forward = types.MethodType(partial(teacher_stage_forward, teacher=teacher), unwrap(model))
 
 
 class Pipeline:
     """The 1F1B schedule of this rank's stage, built once per job; step() runs one step."""
 
-    def __init__(self, model: nn.Module, layout: ParallelLayout, accumulation: int):
+    def __init__(self, model: nn.Module, layout: ParallelLayout, accumulation: int, stage_loss=None):
         self.model, self.accumulation = model, accumulation
+        # stage_loss(inner, hidden, targets, mask, tokens, *extra) -> loss or (loss, terms): the last stage's
+        # loss from its outputs (extra: what it carries beside them, QAD's teacher activations); pretrain's:
+        # token_loss (the MoE term is added by loss())
+        self.stage_loss = stage_loss or token_loss
+        # the loss terms (QAD: kd_loss, lm_loss) of each loss call of this step, on the last stage: the first
+        # step's schedule also calls the loss once for its shape inference, on uninitialized activations
+        self.micro_terms: list[dict[str, torch.Tensor]] = []
+        self.term_names: list[str] | None = None  # their names, the same on every stage (the first step's)
         self.group = layout.mesh["pp"].get_group()
         self.last = layout.pp - 1
         self.stage = PipelineStage(model, layout.pp_rank, layout.pp, torch.device(layout.device), group=self.group)
@@ -146,19 +199,23 @@ class Pipeline:
             else None
 
     def loss(self, output, labels: torch.Tensor) -> torch.Tensor:
-        """output: hidden (MBS, T, D) from the last stage (MoE: and the balance sums (2, E));
+        """output: hidden (MBS, T, D) from the last stage, then the balance sums (2, E) of a MoE model,
+        then what stage_loss takes beside them (QAD: the teacher's hidden states);
         labels (MBS, T, 2): targets and loss mask."""
         inner = unwrap(self.model)
-        hidden, balance = output if isinstance(output, tuple) else (output, None)
-        loss = token_loss(inner, hidden, labels[..., 0], labels[..., 1], self.tokens)
+        hidden, *extra = output if isinstance(output, tuple) else (output,)
+        balance = extra.pop(0) if inner.args.num_experts else None
+        loss, terms = split_loss(self.stage_loss(inner, hidden, labels[..., 0], labels[..., 1], self.tokens, *extra))
         if balance is not None:  # the MoE auxiliary loss: a mean per micro-batch, as language_model_loss adds it
             loss = loss + balance_loss(inner, balance)
+        self.micro_terms.append(terms)
         return loss / self.accumulation
 
-    def step(self, micro_batches: list, tokens: torch.Tensor, device: str) -> torch.Tensor:
+    def step(self, micro_batches: list, tokens: torch.Tensor, device: str) -> tuple[torch.Tensor, dict]:
         """Forward and backward of the step's micro-batches [(inputs, targets, mask)]; returns this
-        pipeline's share of the step's loss (the sum over its micro-batches), on every stage."""
-        self.tokens = tokens
+        pipeline's share of the step's loss (the sum over its micro-batches) and of its terms
+        ({name: share}, as accumulate_gradients), on every stage."""
+        self.tokens, self.micro_terms = tokens, []
         inputs = torch.cat([batch for batch, _, _ in micro_batches])  # (accumulation x MBS, T)
         labels = torch.cat([torch.stack([targets, mask.to(targets.dtype)], -1) for _, targets, mask in micro_batches])
         losses: list[torch.Tensor] = []
@@ -171,9 +228,19 @@ class Pipeline:
             self.average_gradients()
         if self.tied_group is not None:
             self.sum_tied_gradients()
+        terms: dict[str, torch.Tensor] = {}  # the step's micro-batches' (the last calls) / accumulation, as
+        for micro in self.micro_terms[len(self.micro_terms) - self.accumulation:]:  # accumulate_gradients
+            for name, value in micro.items():
+                terms[name] = terms.get(name, 0.0) + value.float() / self.accumulation
+        if self.term_names is None:  # once: the other stages learn the names of the last stage's terms
+            names = [sorted(terms)]
+            dist.broadcast_object_list(names, group=self.group, group_src=self.last)
+            self.term_names = names[0]
         total = torch.stack(losses).sum().detach().float() if losses else torch.zeros((), device=device)
-        dist.broadcast(total, group=self.group, group_src=self.last)
-        return total
+        zero = torch.zeros((), device=device)
+        reduced = torch.stack([total, *(terms.get(name, zero).detach() for name in self.term_names)])
+        dist.broadcast(reduced, group=self.group, group_src=self.last)  # (1 + terms,): the loss and its terms
+        return reduced[0], dict(zip(self.term_names, reduced[1:]))
 
     def average_gradients(self, bucket_elements: int = 25_000_000) -> None:
         """DDP's reduction of the stage's gradients, once per step: each bucket of about
@@ -258,7 +325,7 @@ def forward_logits(model: nn.Module, layout: ParallelLayout, inputs: torch.Tenso
     if stage > 0:
         x = torch.empty(*inputs.shape, inner.args.hidden_size, dtype=torch.float32, device=inputs.device)
         dist.recv(x, group=group, group_src=stage - 1)
-    output = model(x)
+    output = model(x, student_only=True)  # QAD: without the teacher's stage
     hidden = output[0] if isinstance(output, tuple) else output  # MoE: (hidden, balance sums)
     if stage < layout.pp - 1:
         dist.send(hidden.float().contiguous(), group=group, group_dst=stage + 1)

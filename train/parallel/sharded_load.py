@@ -122,8 +122,8 @@ def checkpoint_sources(args: ModelArgs, names: list[str], found: set[str]) -> di
     """{our parameter name: Stored | Experts} for every name; tied lm_head reads the embedding."""
     build = _gpt2_sources if args.family == "gpt2" else _decoder_sources
     sources = build(args, [n for n in names if not (args.tie_embeddings and n == "lm_head.weight")], found)
-    if args.tie_embeddings and "lm_head.weight" in names:
-        sources["lm_head.weight"] = sources["embed_tokens.weight"]
+    if args.tie_embeddings and "lm_head.weight" in names:  # the last pipeline stage has no embed_tokens
+        sources["lm_head.weight"] = build(args, ["embed_tokens.weight"], found)["embed_tokens.weight"]
     return sources
 
 

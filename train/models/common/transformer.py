@@ -65,8 +65,8 @@ class CausalLM(nn.Module):
     # -- shared --------------------------------------------------------------------------
     def tie_weights(self) -> None:
         """Share the embedding with lm_head when tied; needed again after to_empty/assign."""
-        if self.args.tie_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
+        if self.args.tie_embeddings and self.embed_tokens is not None and self.lm_head is not None:
+            self.lm_head.weight = self.embed_tokens.weight  # (a pipeline stage holds one of the two, or none)
 
     def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) token ids -> (B, T, D) activations after the final norm."""
