@@ -847,11 +847,12 @@ def test_launchers_refuse_at_plan_time_with_one_line(launcher, args, message, tm
 
 def test_pipeline_parallelism_plans_qad_and_refuses_what_it_cannot_split(env):
     """QAD splits the teacher into the student's stages (train/parallel/pipeline.py); a teacher
-    with fewer layers than stages, and fine-tuning, are refused."""
+    with fewer layers than stages, and fine-tuning's validate mode, are refused."""
     plan = plan_from_conf("qad", "qwen3-8b", ["PP_SIZE=2"], env, strict_paths=False)[0]
     assert plan.parallel["pipeline_parallel"] == 2 and plan.data_parallel_size == 4
     with pytest.raises(PlanError, match="TEACHER_MODEL=tiny-qwen3: PP_SIZE=8 exceeds the model's 4 layers"):
         plan_from_conf("qad", "qwen3-8b", ["PP_SIZE=8", "TEACHER_MODEL=tiny-qwen3"], env, strict_paths=False)
-    with pytest.raises(PlanError, match="PP_SIZE=2: pipeline parallelism runs the pretrain and qad jobs only, "
-                                        "not finetune"):
-        plan_from_conf("finetune", "qwen3-8b-lora", ["PP_SIZE=2"], env, strict_paths=False)
+    lora = plan_from_conf("finetune", "qwen3-8b-lora", ["PP_SIZE=2", "GBS=32"], env, strict_paths=False)[0]
+    assert lora.parallel["pipeline_parallel"] == 2  # LoRA training runs on stages; its generation does not
+    with pytest.raises(PlanError, match="PP_SIZE=2 with mode=validate: generation does not run on pipeline stages"):
+        plan_from_conf("finetune", "qwen3-8b-lora", ["PP_SIZE=2", "GBS=32", "mode=validate"], env, strict_paths=False)

@@ -149,13 +149,14 @@ def check_parallel(cfg: JobConfig, world_size: int, conf: str) -> int:
 
 
 def check_pipeline(job: str, cfg: JobConfig, accumulation: int, conf: str) -> None:
-    """PP_SIZE > 1 (train/parallel/pipeline.py): pretraining or QAD, and at least one micro-batch
-    (accumulation step) per stage, which 1F1B needs to fill the pipeline."""
+    """PP_SIZE > 1 (train/parallel/pipeline.py): pretraining, QAD or LoRA training (not fine-tuning's
+    validate mode, which generates), and at least one micro-batch (accumulation step) per stage,
+    which 1F1B needs to fill the pipeline."""
     pp = cfg.parallel.pipeline_parallel_size
     if pp == 1:
         return
-    if job not in ("pretrain", "qad"):
-        raise PlanError(f"{conf}: PP_SIZE={pp}: pipeline parallelism runs the pretrain and qad jobs only, not {job}; "
+    if job == "finetune" and cfg.mode != "train":
+        raise PlanError(f"{conf}: PP_SIZE={pp} with mode={cfg.mode}: generation does not run on pipeline stages; "
                         "use PP_SIZE=1")
     if accumulation < pp:
         raise PlanError(f"{conf}: PP_SIZE={pp} needs at least {pp} micro-batches per step (1F1B), the plan has "

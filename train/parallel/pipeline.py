@@ -270,6 +270,8 @@ class Pipeline:
         weight's placement first, so that both stages reduce the same rows."""
         weight = self.tied_weight()
         grad = weight.grad
+        if grad is None:  # frozen on both stages (a LoRA base): nothing to sum
+            return
         if isinstance(grad, DTensor):
             if grad.placements != weight.placements:
                 grad = weight.grad = grad.redistribute(placements=weight.placements)
