@@ -39,10 +39,11 @@ def test_expert_parallel_matches_one_device(worker_results, case):
 
 
 @pytest.mark.slow
-def test_four_processes(tmp_path):
+def test_four_processes(four_processes):
     """dp 4 = 2 EP groups (expert gradients also summed over the ranks holding the same experts);
-    TP 2 x EP 2 with FSDP2 (the qwen3-30b-a3b layout in small)."""
-    results = run_worker(tmp_path, 4, FOUR_PROCESS_CASES)
+    TP 2 x EP 2 with FSDP2 (the qwen3-30b-a3b layout in small). One torchrun of 4 processes with
+    the other files' 4-process cases (conftest.py)."""
+    results = four_processes("expert_parallel_worker")
     assert results == {case: "ok" for case in FOUR_PROCESS_CASES}, results
 
 

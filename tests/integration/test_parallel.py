@@ -139,13 +139,21 @@ def test_gradients_and_weights_match_one_device(training, case):
     assert training[case] == "ok", training[case]
 
 
+UNTIED = ["model.name=debug-llama3", "training.train_iters=3"]
+
+
+@pytest.fixture(scope="module")
+def untied_single_process(tmp_path_factory) -> list[float]:
+    """The reference of the untied model: 3 iterations in one process."""
+    return pretrain(tmp_path_factory.mktemp("untied"), UNTIED, processes=1)
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_untied_lm_head_two_processes_match_one(tmp_path, strategy):
+def test_untied_lm_head_two_processes_match_one(tmp_path, untied_single_process, strategy):
     """The default loss reads lm_head.weight after the forward (train/losses.py); untied, that
     weight is used nowhere else, so its gradient must reach DDP's all-reduce / FSDP2's
     reduce-scatter from outside the module's forward."""
-    untied = ["model.name=debug-llama3", "training.train_iters=3"]
-    single = pretrain(tmp_path / "one", untied, processes=1)
-    parallel = pretrain(tmp_path / "two", [*untied, f"parallel.data_parallel={strategy}"])
+    single = untied_single_process
+    parallel = pretrain(tmp_path / "two", [*UNTIED, f"parallel.data_parallel={strategy}"])
     assert len(parallel) == 3
     assert parallel == pytest.approx(single, rel=1e-4)

@@ -25,11 +25,12 @@ def test_token_weighted_step_two_ranks(two_processes, case):
     assert two_processes[case] == "ok", two_processes[case]
 
 
-@pytest.mark.slow  # a torchrun each: ~25 s
+@pytest.mark.slow  # a torchrun each: ~25 s (4: one torchrun with the other files' 4-process cases, conftest.py)
 @pytest.mark.parametrize("processes", [1, 4])
-def test_token_weighted_step_other_splits(tmp_path, processes):
+def test_token_weighted_step_other_splits(tmp_path, request, processes):
     """GBS 16 as MBS 1 x 16 accumulation x 1 rank, and MBS 2 x 2 x 4 ranks: the same gradients."""
-    results = run_worker(tmp_path, TOKEN_CASES, "step_worker.py", processes=processes)
+    results = (run_worker(tmp_path, TOKEN_CASES, "step_worker.py", processes=1) if processes == 1
+               else request.getfixturevalue("four_processes")("step_worker"))
     assert results == {case: "ok" for case in TOKEN_CASES}, results
 
 

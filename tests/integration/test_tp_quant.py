@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.test_parallel import run_worker as run_parallel_worker
-from tests.integration.test_qad import RUN, checkpoints, losses, models, qad  # noqa: F401 - models: fixture
+from tests.integration.test_qad import RUN, checkpoints, losses, qad  # the fixture models: conftest.py
 
 CASES = ["nvfp4_qwen3", "fp8_qwen3", "nvfp4_llama2", "nvfp4_qwen3_moe"]
 TP2 = ["parallel.tensor_parallel_size=2", "parallel.data_parallel=fsdp"]
@@ -44,10 +44,10 @@ def test_quantized_tensor_parallel_matches_one_device(worker_results, case):
     assert worker_results[case] == "ok", worker_results[case]
 
 
-@pytest.mark.slow  # ~30 s
-def test_quantized_moe_tp2_ep2_fsdp_on_four_processes(tmp_path):
+@pytest.mark.slow  # one torchrun of 4 processes with the other files' 4-process cases (conftest.py)
+def test_quantized_moe_tp2_ep2_fsdp_on_four_processes(four_processes):
     case = "nvfp4_qwen3_moe_tp2_ep2_fsdp"
-    assert run_worker(tmp_path, 4, [case]) == {case: "ok"}
+    assert four_processes("tp_quant_worker") == {case: "ok"}
 
 
 def amax_values(checkpoint: Path) -> dict:
@@ -63,7 +63,7 @@ def amax_values(checkpoint: Path) -> dict:
 
 @pytest.mark.slow  # 2 launches (~35 s on 2 cores), and the resume (~20 s)
 @pytest.mark.parametrize("recipe, resume", [("nvfp4", True), ("fp8", False)])  # resume: nothing recipe-specific
-def test_qad_tp2_gives_the_tp1_losses_and_resumes_exactly(tmp_path, models, recipe, resume):  # noqa: F811
+def test_qad_tp2_gives_the_tp1_losses_and_resumes_exactly(tmp_path, models, recipe, resume):
     import torch
 
     args = [*ARGS, f"quant.recipe={recipe}"]
@@ -95,7 +95,7 @@ def test_qad_tp2_gives_the_tp1_losses_and_resumes_exactly(tmp_path, models, reci
 
 
 @pytest.mark.slow  # 2 processes load, calibrate, then stop: ~20 s
-def test_tp2_without_calibration_is_refused_before_training(tmp_path, models):  # noqa: F811
+def test_tp2_without_calibration_is_refused_before_training(tmp_path, models):
     result = qad(tmp_path, models, "20260101_000001", "quant.calibration_batches=0", "training.train_iters=2",
                  *TP2, procs=2, check=False)
     assert result.returncode != 0
