@@ -46,27 +46,31 @@ def qad_moe_ep2(tmp_path_factory):
     return models, root / "two", result
 
 
-# the 4-process cases of each worker: one launch for all (four_process_worker.py)
-FOUR_PROCESS_CASES = {
-    "sharded_load_worker": ["tp2_fsdp_qwen3", "tp2_ep2_fsdp_moe", "tp2_fsdp_student_calibrated_like_whole"],
-    "tp_quant_worker": ["nvfp4_qwen3_moe_tp2_ep2_fsdp"],
-    "expert_parallel_worker": ["ep2_ddp", "ep2_fsdp_activation_checkpointing", "tp2_ep2_fsdp"],
-    "step_worker": ["token_weighted_ddp", "token_weighted_fsdp", "token_weighted_kd_fsdp"],
-}
-
-
 @pytest.fixture(scope="session")
-def four_processes(tmp_path_factory):
-    """worker -> {case: "ok" | traceback} of its FOUR_PROCESS_CASES, all run in one torchrun of 4 processes."""
+def shared_launch(request, tmp_path_factory):
+    """(worker, processes) -> {case: "ok" | traceback} of that worker's cases. The first call for a
+    process count starts one torchrun (shared_worker.py) for the cases of every worker that the
+    session's selected tests name in their module's SHARED_LAUNCHES ({test function: (worker,
+    processes, cases)}): N processes start up once per session, not once per file, and a file run
+    alone launches only its own cases."""
     from tests.integration.test_parallel import run_worker
 
-    names = [f"{worker}:{case}" for worker, cases in FOUR_PROCESS_CASES.items() for case in cases]
-    results = run_worker(tmp_path_factory.mktemp("four_processes"), names, "four_process_worker.py", processes=4,
-                         timeout=600)
+    launches = {}
 
-    def of(worker: str) -> dict[str, str]:
-        return {case: results[f"{worker}:{case}"] for case in FOUR_PROCESS_CASES[worker]}
-    return of
+    def results(worker: str, processes: int) -> dict[str, str]:
+        if processes not in launches:
+            wanted = {}  # worker -> its cases, in order, once each
+            for item in request.session.items:
+                shared = getattr(getattr(item, "module", None), "SHARED_LAUNCHES", {})
+                name, count, cases = shared.get(getattr(item, "originalname", None), (None, None, ()))
+                if count == processes:
+                    wanted.setdefault(name, {}).update(dict.fromkeys(cases))
+            names = [f"{name}:{case}" for name, cases in wanted.items() for case in cases]
+            launches[processes] = run_worker(tmp_path_factory.mktemp(f"shared_launch_{processes}"), names,
+                                             "shared_worker.py", processes=processes, timeout=900)
+        return {name.split(":", 1)[1]: result for name, result in launches[processes].items()
+                if name.split(":", 1)[0] == worker}
+    return results
 
 
 @pytest.fixture(scope="session")

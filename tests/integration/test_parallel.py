@@ -115,14 +115,19 @@ LAYOUT_CASES = ["fsdp_layout", "tp_layout", "fsdp_mixed_precision"]
 TRAINING_CASES = ["ddp", "zero1", "zero1_checkpoint", "fsdp_activation_checkpointing", "tp_qwen3", "tp_gpt2", "tp_llama2"]
 
 
-@pytest.fixture(scope="module")
-def layouts(tmp_path_factory):
-    return run_worker(tmp_path_factory.mktemp("layouts"), LAYOUT_CASES)
+# the worker's cases run in one torchrun with the other files' (conftest.py shared_launch)
+SHARED_LAUNCHES = {"test_dtensor_layout": ("parallel_worker", 2, LAYOUT_CASES),
+                   "test_gradients_and_weights_match_one_device": ("parallel_worker", 2, TRAINING_CASES)}
 
 
 @pytest.fixture(scope="module")
-def training(tmp_path_factory):
-    return run_worker(tmp_path_factory.mktemp("training"), TRAINING_CASES)
+def layouts(shared_launch):
+    return shared_launch("parallel_worker", 2)
+
+
+@pytest.fixture(scope="module")
+def training(shared_launch):
+    return shared_launch("parallel_worker", 2)
 
 
 @pytest.mark.parametrize("case", LAYOUT_CASES)

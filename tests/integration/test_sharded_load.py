@@ -16,18 +16,22 @@ per rank at 1.6 GB: benchmarks/load_memory/run.py (docs/benchmarks.md#load-memor
 
 import pytest
 
-from tests.integration.test_parallel import pretrain, run_worker
+from tests.integration.test_parallel import pretrain
 
 CASES = ["ddp_qwen3_tied", "fsdp_qwen3_tied", "fsdp_gpt2", "fsdp_qwen3_next", "tp2_qwen3", "tp2_gpt2",
          "ep2_fsdp_moe", "ep2_ddp_moe", "bf16_checkpoint_into_fp32", "fsdp_shares_bytes", "teacher_fsdp_bf16",
          "fsdp_student_calibrated_like_whole", "ep2_fsdp_student_calibrated_like_whole",
          "tp2_student_calibrated_like_whole", "lora_base_ep2_fsdp_moe", "quantized_lora_base_fsdp",
          "quantized_lora_base_ep2_fsdp_moe"]
+FOUR_PROCESS_CASES = ["tp2_fsdp_qwen3", "tp2_ep2_fsdp_moe", "tp2_fsdp_student_calibrated_like_whole"]
+# the worker's cases run in one torchrun per process count with the other files' (conftest.py shared_launch)
+SHARED_LAUNCHES = {"test_sharded_load_equals_whole_load": ("sharded_load_worker", 2, CASES),
+                   "test_four_processes": ("sharded_load_worker", 4, FOUR_PROCESS_CASES)}
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory) -> dict:
-    return run_worker(tmp_path_factory.mktemp("sharded_load"), CASES, "sharded_load_worker.py")
+def results(shared_launch) -> dict:
+    return shared_launch("sharded_load_worker", 2)
 
 
 @pytest.mark.slow
@@ -37,12 +41,10 @@ def test_sharded_load_equals_whole_load(results, case):
 
 
 @pytest.mark.slow
-def test_four_processes(four_processes):
-    """2-D and 3-D meshes: TP 2 x FSDP2 2 (also the student calibrated as laid out), TP 2 x EP 2 x FSDP2
-    (one torchrun of 4 processes with the other files' 4-process cases: conftest.py)."""
-    cases = ["tp2_fsdp_qwen3", "tp2_ep2_fsdp_moe", "tp2_fsdp_student_calibrated_like_whole"]
-    results = four_processes("sharded_load_worker")
-    assert results == {case: "ok" for case in cases}, results
+def test_four_processes(shared_launch):
+    """2-D and 3-D meshes: TP 2 x FSDP2 2 (also the student calibrated as laid out), TP 2 x EP 2 x FSDP2."""
+    results = shared_launch("sharded_load_worker", 4)
+    assert results == {case: "ok" for case in FOUR_PROCESS_CASES}, results
 
 
 # ----------------------------------------------------------------- the real entrypoint

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_parallel import run_worker as run_parallel_worker
 from tests.integration.test_qad import RUN, checkpoints, losses, qad  # the fixture models: conftest.py
 
 CASES = ["nvfp4_qwen3", "fp8_qwen3", "nvfp4_llama2", "nvfp4_qwen3_moe"]
@@ -29,13 +28,15 @@ TP2 = ["parallel.tensor_parallel_size=2", "parallel.data_parallel=fsdp"]
 ARGS = ["training.train_iters=3", "checkpoint.save_interval=2", "optim.eps=1e-4"]
 
 
-def run_worker(directory: Path, processes: int, cases: list[str]) -> dict:
-    return run_parallel_worker(directory, cases, "tp_quant_worker.py", processes)
+FOUR_PROCESS_CASE = "nvfp4_qwen3_moe_tp2_ep2_fsdp"
+# the worker's cases run in one torchrun per process count with the other files' (conftest.py shared_launch)
+SHARED_LAUNCHES = {"test_quantized_tensor_parallel_matches_one_device": ("tp_quant_worker", 2, CASES),
+                   "test_quantized_moe_tp2_ep2_fsdp_on_four_processes": ("tp_quant_worker", 4, [FOUR_PROCESS_CASE])}
 
 
 @pytest.fixture(scope="module")
-def worker_results(tmp_path_factory) -> dict:
-    return run_worker(tmp_path_factory.mktemp("tp_quant_worker"), 2, CASES)
+def worker_results(shared_launch) -> dict:
+    return shared_launch("tp_quant_worker", 2)
 
 
 @pytest.mark.slow  # one torchrun for all cases, ~20 s on 2 cores
@@ -44,10 +45,9 @@ def test_quantized_tensor_parallel_matches_one_device(worker_results, case):
     assert worker_results[case] == "ok", worker_results[case]
 
 
-@pytest.mark.slow  # one torchrun of 4 processes with the other files' 4-process cases (conftest.py)
-def test_quantized_moe_tp2_ep2_fsdp_on_four_processes(four_processes):
-    case = "nvfp4_qwen3_moe_tp2_ep2_fsdp"
-    assert four_processes("tp_quant_worker") == {case: "ok"}
+@pytest.mark.slow  # ~30 s
+def test_quantized_moe_tp2_ep2_fsdp_on_four_processes(shared_launch):
+    assert shared_launch("tp_quant_worker", 4) == {FOUR_PROCESS_CASE: "ok"}
 
 
 def amax_values(checkpoint: Path) -> dict:
