@@ -1,4 +1,6 @@
-"""Fixtures that more than one integration file reads: jobs run once per pytest session.
+"""Fixtures that more than one integration file reads, each run once per pytest session: jobs
+(the QAD runs of test_qad.py, test_sharded_load.py, test_export.py and test_downstream.py) and
+shared_launch, one torchrun per process count for the worker cases of every selected test.
 
 A test that changes a run (rewinds, resumes it) copies it to its own tmp_path first.
 """
@@ -6,6 +8,7 @@ A test that changes a run (rewinds, resumes it) copies it to its own tmp_path fi
 from pathlib import Path
 
 import pytest
+
 
 def save_student_and_teacher(model_name: str, root: Path) -> Path:
     """Student (seed 1) and teacher (seed 2) of `model_name`, HF checkpoints in root/student, root/teacher."""
