@@ -11,6 +11,7 @@ import pytest
 
 from tests.fixtures.synthetic_data import write_random_documents
 from tests.unit.hf_fixtures import save_tiny_tokenizer
+from train.models import random_hf
 
 REPO = Path(__file__).resolve().parents[2]
 QAD = ["--config", "tiny-qwen3-qad", "--", "DATASET_NAME=good", "TRAIN_ITERS=2"]
@@ -21,8 +22,7 @@ PRETRAIN = ["--config", "tiny-qwen3", "--", "DATASET_NAME=good", "TRAIN_ITERS=2"
 def assets(tmp_path_factory) -> Path:
     """A real tiny-qwen3 HF checkpoint and a datablend of one .bin/.idx pair, copied into each test."""
     root = tmp_path_factory.mktemp("assets")
-    subprocess.run(["python", "-m", "train.models.random_hf", "tiny-qwen3", str(root / "models" / "tiny-qwen3")],
-                   cwd=REPO, check=True, capture_output=True)
+    assert random_hf.main(["tiny-qwen3", str(root / "models" / "tiny-qwen3")]) == 0  # in this process: no start-up
     (root / "data").mkdir()
     write_random_documents(str(root / "data" / "a_text_document"), 60, 50, 1000, 0, 1)
     (root / "data" / "datablend_good.json").write_text(json.dumps({"train": [1.0, "a_text_document"]}))
@@ -167,8 +167,7 @@ def test_a_failure_only_a_worker_sees_ends_with_its_error_line_and_exit_2(traine
     checkpoint's shapes. torchrun's report comes before the worker's line, which is printed once, last."""
     shutil.copytree(trained, tmp_path, dirs_exist_ok=True)
     other = tmp_path / "models" / "other"
-    subprocess.run(["python", "-m", "train.models.random_hf", "tiny-llama3", str(other)], cwd=REPO, check=True,
-                   capture_output=True)
+    assert random_hf.main(["tiny-llama3", str(other)]) == 0
     result = launch("pretrain", PRETRAIN + ["TRAIN_ITERS=8", f"model.hf_checkpoint={other}"], tmp_path)
     assert result.returncode == 2, result.stderr[-3000:]
     errors = error_lines(result)

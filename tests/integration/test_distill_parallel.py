@@ -2,17 +2,19 @@
 
 import pytest
 
-from test_parallel import run_worker  # same folder
-
 CASES = ["ddp", "fsdp", "tp"]
 
 
+# the worker's cases run in one torchrun with the other files' (conftest.py shared_launch)
+SHARED_LAUNCHES = {"test_distill_loss_matches_one_device": ("distill_worker", 2, CASES)}
+
+
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    return run_worker(tmp_path_factory.mktemp("distill"), CASES, "distill_worker.py")
+def results(shared_launch):
+    return shared_launch("distill_worker", 2)
 
 
-@pytest.mark.slow  # one torchrun of 3 cases: ~70 s here
+@pytest.mark.slow  # 3 cases: ~70 s here
 @pytest.mark.parametrize("case", CASES)
 def test_distill_loss_matches_one_device(results, case):
     """2 AdamW steps on the KD loss: loss, gradients and weights equal the single-device student's."""

@@ -12,7 +12,6 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 TASK = REPO / "docs" / "examples" / "downstream" / "tiny_mc.yaml"
-RUN = "tiny-qwen3-Teacher-tiny-qwen3-Data-synthetic-lr0.001"
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
@@ -21,26 +20,8 @@ def run_module(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def qad_run(tmp_path_factory) -> Path:
-    """Two QAD iterations of a random tiny-qwen3 nvfp4 student; student and teacher directories
-    hold the same local tokenizer (trained on the task's own items, so every word has tokens)."""
-    from tests.fixtures.synthetic_data import build_tokenizer, generate_documents
-    from train.models import build_model, init_weights, save_hf
-
-    root = tmp_path_factory.mktemp("qad")
-    texts = generate_documents(50, 40) + (TASK.parent / "tiny_mc.jsonl").read_text().splitlines()
-    for name, seed in (("student", 1), ("teacher", 2)):
-        save_hf(init_weights(build_model("tiny-qwen3", device="cpu"), seed), root / name)
-        build_tokenizer(str(root / name), texts, 400)
-    result = run_module("-m", "train.qad", f"checkpoint.root={root}", "model.name=tiny-qwen3",
-                        f"model.hf_checkpoint={root / 'student'}", "distill.teacher_model=tiny-qwen3",
-                        f"distill.teacher_checkpoint={root / 'teacher'}", "data.source=synthetic",
-                        "data.dataset_name=synthetic", "data.seq_length=32", "training.train_iters=2",
-                        "checkpoint.save_interval=2", "optim.lr=1e-3", "quant.calibration_batches=2",
-                        "logging.tensorboard=false")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return root / RUN
+# qad_run (two QAD iterations of a random tiny-qwen3 nvfp4 student, student and teacher with the
+# task's tokenizer): conftest.py, shared with test_export.py
 
 
 @pytest.mark.slow

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from tests.integration.test_parallel import clean_env, losses
-from tests.integration.test_parallel import run_worker as run_parallel_worker
 
 REPO = Path(__file__).resolve().parents[2]
 CASES = ["ep2_ddp", "ep2_fsdp_activation_checkpointing", "every_rank_same_tokens", "checkpoint_ep2_to_ep1_and_ep2",
@@ -24,13 +23,14 @@ CASES = ["ep2_ddp", "ep2_fsdp_activation_checkpointing", "every_rank_same_tokens
 FOUR_PROCESS_CASES = ["ep2_ddp", "ep2_fsdp_activation_checkpointing", "tp2_ep2_fsdp"]
 
 
-def run_worker(directory: Path, processes: int, cases: list[str]) -> dict:
-    return run_parallel_worker(directory, cases, "expert_parallel_worker.py", processes)
+# the worker's cases run in one torchrun per process count with the other files' (conftest.py shared_launch)
+SHARED_LAUNCHES = {"test_expert_parallel_matches_one_device": ("expert_parallel_worker", 2, CASES),
+                   "test_four_processes": ("expert_parallel_worker", 4, FOUR_PROCESS_CASES)}
 
 
 @pytest.fixture(scope="module")
-def worker_results(tmp_path_factory) -> dict:
-    return run_worker(tmp_path_factory.mktemp("ep_worker"), 2, CASES)
+def worker_results(shared_launch) -> dict:
+    return shared_launch("expert_parallel_worker", 2)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -39,10 +39,10 @@ def test_expert_parallel_matches_one_device(worker_results, case):
 
 
 @pytest.mark.slow
-def test_four_processes(tmp_path):
+def test_four_processes(shared_launch):
     """dp 4 = 2 EP groups (expert gradients also summed over the ranks holding the same experts);
     TP 2 x EP 2 with FSDP2 (the qwen3-30b-a3b layout in small)."""
-    results = run_worker(tmp_path, 4, FOUR_PROCESS_CASES)
+    results = shared_launch("expert_parallel_worker", 4)
     assert results == {case: "ok" for case in FOUR_PROCESS_CASES}, results
 
 

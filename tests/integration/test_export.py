@@ -60,27 +60,8 @@ def test_nvfp4_export_of_an_unquantized_run_is_refused(tmp_path):
 
 # ---------------------------------------------------------------- real exports of a QAD run
 
-@pytest.fixture(scope="module")
-def qad_run(tmp_path_factory) -> Path:
-    """Two QAD iterations (nvfp4 student, random tiny-qwen3 student and teacher; the student's
-    directory holds a tokenizer, as a real checkpoint does)."""
-    from tests.fixtures.synthetic_data import build_tokenizer, generate_documents
-    from train.models import build_model, init_weights, save_hf
-
-    root = tmp_path_factory.mktemp("qad")
-    for name, seed in (("student", 1), ("teacher", 2)):
-        save_hf(init_weights(build_model("tiny-qwen3", device="cpu"), seed), root / name)
-    build_tokenizer(str(root / "student"), generate_documents(50, 40), 400)
-    command = [sys.executable, "-m", "train.qad", f"checkpoint.root={root}", "model.name=tiny-qwen3",
-               f"model.hf_checkpoint={root / 'student'}", "distill.teacher_model=tiny-qwen3",
-               f"distill.teacher_checkpoint={root / 'teacher'}", "data.source=synthetic",
-               "data.dataset_name=synthetic", "data.seq_length=32", "training.train_iters=2",
-               "checkpoint.save_interval=2", "optim.lr=1e-3", "quant.calibration_batches=2",
-               "logging.tensorboard=false"]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
-                            env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
-    assert result.returncode == 0, result.stderr[-3000:]
-    return root / "tiny-qwen3-Teacher-tiny-qwen3-Data-synthetic-lr0.001"
+# qad_run (two QAD iterations: nvfp4, random tiny-qwen3 student and teacher whose directories hold a
+# tokenizer, as real checkpoints do): conftest.py, shared with test_downstream.py
 
 
 @pytest.mark.slow

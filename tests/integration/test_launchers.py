@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from train.models import random_hf
+
 REPO = Path(__file__).resolve().parents[2]
 TOKEN = "hf_FAKE_test_secret_integration_value"  # shaped so no scanner takes it for a real token
 
@@ -264,8 +266,7 @@ def test_manual_multi_node_two_launchers_meet(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_hf(tmp_path_factory) -> Path:
     models = tmp_path_factory.mktemp("models")
-    subprocess.run(["python", "-m", "train.models.random_hf", "tiny-qwen3", str(models / "tiny-qwen3")],
-                   cwd=REPO, check=True, capture_output=True)
+    assert random_hf.main(["tiny-qwen3", str(models / "tiny-qwen3")]) == 0  # in this process: no start-up
     return models
 
 

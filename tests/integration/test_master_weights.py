@@ -102,9 +102,15 @@ def is_weight(key: str) -> bool:
     return not key.endswith("_amax")  # modelopt's calibrated ranges are buffers, not trained
 
 
+@pytest.fixture(scope="module")
+def qad_from_bf16(hf_dirs, tmp_path_factory) -> Path:
+    """The run directory of the QAD job from student-bf16 (both tests below read it, neither changes it)."""
+    return qad(tmp_path_factory.mktemp("bf16"), hf_dirs / "student-bf16", hf_dirs / "teacher-bf16")
+
+
 @pytest.mark.slow
-def test_qad_from_a_bf16_checkpoint_moves_every_weight_at_lr_1e6(hf_dirs, tmp_path):
-    run_dir = qad(tmp_path / "runs", hf_dirs / "student-bf16", hf_dirs / "teacher-bf16")
+def test_qad_from_a_bf16_checkpoint_moves_every_weight_at_lr_1e6(qad_from_bf16, tmp_path):
+    run_dir = qad_from_bf16
     first, last = checkpoint_tensors(run_dir, 1, tmp_path), checkpoint_tensors(run_dir, ITERS, tmp_path)
     assert_fp32_state(last, is_weight)
     share, elements = trainable_change(first, last, is_weight)
@@ -116,8 +122,8 @@ def test_qad_from_a_bf16_checkpoint_moves_every_weight_at_lr_1e6(hf_dirs, tmp_pa
 
 
 @pytest.mark.slow
-def test_a_bf16_checkpoint_trains_exactly_like_its_fp32_copy(hf_dirs, tmp_path):
-    from_bf16 = qad(tmp_path / "bf16", hf_dirs / "student-bf16", hf_dirs / "teacher-bf16")
+def test_a_bf16_checkpoint_trains_exactly_like_its_fp32_copy(hf_dirs, qad_from_bf16, tmp_path):
+    from_bf16 = qad_from_bf16
     from_fp32 = qad(tmp_path / "fp32", hf_dirs / "student-fp32", hf_dirs / "teacher-bf16")
     assert len(losses(from_bf16)) == ITERS
     assert losses(from_bf16) == losses(from_fp32)

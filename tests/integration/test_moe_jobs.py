@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.test_resume import job_env
+from train.models import random_hf
 
 REPO = Path(__file__).resolve().parents[2]
 RUN = "tiny-qwen3-moe-pretrain-Data-synthetic-lr0.0003"
@@ -63,8 +64,7 @@ def test_moe_pretraining_resumes_bitwise(tmp_path, procs=2):
 @pytest.mark.slow
 def test_moe_qad_job_from_hf_checkpoints(tmp_path):
     models = tmp_path / "models"
-    subprocess.run([sys.executable, "-m", "train.models.random_hf", "tiny-qwen3-moe", str(models / "tiny-qwen3-moe")],
-                   cwd=REPO, check=True, capture_output=True)
+    assert random_hf.main(["tiny-qwen3-moe", str(models / "tiny-qwen3-moe")]) == 0  # in this process: no start-up
     env = {**job_env("20260101_000003"), "QAD_CHECKPOINT_ROOT": str(tmp_path), "MODELS_ROOT": str(models)}
     result = subprocess.run(["bash", str(REPO / "launchers/qad.sh"), "--config", "tiny-qwen3-moe-qad", "--",
                              "training.train_iters=2"], cwd=REPO, env=env, capture_output=True, text=True,

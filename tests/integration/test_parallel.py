@@ -115,14 +115,19 @@ LAYOUT_CASES = ["fsdp_layout", "tp_layout", "fsdp_mixed_precision"]
 TRAINING_CASES = ["ddp", "zero1", "zero1_checkpoint", "fsdp_activation_checkpointing", "tp_qwen3", "tp_gpt2", "tp_llama2"]
 
 
-@pytest.fixture(scope="module")
-def layouts(tmp_path_factory):
-    return run_worker(tmp_path_factory.mktemp("layouts"), LAYOUT_CASES)
+# the worker's cases run in one torchrun with the other files' (conftest.py shared_launch)
+SHARED_LAUNCHES = {"test_dtensor_layout": ("parallel_worker", 2, LAYOUT_CASES),
+                   "test_gradients_and_weights_match_one_device": ("parallel_worker", 2, TRAINING_CASES)}
 
 
 @pytest.fixture(scope="module")
-def training(tmp_path_factory):
-    return run_worker(tmp_path_factory.mktemp("training"), TRAINING_CASES)
+def layouts(shared_launch):
+    return shared_launch("parallel_worker", 2)
+
+
+@pytest.fixture(scope="module")
+def training(shared_launch):
+    return shared_launch("parallel_worker", 2)
 
 
 @pytest.mark.parametrize("case", LAYOUT_CASES)
@@ -139,13 +144,21 @@ def test_gradients_and_weights_match_one_device(training, case):
     assert training[case] == "ok", training[case]
 
 
+UNTIED = ["model.name=debug-llama3", "training.train_iters=3"]
+
+
+@pytest.fixture(scope="module")
+def untied_single_process(tmp_path_factory) -> list[float]:
+    """The reference of the untied model: 3 iterations in one process."""
+    return pretrain(tmp_path_factory.mktemp("untied"), UNTIED, processes=1)
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_untied_lm_head_two_processes_match_one(tmp_path, strategy):
+def test_untied_lm_head_two_processes_match_one(tmp_path, untied_single_process, strategy):
     """The default loss reads lm_head.weight after the forward (train/losses.py); untied, that
     weight is used nowhere else, so its gradient must reach DDP's all-reduce / FSDP2's
     reduce-scatter from outside the module's forward."""
-    untied = ["model.name=debug-llama3", "training.train_iters=3"]
-    single = pretrain(tmp_path / "one", untied, processes=1)
-    parallel = pretrain(tmp_path / "two", [*untied, f"parallel.data_parallel={strategy}"])
+    single = untied_single_process
+    parallel = pretrain(tmp_path / "two", [*UNTIED, f"parallel.data_parallel={strategy}"])
     assert len(parallel) == 3
     assert parallel == pytest.approx(single, rel=1e-4)

@@ -10,13 +10,14 @@ across the stages, layer 0 dense), tiny-qwen3 (tied embeddings: a copy on each e
 """
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from test_parallel import run_pretrain  # same folder
+from test_parallel import losses, run_pretrain  # same folder
 
 COMMON = ["model.name=tiny-llama3", "data.source=synthetic", "data.seq_length=32", "training.micro_batch_size=1",
           "training.global_batch_size=8", "optim.lr=1e-2", "optim.schedule=constant", "optim.warmup_iters=0",
@@ -53,38 +54,55 @@ def assert_same_weights(actual: dict, expected: dict) -> None:
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
-    """model -> the reference: 3 iterations (their weights, gradient norms), resumed to 5 (the losses
-    of all 5); run once per model."""
+    """model -> the reference: 3 iterations (their weights, gradient norms, and a copy of the run at
+    3 for the tests that resume it elsewhere), resumed to 5 (the losses of all 5); run once per model."""
     references = {}
 
-    def reference(model: str) -> tuple[list[float], dict, list[float]]:
+    def reference(model: str) -> tuple[list[float], dict, list[float], Path]:
         if model not in references:
             root = tmp_path_factory.mktemp(model)
             pretrain(root, [f"model.name={model}", "training.train_iters=3"], 1)
             weights_3, norms = weights(root, 3), grad_norms(root)
-            references[model] = pretrain(root, [f"model.name={model}", "training.train_iters=5"], 1), weights_3, norms
+            at_3 = tmp_path_factory.mktemp(f"{model}-at-3")
+            shutil.copytree(root, at_3, dirs_exist_ok=True)
+            references[model] = (pretrain(root, [f"model.name={model}", "training.train_iters=5"], 1), weights_3, norms,
+                                 at_3)
         return references[model]
     return reference
+
+
+@pytest.fixture(scope="module")
+def two_stages(tmp_path_factory):
+    """(model, layers) -> a PP 2 run of 3 iterations (left as it ended; tests copy it to resume it)."""
+    roots = {}
+
+    def run(model: str, layers: str) -> Path:
+        if (model, layers) not in roots:
+            root = tmp_path_factory.mktemp(f"{model}-pp2")
+            pretrain(root, [f"model.name={model}", "training.train_iters=3", *PP2,
+                            f"parallel.pipeline_layers={layers!r}"], 2)
+            roots[model, layers] = root
+        return roots[model, layers]
+    return run
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model, layers", [("tiny-llama3", ""), ("tiny-llama3", "1,3"), ("tiny-qwen3-moe", "1,3"),
                                            ("tiny-qwen3", "")], ids=["balanced", "uneven", "moe", "tied"])
-def test_two_stages_match_one_process(tmp_path, one_process, model, layers):
+def test_two_stages_match_one_process(one_process, two_stages, model, layers):
     """moe 1,3: the first stage's one block is dense, the balance statistics start on the second."""
-    expected_losses, expected_weights, expected_norms = one_process(model)
-    result = pretrain(tmp_path, [f"model.name={model}", "training.train_iters=3", *PP2,
-                                 f"parallel.pipeline_layers={layers!r}"], 2)
-    assert result == pytest.approx(expected_losses[:3], rel=1e-5)
-    assert grad_norms(tmp_path) == pytest.approx(expected_norms, rel=1e-4)
-    assert_same_weights(weights(tmp_path, 3), expected_weights)
+    expected_losses, expected_weights, expected_norms, _ = one_process(model)
+    root = two_stages(model, layers)
+    assert losses(root) == pytest.approx(expected_losses[:3], rel=1e-5)
+    assert grad_norms(root) == pytest.approx(expected_norms, rel=1e-4)
+    assert_same_weights(weights(root, 3), expected_weights)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model", MODELS)
 def test_two_stages_times_fsdp2_match_and_resume_in_one_process(tmp_path, one_process, model):
     """PP 2 x DP 2 (FSDP2 inside each stage) on 4 processes, then 2 more iterations as PP 1."""
-    expected_losses, expected_weights, expected_norms = one_process(model)
+    expected_losses, expected_weights, expected_norms, _ = one_process(model)
     pretrain(tmp_path, [f"model.name={model}", "training.train_iters=3", *PP2, "parallel.data_parallel=fsdp"], 4)
     assert grad_norms(tmp_path) == pytest.approx(expected_norms, rel=1e-4)
     assert_same_weights(weights(tmp_path, 3), expected_weights)
@@ -95,18 +113,20 @@ def test_two_stages_times_fsdp2_match_and_resume_in_one_process(tmp_path, one_pr
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["tiny-qwen3-moe", "tiny-qwen3"])
 def test_one_process_checkpoint_resumes_in_two_stages(tmp_path, one_process, model):
-    """A PP 1 checkpoint (the tied weight's AdamW state under embed_tokens.weight) read by PP 2."""
-    expected_losses, _, _ = one_process(model)
-    pretrain(tmp_path, [f"model.name={model}", "training.train_iters=3"], 1)
+    """A PP 1 checkpoint (the tied weight's AdamW state under embed_tokens.weight) read by PP 2:
+    the reference's run at 3 iterations, copied."""
+    expected_losses, _, _, at_3 = one_process(model)
+    shutil.copytree(at_3, tmp_path, dirs_exist_ok=True)
     result = pretrain(tmp_path, [f"model.name={model}", "training.train_iters=5", *PP2], 2)
     assert result == pytest.approx(expected_losses, rel=1e-5)
 
 
 @pytest.mark.slow
-def test_two_stages_resume_bit_for_bit(tmp_path):
-    """tiny-qwen3 (tied) on PP 2: 3 iterations then 2 more equal 5 uninterrupted exactly."""
+def test_two_stages_resume_bit_for_bit(tmp_path, two_stages):
+    """tiny-qwen3 (tied) on PP 2: 3 iterations (the tied case's run, copied) then 2 more equal 5
+    uninterrupted exactly."""
     model = ["model.name=tiny-qwen3", *PP2]
-    pretrain(tmp_path / "split", [*model, "training.train_iters=3"], 2)
+    shutil.copytree(two_stages("tiny-qwen3", ""), tmp_path / "split")
     resumed = pretrain(tmp_path / "split", [*model, "training.train_iters=5"], 2)
     assert resumed == pretrain(tmp_path / "whole", [*model, "training.train_iters=5"], 2)
     assert all(torch.equal(weights(tmp_path / "split", 5)[name], tensor)

@@ -18,17 +18,10 @@ REPO = Path(__file__).resolve().parents[2]
 RUN = "tiny-qwen3-Teacher-tiny-qwen3-Data-synthetic-lr0.0001"
 N = 2
 AMAX = "model.layers.0.mlp.up_proj.input_quantizer._amax"
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory) -> Path:
-    """Student (seed 1) and teacher (seed 2): tiny-qwen3 HF checkpoints."""
-    from train.models import build_model, init_weights, save_hf
-
-    root = tmp_path_factory.mktemp("models")
-    for name, seed in (("student", 1), ("teacher", 2)):
-        save_hf(init_weights(build_model("tiny-qwen3", device="cpu"), seed), root / name)
-    return root
+# tiny-qwen3-moe QAD of 2 iterations; conftest.py's qad_moe_ep2 runs it under EP 2 x FSDP2
+QAD_MOE_ARGS = ["model.name=tiny-qwen3-moe", "distill.teacher_model=tiny-qwen3-moe", "training.train_iters=2",
+                "checkpoint.save_interval=2"]
+# the fixtures models (tiny-qwen3 student and teacher), qad_four_iterations and qad_moe_ep2: conftest.py
 
 
 def job_env(datetime: str) -> dict[str, str]:
@@ -69,11 +62,15 @@ def dcp_keys(directory: Path) -> set[str]:
 
 
 @pytest.mark.slow
-def test_qad_resume_restores_the_quantizers_and_repeats_the_losses_bitwise(tmp_path, models):
+def test_qad_resume_restores_the_quantizers_and_repeats_the_losses_bitwise(tmp_path, models, qad_four_iterations):
+    """The first run of 2N iterations: conftest.py's qad_four_iterations (test_sharded_load.py reads
+    it too), copied here before the rewind."""
     import torch
 
     args = [f"training.train_iters={2 * N}", f"checkpoint.save_interval={N}"]
-    first = qad(tmp_path, models, "20260101_000001", *args)
+    first_root, first = qad_four_iterations
+    assert N == 2  # qad_four_iterations: 4 iterations, a checkpoint every 2
+    shutil.copytree(first_root, tmp_path, dirs_exist_ok=True)
     output = first.stdout + first.stderr
     assert "calibration batch 2/2" in output and "quantized with recipe nvfp4" in output
     middle = checkpoints(tmp_path) / f"iter_{N:07d}"
@@ -132,20 +129,14 @@ def test_unknown_recipe_is_refused_before_the_job_starts(tmp_path, models):
 
 
 @pytest.mark.slow
-def test_qad_moe_student_with_expert_parallelism_quantizes_the_experts(tmp_path):
-    """tiny-qwen3-moe, EP 2 x FSDP2 on 2 processes: the grouped experts get quantizers (their amax
-    is in the checkpoint) and the teacher is split like the student."""
-    from train.models import build_model, init_weights, save_hf
-
-    models = tmp_path / "models"
-    save_hf(init_weights(build_model("tiny-qwen3-moe", device="cpu"), 1), models / "student")
-    save_hf(init_weights(build_model("tiny-qwen3-moe", device="cpu"), 2), models / "teacher")
-    result = qad(tmp_path, models, "20260101_000001", "model.name=tiny-qwen3-moe",
-                 "distill.teacher_model=tiny-qwen3-moe", "training.train_iters=2", "checkpoint.save_interval=2", "parallel.expert_parallel_size=2",
-                 "parallel.data_parallel=fsdp", procs=2)
+def test_qad_moe_student_with_expert_parallelism_quantizes_the_experts(qad_moe_ep2):
+    """tiny-qwen3-moe, EP 2 x FSDP2 on 2 processes (conftest.py's qad_moe_ep2; test_sharded_load.py
+    compares it with one process): the grouped experts get quantizers (their amax is in the
+    checkpoint) and the teacher is split like the student."""
+    _, root, result = qad_moe_ep2
     output = result.stdout + result.stderr
     assert "x ep 2" in output and "sharded like the student" in output
-    run = tmp_path / "tiny-qwen3-moe-Teacher-tiny-qwen3-moe-Data-synthetic-lr0.0001"
+    run = root / "tiny-qwen3-moe-Teacher-tiny-qwen3-moe-Data-synthetic-lr0.0001"
     final = run / "checkpoints" / "tiny-qwen3-moe" / "iter_0000002"
     keys = dcp_keys(final)
     assert "model.layers.1.mlp.experts.gate_up_proj_weight_quantizer._amax" in keys

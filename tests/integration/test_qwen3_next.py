@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from train.models import random_hf
+
 REPO = Path(__file__).resolve().parents[2]
 N = 3
 
@@ -58,8 +60,7 @@ def test_pretraining_resumes_bitwise_on_two_processes(tmp_path):
 def test_qad_with_tiny_qwen3_next_student_and_teacher(tmp_path):
     models = tmp_path / "models"
     for name, seed in (("student", "1"), ("teacher", "2")):
-        subprocess.run([sys.executable, "-m", "train.models.random_hf", "tiny-qwen3-next", str(models / name),
-                        "--seed", seed], cwd=REPO, check=True, capture_output=True, env=job_env("x"))
+        assert random_hf.main(["tiny-qwen3-next", str(models / name), "--seed", seed]) == 0  # in this process
     env = job_env("20260101_000003", QAD_CHECKPOINT_ROOT=str(tmp_path / "runs"), MODELS_ROOT=str(models),
                   NUM_GPUS="2")
     result = subprocess.run(["bash", str(REPO / "launchers/qad.sh"), "--config", "tiny-qwen3-next-qad", "--",

@@ -61,12 +61,28 @@ def rewind(root: Path, to: int) -> None:
     (directory / "latest_checkpointed_iteration.txt").write_text(f"{to}\n")
 
 
+ARGS = [f"training.train_iters={2 * N}", f"checkpoint.save_interval={N}"]
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """procs -> the root of a run of 2N iterations saved at N and 2N on `procs` processes (run once
+    per process count; each test copies it before the rewind)."""
+    roots = {}
+
+    def run(procs: int) -> Path:
+        if procs not in roots:
+            roots[procs] = tmp_path_factory.mktemp(f"full-{procs}")
+            pretrain(roots[procs], "20260101_000001", *ARGS, procs=procs)
+        return roots[procs]
+    return run
+
+
 @pytest.mark.parametrize("first,second", [(1, 1), pytest.param(2, 2, marks=pytest.mark.slow)])
-def test_resumed_run_repeats_the_losses_bitwise(tmp_path, first, second):
-    args = [f"training.train_iters={2 * N}", f"checkpoint.save_interval={N}"]
-    pretrain(tmp_path, "20260101_000001", *args, procs=first)
+def test_resumed_run_repeats_the_losses_bitwise(tmp_path, full_run, first, second):
+    shutil.copytree(full_run(first), tmp_path, dirs_exist_ok=True)
     rewind(tmp_path, N)
-    result = pretrain(tmp_path, "20260101_000002", *args, procs=second)
+    result = pretrain(tmp_path, "20260101_000002", *ARGS, procs=second)
     assert f"resume at iteration {N}" in result.stdout + result.stderr
     full, resumed = losses(tmp_path, "20260101_000001"), losses(tmp_path, "20260101_000002")
     assert sorted(resumed) == list(range(N + 1, 2 * N + 1))
@@ -87,12 +103,11 @@ def test_n_then_n_more_equals_2n_with_a_schedule_independent_of_length(tmp_path)
 
 @pytest.mark.slow
 @pytest.mark.parametrize("first,second", [(1, 2), (2, 1)])
-def test_resume_on_a_different_process_count(tmp_path, first, second):
+def test_resume_on_a_different_process_count(tmp_path, full_run, first, second):
     """DCP reshards; the sampler resumes from consumed_samples; same global batch (4)."""
-    args = [f"training.train_iters={2 * N}", f"checkpoint.save_interval={N}"]
-    pretrain(tmp_path, "20260101_000001", *args, procs=first)
+    shutil.copytree(full_run(first), tmp_path, dirs_exist_ok=True)
     rewind(tmp_path, N)
-    result = pretrain(tmp_path, "20260101_000002", *args, procs=second)
+    result = pretrain(tmp_path, "20260101_000002", *ARGS, procs=second)
     assert f"resume at iteration {N}" in result.stdout + result.stderr
     full, resumed = losses(tmp_path, "20260101_000001"), losses(tmp_path, "20260101_000002")
     assert sorted(resumed) == list(range(N + 1, 2 * N + 1))

@@ -16,18 +16,22 @@ per rank at 1.6 GB: benchmarks/load_memory/run.py (docs/benchmarks.md#load-memor
 
 import pytest
 
-from tests.integration.test_parallel import pretrain, run_worker
+from tests.integration.test_parallel import pretrain
 
 CASES = ["ddp_qwen3_tied", "fsdp_qwen3_tied", "fsdp_gpt2", "fsdp_qwen3_next", "tp2_qwen3", "tp2_gpt2",
          "ep2_fsdp_moe", "ep2_ddp_moe", "bf16_checkpoint_into_fp32", "fsdp_shares_bytes", "teacher_fsdp_bf16",
          "fsdp_student_calibrated_like_whole", "ep2_fsdp_student_calibrated_like_whole",
          "tp2_student_calibrated_like_whole", "lora_base_ep2_fsdp_moe", "quantized_lora_base_fsdp",
          "quantized_lora_base_ep2_fsdp_moe"]
+FOUR_PROCESS_CASES = ["tp2_fsdp_qwen3", "tp2_ep2_fsdp_moe", "tp2_fsdp_student_calibrated_like_whole"]
+# the worker's cases run in one torchrun per process count with the other files' (conftest.py shared_launch)
+SHARED_LAUNCHES = {"test_sharded_load_equals_whole_load": ("sharded_load_worker", 2, CASES),
+                   "test_four_processes": ("sharded_load_worker", 4, FOUR_PROCESS_CASES)}
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory) -> dict:
-    return run_worker(tmp_path_factory.mktemp("sharded_load"), CASES, "sharded_load_worker.py")
+def results(shared_launch) -> dict:
+    return shared_launch("sharded_load_worker", 2)
 
 
 @pytest.mark.slow
@@ -37,11 +41,10 @@ def test_sharded_load_equals_whole_load(results, case):
 
 
 @pytest.mark.slow
-def test_four_processes(tmp_path):
+def test_four_processes(shared_launch):
     """2-D and 3-D meshes: TP 2 x FSDP2 2 (also the student calibrated as laid out), TP 2 x EP 2 x FSDP2."""
-    cases = ["tp2_fsdp_qwen3", "tp2_ep2_fsdp_moe", "tp2_fsdp_student_calibrated_like_whole"]
-    results = run_worker(tmp_path, cases, "sharded_load_worker.py", processes=4)
-    assert results == {case: "ok" for case in cases}, results
+    results = shared_launch("sharded_load_worker", 4)
+    assert results == {case: "ok" for case in FOUR_PROCESS_CASES}, results
 
 
 # ----------------------------------------------------------------- the real entrypoint
@@ -58,15 +61,25 @@ def bf16_checkpoint(tmp_path_factory):
     return directory
 
 
+def pretrain_start(checkpoint) -> list[str]:
+    return [f"model.hf_checkpoint={checkpoint}", "training.train_iters=2"]
+
+
+@pytest.fixture(scope="module")
+def one_process_pretrain(tmp_path_factory, bf16_checkpoint) -> list[float]:
+    """The losses of `python -m train.pretrain` from the bf16 checkpoint in one process (the reference)."""
+    return pretrain(tmp_path_factory.mktemp("one"), pretrain_start(bf16_checkpoint), processes=1)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("overrides", [["parallel.data_parallel=fsdp"], ["parallel.tensor_parallel_size=2"]],
                          ids=["fsdp", "tp2"])
-def test_pretrain_from_hf_checkpoint_two_processes_match_one(tmp_path, bf16_checkpoint, overrides):
+def test_pretrain_from_hf_checkpoint_two_processes_match_one(tmp_path, bf16_checkpoint, one_process_pretrain,
+                                                             overrides):
     """`torchrun -m train.pretrain model.hf_checkpoint=...`: each rank reads its part; the losses
     equal one process's (which reads the whole model the same way)."""
-    start = [f"model.hf_checkpoint={bf16_checkpoint}", "training.train_iters=2"]
-    one = pretrain(tmp_path / "one", start, processes=1)
-    two = pretrain(tmp_path / "two", [*start, *overrides], processes=2)
+    one = one_process_pretrain
+    two = pretrain(tmp_path / "two", [*pretrain_start(bf16_checkpoint), *overrides], processes=2)
     assert len(two) == 2 and two == pytest.approx(one, rel=1e-4)
 
 
@@ -84,31 +97,28 @@ def checkpoint_amax(directory) -> dict:
 
 
 @pytest.mark.slow
-def test_qad_student_loaded_sharded_under_fsdp_matches_one_process_resumes_and_exports(tmp_path):
+def test_qad_student_loaded_sharded_under_fsdp_matches_one_process_resumes_and_exports(
+        tmp_path, models, qad_four_iterations):
     """`torchrun -m train.qad` under FSDP2 with activation checkpointing: the student is read in
     parts and quantized as laid out; its losses and every amax equal one process's (the whole
-    student), quantizer_state.pt is the same record, resume is bitwise and hf-nvfp4 export works."""
+    student: conftest.py's qad_four_iterations, which test_qad.py resumes too), quantizer_state.pt
+    is the same record, resume is bitwise and hf-nvfp4 export works."""
     import shutil
-    import subprocess
-    import sys
 
     import torch
 
-    from tests.integration.test_qad import REPO, RUN, checkpoints, job_env, losses, qad
-    from train.models import build_model, init_weights, save_hf
+    from tests.integration.test_qad import RUN, checkpoints, losses, qad
+    from train.export import export
 
-    models = tmp_path / "models"
-    for name, seed in (("student", 1), ("teacher", 2)):
-        save_hf(init_weights(build_model("tiny-qwen3", device="cpu"), seed), models / name)
+    one_root, _ = qad_four_iterations
     args = ["training.train_iters=4", "checkpoint.save_interval=2"]
-    qad(tmp_path / "one", models, "20260101_000001", *args)
     two = qad(tmp_path / "two", models, "20260101_000001", *args, "parallel.data_parallel=fsdp",
               "parallel.activation_checkpointing=true", procs=2)
     assert "each rank reads its part" in two.stdout + two.stderr
-    one_losses, two_losses = losses(tmp_path / "one", "20260101_000001"), losses(tmp_path / "two", "20260101_000001")
+    one_losses, two_losses = losses(one_root, "20260101_000001"), losses(tmp_path / "two", "20260101_000001")
     assert len(two_losses) == 4 and two_losses == pytest.approx(one_losses, rel=1e-4)
 
-    middle = {run: checkpoints(tmp_path / run) / "iter_0000002" for run in ("one", "two")}
+    middle = {"one": checkpoints(one_root) / "iter_0000002", "two": checkpoints(tmp_path / "two") / "iter_0000002"}
     whole, sharded = checkpoint_amax(middle["one"]), checkpoint_amax(middle["two"])
     assert len(whole) == 56 and sharded.keys() == whole.keys(), sorted(sharded.keys() ^ whole.keys())
     for name, value in sharded.items():
@@ -125,42 +135,33 @@ def test_qad_student_loaded_sharded_under_fsdp_matches_one_process_resumes_and_e
     again = losses(root, "20260101_000002")
     assert sorted(again) == [3, 4] and again == {i: two_losses[i] for i in again}  # bitwise
 
-    out = tmp_path / "export"
-    result = subprocess.run([sys.executable, "-m", "train.export", str(root / RUN), "--format", "hf-nvfp4",
-                             "--out", str(out)], cwd=REPO, env=job_env("20260101_000003"), capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    out = export(root / RUN, "hf-nvfp4", tmp_path / "export")  # in this process: the CLI has test_export.py
     assert (out / "config.json").is_file() and list(out.glob("*.safetensors"))
 
 
 @pytest.mark.slow
-def test_qad_moe_student_loaded_sharded_under_ep2_matches_one_process(tmp_path):
-    """`torchrun -m train.qad parallel.expert_parallel_size=2` (x FSDP2), tiny-qwen3-moe: each rank
-    reads its part (its 2 of the 4 experts), then quantizes and calibrates its experts on the rows
-    routed to them; the losses and every amax (experts included) equal one process's."""
+def test_qad_moe_student_loaded_sharded_under_ep2_matches_one_process(tmp_path, qad_moe_ep2):
+    """`torchrun -m train.qad parallel.expert_parallel_size=2` (x FSDP2), tiny-qwen3-moe (the job:
+    conftest.py's qad_moe_ep2, which test_qad.py reads too): each rank reads its part (its 2 of the
+    4 experts), then quantizes and calibrates its experts on the rows routed to them; the losses
+    and every amax (experts included) equal one process's."""
     import json
 
     import torch
 
-    from tests.integration.test_qad import qad
-    from train.models import build_model, init_weights, save_hf
+    from tests.integration.test_qad import QAD_MOE_ARGS, qad
 
-    models = tmp_path / "models"
-    for name, seed in (("student", 1), ("teacher", 2)):
-        save_hf(init_weights(build_model("tiny-qwen3-moe", device="cpu"), seed), models / name)
-    args = ["model.name=tiny-qwen3-moe", "distill.teacher_model=tiny-qwen3-moe", "training.train_iters=2",
-            "checkpoint.save_interval=2"]
-    qad(tmp_path / "one", models, "20260101_000001", *args)
-    two = qad(tmp_path / "two", models, "20260101_000001", *args, "parallel.expert_parallel_size=2",
-              "parallel.data_parallel=fsdp", procs=2)
+    models, two_root, two = qad_moe_ep2
+    qad(tmp_path / "one", models, "20260101_000001", *QAD_MOE_ARGS)
     assert "each rank reads its part" in two.stdout + two.stderr and "x ep 2" in two.stdout + two.stderr
     run = "tiny-qwen3-moe-Teacher-tiny-qwen3-moe-Data-synthetic-lr0.0001"
+    roots = {"one": tmp_path / "one", "two": two_root}
     one_losses, two_losses = ([json.loads(line)["loss"] for line in path.read_text().splitlines()]
-                              for path in (next((tmp_path / root / run / "logs").glob("*.jsonl"))
+                              for path in (next((roots[root] / run / "logs").glob("*.jsonl"))
                                            for root in ("one", "two")))
     assert len(two_losses) == 2 and two_losses == pytest.approx(one_losses, rel=1e-4)
 
-    final = {root: tmp_path / root / run / "checkpoints" / "tiny-qwen3-moe" / "iter_0000002" for root in ("one", "two")}
+    final = {root: roots[root] / run / "checkpoints" / "tiny-qwen3-moe" / "iter_0000002" for root in ("one", "two")}
     whole, sharded = checkpoint_amax(final["one"]), checkpoint_amax(final["two"])
     assert sharded.keys() == whole.keys(), sorted(sharded.keys() ^ whole.keys())
     assert len([name for name in whole if ".experts." in name]) == 12, sorted(whole)  # 3 MoE layers x 4
@@ -170,25 +171,32 @@ def test_qad_moe_student_loaded_sharded_under_ep2_matches_one_process(tmp_path):
 
 # ----------------------------------------------------------------- the LoRA base
 
+@pytest.fixture(scope="module")
+def lora_base(tmp_path_factory):
+    """A tiny-qwen3 HF checkpoint (seed 1234) with a tokenizer."""
+    from tests.fixtures.synthetic_data import build_tokenizer, generate_documents
+    from train.models import build_model, init_weights, save_hf
+
+    base = tmp_path_factory.mktemp("lora") / "base"
+    save_hf(init_weights(build_model("tiny-qwen3", device="cpu"), 1234), base)
+    build_tokenizer(str(base), generate_documents(100, 40), 400)
+    return base
+
+
 @pytest.mark.slow
-def test_lora_base_loaded_sharded_under_fsdp_matches_one_process_and_exports(tmp_path):
+def test_lora_base_loaded_sharded_under_fsdp_matches_one_process_and_exports(tmp_path, lora_base):
     """`torchrun -m train.finetune` under FSDP2: the base is read in parts, the adapters added on
     meta start from one process's values; the losses and the exported (`--format peft`) trained
     adapters equal one process's (the whole base, adapters by apply_lora)."""
     import json
-    import subprocess
-    import sys
 
     import torch
     from safetensors.torch import load_file
 
-    from tests.fixtures.synthetic_data import build_tokenizer, generate_documents
-    from tests.integration.test_finetune import REPO, finetune, output
-    from train.models import build_model, init_weights, save_hf
+    from tests.integration.test_finetune import finetune, output
+    from train.export import export
 
-    base = tmp_path / "base"
-    save_hf(init_weights(build_model("tiny-qwen3", device="cpu"), 1234), base)
-    build_tokenizer(str(base), generate_documents(100, 40), 400)
+    base = lora_base
     run = "tiny-qwen3-finetune-Data-synthetic-lr0.02"  # a high LR: the adapters move from their start
     # LoRA dropout off: its masks come from each rank's generator (seed + rank), unlike one process's
     args = ["lora.dropout=0", "optim.lr=0.02", "optim.warmup_iters=0", "training.train_iters=3", "training.micro_batch_size=2",
@@ -201,10 +209,8 @@ def test_lora_base_loaded_sharded_under_fsdp_matches_one_process_and_exports(tmp
         assert ("each rank reads its part" in result.stdout + result.stderr) == (procs == 2)
         log = next((root / run / "logs").glob("*_20260101_000001.jsonl"))
         losses[procs] = [json.loads(line)["loss"] for line in log.read_text().splitlines() if '"loss"' in line]
-        exported = subprocess.run([sys.executable, "-m", "train.export", str(root / run), "--format", "peft",
-                                   "--out", str(root / "peft")], cwd=REPO, capture_output=True, text=True, timeout=300)
-        assert exported.returncode == 0, output(exported)
-        adapters[procs] = load_file(root / "peft" / "adapter_model.safetensors")
+        exported = export(root / run, "peft", root / "peft")  # in this process: the CLI has test_finetune.py
+        adapters[procs] = load_file(exported / "adapter_model.safetensors")
     assert len(losses[2]) == 3 and losses[2] == pytest.approx(losses[1], rel=1e-4)
     assert adapters[2].keys() == adapters[1].keys() and len(adapters[1]) > 0
     for name, value in adapters[2].items():
@@ -214,7 +220,7 @@ def test_lora_base_loaded_sharded_under_fsdp_matches_one_process_and_exports(tmp
 
 
 @pytest.mark.slow
-def test_quantized_lora_base_loaded_sharded_under_fsdp_matches_one_process_and_resumes(tmp_path):
+def test_quantized_lora_base_loaded_sharded_under_fsdp_matches_one_process_and_resumes(tmp_path, lora_base):
     """`torchrun -m train.finetune lora.quantized_base=nvfp4` under FSDP2: the base is read in parts,
     quantized and calibrated as laid out with its adapters hidden; the losses, every amax and the
     quantizer record equal one process's (the whole base quantized before apply_lora), and a
@@ -224,13 +230,9 @@ def test_quantized_lora_base_loaded_sharded_under_fsdp_matches_one_process_and_r
 
     import torch
 
-    from tests.fixtures.synthetic_data import build_tokenizer, generate_documents
     from tests.integration.test_finetune import finetune, output
-    from train.models import build_model, init_weights, save_hf
 
-    base = tmp_path / "base"
-    save_hf(init_weights(build_model("tiny-qwen3", device="cpu"), 1234), base)
-    build_tokenizer(str(base), generate_documents(100, 40), 400)
+    base = lora_base
     run = "tiny-qwen3-finetune-Data-synthetic-lr0.02"
     args = ["lora.quantized_base=nvfp4", "quant.calibration_batches=2", "lora.dropout=0", "optim.lr=0.02",
             "optim.warmup_iters=0", "training.train_iters=3", "training.micro_batch_size=2",

@@ -13,9 +13,15 @@ TOKEN_CASES = ["token_weighted_ddp", "token_weighted_fsdp", "token_weighted_kd_f
 STEP_CASES = ["sync_ddp", "sync_fsdp_zero2", "sync_fsdp_every_micro_batch", "accumulation_weights_ddp", "accumulation_weights_fsdp"]
 
 
+# the worker's cases run in one torchrun per process count with the other files' (conftest.py shared_launch)
+SHARED_LAUNCHES = {**dict.fromkeys(["test_token_weighted_step_two_ranks", "test_gradients_synchronized_once_per_step",
+                                    "test_accumulation_keeps_weights"], ("step_worker", 2, TOKEN_CASES + STEP_CASES)),
+                   "test_token_weighted_step_other_splits": ("step_worker", 4, TOKEN_CASES)}
+
+
 @pytest.fixture(scope="module")
-def two_processes(tmp_path_factory):
-    return run_worker(tmp_path_factory.mktemp("step2"), TOKEN_CASES + STEP_CASES, "step_worker.py")
+def two_processes(shared_launch):
+    return shared_launch("step_worker", 2)
 
 
 @pytest.mark.parametrize("case", TOKEN_CASES)
@@ -27,9 +33,10 @@ def test_token_weighted_step_two_ranks(two_processes, case):
 
 @pytest.mark.slow  # a torchrun each: ~25 s
 @pytest.mark.parametrize("processes", [1, 4])
-def test_token_weighted_step_other_splits(tmp_path, processes):
+def test_token_weighted_step_other_splits(tmp_path, shared_launch, processes):
     """GBS 16 as MBS 1 x 16 accumulation x 1 rank, and MBS 2 x 2 x 4 ranks: the same gradients."""
-    results = run_worker(tmp_path, TOKEN_CASES, "step_worker.py", processes=processes)
+    results = (run_worker(tmp_path, TOKEN_CASES, "step_worker.py", processes=1) if processes == 1
+               else shared_launch("step_worker", 4))
     assert results == {case: "ok" for case in TOKEN_CASES}, results
 
 

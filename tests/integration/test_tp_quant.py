@@ -20,8 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_parallel import run_worker as run_parallel_worker
-from tests.integration.test_qad import RUN, checkpoints, losses, models, qad  # noqa: F401 - models: fixture
+from tests.integration.test_qad import RUN, checkpoints, losses, qad  # the fixture models: conftest.py
 
 CASES = ["nvfp4_qwen3", "fp8_qwen3", "nvfp4_llama2", "nvfp4_qwen3_moe"]
 TP2 = ["parallel.tensor_parallel_size=2", "parallel.data_parallel=fsdp"]
@@ -29,13 +28,15 @@ TP2 = ["parallel.tensor_parallel_size=2", "parallel.data_parallel=fsdp"]
 ARGS = ["training.train_iters=3", "checkpoint.save_interval=2", "optim.eps=1e-4"]
 
 
-def run_worker(directory: Path, processes: int, cases: list[str]) -> dict:
-    return run_parallel_worker(directory, cases, "tp_quant_worker.py", processes)
+FOUR_PROCESS_CASE = "nvfp4_qwen3_moe_tp2_ep2_fsdp"
+# the worker's cases run in one torchrun per process count with the other files' (conftest.py shared_launch)
+SHARED_LAUNCHES = {"test_quantized_tensor_parallel_matches_one_device": ("tp_quant_worker", 2, CASES),
+                   "test_quantized_moe_tp2_ep2_fsdp_on_four_processes": ("tp_quant_worker", 4, [FOUR_PROCESS_CASE])}
 
 
 @pytest.fixture(scope="module")
-def worker_results(tmp_path_factory) -> dict:
-    return run_worker(tmp_path_factory.mktemp("tp_quant_worker"), 2, CASES)
+def worker_results(shared_launch) -> dict:
+    return shared_launch("tp_quant_worker", 2)
 
 
 @pytest.mark.slow  # one torchrun for all cases, ~20 s on 2 cores
@@ -45,9 +46,8 @@ def test_quantized_tensor_parallel_matches_one_device(worker_results, case):
 
 
 @pytest.mark.slow  # ~30 s
-def test_quantized_moe_tp2_ep2_fsdp_on_four_processes(tmp_path):
-    case = "nvfp4_qwen3_moe_tp2_ep2_fsdp"
-    assert run_worker(tmp_path, 4, [case]) == {case: "ok"}
+def test_quantized_moe_tp2_ep2_fsdp_on_four_processes(shared_launch):
+    assert shared_launch("tp_quant_worker", 4) == {FOUR_PROCESS_CASE: "ok"}
 
 
 def amax_values(checkpoint: Path) -> dict:
@@ -63,7 +63,7 @@ def amax_values(checkpoint: Path) -> dict:
 
 @pytest.mark.slow  # 2 launches (~35 s on 2 cores), and the resume (~20 s)
 @pytest.mark.parametrize("recipe, resume", [("nvfp4", True), ("fp8", False)])  # resume: nothing recipe-specific
-def test_qad_tp2_gives_the_tp1_losses_and_resumes_exactly(tmp_path, models, recipe, resume):  # noqa: F811
+def test_qad_tp2_gives_the_tp1_losses_and_resumes_exactly(tmp_path, models, recipe, resume):
     import torch
 
     args = [*ARGS, f"quant.recipe={recipe}"]
@@ -95,7 +95,7 @@ def test_qad_tp2_gives_the_tp1_losses_and_resumes_exactly(tmp_path, models, reci
 
 
 @pytest.mark.slow  # 2 processes load, calibrate, then stop: ~20 s
-def test_tp2_without_calibration_is_refused_before_training(tmp_path, models):  # noqa: F811
+def test_tp2_without_calibration_is_refused_before_training(tmp_path, models):
     result = qad(tmp_path, models, "20260101_000001", "quant.calibration_batches=0", "training.train_iters=2",
                  *TP2, procs=2, check=False)
     assert result.returncode != 0

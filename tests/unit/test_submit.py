@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from train.launch.conf import CONF_VARIABLES
+from train.models import random_hf
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = "export MODEL=tiny-qwen3\nexport DATASET_NAME=synthetic\nexport SEQ_LENGTH=64\nexport MBS=2\nexport NUM_GPUS=2\n"
@@ -38,8 +39,7 @@ def submit(tmp_path):
 def test_submit_queues_the_wrapper_of_the_confs_job(tmp_path, submit):
     """A fine-tuning conf without LoRA variables: its JOB, not its text, picks slurm/finetune.sh."""
     base = tmp_path / "base"  # the plan checks BASE_CKPT's config.json and safetensors headers
-    subprocess.run([sys.executable, "-m", "train.models.random_hf", "tiny-qwen3", str(base)], cwd=REPO, check=True,
-                   capture_output=True)
+    assert random_hf.main(["tiny-qwen3", str(base)]) == 0  # in this process: no start-up
     conf = tmp_path / "ft.conf"
     conf.write_text(f"export JOB=finetune\n{TINY}export BASE_CKPT={base}\n")
     result, sbatch = submit("--config", str(conf), "--", "training.train_iters=2")
