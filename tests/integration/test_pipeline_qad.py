@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from test_pipeline import assert_same_weights, weights  # same folder
-from test_qad import checkpoints, models, qad  # noqa: F401  (models: the fixture)
+from test_qad import checkpoints, qad  # same folder; the models fixture: conftest.py
 
 ARGS = ["training.eval_interval=3", "distill.lm_loss_weight=0.5"]  # val_loss at 3 (forward_logits under PP)
 PP2 = ["parallel.pipeline_parallel_size=2"]
