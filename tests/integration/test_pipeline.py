@@ -6,7 +6,8 @@ gradient norms per iteration, and the weights of the DCP checkpoint after 3 Adam
 within fp rounding. Checkpoints cross layouts (names independent of the stages): PP 2 x DP 2
 resumes in one process, one process resumes in PP 2, and PP 2 resumes in PP 2 bit for bit.
 Models (4 layers each): tiny-llama3 (dense, untied), tiny-qwen3-moe (router auxiliary loss
-across the stages, layer 0 dense), tiny-qwen3 (tied embeddings: a copy on each end stage).
+across the stages, layer 0 dense), tiny-qwen3 (tied embeddings: a copy on each end stage),
+tiny-gpt2 and tiny-qwen3-next; tiny-qwen3 also as PP 2 x TP 2 resumed under FSDP2.
 """
 
 import json
@@ -88,9 +89,11 @@ def two_stages(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model, layers", [("tiny-llama3", ""), ("tiny-llama3", "1,3"), ("tiny-qwen3-moe", "1,3"),
-                                           ("tiny-qwen3", "")], ids=["balanced", "uneven", "moe", "tied"])
+                                           ("tiny-qwen3", ""), ("tiny-gpt2", ""), ("tiny-qwen3-next", "")],
+                         ids=["balanced", "uneven", "moe", "tied", "gpt2", "qwen3-next"])
 def test_two_stages_match_one_process(one_process, two_stages, model, layers):
-    """moe 1,3: the first stage's one block is dense, the balance statistics start on the second."""
+    """moe 1,3: the first stage's one block is dense, the balance statistics start on the second;
+    gpt2: the learned positions on the first stage; qwen3-next: hybrid blocks, each stage its RoPE."""
     expected_losses, expected_weights, expected_norms, _ = one_process(model)
     root = two_stages(model, layers)
     assert losses(root) == pytest.approx(expected_losses[:3], rel=1e-5)
@@ -107,6 +110,19 @@ def test_two_stages_times_fsdp2_match_and_resume_in_one_process(tmp_path, one_pr
     assert grad_norms(tmp_path) == pytest.approx(expected_norms, rel=1e-4)
     assert_same_weights(weights(tmp_path, 3), expected_weights)
     result = pretrain(tmp_path, [f"model.name={model}", "training.train_iters=5"], 1)
+    assert result == pytest.approx(expected_losses, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_two_stages_times_tp2_match_and_resume_under_fsdp2(tmp_path, one_process):
+    """PP 2 x TP 2 on 4 processes (tied tiny-qwen3: both copies vocabulary shards, their gradients
+    summed shard by shard), then 2 more iterations as FSDP2 on 2 processes from its checkpoint."""
+    expected_losses, expected_weights, expected_norms, _ = one_process("tiny-qwen3")
+    model = ["model.name=tiny-qwen3", "parallel.data_parallel=fsdp"]
+    pretrain(tmp_path, [*model, "training.train_iters=3", *PP2, "parallel.tensor_parallel_size=2"], 4)
+    assert grad_norms(tmp_path) == pytest.approx(expected_norms, rel=1e-4)
+    assert_same_weights(weights(tmp_path, 3), expected_weights)
+    result = pretrain(tmp_path, [*model, "training.train_iters=5"], 2)
     assert result == pytest.approx(expected_losses, rel=1e-5)
 
 
