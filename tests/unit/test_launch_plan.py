@@ -179,6 +179,23 @@ def test_counts_and_intervals_below_their_minimum_are_refused_naming_each(tmp_pa
     assert plan_from_conf("pretrain", zeros, ["optim.grad_clip=0"], env)  # 0: no periodic saves, no clipping
 
 
+def test_tp_shards_of_whole_nvfp4_blocks_and_a_calibrated_amax_are_checked_before_the_queue(tmp_path, env, assets):
+    """A student whose down_proj input (intermediate 40) splits into TP 2 shards of 20: not whole
+    blocks of 16 under nvfp4 (the workers refused it only after loading); fp8 has no blocks."""
+    student = tmp_path / "student"
+    student.mkdir()
+    config = json.loads((assets["ckpt"] / "config.json").read_text())
+    (student / "config.json").write_text(json.dumps({**config, "intermediate_size": 40}))
+    conf = write_conf(tmp_path, qad_conf(student, assets["ckpt"], "export TP_SIZE=2\nexport DP_SHARDING=fsdp\n"))
+    with pytest.raises(PlanError, match="TP_SIZE=2 splits the input of every down_proj \\(40\\) into shards of 20, "
+                                        "not whole NVFP4 blocks of 16"):
+        plan_from_conf("qad", conf, [], env)
+    with pytest.raises(PlanError, match="TP_SIZE=2 with quant.calibration_batches=0"):
+        plan_from_conf("qad", write_conf(tmp_path, qad_conf(assets["ckpt"], extra="export TP_SIZE=2\n"), "zero.conf"),
+                       ["quant.calibration_batches=0"], env)
+    assert plan_from_conf("qad", conf, ["QUANT_RECIPE=fp8"], env, strict_paths=False)  # fp8: per-tensor scales
+
+
 def test_shipped_moe_conf_needs_its_four_nodes(tmp_path, env):
     env["MODELS_ROOT"] = str(tmp_path / "no-models")
     conf = "qwen3-30b-a3b-thinking-2507-moe"

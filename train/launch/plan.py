@@ -204,6 +204,33 @@ def check_quant(cfg: JobConfig, job: str, conf: str) -> None:
         raise PlanError(f"{conf}: quant.calibration_batches={cfg.quant.calibration_batches} must be >= 0")
 
 
+NVFP4_BLOCK = 16  # elements per NVFP4 scale, along a Linear's input dimension
+ROWWISE_QUANTIZED = {"nvfp4": ("o_proj", "down_proj"), "nvfp4_mlp_only": ("down_proj",)}  # TP's rowwise Linears
+
+
+def check_quantized_tensor_parallel(job: str, cfg: JobConfig, conf: str) -> None:
+    """QAD under TP_SIZE > 1: a calibrated amax (quant.calibration_batches >= 1), and each rowwise
+    Linear the recipe quantizes (o_proj, a dense layer's down_proj) split into input shards of whole
+    NVFP4 blocks. The workers check the built model the same way after loading
+    (tensor_parallel.check_quantized_split); here it is refused before the queue."""
+    tp = cfg.parallel.tensor_parallel_size
+    if job != "qad" or tp == 1 or cfg.quant.recipe == "none":
+        return
+    if cfg.quant.calibration_batches == 0:
+        raise PlanError(f"{conf}: TP_SIZE={tp} with quant.calibration_batches=0: each rank would compute its own "
+                        "amax over its shard; calibrate with quant.calibration_batches >= 1")
+    student = job_models(job, cfg)[0]
+    if student is None:
+        return
+    inputs = {"o_proj": student.num_heads * student.head_dim, "down_proj": student.intermediate_size}
+    dense = any(not student.is_moe_layer(index) for index in range(student.num_layers))  # experts are not TP-split
+    for name in ROWWISE_QUANTIZED.get(str(cfg.quant.recipe), ()):
+        if (name == "o_proj" or dense) and inputs[name] // tp % NVFP4_BLOCK:
+            raise PlanError(f"{conf}: TP_SIZE={tp} splits the input of every {name} ({inputs[name]}) into shards "
+                            f"of {inputs[name] // tp}, not whole NVFP4 blocks of {NVFP4_BLOCK} "
+                            f"(QUANT_RECIPE={cfg.quant.recipe}): use a TP_SIZE that leaves multiples of {NVFP4_BLOCK}")
+
+
 PATH_FIELDS = {  # config key -> (conf variable, must be a directory)
     "model.hf_checkpoint": ("STUDENT_CKPT or BASE_CKPT", True),
     "distill.teacher_checkpoint": ("TEACHER_CKPT", True),
@@ -367,6 +394,7 @@ def build_plan(job: str, cfg: JobConfig, env: dict[str, str], conf: str, cluster
     check_logging(cfg, conf)
     data_parallel = check_parallel(cfg, cluster.world_size, conf)
     check_quant(cfg, job, conf)
+    check_quantized_tensor_parallel(job, cfg, conf)
     problems = path_problems(cfg, conf)
     if not problems:  # the files are there: their contents, and the values checked against them
         problems = [f"{conf}: {problem}" for problem in input_problems(job, cfg, blend_path(cfg))]
