@@ -170,10 +170,10 @@ def test_sizes_below_one(tmp_path, env):
 def test_counts_and_intervals_below_their_minimum_are_refused_naming_each(tmp_path, env):
     conf = write_conf(tmp_path, TINY_PRETRAIN + "export LOG_INTERVAL=0\nexport SAVE_INTERVAL=-1\n")
     with pytest.raises(PlanError) as error:  # LOG_INTERVAL=0 was a ZeroDivisionError after the first step
-        plan_from_conf("pretrain", conf, ["optim.grad_clip=-1"], env)
+        plan_from_conf("pretrain", conf, ["training.eval_iters=0"], env)
     assert str(error.value).splitlines() == [
         f"{conf}: LOG_INTERVAL=0 (training.log_interval) must be at least 1",
-        f"{conf}: optim.grad_clip=-1.0 must be at least 0",
+        f"{conf}: EVAL_ITERS=0 (training.eval_iters) must be at least 1",
         f"{conf}: SAVE_INTERVAL=-1 (checkpoint.save_interval) must be at least 0"]
     zeros = write_conf(tmp_path, TINY_PRETRAIN + "export SAVE_INTERVAL=0\nexport EVAL_INTERVAL=0\n", "zeros.conf")
     assert plan_from_conf("pretrain", zeros, ["optim.grad_clip=0"], env)  # 0: no periodic saves, no clipping

@@ -350,16 +350,16 @@ class JobPlan:
         }
 
 
-# The smallest value of each count, interval and rate (train/config.py says what a 0 means where
-# 0 is allowed: "off", "no periodic saves", "the default"); None and unset keys are not checked.
+# The smallest value of each count and interval (train/config.py says what a 0 means where 0 is
+# allowed: "off", "no periodic saves", "the default"); None and unset keys are not checked. The
+# optimizer's values: train/launch/inputs.py OPTIM_BOUNDS.
 MINIMUMS = {"training.micro_batch_size": 1, "training.global_batch_size": 0, "training.train_iters": 0,
             "training.log_interval": 1, "training.eval_interval": 0, "training.eval_iters": 1,
             "training.max_bad_iterations": 0, "training.time_budget_s": 0, "training.early_stop_patience": 0,
-            "data.seq_length": 1, "data.train_samples": 0, "optim.lr": 0, "optim.min_lr": 0,
-            "optim.warmup_iters": 0, "optim.weight_decay": 0, "optim.grad_clip": 0, "optim.eps": 0,
-            "checkpoint.save_interval": 0, "checkpoint.save_interval_s": 0, "checkpoint.keep_last": 0,
-            "checkpoint.keep_every": 0, "checkpoint.max_failed_saves": 1, "parallel.timeout_s": 1,
-            "distill.chunk_size": 1, "lora.rank": 1, "validate.max_new_tokens": 1, "validate.batch_size": 1}
+            "data.seq_length": 1, "data.train_samples": 0, "checkpoint.save_interval": 0,
+            "checkpoint.save_interval_s": 0, "checkpoint.keep_last": 0, "checkpoint.keep_every": 0,
+            "checkpoint.max_failed_saves": 1, "parallel.timeout_s": 1, "distill.chunk_size": 1, "lora.rank": 1,
+            "validate.max_new_tokens": 1, "validate.batch_size": 1}
 
 
 def check_minimums(cfg: JobConfig, conf: str) -> None:
