@@ -1,14 +1,16 @@
 """QAD vs QAT vs plain LM training: how much of the NVFP4 PTQ val-loss gap each wins back, over seeds.
 
     PYTHONPATH=. python benchmarks/qad_recovery/run.py [--seeds 3] [--parallel 2] [--downstream] \
-        [--configs NAME ...] [--model tiny-qwen3] [--teacher-steps 1500] [--cache runs/bench-qad-recovery]
+        [--configs NAME ...] [--model tiny-qwen3] [--teacher-steps 6000] [--cache runs/bench-qad-recovery]
 
 1. The corpus: every docstring of the standard library (subpackages included, never
    site-packages: ~2,800 documents, 1.7 MB), a byte-level BPE of the model's vocabulary,
    `python -m train.preprocess` with a 10% valid split, a datablend.
 2. The teacher: --model (tiny-qwen3: 1M parameters, vocabulary 2048) trained in process with
    AdamW (LR --teacher-lr 3e-3 after 25 warmup steps, cosine to --teacher-final-lr 0) on
-   --teacher-steps x 8 x 256 tokens (1500 steps: 3.1M tokens, ~5.5 passes over the train split),
+   --teacher-steps x 8 x 256 tokens (6000 steps: 12.3M tokens, ~25 passes over the train split; its
+   val loss is flat over the last 3,000 steps while its train loss falls: it ends at what this data
+   gives it),
    one thread; its val loss every 40 steps in <teacher>/curve.json; saved as an HF directory.
 3. NVFP4 PTQ: `python -m train.eval --quant nvfp4` (4 calibration batches).
 4. Per configuration (CONFIGS; the defaults: DEFAULT_CONFIGS) and seed, the real `python -m
@@ -284,7 +286,7 @@ def markdown(table: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="tiny-qwen3", help="registry name of the teacher (and student)")
-    parser.add_argument("--teacher-steps", type=int, default=1500)
+    parser.add_argument("--teacher-steps", type=int, default=6000, help="1500: a teacher short of its data limit")
     parser.add_argument("--teacher-lr", type=float, default=3e-3)
     parser.add_argument("--teacher-final-lr", type=float, default=0.0, help="where the teacher's cosine ends")
     parser.add_argument("--cache", type=Path, default=REPO / "runs" / "bench-qad-recovery")
