@@ -73,17 +73,11 @@ def sharded_lora_model(cfg: JobConfig, model, materialize):
     part; fp32 whatever the base's dtype (dtype=None keeps each parameter's own)."""
     from train.lora import apply_lora, initial_adapters
 
-    model = apply_lora(model, cfg.lora)
-    return model, partial(materialize, dtype=None, initial=initial_adapters(model, rank0_rng_state()))
-
-
-def rank0_rng_state() -> torch.Tensor:
-    """Rank 0's CPU generator state, on every rank: where the LoRA adapters start, so that every
-    rank starts them at one process's values."""
     state = [torch.get_rng_state()]
     if torch.distributed.is_initialized():
         torch.distributed.broadcast_object_list(state, src=0)
-    return state[0]
+    model = apply_lora(model, cfg.lora)
+    return model, partial(materialize, dtype=None, initial=initial_adapters(model, state[0]))
 
 
 def loads_sharded(job: str, cfg: JobConfig, ctx, layout: ParallelLayout) -> bool:
@@ -103,19 +97,20 @@ def loads_sharded(job: str, cfg: JobConfig, ctx, layout: ParallelLayout) -> bool
 
 
 def add_adapters(model, cfg: JobConfig):
-    """The LoRA adapters on a whole (maybe fake-quantized) base, started from rank 0's generator
-    state on every rank (one process's values; DDP's broadcast used to make them so, and pipeline
-    stages have no DDP), then each rank's own state goes on; a bad lora.* key is one error line."""
+    """The LoRA adapters on a whole (maybe fake-quantized) base, rank 0's on every rank: each rank
+    draws its own, then rank 0's are broadcast, as DDP's wrapper did (pipeline stages have none);
+    a bad lora.* key is one error line."""
     from train.lora import apply_lora
 
-    own = torch.get_rng_state()
-    torch.set_rng_state(rank0_rng_state())
     try:
-        return apply_lora(model, cfg.lora)
+        model = apply_lora(model, cfg.lora)
     except ValueError as error:
         fail(str(error))
-    finally:
-        torch.set_rng_state(own)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                torch.distributed.broadcast(parameter.data, src=0)
+    return model
 
 
 def quantize_job_model(job: str, model, cfg: JobConfig, ctx, dataset, layout: ParallelLayout):
