@@ -248,15 +248,17 @@ class Pipeline:
         divided by the dp size, so a rank holds at most one bucket beyond its gradients."""
         size = dist.get_world_size(self.dp_group)
         bucket: list[torch.Tensor] = []
+        elements = 0
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         for index, grad in enumerate(grads):
             bucket.append(grad)
-            if index == len(grads) - 1 or sum(g.numel() for g in bucket) >= bucket_elements:
+            elements += grad.numel()
+            if index == len(grads) - 1 or elements >= bucket_elements:
                 flat = _flatten_dense_tensors(bucket)
                 dist.all_reduce(flat, group=self.dp_group)
                 for grad_in_bucket, averaged in zip(bucket, _unflatten_dense_tensors(flat.div_(size), bucket)):
                     grad_in_bucket.copy_(averaged)
-                bucket = []
+                bucket, elements = [], 0
 
     def tied_weight(self) -> nn.Parameter:
         """This stage's copy of the tied weight (FSDP2 replaces parameters: looked up each time)."""
