@@ -7,7 +7,8 @@ within fp rounding. Checkpoints cross layouts (names independent of the stages):
 resumes in one process, one process resumes in PP 2, and PP 2 resumes in PP 2 bit for bit.
 Models (4 layers each): tiny-llama3 (dense, untied), tiny-qwen3-moe (router auxiliary loss
 across the stages, layer 0 dense), tiny-qwen3 (tied embeddings: a copy on each end stage),
-tiny-gpt2 and tiny-qwen3-next; tiny-qwen3 also as PP 2 x TP 2 resumed under FSDP2.
+tiny-gpt2 and tiny-qwen3-next; tiny-qwen3 also as PP 2 x TP 2 resumed under FSDP2, tiny-qwen3-moe as
+PP 2 x EP 2 resumed in one process.
 """
 
 import json
@@ -110,6 +111,22 @@ def test_two_stages_times_fsdp2_match_and_resume_in_one_process(tmp_path, one_pr
     assert grad_norms(tmp_path) == pytest.approx(expected_norms, rel=1e-4)
     assert_same_weights(weights(tmp_path, 3), expected_weights)
     result = pretrain(tmp_path, [f"model.name={model}", "training.train_iters=5"], 1)
+    assert result == pytest.approx(expected_losses, rel=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_experts_split_inside_two_stages_match_and_resume_in_one_process(tmp_path, one_process, strategy):
+    """PP 2 x EP 2 on 4 processes (DDP or FSDP2 over each stage's 2 data-parallel ranks, which hold
+    half the experts each: tokens exchanged by all-to-all inside the stage, the expert gradients and
+    norms finished apart), then 2 more iterations in one process from its checkpoint (EP 1)."""
+    expected_losses, expected_weights, expected_norms, _ = one_process("tiny-qwen3-moe")
+    model = ["model.name=tiny-qwen3-moe"]
+    pretrain(tmp_path, [*model, "training.train_iters=3", *PP2, "parallel.expert_parallel_size=2",
+                        f"parallel.data_parallel={strategy}"], 4)
+    assert grad_norms(tmp_path) == pytest.approx(expected_norms, rel=1e-4)
+    assert_same_weights(weights(tmp_path, 3), expected_weights)
+    result = pretrain(tmp_path, [*model, "training.train_iters=5"], 1)
     assert result == pytest.approx(expected_losses, rel=1e-5)
 
 

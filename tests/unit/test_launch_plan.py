@@ -214,6 +214,20 @@ def test_shipped_moe_conf_needs_its_four_nodes(tmp_path, env):
     assert not [w for w in warnings if "EP_SIZE" in w], warnings
 
 
+def test_moe_conf_splits_experts_inside_pipeline_stages(tmp_path, env):
+    """PP_SIZE=2 on the 4 nodes: each stage's 16 data-parallel ranks form one EP group of 8
+    experts each; EP_SIZE=32 no longer divides a stage's 16 and is refused by name."""
+    env["MODELS_ROOT"] = str(tmp_path / "no-models")
+    conf = "qwen3-30b-a3b-thinking-2507-moe"
+    plan, _, _ = plan_from_conf("qad", conf, ["PP_SIZE=2", "EP_SIZE=16", "GBS=64"], env, nnodes=4, strict_paths=False)
+    assert plan.parallel == {"tensor_parallel": 1, "pipeline_parallel": 2, "data_parallel": 16,
+                             "data_parallel_strategy": "fsdp", "expert_parallel": 16,
+                             "expert_data_parallel": 1, "experts_per_rank": 8}
+    with pytest.raises(PlanError, match=r"EP_SIZE=32 does not divide the data-parallel size 16 \(32 GPUs / TP_SIZE 1 "
+                                        r"/ PP_SIZE 2\)"):
+        plan_from_conf("qad", conf, ["PP_SIZE=2", "GBS=64"], env, nnodes=4, strict_paths=False)
+
+
 TINY_MOE_PRETRAIN = TINY_PRETRAIN.replace("tiny-qwen3", "tiny-qwen3-moe")  # 8 experts
 
 

@@ -34,7 +34,7 @@ def test_every_strategy_is_accepted(strategy):
 
 @pytest.mark.parametrize("overrides, world_size, message", [
     (dict(data_parallel="zero3"), 2, "parallel.data_parallel='zero3'"),
-    (dict(pipeline_parallel_size=2, expert_parallel_size=2), 4, "PP_SIZE=2 with EP_SIZE=2"),
+    (dict(pipeline_parallel_size=2, expert_parallel_size=2), 4, "EP_SIZE=2 but .* is dense"),
     (dict(tensor_parallel_size=4), 4, "TP_SIZE=4 does not divide num_kv_heads=2"),  # tiny: 4 heads, 2 KV
     (dict(tensor_parallel_size=2, data_parallel="ddp"), 4, "use fsdp or fsdp_zero2"),
     (dict(tensor_parallel_size=2, data_parallel="zero1"), 4, "use fsdp or fsdp_zero2"),
@@ -57,8 +57,8 @@ def test_fsdp_mixed_precision_auto_is_on_for_bf16_on_cuda_only(setting, precisio
 
 
 @pytest.mark.parametrize("model, overrides, message", [
-    ("tiny-qwen3-moe", dict(pipeline_parallel_size=2, expert_parallel_size=2, data_parallel="fsdp"),
-     "PP_SIZE=2 with EP_SIZE=2: pipeline parallelism does not compose with EP_SIZE yet"),
+    ("tiny-qwen3-moe", dict(pipeline_parallel_size=2, expert_parallel_size=8, data_parallel="fsdp"),
+     r"EP_SIZE=8 does not divide the data-parallel size 4 \(8 GPUs / TP_SIZE 1 / PP_SIZE 2\)"),
     ("tiny-llama3", dict(pipeline_parallel_size=2, data_parallel="zero1"), "PP_SIZE=2 with parallel.data_parallel='zero1'"),
     ("tiny-llama3", dict(pipeline_parallel_size=5), "PP_SIZE=5 exceeds the model's 4 layers"),
     ("tiny-llama3", dict(pipeline_parallel_size=2, pipeline_layers="1,2"), "add up to the model's 4 layers"),
@@ -69,6 +69,12 @@ def test_fsdp_mixed_precision_auto_is_on_for_bf16_on_cuda_only(setting, precisio
 def test_pipeline_settings_that_cannot_run_are_named(model, overrides, message):
     with pytest.raises(ParallelSettingsError, match=message):
         check_parallel_settings(settings(**overrides), get_model_args(model), world_size=8)
+
+
+def test_experts_split_inside_each_pipeline_stage():
+    """PP 2 x EP 2 on 8 GPUs: each stage's 4 data-parallel ranks hold the experts in halves."""
+    check_parallel_settings(settings(pipeline_parallel_size=2, expert_parallel_size=2),
+                            get_model_args("tiny-qwen3-moe"), world_size=8)
 
 
 @pytest.mark.parametrize("num_layers, pp, spec, counts", [

@@ -3,7 +3,7 @@
     python -m pytest tests/unit/test_parallel_checks.py tests/integration/test_parallel.py
 
     layout.py           ParallelLayout: rank, pp/dp/tp/ep sizes, device and mesh, built once per job
-    mesh.py             build_mesh: the ("dp", "tp") DeviceMesh (("edp", "ep", "tp") with EP, ("pp", "dp", "tp") with PP), once per job
+    mesh.py             build_mesh: the ("dp", "tp") DeviceMesh (("edp", "ep", "tp") with EP, ("pp", ...) prepended with PP), once per job
     tensor_parallel.py  DTensor plans per family (colwise q/k/v/gate/up, rowwise o/down)
     expert_parallel.py  EP: experts split over "ep", all-to-all token dispatch, expert gradients
     data_parallel.py    ddp | fsdp | fsdp_zero2 | zero1 (and the ZeRO-1 optimizer), gradient_sync

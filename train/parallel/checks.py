@@ -75,16 +75,13 @@ def check_parallel_settings(parallel_cfg: ParallelConfig, model_args=None, world
 
 
 def check_pipeline_parallel(parallel_cfg: ParallelConfig, model_args=None) -> None:
-    """PP_SIZE > 1 (every family, tied embeddings, TP inside a stage): without EP or ZeRO-1, and a layer split
+    """PP_SIZE > 1 (every family, tied embeddings, TP and EP inside a stage): without ZeRO-1, and a layer split
     that gives every stage at least one block."""
     pp = parallel_cfg.pipeline_parallel_size
     if pp < 1:
         raise ParallelSettingsError(f"PP_SIZE={pp} must be at least 1")
     if pp == 1:
         return
-    if parallel_cfg.expert_parallel_size > 1:
-        raise ParallelSettingsError(f"PP_SIZE={pp} with EP_SIZE={parallel_cfg.expert_parallel_size}: pipeline "
-                                    "parallelism does not compose with EP_SIZE yet; use EP_SIZE=1")
     if parallel_cfg.data_parallel == "zero1":
         # ZeroRedundancyOptimizer shards over every rank, and the stages hold different parameters
         raise ParallelSettingsError(f"PP_SIZE={pp} with parallel.data_parallel='zero1' (DP_SHARDING): use ddp, fsdp "

@@ -118,7 +118,7 @@ def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, edp_mesh: Devic
     ep, ep_rank = ep_mesh.size(), ep_mesh.get_local_rank()
     group = ep_mesh.get_group()
     layers = moe_layers(model)
-    if not layers:
+    if not model.args.num_experts:  # a pipeline stage of a MoE model may hold no MoE layer: nothing to split
         raise ValueError(f"EP_SIZE={ep}: model {getattr(model.args, 'name', '?')} has no MoE layers")
     names = set()
     for layer_name, moe in layers:
@@ -163,7 +163,8 @@ def reduce_expert_gradients(model: nn.Module) -> None:
         parameter.grad.div_(state.data_parallel_size)
 
 
-def _squared_norm(gradients: list[torch.Tensor]) -> torch.Tensor:
+def squared_norm(gradients: list[torch.Tensor]) -> torch.Tensor:
+    """The squared 2-norm of all `gradients` together, fp32; DTensor shards (FSDP2, TP) counted whole."""
     if not gradients:
         return torch.zeros(())
     norms = [g.full_tensor() if isinstance(g, DTensor) else g for g in
@@ -186,10 +187,10 @@ def clip_gradients(model: nn.Module, max_norm: float) -> torch.Tensor:
     if state is None and not (local and mixed):
         return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     reduce_expert_gradients(model)
-    expert_square = _squared_norm(local)
+    expert_square = squared_norm(local)
     if state is not None:
         dist.all_reduce(expert_square, group=state.ep_mesh.get_group())
-    total = (_squared_norm(dense).to(expert_square.device) + expert_square).sqrt()
+    total = (squared_norm(dense).to(expert_square.device) + expert_square).sqrt()
     if math.isfinite(total.item()):
         scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
         for gradient in dense + local:

@@ -13,7 +13,7 @@ Rank r sits at (r // tp, r % tp) of the ("dp", "tp") mesh (train/parallel/mesh.p
 data-parallel rank is r // tp. With EP_SIZE > 1 the data-parallel ranks split further into
 (edp, ep). With PP_SIZE > 1 the mesh is (pp, dp, tp), pipeline stages outermost: rank r is
 stage r // (dp x tp) and data-parallel rank (r // tp) % dp; the ranks of one pipeline read
-the same micro-batches.
+the same micro-batches. Both: (pp, edp, ep, tp), a stage's data-parallel ranks split by EP.
 """
 
 from dataclasses import dataclass

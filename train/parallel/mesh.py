@@ -1,6 +1,6 @@
 """The job's DeviceMesh: ranks laid out as (dp, tp), TP innermost (same node, fastest links);
 with EP_SIZE > 1 the data-parallel ranks split further into (edp, ep); with PP_SIZE > 1 the
-pipeline stages go outermost: (pp, dp, tp).
+pipeline stages go outermost: (pp, dp, tp) or (pp, edp, ep, tp).
 
     python -m pytest tests/integration/test_parallel.py -k mesh
 """
@@ -16,8 +16,9 @@ def build_mesh(world_size: int, tp: int, device_type: str = "cpu", ep: int = 1, 
     With ep > 1: a 3-D mesh (dp // ep, ep, tp) named ("edp", "ep", "tp"), and "dp" the
     flattened (edp, ep), so data-parallel rank d is at (d // ep, d % ep): EP groups are ep
     consecutive data-parallel ranks (train/parallel/expert_parallel.py).
-    With pp > 1 (no EP, checks.py): a 3-D mesh (pp, dp, tp) named ("pp", "dp", "tp"); stage
-    s holds the ranks s x dp x tp to (s + 1) x dp x tp - 1.
+    With pp > 1: a 3-D mesh (pp, dp, tp) named ("pp", "dp", "tp"); stage s holds the ranks
+    s x dp x tp to (s + 1) x dp x tp - 1; with ep > 1 too, (pp, dp // ep, ep, tp) named
+    ("pp", "edp", "ep", "tp"): each stage's data-parallel ranks split as without PP.
     device_type: "cpu" (gloo) or "cuda" (nccl); the process group already exists.
     """
     if world_size == 1 or not dist.is_initialized():
@@ -29,16 +30,15 @@ def build_mesh(world_size: int, tp: int, device_type: str = "cpu", ep: int = 1, 
         return None
     if world_size % tp:
         raise ValueError(f"TP_SIZE={tp} does not divide the world size {world_size}")
-    if pp > 1:
-        if world_size % (tp * pp):
-            raise ValueError(f"TP_SIZE={tp} x PP_SIZE={pp} does not divide the world size {world_size}")
-        return init_device_mesh(device_type, (pp, world_size // (tp * pp), tp), mesh_dim_names=("pp", "dp", "tp"))
-    dp = world_size // tp
+    if pp > 1 and world_size % (tp * pp):
+        raise ValueError(f"TP_SIZE={tp} x PP_SIZE={pp} does not divide the world size {world_size}")
+    dp = world_size // (tp * pp)
+    stages, stage_names = ((pp,), ("pp",)) if pp > 1 else ((), ())  # outermost
     if ep == 1:
-        return init_device_mesh(device_type, (dp, tp), mesh_dim_names=("dp", "tp"))
+        return init_device_mesh(device_type, (*stages, dp, tp), mesh_dim_names=(*stage_names, "dp", "tp"))
     if dp % ep:
         raise ValueError(f"EP_SIZE={ep} does not divide the data-parallel size {dp}")
-    mesh = init_device_mesh(device_type, (dp // ep, ep, tp), mesh_dim_names=("edp", "ep", "tp"))
+    mesh = init_device_mesh(device_type, (*stages, dp // ep, ep, tp), mesh_dim_names=(*stage_names, "edp", "ep", "tp"))
     data_parallel_mesh(mesh)  # creates the flattened "dp" group now, on every rank alike
     return mesh
 

@@ -79,7 +79,10 @@ from torch.distributed.tensor import DTensor
 from train.losses import split_loss, token_loss, unwrap
 from train.models.common.moe import MoE
 from train.parallel.checks import pipeline_layers
+from train.parallel.expert_parallel import (expert_parallel_state, expert_parameters, reduce_expert_gradients,
+                                            squared_norm)
 from train.parallel.layout import ParallelLayout
+from train.parallel.mesh import data_parallel_mesh
 
 log = logging.getLogger("train")
 
@@ -195,8 +198,8 @@ class Pipeline:
         # tied embeddings: the group of this rank's first- and last-stage copies (None: untied, or a middle stage)
         self.tied_group = embedding_group(layout) if unwrap(model).args.tie_embeddings else None
         # DP_SHARDING=ddp with dp > 1: the dp group this stage's gradients are averaged over (None: FSDP2 or dp 1)
-        self.dp_group = layout.mesh["dp"].get_group() if layout.dp_size > 1 and not isinstance(model, FSDPModule) \
-            else None
+        self.dp_group = data_parallel_mesh(layout.mesh).get_group() \
+            if layout.dp_size > 1 and not isinstance(model, FSDPModule) else None
 
     def loss(self, output, labels: torch.Tensor) -> torch.Tensor:
         """output: hidden (MBS, T, D) from the last stage, then the balance sums (2, E) of a MoE model,
@@ -249,7 +252,8 @@ class Pipeline:
         size = dist.get_world_size(self.dp_group)
         bucket: list[torch.Tensor] = []
         elements = 0
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        experts = set(map(id, expert_parameters(self.model)))  # EP: reduced over "edp" by clip_gradients
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None and id(p) not in experts]
         for index, grad in enumerate(grads):
             bucket.append(grad)
             elements += grad.numel()
@@ -282,17 +286,27 @@ class Pipeline:
 
     def clip_gradients(self, max_norm: float) -> torch.Tensor:
         """clip_grad_norm_ over the whole model: the squared norms of the stages summed over "pp"
-        (the last stage's copy of a tied weight left out of the sum: it counts once)."""
+        (the last stage's copy of a tied weight left out of the sum: it counts once). EP inside the
+        stage: the expert gradients are finished first (summed over "edp", divided by dp) and their
+        squared norm summed over the "ep" group, which holds each of the stage's experts once."""
+        reduce_expert_gradients(self.model)
         parameters = [p for p in self.model.parameters() if p.grad is not None]
         copy = self.tied_weight() if self.tied_group is not None and self.stage.is_last else None
-        counted = [p.grad for p in parameters if p is not copy]
-        norm = torch.nn.utils.get_total_norm(counted) if counted else torch.zeros(())
+        experts = set(map(id, expert_parameters(self.model)))
+        counted = [p.grad for p in parameters if p is not copy and id(p) not in experts]
+        norm = torch.nn.utils.get_total_norm(counted) if counted else torch.zeros((), device=self.stage.device)
         if isinstance(norm, DTensor):  # FSDP2 inside the stage: the norm over the whole "dp" shards
             norm = norm.full_tensor()
         square = norm.float() ** 2
+        state = expert_parallel_state(self.model)
+        if state is not None:  # the experts: plain tensors (expert_parallel.py)
+            expert_square = squared_norm([p.grad for p in parameters if id(p) in experts]).to(square.device)
+            dist.all_reduce(expert_square, group=state.ep_mesh.get_group())
+            square = square + expert_square
         dist.all_reduce(square, group=self.group)
         total = square.sqrt()
-        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total)
+        for kind in (False, True):  # the experts apart: plain tensors beside TP's DTensors
+            torch.nn.utils.clip_grads_with_norm_([p for p in parameters if (id(p) in experts) == kind], max_norm, total)
         return total
 
     def checkpoint_view(self, tensors: dict) -> dict:
