@@ -83,17 +83,15 @@ def sharded_lora_model(cfg: JobConfig, model, materialize):
 def loads_sharded(job: str, cfg: JobConfig, ctx, layout: ParallelLayout) -> bool:
     """Whether the model comes from HF weights read in parts by each rank (sharded_model_path):
     pretraining from HF always; the QAD student and the LoRA base (quantized or not) wherever no
-    DDP wrapper replicates them: under FSDP2 (any TP, EP) or TP (which composes with FSDP2
-    only). Under DDP/zero1 (replicated anyway; quantizers and adapters must go in before DDP
-    wraps the model), on one process and for the QAD student under PP_SIZE > 1 (quantized and
-    calibrated whole on every rank, then split: train/parallel/pipeline.py) they load whole
+    DDP wrapper replicates them: under FSDP2 (any TP, EP), TP (which composes with FSDP2 only)
+    or PP (each stage reads its blocks, calibrates them on the activations of the stage before:
+    train/quant/student.py). Under DDP/zero1 without PP (replicated anyway; quantizers and
+    adapters must go in before DDP wraps the model) and on one process they load whole
     (whole_model_path). LoRA refuses TP (train/parallel/apply.py)."""
     if not cfg.model.hf_checkpoint or ctx.plan.resume.decision == "from_scratch":
         return False
-    if job != "pretrain" and layout.pp > 1:
-        return False
     fsdp = layout.dp_size > 1 and cfg.parallel.data_parallel in ("fsdp", "fsdp_zero2")
-    return job == "pretrain" or fsdp or layout.tp > 1
+    return job == "pretrain" or fsdp or layout.tp > 1 or layout.pp > 1
 
 
 def add_adapters(model, cfg: JobConfig):

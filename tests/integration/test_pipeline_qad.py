@@ -10,8 +10,9 @@ stage) against one process with the same global batch (2 micro-batches of 2 sequ
   are summed by an all-reduce between the stages instead of by autograd inside one process,
   and the gradient norm is summed per stage: fp32 rounding of the updates, ~1e-7 relative
   after 3 AdamW steps (the first iteration's loss, before any update, is equal);
-- the calibrated amax of every quantizer equal exactly (the whole student is calibrated on
-  every rank before the split) and the checkpoint's names those of PP_SIZE=1;
+- the calibrated amax of every quantizer equal exactly (each stage reads its blocks of the
+  student, and calibrates them on the activations the stage before sends) and the checkpoint's
+  names and quantizer_state.pt record those of PP_SIZE=1;
 - PP 2 resumed from its own checkpoint repeats the uninterrupted PP 2 run bit for bit, and
   PP 2's checkpoint resumes in one process with the losses of PP_SIZE=1.
 
@@ -82,6 +83,8 @@ def test_two_stages_match_one_process_and_resume(tmp_path, models, one_process):
     assert all(torch.equal(actual_weights[name], tensor) for name, tensor in amax(expected_weights).items())
     assert_same_weights(actual_weights, expected_weights)  # every name of PP_SIZE=1, quantizer buffers too
     assert (checkpoints(tmp_path / "split") / "iter_0000003" / "quantizer_state.pt").is_file()
+    log = next((tmp_path / "split").glob("*/logs/*_20260101_000001.log")).read_text()
+    assert "each rank reads its part" in log  # each stage read, quantized and calibrated its blocks alone
 
     shutil.copytree(tmp_path / "split", tmp_path / "to-one")  # PP 2's checkpoint at 3, resumed by one process
     resumed_whole = run(tmp_path / "to-one", models, "20260101_000002", 5, 1)

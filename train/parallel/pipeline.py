@@ -22,9 +22,10 @@ student's, so they travel to the next stage beside them (no gradient goes back f
 teacher is no submodule, so no parameter, checkpoint key or DDP bucket. The last stage's loss
 is then the job's stage_loss (the chunked KD loss from both final hidden states,
 train/distill/loss.py distill_terms) with the same tokens and accumulation scaling, and its
-terms (kd_loss, lm_loss) are broadcast with the loss. The student is loaded whole on every
-rank, quantized and calibrated before the split (train/engine.py whole_model_path), so its
-amax values and quantizer_state.pt are PP_SIZE=1's; a sharded per-stage load is a follow-up.
+terms (kd_loss, lm_loss) are broadcast with the loss. The student's stage is read alone
+(train/engine.py sharded_model_path) and calibrated on the activations of the stage before
+(forward_logits; modelopt's amax reduction over stage_group), so its amax values and, joined
+over the stages, quantizer_state.pt are PP_SIZE=1's (train/quant/student.py).
 
 MoE (qwen3_moe): the load-balancing loss (train/models/common/moe.py combined_aux_loss) mixes
 every MoE layer's routing statistics, so each stage passes on, next to its activations, the
@@ -343,12 +344,24 @@ def forward_logits(model: nn.Module, layout: ParallelLayout, inputs: torch.Tenso
     if stage > 0:
         x = torch.empty(*inputs.shape, inner.args.hidden_size, dtype=torch.float32, device=inputs.device)
         dist.recv(x, group=group, group_src=stage - 1)
+        x = x.to(next(inner.parameters()).dtype)  # a bf16 model's residual stream is bf16
     output = model(x, student_only=True)  # QAD: without the teacher's stage
     hidden = output[0] if isinstance(output, tuple) else output  # MoE: (hidden, balance sums)
     if stage < layout.pp - 1:
         dist.send(hidden.float().contiguous(), group=group, group_dst=stage + 1)
         return None
     return inner.lm_head(hidden)
+
+
+def stage_group(layout: ParallelLayout):
+    """The process group of this rank's stage: the ranks of its "pp" coordinate (dp x tp, with
+    EP's split). Every rank creates every stage's group (new_group's rule)."""
+    mine = None
+    for stage, ranks in enumerate(layout.mesh.mesh):  # (pp, ...) global ranks
+        group = dist.new_group(ranks.flatten().tolist())
+        if stage == layout.pp_rank:
+            mine = group
+    return mine
 
 
 def embedding_group(layout: ParallelLayout):

@@ -91,13 +91,18 @@ def reshard(model: torch.nn.Module) -> None:
 
 
 def quantize_model(model: torch.nn.Module, recipe: str,
-                   calibration_batches: Iterable[torch.Tensor] | None = None) -> torch.nn.Module:
+                   calibration_batches: Iterable[torch.Tensor] | None = None, forward=None,
+                   sync_group=None) -> torch.nn.Module:
     """Fake-quantizes `model` in place with the named recipe; returns it.
 
     calibration_batches: token ids (B, T) on any device (moved to the model's). None or empty:
     weight amax only; input quantizers then keep no amax and quantize dynamically per tensor.
-    Call on the single-device model before DDP, or on one laid out by FSDP2, TP or EP (every
-    amax then equals the whole model's: tests/integration/test_sharded_load.py).
+    Call on the single-device model before DDP, or on one laid out by FSDP2, TP, EP or PP (every
+    amax then equals the whole model's: tests/integration/test_sharded_load.py,
+    test_pipeline_qad.py). forward(model, tokens): one calibration forward (None: model(tokens);
+    a pipeline stage's: pipeline.py forward_logits). sync_group: the ranks whose amax modelopt
+    MAX-reduces after calibration (None: all; a pipeline stage's ranks under PP, whose quantizers
+    are not the other stages').
     """
     config = recipe_config(recipe)  # unknown names fail here, before modelopt is touched
     import modelopt.torch.quantization as mtq
@@ -110,10 +115,20 @@ def quantize_model(model: torch.nn.Module, recipe: str,
     def forward_loop(module: torch.nn.Module) -> None:
         from train.parallel.tensor_parallel import rowwise_computed_whole
 
+        if sync_group is not None:  # modelopt set each QuantModule's groups (the world) as it converted them
+            from modelopt.torch.quantization.nn import QuantModule
+            from modelopt.torch.utils.distributed import ParallelState
+
+            for quantized in module.modules():
+                if isinstance(quantized, QuantModule):
+                    quantized.parallel_state = ParallelState(data_parallel_group=sync_group)
         with torch.no_grad(), rowwise_computed_whole(module):  # under TP: one device's activations
             for index, tokens in enumerate(batches):
                 started = time.time()
-                module(tokens.to(device))
+                if forward is None:
+                    module(tokens.to(device))
+                else:
+                    forward(module, tokens.to(device))
                 log.info("calibration batch %d/%d %s: %.2f s", index + 1, len(batches),
                          tuple(tokens.shape), time.time() - started)
 

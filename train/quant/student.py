@@ -21,6 +21,7 @@ again and the resumed run computes exactly what the uninterrupted one would have
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
@@ -72,15 +73,61 @@ def prepare_student(model: torch.nn.Module, cfg: JobConfig, resume_dir: str | No
                          f"quant.recipe={recipe} (QUANT_RECIPE): use the same recipe to resume, or another run dir")
     if recipe == NO_QUANTIZATION:
         return model, None
+    stage = layout is not None and layout.pp > 1  # a pipeline stage of the student (sharded load)
     if saved:
-        model = restore_quantizer_state(model, saved["modelopt_state"])
+        modelopt_state = stage_record(saved["modelopt_state"], model) if stage else saved["modelopt_state"]
+        model = restore_quantizer_state(model, modelopt_state)
         log.info("quantizer state (%s) restored from %s; no calibration", recipe, resume_dir)
     else:
         batches = calibration_batches(dataset, cfg.quant.calibration_batches, cfg.training.micro_batch_size)
-        model = quantize_model(model, recipe, batches)
+        if stage:
+            from train.parallel.pipeline import forward_logits, stage_group
+
+            def stage_forward(stage, tokens):  # the tokens' activations from the stage before
+                forward_logits(stage, layout, tokens)
+
+            model = quantize_model(model, recipe, batches, forward=stage_forward, sync_group=stage_group(layout))
+        else:
+            model = quantize_model(model, recipe, batches)
     tp = layout.tp if layout is not None else 1
     if tp > 1:  # the quantizers split with their Linears: fail here, before training
         from train.parallel.tensor_parallel import check_quantized_split
 
         check_quantized_split(model, tp)
-    return model, {"recipe": recipe, "modelopt_state": quantizer_state(model)}
+    modelopt_state = quantizer_state(model)
+    return model, {"recipe": recipe, "modelopt_state": whole_record(modelopt_state, layout) if stage
+                   else modelopt_state}
+
+
+def record_quantizers(modelopt_state: dict) -> list[dict]:
+    """Each modelopt mode's {quantizer name: attributes} in a record (quantize, then calibrate)."""
+    return [entry["metadata"]["quantizer_state"] for _, entry in modelopt_state["modelopt_state_dict"]]
+
+
+def stage_record(modelopt_state: dict, model: torch.nn.Module) -> dict:
+    """The whole student's record cut to the quantizers of `model`, an unquantized pipeline stage
+    (modelopt's restore refuses names the model lacks): those whose module (the name before
+    `.input_quantizer` etc.) the stage holds; wrapper prefixes dropped, as modelopt names them."""
+    from train.parallel.expert_parallel import state_dict_name
+
+    modules = {state_dict_name(name) for name, _ in model.named_modules()}
+    cut = copy.deepcopy(modelopt_state)
+    for quantizers in record_quantizers(cut):
+        for name in [name for name in quantizers if name.rsplit(".", 1)[0] not in modules]:
+            del quantizers[name]
+    return cut
+
+
+def whole_record(modelopt_state: dict, layout) -> dict:
+    """PP_SIZE > 1: a stage's record names its own quantizers only; the whole student's (what
+    PP_SIZE=1 saves and restores, and each stage cuts again: stage_record) joins the stages' entries
+    in stage order, which is the whole model's module order. Gathered over the "pp" group."""
+    import torch.distributed as dist
+
+    stages: list[dict | None] = [None] * layout.pp
+    dist.all_gather_object(stages, modelopt_state, group=layout.mesh["pp"].get_group())
+    whole = copy.deepcopy(stages[0])
+    for mode, quantizers in enumerate(record_quantizers(whole)):
+        for stage in stages[1:]:
+            quantizers.update(record_quantizers(stage)[mode])
+    return whole
