@@ -207,7 +207,8 @@ def test_each_planned_stage_holds_the_parameters_of_the_stage_the_job_builds(nam
 
 def test_pipeline_memory_is_the_stages_share_with_its_micro_batches_in_flight():
     """qwen3-8b, PP 4 (36 blocks: 9 a stage), fp32 master weights: parameters, gradients and
-    AdamW of a stage; the first stage keeps 4 micro-batches' block inputs, the last computes the loss."""
+    AdamW of a stage; the first stage keeps 4 micro-batches' block inputs, the last computes the loss;
+    DDP over dp 2 inside the stage: one averaging bucket."""
     args = get_model_args("qwen3-8b")
     common = dict(job="pretrain", layout=Split(1, 1, 2, "ddp", pp=4), mbs=1, seq_length=4096, param_bytes=4,
                   act_bytes=2, checkpointing=True, accumulation=8)
@@ -222,6 +223,10 @@ def test_pipeline_memory_is_the_stages_share_with_its_micro_batches_in_flight():
     assert last["activations"] == 1 * 4096 * 9 * args.hidden_size * 4 and first["loss"] == 0 < last["loss"]
     every = [memory_breakdown(args, stage=stage, **common)["parameters"] for stage in stages]
     assert sum(every) == memory_breakdown(args, **common)["parameters"]  # untied: the stages add up to the model
+    # no DDP wrapper on a stage: its averaging flattens one bucket of 25M elements at a time, not every gradient
+    assert first["ddp_buckets"] == 25_000_000 * 4 < first["gradients"]
+    tiny = memory_breakdown(get_model_args("tiny-llama3"), **common)
+    assert tiny["ddp_buckets"] == tiny["gradients"] > 0  # a model under one bucket: all of it
 
 
 def test_pipeline_plan_takes_the_largest_stage_and_the_bubble(tmp_path, env, capsys):

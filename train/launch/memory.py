@@ -14,6 +14,7 @@ Bytes per GPU, for this rank's share of the model (tp, ep and data-parallel shar
                   gradients are reduce-scattered once per step, train.parallel.gradient_sync; fsdp
                   reduce-scatters each micro-batch's and keeps them sharded)
     ddp_buckets   DDP and ZeRO-1 on more than one rank: the all-reduce buckets, a second copy
+                  (PP: at most one bucket of 25M elements, flattened by the stage's averaging)
     optimizer     AdamW's exp_avg + exp_avg_sq: trainable P_local x 2 x master bytes (ZeRO-1: / dp)
     teacher       QAD: the frozen teacher in its checkpoint's dtype, split like the student (PP:
                   the stage's share of it, as train/parallel/pipeline.py splits it)
@@ -68,6 +69,7 @@ if TYPE_CHECKING:  # annotations only: importing train.config loads Hydra
 GIB = 2**30
 OVERHEAD_BYTES, OVERHEAD_SHARE = 3 * GIB, 0.05
 LOSS_CHUNK_BYTES = GIB  # train/losses.py CHUNK_BYTES: fp32 logits per chunk
+STAGE_BUCKET_ELEMENTS = 25_000_000  # train/parallel/pipeline.py average_gradients: DDP's 25M elements
 DEFAULT_MFU = 0.35
 SIGNAL_MARGIN_S = 300  # the wrappers' --signal=B:USR2@300: the save starts 5 minutes before the limit
 
@@ -215,6 +217,8 @@ def memory_breakdown(args, *, job: str, layout: Split, mbs: int, seq_length: int
         # whole gradients until then (fsdp, ZeRO-3, reduce-scatters every micro-batch: trainer.accumulate_gradients)
         out["gradients"] *= (local_elements(groups, layout, False) / params) if lora is None else layout.dp
     out["ddp_buckets"] = trainable * trained_bytes if layout.dp > 1 and layout.strategy in ("ddp", "zero1") else 0.0
+    if layout.pp > 1:  # no DDP wrapper: the stage averages one bucket of 25M elements at a time (pipeline.py)
+        out["ddp_buckets"] = min(out["ddp_buckets"], STAGE_BUCKET_ELEMENTS * trained_bytes)
     optimizer = trainable * 2 * trained_bytes
     out["optimizer"] = optimizer / layout.dp if layout.strategy == "zero1" else optimizer
     out["teacher"] = 0.0
