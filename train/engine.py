@@ -33,22 +33,35 @@ def master_dtype(model_cfg: ModelConfig) -> torch.dtype:
     return torch.bfloat16 if model_cfg.param_dtype == "bfloat16" else torch.float32
 
 
+def from_hf_weights(cfg: JobConfig, ctx) -> bool:
+    """Whether the model's weights come from model.hf_checkpoint (else: seeded initialization)."""
+    return bool(cfg.model.hf_checkpoint) and ctx.plan.resume.decision != "from_scratch"
+
+
 def build_job_model(cfg: JobConfig, ctx):
     """The model on this rank's device in master_dtype: from HF weights, or seeded initialization."""
-    from train.models import build_model, init_weights, load_hf, stored_dtype
+    from train.models import build_model, load_hf, stored_dtype
 
     dtype = master_dtype(cfg.model)
-    if cfg.model.hf_checkpoint and ctx.plan.resume.decision != "from_scratch":
+    if from_hf_weights(cfg, ctx):
         model = load_hf(cfg.model.hf_checkpoint, dtype, device=ctx.device)
         log.info("weights from %s: stored in %s, trained in %s (model.param_dtype)", cfg.model.hf_checkpoint,
                  str(stored_dtype(cfg.model.hf_checkpoint)).removeprefix("torch."), str(dtype).removeprefix("torch."))
     else:
         model = build_model(str(cfg.model.name), device="meta",
                             attention_backend=cfg.model.attention_backend)
-        model.to_empty(device=ctx.device)
-        init_weights(model, cfg.model.init_seed)
-        model.to(dtype)
+        initialize_model(model, cfg, ctx)
     return model
+
+
+def initialize_model(model, cfg: JobConfig, ctx):
+    """A meta-device model (or pipeline stage) on this rank's device, seeded from model.init_seed
+    piece by piece (train/models/build.py init_weights), in master_dtype."""
+    from train.models import init_weights
+
+    model.to_empty(device=ctx.device)
+    init_weights(model, cfg.model.init_seed)
+    return model.to(master_dtype(cfg.model))
 
 
 def sharded_job_model(cfg: JobConfig, ctx):
@@ -88,7 +101,7 @@ def loads_sharded(job: str, cfg: JobConfig, ctx, layout: ParallelLayout) -> bool
     train/quant/student.py). Under DDP/zero1 without PP (replicated anyway; quantizers and
     adapters must go in before DDP wraps the model) and on one process they load whole
     (whole_model_path). LoRA refuses TP (train/parallel/apply.py)."""
-    if not cfg.model.hf_checkpoint or ctx.plan.resume.decision == "from_scratch":
+    if not from_hf_weights(cfg, ctx):
         return False
     fsdp = layout.dp_size > 1 and cfg.parallel.data_parallel in ("fsdp", "fsdp_zero2")
     return job == "pretrain" or fsdp or layout.tp > 1 or layout.pp > 1
@@ -132,7 +145,16 @@ def quantize_job_model(job: str, model, cfg: JobConfig, ctx, dataset, layout: Pa
 
 def whole_model_path(job: str, cfg: JobConfig, ctx, layout: ParallelLayout, dataset):
     """Every rank holds the whole model (load_hf, or seeded initialization), quantizes it and adds
-    the adapters, then parallelize splits it. Returns (model, checkpoint_files)."""
+    the adapters, then parallelize splits it; under PP a model without HF weights is built on
+    meta and each stage initializes its own blocks (the whole model's values). Returns (model,
+    checkpoint_files)."""
+    if layout.pp > 1 and job == "pretrain" and not from_hf_weights(cfg, ctx):
+        from train.models import build_model
+
+        model = build_model(str(cfg.model.name), device="meta", attention_backend=cfg.model.attention_backend)
+        model = parallelize(model, cfg.parallel, layout.mesh, layout.device, precision=cfg.training.precision,
+                            initialize=partial(initialize_model, cfg=cfg, ctx=ctx))
+        return model, {}
     model, checkpoint_files = quantize_job_model(job, build_job_model(cfg, ctx), cfg, ctx, dataset, layout)
     if job == "finetune":
         model = add_adapters(model, cfg)
@@ -163,7 +185,7 @@ def job_vocab_size(cfg: JobConfig, ctx) -> int:
     checkpoint's config.json, or the registry entry of model.name."""
     from train.models import get_model_args, hf_args
 
-    if cfg.model.hf_checkpoint and ctx.plan.resume.decision != "from_scratch":
+    if from_hf_weights(cfg, ctx):
         return hf_args(cfg.model.hf_checkpoint).vocab_size
     return get_model_args(str(cfg.model.name)).vocab_size
 

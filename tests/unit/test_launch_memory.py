@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from train.launch.conf import CONF_VARIABLES
-from train.launch.memory import (Split, memory_breakdown, parse_slurm_time, pipeline_stages,
+from train.launch.comms import parameter_groups
+from train.launch.memory import (OVERHEAD_BYTES, Split, memory_breakdown, parse_slurm_time, pipeline_stages,
                                  resource_summary)
 from train.launch.plan import PlanError, main, plan_from_conf
 from train.models.registry import get_model_args
@@ -55,6 +56,21 @@ def test_ddp_student_of_8b_holds_131_gb_of_weights_gradients_and_adamw(tmp_path)
     bf16 = memory_breakdown(args, job="qad", layout=Split(1, 1, 8, "ddp"), mbs=1, seq_length=4096,
                             param_bytes=2, act_bytes=2, checkpointing=True)
     assert bf16["optimizer"] == pytest.approx(memory["optimizer"] / 2)
+
+
+def test_from_scratch_30b_is_refused_for_its_whole_model_init_and_fits_in_pipeline_stages(tmp_path, env):
+    """qwen3-30b-a3b pretrained from scratch on 4 nodes with FSDP2 x EP 8: the step needs ~70 GB,
+    but each GPU first initializes the whole fp32 model (122 GB), which FSDP2 and EP split only
+    after; the refusal says so and names PP_SIZE, under which each stage initializes its own blocks."""
+    text = ("export MODEL=qwen3-30b-a3b\nexport DATASET_NAME=synthetic\nexport SEQ_LENGTH=4096\nexport MBS=1\n"
+            "export NUM_GPUS=8\nexport TRAIN_ITERS=1000\nexport DP_SHARDING=fsdp\nexport ACTIVATION_CHECKPOINTING=1\n"
+            "export PRECISION=bf16\nexport EP_SIZE=8\n")
+    with pytest.raises(PlanError, match=r"initialization 122.1 GB; peak 125.3 GB per GPU, h100 has 80.0 GB; "
+                                        r"the fp32 model is initialized whole on every GPU .*\(PP_SIZE"):
+        plan_from_conf("pretrain", conf(tmp_path, text), [], env, nnodes=4)
+    staged = plan_from_conf("pretrain", conf(tmp_path, text + "export PP_SIZE=4\nexport GBS=64\n"), [], env,
+                            nnodes=4)[0].resources
+    assert staged["fits"] and staged["memory_per_gpu_bytes"]["initialization"] < 40e9
 
 
 def test_fsdp_zero2_accumulation_holds_whole_gradients_until_the_step_reduces_them():
@@ -242,7 +258,14 @@ def test_pipeline_plan_takes_the_largest_stage_and_the_bubble(tmp_path, env, cap
                                param_bytes=4, act_bytes=2, checkpointing=True, accumulation=4, stage=stage,
                                fsdp_mixed_precision=True)  # FSDP_MIXED_PRECISION auto: on with bf16 FSDP2
               for stage in stages]
-    assert piped["memory_per_gpu_bytes"] == max(memory, key=lambda m: m["total"])
+    largest, planned = max(memory, key=lambda m: m["total"]), dict(piped["memory_per_gpu_bytes"])
+    # from scratch: each stage is initialized in fp32 before FSDP2 shards it, a peak of its own (the
+    # stages hold the whole model's 8.2B less a block; without PP a GPU initializes all of it)
+    stage = 4 * sum(stages[0].groups.values())
+    assert planned.pop("initialization") == stage < 4 * sum(parameter_groups(args).values())
+    assert flat["memory_per_gpu_bytes"]["initialization"] == 4 * sum(parameter_groups(args).values())
+    assert planned.pop("total") == max(largest.pop("total"), stage + OVERHEAD_BYTES)
+    assert planned == largest
     time = piped["time"]
     assert time["pipeline_bubble"] == pytest.approx(1 / 5) and "pipeline_bubble" not in flat["time"]
     assert time["compute_s"] == pytest.approx(flat["time"]["compute_s"] * 5 / 4)

@@ -13,6 +13,9 @@ Bytes per GPU, for this rank's share of the model (tp, ep and data-parallel shar
     gradients     trainable P_local x master bytes; fsdp_zero2 with accumulation > 1: unsharded (its
                   gradients are reduce-scattered once per step, train.parallel.gradient_sync; fsdp
                   reduce-scatters each micro-batch's and keeps them sharded)
+    initialization  pretraining without HF weights: the whole fp32 model (PP: the stage's),
+                  initialized on every GPU before FSDP2, TP or EP split it (with_initialization;
+                  the peak is the larger of this + the fixed overhead and the step's peak)
     ddp_buckets   DDP and ZeRO-1 on more than one rank: the all-reduce buckets, a second copy
                   (PP: at most one bucket of 25M elements, flattened by the stage's averaging)
     optimizer     AdamW's exp_avg + exp_avg_sq: trainable P_local x 2 x master bytes (ZeRO-1: / dp)
@@ -387,7 +390,20 @@ def job_memory(job: str, cfg: JobConfig, layout: Split, models) -> dict[str, flo
         teacher_bytes=teacher_bytes, lora=lora, distill_rows=int(cfg.distill.chunk_size),
         fsdp_mixed_precision=plans_fsdp_mixed_precision(cfg), stage=stage, teacher_stage=teacher_stage)
         for stage, teacher_stage in zip(student_stages, teacher_stages)]
+    if job == "pretrain" and not cfg.model.hf_checkpoint:
+        for memory, stage in zip(stages, student_stages):
+            with_initialization(memory, stage)
     return max(stages, key=lambda memory: memory["total"])  # PP: the stage that needs the most
+
+
+def with_initialization(memory: dict[str, float], stage: Stage) -> None:
+    """A model without HF weights (pretraining from scratch, or resumed from its own DCP
+    checkpoint) is initialized on every GPU in fp32 before FSDP2, TP or EP keep the rank's part
+    (train/engine.py build_job_model; under PP each stage initializes its own blocks alone:
+    train/models/build.py init_weights): a moment of its own at the start, before any gradient or
+    AdamW state exists, which the peak covers too."""
+    memory["initialization"] = sum(stage.groups.values()) * 4.0
+    memory["total"] = max(memory["total"], memory["initialization"] + OVERHEAD_BYTES)
 
 
 def teacher_pipeline_stages(student, teacher, layout: Split) -> list[Stage | None]:

@@ -28,7 +28,7 @@ from train.launch import cluster as cluster_lib
 from train.launch.conf import (CONF_VARIABLES, EXIT_USAGE, REPO_ROOT, ConfError, command_line_variables,
                                config_overrides, load_conf)
 from train.launch.inputs import input_problems, resume_problems
-from train.launch.memory import (AUTO_ORDER, describe, fitting_alternatives, format_bytes, gpu_memory_bytes,
+from train.launch.memory import (AUTO_ORDER, OVERHEAD_BYTES, describe, fitting_alternatives, format_bytes, gpu_memory_bytes,
                                  job_split, job_memory, job_models, resource_plan, resource_summary)
 from train.models.registry import args_for_display_name
 from train.launch.rundir import ResumeError, ResumeState, RunPaths, legacy_note, resume_state, run_paths
@@ -559,11 +559,17 @@ def memory_problem(job: str, cfg: JobConfig, plan: JobPlan, conf: str) -> str | 
     if resources["fits"]:
         return None
     capacity = resources["gpu_memory_bytes"]
-    knobs = fitting_alternatives(job, cfg, plan.cluster.world_size, capacity)
-    hint = f"; fits with {' or '.join(knobs)}" if knobs else "; no single knob fits: combine DP_SHARDING=fsdp, " \
-        "ACTIVATION_CHECKPOINTING=1, a smaller MBS, a larger TP_SIZE or more nodes"
+    memory = resources["memory_per_gpu_bytes"]
+    if memory.get("initialization", 0.0) + OVERHEAD_BYTES > capacity:  # FSDP2, TP, EP split it only after
+        hint = ("; the fp32 model is initialized whole on every GPU before FSDP2, TP or EP split it: split it "
+                "into pipeline stages (PP_SIZE: each stage initializes its own blocks) or start from HF weights "
+                "(model.hf_checkpoint: each rank reads its part)")
+    else:
+        knobs = fitting_alternatives(job, cfg, plan.cluster.world_size, capacity)
+        hint = f"; fits with {' or '.join(knobs)}" if knobs else "; no single knob fits: combine DP_SHARDING=fsdp, " \
+            "ACTIVATION_CHECKPOINTING=1, a smaller MBS, a larger TP_SIZE or more nodes"
     return (f"{conf}: the plan needs more memory than the GPU has: "
-            f"{describe(resources['memory_per_gpu_bytes'], capacity, resources['gpu'])}{hint} "
+            f"{describe(memory, capacity, resources['gpu'])}{hint} "
             "(GPU_TYPE / GPU_MEMORY_GB name the GPU; MEMORY_CHECK=0 starts anyway)")
 
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+
 import torch
+from torch import nn
 
 from train.models.common.attention import resolve_attention_backend
 from train.models.common.transformer import CausalLM
@@ -43,11 +47,52 @@ def build_model(args_or_name: ModelArgs | str, *, device: str | torch.device = "
 def init_weights(model: CausalLM, seed: int) -> CausalLM:
     """Deterministic init: same seed, same device type -> bit-identical weights.
 
-    Re-ties embeddings and rebuilds the RoPE cache, so it is the step after `to_empty`.
+    Each piece of the model (the embedding, each block `layers.<i>`, the final norm, lm_head,
+    GPT-2's positions) is initialized by the family's scheme (init_parameters) from a generator
+    seeded by (seed, its name) alone, so a piece's values do not depend on which other pieces
+    the model holds: a pipeline stage (train/parallel/pipeline.py) initializes its own blocks to
+    the values the whole model gives them. A tied lm_head without the embedding (the last stage's
+    copy) takes the embedding's values. Re-ties embeddings and rebuilds the RoPE cache, so it is
+    the step after `to_empty`.
     """
     model.tie_weights()
     model.init_buffers()
-    device = model.embed_tokens.weight.device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    model.init_parameters(generator)
+    device = next(model.parameters()).device
+    tied = model.args.tie_embeddings
+    for name, piece in list(model.named_children()):
+        if piece is None or (tied and name == "lm_head" and model.embed_tokens is not None):
+            continue  # absent on this stage; a tied lm_head is the embedding, initialized as it
+        if name == "layers":
+            for index, block in list(piece.named_children()):  # a stage's indices have gaps
+                with only_piece(model, name, nn.ModuleDict({index: block})):
+                    model.init_parameters(piece_generator(device, seed, f"layers.{index}"))
+        elif tied and name == "lm_head":  # the tied copy alone: drawn as the embedding is
+            embedding = nn.Embedding(*piece.weight.shape, device="meta")
+            embedding.weight = piece.weight
+            with only_piece(model, "embed_tokens", embedding):
+                model.init_parameters(piece_generator(device, seed, "embed_tokens"))
+        else:
+            with only_piece(model, name, piece):
+                model.init_parameters(piece_generator(device, seed, name))
     return model
+
+
+def piece_generator(device: torch.device, seed: int, name: str) -> torch.Generator:
+    """A generator on `device` seeded by (seed, piece name): a stable 63-bit hash of both."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+@contextlib.contextmanager
+def only_piece(model: CausalLM, name: str, piece: nn.Module):
+    """Inside: `model` holds `piece` under `name` and None for every other child (named_parameters
+    and modules() skip them; self.lm_head reads None), so the family's init_parameters, which walks
+    the whole model, fills that piece alone. The children are put back after."""
+    children = dict(model._modules)
+    model._modules.update({other: None for other in children})
+    model._modules[name] = piece
+    try:
+        yield
+    finally:
+        model._modules.clear()
+        model._modules.update(children)

@@ -80,7 +80,7 @@ class Qwen3Next(CausalLM):
     def _rope_table(self) -> torch.Tensor:
         a = self.args
         return rope_cache(a.max_seq_len, a.rotary_dim, a.rope_theta, a.rope_scaling,
-                          device=self.embed_tokens.weight.device)
+                          device=next(self.parameters()).device)  # a pipeline stage may lack embed_tokens
 
     def init_buffers(self) -> None:
         self.rope_cache = self._rope_table()

@@ -53,11 +53,14 @@ def apply_compile(model: nn.Module) -> None:
 
 
 def parallelize(model: nn.Module, parallel_cfg: ParallelConfig, mesh: DeviceMesh | None, device: str,
-                materialize: Callable[[nn.Module], object] | None = None, precision: str = "fp32") -> nn.Module:
+                materialize: Callable[[nn.Module], object] | None = None, precision: str = "fp32",
+                initialize: Callable[[nn.Module], object] | None = None) -> nn.Module:
     """Returns the model to train: `model` itself (TP, FSDP), or a DDP wrapper around it.
     materialize: fills a meta-device model's weights once each rank knows its part (None: the
-    model already holds them). precision: training.precision (bf16 on CUDA turns FSDP2's
-    MixedPrecisionPolicy on when parallel.fsdp_mixed_precision is auto)."""
+    model already holds them). initialize: fills a meta-device model's weights right after the
+    pipeline split, before any other layout (a stage initializes its own blocks only:
+    train/models/build.py init_weights). precision: training.precision (bf16 on CUDA turns
+    FSDP2's MixedPrecisionPolicy on when parallel.fsdp_mixed_precision is auto)."""
     world_size = mesh.size() if mesh is not None else 1
     check_parallel_settings(parallel_cfg, getattr(model, "args", None), world_size)
     check_engine_support(parallel_cfg)
@@ -68,6 +71,8 @@ def parallelize(model: nn.Module, parallel_cfg: ParallelConfig, mesh: DeviceMesh
     pp = mesh["pp"].size() if mesh is not None and "pp" in mesh.mesh_dim_names else 1
     if pp > 1:
         model = split_model(model, parallel_cfg, mesh["pp"].get_local_rank())
+    if initialize is not None:
+        initialize(model)
     if tp > 1:
         if any("lora_" in name for name, _ in model.named_parameters()):
             raise NotImplementedError("TP_SIZE > 1 with LoRA adapters: the TP plans cover plain Linear "
