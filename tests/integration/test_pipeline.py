@@ -92,15 +92,16 @@ def two_stages(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def interleaved(tmp_path_factory):
-    """(model, processes) -> an interleaved PP 2 run of 3 iterations (4 processes: PP 2 x DP 2)."""
+    """(model, processes, overrides) -> an interleaved PP 2 run of 3 iterations (4 processes: PP 2 x
+    DP 2, or PP 2 x TP 2)."""
     roots = {}
 
-    def run(model: str, processes: int) -> Path:
-        if (model, processes) not in roots:
+    def run(model: str, processes: int, overrides: tuple[str, ...] = ()) -> Path:
+        if (model, processes, overrides) not in roots:
             root = tmp_path_factory.mktemp(f"{model}-interleaved")
-            pretrain(root, [f"model.name={model}", "training.train_iters=3", *INTERLEAVED], processes)
-            roots[model, processes] = root
-        return roots[model, processes]
+            pretrain(root, [f"model.name={model}", "training.train_iters=3", *INTERLEAVED, *overrides], processes)
+            roots[model, processes, overrides] = root
+        return roots[model, processes, overrides]
     return run
 
 
@@ -167,14 +168,17 @@ def test_two_stages_resume_bit_for_bit(tmp_path, two_stages):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model, processes", [("tiny-llama3", 4), ("tiny-qwen3-moe", 2), ("tiny-qwen3", 2)],
-                         ids=["dense-dp2", "moe", "tied"])
-def test_interleaved_stages_match_one_process(one_process, interleaved, model, processes):
+@pytest.mark.parametrize("model, processes, overrides", [
+    ("tiny-llama3", 4, ()), ("tiny-qwen3-moe", 2, ()), ("tiny-qwen3", 2, ()),
+    ("tiny-qwen3", 4, ("parallel.tensor_parallel_size=2", "parallel.data_parallel=fsdp")),
+], ids=["dense-dp2", "moe", "tied", "tied-tp2"])
+def test_interleaved_stages_match_one_process(one_process, interleaved, model, processes, overrides):
     """dense-dp2: PP 2 x DP 2, each rank's two stages' gradients averaged over dp after the
     schedule; moe: the balance sums through the four stages, across the two ranks twice; tied:
-    the embedding on stage 0 (rank 0) and lm_head on stage 3 (rank 1), their gradients summed."""
+    the embedding on stage 0 (rank 0) and lm_head on stage 3 (rank 1), their gradients summed;
+    tied-tp2: PP 2 x TP 2 (data-parallel size 1, so FSDP2 shards nothing), vocabulary shards."""
     expected_losses, expected_weights, expected_norms, _ = one_process(model)
-    root = interleaved(model, processes)
+    root = interleaved(model, processes, overrides)
     assert losses(root) == pytest.approx(expected_losses[:3], rel=1e-5)
     assert grad_norms(root) == pytest.approx(expected_norms, rel=1e-4)
     assert_same_weights(weights(root, 3), expected_weights)

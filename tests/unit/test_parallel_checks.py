@@ -115,6 +115,16 @@ def test_pipeline_of_llama_qwen3_tied_and_moe_models_is_accepted(model):
                             world_size=4)
 
 
+def test_interleaved_stages_with_tp_on_one_data_parallel_rank_are_accepted():
+    """FSDP2 (the strategy TP needs) shards nothing at data-parallel size 1: PP 2 x TP 2 on 4 GPUs."""
+    interleaved = dict(pipeline_parallel_size=2, pipeline_schedule="interleaved_1f1b", virtual_stages=2)
+    check_parallel_settings(settings(**interleaved, tensor_parallel_size=2, data_parallel="fsdp"),
+                            get_model_args("tiny-qwen3"), world_size=4)
+    with pytest.raises(ParallelSettingsError, match="interleaving runs with ddp only"):
+        check_parallel_settings(settings(**interleaved, tensor_parallel_size=2, data_parallel="fsdp"),
+                                get_model_args("tiny-qwen3"), world_size=8)
+
+
 @pytest.mark.parametrize("overrides, world_size, message", [
     (dict(expert_parallel_size=2), 2, "EP_SIZE=2 but model tiny-qwen3 is dense"),
     (dict(expert_parallel_size=3), 6, "EP_SIZE=3 does not divide the 8 experts of model tiny-qwen3-moe"),
