@@ -42,7 +42,10 @@ over the GPUs' peak bf16 FLOP/s at an assumed MFU (ASSUMED_MFU, default 0.35), a
 SLURM jobs the wrapper's time limit (#SBATCH --time, or SBATCH_TIMELIMIT) implies. With PP_SIZE=p
 and m micro-batches per step, 1F1B idles each stage for p - 1 of its m + p - 1 slots: the
 compute time grows by (m + p - 1) / m, the pipeline bubble (p - 1) / (m + p - 1) of it (stages
-taken as balanced). The communication plan (comms.py) is the stage's: its own gradients and its
+taken as balanced). Interleaved 1F1B (PP_SCHEDULE=interleaved_1f1b, v = PP_VIRTUAL_STAGES stages
+per GPU, each 1/v of its work): v m + p - 1 slots of 1/v, so the compute grows by (v m + p - 1) / (v m),
+Megatron's bubble (p - 1) / (v m), and rank s keeps the activations of torch's warm-up
+((v - 1) x the micro-batches of a round + 2 (p - 1 - s) stage forwards) plus one, 1/v each. The communication plan (comms.py) is the stage's: its own gradients and its
 activation sends between stages.
 """
 
@@ -475,7 +478,7 @@ def fitting_alternatives(job: str, cfg: JobConfig, world_size: int, capacity: fl
     models = job_models(job, cfg)
     parallel, training = cfg.parallel, cfg.training
     tries = []
-    if parallel.data_parallel != "fsdp":
+    if parallel.data_parallel != "fsdp" and parallel.virtual_stages == 1:  # interleaving refuses FSDP2 shards
         tries.append(("DP_SHARDING=fsdp", "parallel.data_parallel", "fsdp"))
     if not parallel.activation_checkpointing:
         tries.append(("ACTIVATION_CHECKPOINTING=1", "parallel.activation_checkpointing", True))

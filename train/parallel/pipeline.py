@@ -1,5 +1,6 @@
 """Pipeline parallelism (PP_SIZE > 1): the blocks split into stages over the "pp" mesh dimension,
-one step's micro-batches run by torch.distributed.pipelining's 1F1B schedule.
+one step's micro-batches run by torch.distributed.pipelining's 1F1B schedule, or its interleaved
+1F1B (parallel.pipeline_schedule, below).
 
     python -m pytest tests/integration/test_pipeline.py tests/integration/test_pipeline_qad.py
 
@@ -56,10 +57,21 @@ armed for the last backward, counts the parameters of both backwards and fails t
 stage's gradients are averaged over "dp" after the schedule, in buckets, which is the reduction DDP
 makes in the last backward (average_gradients). FSDP2 stages are sharded as without PP.
 
+Interleaved 1F1B (parallel.pipeline_schedule=interleaved_1f1b, parallel.virtual_stages=v >= 2):
+PP_SIZE x v stages, rank r holding stages r, r + PP_SIZE, ... (ScheduleInterleaved1F1B). The rank
+keeps one model, the whole model less the blocks of the stages it does not hold (split_stage:
+the embedding with stage 0, on rank 0; the final norm and lm_head with the last stage, on the last
+rank), so the optimizer, checkpoints, clipping, the tied pair and the dp averaging are 1F1B's;
+each stage's PipelineStage runs a StageChunk, whose forward is its blocks of that model and
+which holds no submodule. Refused at plan time (train/parallel/checks.py, train/launch/plan.py):
+FSDP2 over more than one dp rank (torch's schedule unshards and syncs gradients for a stage whose
+module is the FSDP2 module, which a chunk is not), QAD (the teacher runs in the rank's one stage),
+and micro-batches that torch's rounds do not split.
+
 Evaluation (train/validation.py, EVAL_INTERVAL and EVAL_ONLY): forward_logits runs one
 micro-batch through the stages without the schedule, one stage after another (no overlap: an
 evaluation is a few micro-batches), each stage receiving the previous one's activations in fp32;
-the last stage makes the logits.
+the last stage makes the logits; interleaved, the ranks walk the stages in their global order.
 """
 
 from __future__ import annotations
