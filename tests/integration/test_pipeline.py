@@ -1,4 +1,4 @@
-"""python -m pytest tests/integration/test_pipeline.py  (torchrun, 2 and 4 processes, gloo; ~4 min)
+"""python -m pytest tests/integration/test_pipeline.py  (torchrun, 2 and 4 processes, gloo; ~6 min)
 
 Pipeline parallelism (PP_SIZE=2, train/parallel/pipeline.py) through the real entrypoint against
 one process with the same global batch (8 micro-batches of 1 sequence): the logged losses and
