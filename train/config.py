@@ -106,6 +106,9 @@ class ParallelConfig:
     tensor_parallel_size: int = 1  # TP_SIZE
     pipeline_parallel_size: int = 1  # PP_SIZE
     pipeline_layers: str = ""  # PP_LAYERS: blocks per stage, "3,5" (empty: balanced, train/parallel/checks.py)
+    # PP_SCHEDULE: 1f1b | interleaved_1f1b (virtual_stages model chunks per rank, train/parallel/pipeline.py)
+    pipeline_schedule: str = "1f1b"
+    virtual_stages: int = 1  # PP_VIRTUAL_STAGES: stages per rank (interleaved_1f1b: at least 2; 1f1b: 1)
     expert_parallel_size: int = 1  # EP_SIZE
     # DP_SHARDING: ddp | fsdp (FSDP2, ZeRO-3) | fsdp_zero2 | zero1 (DDP + sharded optimizer state);
     # train/parallel/data_parallel.py gives the memory of each

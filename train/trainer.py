@@ -151,7 +151,7 @@ class Trainer:
         self.optimizer = (build_zero_redundancy_optimizer(model, cfg.optim) if self.zero1
                           else build_optimizer(model, cfg.optim))
         self.state = TrainState()
-        # PP_SIZE > 1: the step runs through the 1F1B schedule of this rank's stage (train/parallel/pipeline.py);
+        # PP_SIZE > 1: the step runs through the (interleaved) 1F1B schedule of this rank's stages (parallel/pipeline.py);
         # a loss_fn with pipeline_loss(model) (QAD's) readies the stage and returns the last stage's loss
         self.pipeline = Pipeline(model, layout, self.accumulation, stage_loss=self.stage_loss()) \
             if layout.pp > 1 else None

@@ -237,17 +237,21 @@ def test_finetune_run_exports_peft_adapters_that_peft_loads_with_our_logits(earl
 @pytest.mark.slow
 def test_lora_on_two_pipeline_stages_equals_one_process(tmp_path, base):
     """PP_SIZE=2: the adapters on the whole base, then split; each rank starts them at rank 0's
-    values (no DDP broadcast on stages), so losses, gradient norms and val_loss are one process's."""
+    values (no DDP broadcast on stages), so losses, gradient norms and val_loss are one process's;
+    also under interleaved 1F1B (2 virtual stages a rank, val_loss through the 4 stages in order)."""
     common = ["lora.dropout=0", "training.micro_batch_size=2", "training.global_batch_size=4",
               "training.train_iters=3", "training.eval_interval=3", "checkpoint.save_interval=3", "optim.lr=1e-2"]
+    pp2 = ["parallel.pipeline_parallel_size=2"]
+    interleaved = [*pp2, "parallel.pipeline_schedule=interleaved_1f1b", "parallel.virtual_stages=2"]
     runs = {}
-    for name, procs, extra in (("one", 1, []), ("pp2", 2, ["parallel.pipeline_parallel_size=2"])):
+    for name, procs, extra in (("one", 1, []), ("pp2", 2, pp2), ("interleaved", 2, interleaved)):
         result = finetune(tmp_path / name, base, *common, *extra, procs=procs)
         assert result.returncode == 0, output(result)
         path = next((tmp_path / name / RUN.replace("lr0.0002", "lr0.01") / "logs").glob("*.jsonl"))
         runs[name] = [json.loads(line) for line in path.read_text().splitlines()]
-    assert [sorted(record) for record in runs["pp2"]] == [sorted(record) for record in runs["one"]]
-    for mine, theirs in zip(runs["pp2"], runs["one"]):
-        for key in ("loss", "grad_norm", "val_loss"):
-            if key in theirs:
-                assert mine[key] == pytest.approx(theirs[key], rel=1e-5), (key, mine, theirs)
+    for split in ("pp2", "interleaved"):
+        assert [sorted(record) for record in runs[split]] == [sorted(record) for record in runs["one"]]
+        for mine, theirs in zip(runs[split], runs["one"]):
+            for key in ("loss", "grad_norm", "val_loss"):
+                if key in theirs:
+                    assert mine[key] == pytest.approx(theirs[key], rel=1e-5), (split, key, mine, theirs)

@@ -1,4 +1,4 @@
-"""python -m pytest tests/integration/test_pipeline.py  (torchrun, 2 and 4 processes, gloo; ~4 min)
+"""python -m pytest tests/integration/test_pipeline.py  (torchrun, 2 and 4 processes, gloo; ~6 min)
 
 Pipeline parallelism (PP_SIZE=2, train/parallel/pipeline.py) through the real entrypoint against
 one process with the same global batch (8 micro-batches of 1 sequence): the logged losses and
@@ -9,6 +9,8 @@ Models (4 layers each): tiny-llama3 (dense, untied), tiny-qwen3-moe (router auxi
 across the stages, layer 0 dense), tiny-qwen3 (tied embeddings: a copy on each end stage),
 tiny-gpt2 and tiny-qwen3-next; tiny-qwen3 also as PP 2 x TP 2 resumed under FSDP2, tiny-qwen3-moe as
 PP 2 x EP 2 resumed in one process.
+Interleaved 1F1B (PP_SCHEDULE=interleaved_1f1b, 2 virtual stages of one block each: stages 0 and 2
+on rank 0, 1 and 3 on rank 1) against the same one-process runs, and its checkpoint resumed there.
 """
 
 import json
@@ -28,6 +30,7 @@ COMMON = ["model.name=tiny-llama3", "data.source=synthetic", "data.seq_length=32
 
 MODELS = ["tiny-llama3", "tiny-qwen3-moe", "tiny-qwen3"]
 PP2 = ["parallel.pipeline_parallel_size=2"]
+INTERLEAVED = [*PP2, "parallel.pipeline_schedule=interleaved_1f1b", "parallel.virtual_stages=2"]
 
 
 def pretrain(root: Path, overrides: list[str], processes: int) -> list[float]:
@@ -85,6 +88,21 @@ def two_stages(tmp_path_factory):
                             f"parallel.pipeline_layers={layers!r}"], 2)
             roots[model, layers] = root
         return roots[model, layers]
+    return run
+
+
+@pytest.fixture(scope="module")
+def interleaved(tmp_path_factory):
+    """(model, processes, overrides) -> an interleaved PP 2 run of 3 iterations (4 processes: PP 2 x
+    DP 2, or PP 2 x TP 2)."""
+    roots = {}
+
+    def run(model: str, processes: int, overrides: tuple[str, ...] = ()) -> Path:
+        if (model, processes, overrides) not in roots:
+            root = tmp_path_factory.mktemp(f"{model}-interleaved")
+            pretrain(root, [f"model.name={model}", "training.train_iters=3", *INTERLEAVED, *overrides], processes)
+            roots[model, processes, overrides] = root
+        return roots[model, processes, overrides]
     return run
 
 
@@ -164,3 +182,31 @@ def test_two_stages_resume_bit_for_bit(tmp_path, two_stages):
     assert resumed == pretrain(tmp_path / "whole", [*model, "training.train_iters=5"], 2)
     assert all(torch.equal(weights(tmp_path / "split", 5)[name], tensor)
                for name, tensor in weights(tmp_path / "whole", 5).items())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model, processes, overrides", [
+    ("tiny-llama3", 4, ()), ("tiny-qwen3-moe", 2, ()), ("tiny-qwen3", 2, ()),
+    ("tiny-qwen3", 4, ("parallel.tensor_parallel_size=2", "parallel.data_parallel=fsdp")),
+], ids=["dense-dp2", "moe", "tied", "tied-tp2"])
+def test_interleaved_stages_match_one_process(one_process, interleaved, model, processes, overrides):
+    """dense-dp2: PP 2 x DP 2, each rank's two stages' gradients averaged over dp after the
+    schedule; moe: the balance sums through the four stages, across the two ranks twice; tied:
+    the embedding on stage 0 (rank 0) and lm_head on stage 3 (rank 1), their gradients summed;
+    tied-tp2: PP 2 x TP 2 (data-parallel size 1, so FSDP2 shards nothing), vocabulary shards."""
+    expected_losses, expected_weights, expected_norms, _ = one_process(model)
+    root = interleaved(model, processes, overrides)
+    assert losses(root) == pytest.approx(expected_losses[:3], rel=1e-5)
+    assert grad_norms(root) == pytest.approx(expected_norms, rel=1e-4)
+    assert_same_weights(weights(root, 3), expected_weights)
+
+
+@pytest.mark.slow
+def test_interleaved_checkpoint_resumes_in_one_process(tmp_path, one_process, interleaved):
+    """tiny-qwen3 (tied) saved under interleaved PP 2 (each rank's parameters under the whole
+    model's names, lm_head's AdamW state under embed_tokens.weight), 2 more iterations in one
+    process: the 5 losses of the uninterrupted one-process run."""
+    expected_losses, _, _, _ = one_process("tiny-qwen3")
+    shutil.copytree(interleaved("tiny-qwen3", 2), tmp_path, dirs_exist_ok=True)
+    result = pretrain(tmp_path, ["model.name=tiny-qwen3", "training.train_iters=5"], 1)
+    assert result == pytest.approx(expected_losses, rel=1e-5)

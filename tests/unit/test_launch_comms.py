@@ -214,3 +214,18 @@ def test_tensor_parallel_inside_stages_counts_each_stages_blocks_and_ends():
         assert first[name].bytes_per_rank + last[name].bytes_per_rank == pytest.approx(whole[name].bytes_per_rank)
     assert "logits" not in first and last["logits"] == whole["logits"]
     assert first["embedding and lm_head activations"].times == last["embedding and lm_head activations"].times == 4
+
+
+def test_interleaved_stages_send_once_per_stage_edge_and_keep_the_ends():
+    """PP 2 x 2 virtual stages: rank 0 holds stages 0 and 2 (3 sends a micro-batch: 0 -> 1, and 2's
+    receive and send), rank 1 stages 1 and 3 (3 too), against 1F1B's 1 each; the gradients are
+    still each rank's share, together the model's."""
+    from train.launch.memory import pipeline_stages
+
+    stages = pipeline_stages(DENSE, pp=2, accumulation=4, virtual=2)
+    plans = [by_name(step_collectives(DENSE, shape(dp=2, accumulation=4), groups=stage.groups, layers=stage.layers,
+                                      stage=index, pp=2, virtual=2))
+             for index, stage in enumerate(stages)]
+    assert [plan["stage activations and their gradients"].times for plan in plans] == [12, 12]
+    whole = by_name(step_collectives(DENSE, shape(dp=2, accumulation=4)))["gradients"].payload_bytes
+    assert sum(plan["gradients"].payload_bytes for plan in plans) == pytest.approx(whole)

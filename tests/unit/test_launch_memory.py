@@ -208,17 +208,20 @@ def test_each_planned_stage_holds_the_parameters_of_the_stage_the_job_builds(nam
     meta-device model, PP 2 and PP 3: GPT-2's learned positions on the first stage, a tied
     lm_head on the last as a copy (the split keeps it as the embedding's parameter there)."""
     from train.models import build_model
+    from train.parallel.checks import pipeline_layers, rank_stages
     from train.parallel.pipeline import split_stage
 
     args = get_model_args(name)
-    for pp, spec in ((2, ""), (3, "1,1,2")):
-        stages = pipeline_stages(args, pp, spec, accumulation=4)
-        counts = [len(stage.layers) for stage in stages]
+    for pp, spec, virtual in ((2, "", 1), (3, "1,1,2", 1), (2, "", 2)):  # 2 x 2: interleaved, 2 stages a rank
+        stages = pipeline_stages(args, pp, spec, accumulation=4, virtual=virtual)
+        counts = pipeline_layers(args.num_layers, pp, spec, virtual)
         planned = [sum(stage.groups.values()) for stage in stages]
-        built = [sum(parameter.numel() for parameter in split_stage(build_model(name, device="meta"), index,
+        built = [sum(parameter.numel() for parameter in split_stage(build_model(name, device="meta"),
+                                                                     rank_stages(pp, virtual, index),
                                                                      counts).parameters())
                  for index in range(pp)]
-        assert planned == built, (pp, planned, built)
+        assert planned == built, (pp, virtual, planned, built)
+        assert sum(len(stage.layers) for stage in stages) == args.num_layers
 
 
 def test_pipeline_memory_is_the_stages_share_with_its_micro_batches_in_flight():
@@ -274,6 +277,25 @@ def test_pipeline_plan_takes_the_largest_stage_and_the_bubble(tmp_path, env, cap
     os.environ.update({k: v for k, v in env.items() if k != "PATH"})
     assert main(["--job", "pretrain", "--config", path, "--dry-run"]) == 0
     assert json.loads(capsys.readouterr().out)["resources"]["time"]["pipeline_bubble"] == pytest.approx(0.2)
+
+
+def test_interleaved_pipeline_bubble_is_one_over_the_virtual_stages_of_1f1b(tmp_path, env):
+    """PP 2 x 2 virtual stages (PP_SCHEDULE=interleaved_1f1b), m = 4 micro-batches: Megatron's
+    bubble (p - 1) / (v m) = 1/8 of the compute (1F1B's: 1/4), 1/9 of the step's compute; rank 0
+    keeps (v - 1) x 2 + 2 + 1 = 5 stage forwards of 2 in flight, 2.5 micro-batches of its blocks."""
+    text = BIG + "export GBS=64\nexport ACTIVATION_CHECKPOINTING=1\nexport PRECISION=bf16\nexport PP_SIZE=2\n"
+    env = {**env, "MEMORY_CHECK": "0"}  # DDP's replicas of qwen3-8b's stages exceed an H100: the time is asked
+    one_f_one_b = plan_from_conf("pretrain", conf(tmp_path, text), [], env)[0].resources["time"]
+    interleaved = plan_from_conf("pretrain", conf(tmp_path, text + "export PP_SCHEDULE=interleaved_1f1b\n"
+                                                  "export PP_VIRTUAL_STAGES=2\n"), [], env)[0].resources["time"]
+    assert one_f_one_b["pipeline_bubble"] == pytest.approx(1 / 5)
+    assert interleaved["pipeline_bubble"] == pytest.approx(1 / 9)
+    ideal = one_f_one_b["compute_s"] * 4 / 5
+    assert interleaved["compute_s"] == pytest.approx(ideal * 9 / 8)
+    assert interleaved["bubble_s"] == pytest.approx(ideal / 8)
+    stages = pipeline_stages(get_model_args("qwen3-8b"), 2, "", accumulation=4, virtual=2)
+    assert [stage.in_flight for stage in stages] == [2.5, 1.5]
+    assert stages[1].layers == (9, 10, 11, 12, 13, 14, 15, 16, 17, 27, 28, 29, 30, 31, 32, 33, 34, 35)
 
 
 def test_qad_pipeline_plan_counts_each_stage_share_of_the_teacher(tmp_path, env, capsys):

@@ -145,6 +145,33 @@ def test_pipeline_plans_that_cannot_run_are_refused(tmp_path, env, extra, job, m
         plan_from_conf(job, conf, [], env)
 
 
+INTERLEAVED = "export PP_SCHEDULE=interleaved_1f1b\nexport PP_VIRTUAL_STAGES=2\n"
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("export GBS=40\n", "PP_SCHEDULE=interleaved_1f1b: interleaved 1F1B splits the 5 micro-batches per step into 2 "
+     "rounds \\(micro-batches // PP_SIZE=2\\), which must divide them; use a multiple of PP_SIZE \\(GBS / "
+     "\\(MBS x data-parallel size\\) = 5\\)"),
+    ("export GBS=16\nexport DP_SHARDING=fsdp\n", "interleaving runs with ddp only"),
+    ("export GBS=16\nexport PP_VIRTUAL_STAGES=1\n", "interleaving needs at least 2 stages per rank"),
+    ("export GBS=16\nexport PP_LAYERS=2,2\n", "needs PP_SIZE x PP_VIRTUAL_STAGES = 2 x 2 = 4 counts"),
+])
+def test_interleaved_pipeline_plans_that_cannot_run_are_refused(tmp_path, env, extra, message):
+    """8 GPUs, PP 2, MBS 2: dp 4, GBS 40 gives 5 micro-batches, which torch's 2 rounds cannot split."""
+    conf = write_conf(tmp_path, PP_PRETRAIN + INTERLEAVED + extra)
+    with pytest.raises(PlanError, match=message):
+        plan_from_conf("pretrain", conf, [], env)
+    assert plan_from_conf("pretrain", write_conf(tmp_path, PP_PRETRAIN + INTERLEAVED + "export GBS=48\n"), [],
+                          env)[0].parallel["pipeline_parallel"] == 2  # 6 micro-batches: 3 rounds of 2
+
+
+def test_interleaved_pipeline_refuses_qad(env):
+    """The QAD teacher runs inside a rank's one stage: interleaving is refused by name."""
+    with pytest.raises(PlanError, match="PP_SCHEDULE=interleaved_1f1b with JOB=qad: the teacher is not split"):
+        plan_from_conf("qad", "qwen3-8b", ["PP_SIZE=2", "PP_SCHEDULE=interleaved_1f1b", "PP_VIRTUAL_STAGES=2",
+                                           "DP_SHARDING=ddp"], env, strict_paths=False)
+
+
 def test_tp_with_ddp_and_tp_not_dividing_heads_are_refused(tmp_path, env):
     conf = write_conf(tmp_path, TINY_PRETRAIN + "export NUM_GPUS=8\nexport TP_SIZE=2\n")
     with pytest.raises(PlanError, match="does not compose with tensor parallelism"):

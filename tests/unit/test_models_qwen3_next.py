@@ -262,7 +262,8 @@ def test_tensor_parallel_is_refused_before_the_job():
     from train.parallel.checks import ParallelSettingsError, check_parallel_settings
 
     parallel = SimpleNamespace(data_parallel="fsdp", pipeline_parallel_size=1, expert_parallel_size=1,
-                               tensor_parallel_size=2, fsdp_mixed_precision="auto")
+                               tensor_parallel_size=2, fsdp_mixed_precision="auto", pipeline_schedule="1f1b",
+                               virtual_stages=1)
     with pytest.raises(ParallelSettingsError, match="TP_SIZE=2: tensor parallelism is not implemented for the "
                                                     "qwen3_next family"):
         check_parallel_settings(parallel, get_model_args("tiny-qwen3-next"), world_size=2)

@@ -10,15 +10,15 @@ import torch
 
 from train.models import build_model, get_model_args, init_weights
 from train.parallel.apply import apply_activation_checkpointing
-from train.parallel.checks import fsdp_mixed_precision_on, pipeline_layers
-from train.parallel.pipeline import balance_loss, split_stage
+from train.parallel.checks import fsdp_mixed_precision_on, interleaved_rounds_error, pipeline_layers, rank_stages
+from train.parallel.pipeline import StageChunk, balance_loss, split_stage
 from train.parallel import (ParallelSettingsError, build_mesh, check_engine_support, check_parallel_settings,
                             parallelize)
 
 
 def settings(**overrides):
     values = dict(tensor_parallel_size=1, pipeline_parallel_size=1, pipeline_layers="", expert_parallel_size=1,
-                  data_parallel="ddp", activation_checkpointing=False, compile=False, fsdp_mixed_precision="auto")
+                  pipeline_schedule="1f1b", virtual_stages=1, data_parallel="ddp", activation_checkpointing=False, compile=False, fsdp_mixed_precision="auto")
     return SimpleNamespace(**{**values, **overrides})
 
 
@@ -65,6 +65,18 @@ def test_fsdp_mixed_precision_auto_is_on_for_bf16_on_cuda_only(setting, precisio
     ("tiny-llama3", dict(pipeline_parallel_size=2, pipeline_layers="4,0"), "counts of at least 1"),
     ("tiny-llama3", dict(pipeline_parallel_size=2, pipeline_layers="1,2,1"), "needs PP_SIZE=2 counts"),
     ("tiny-llama3", dict(pipeline_parallel_size=2, pipeline_layers="a,b"), "not a comma-separated list"),
+    ("tiny-llama3", dict(pipeline_parallel_size=2, pipeline_schedule="gpipe"),
+     "parallel.pipeline_schedule='gpipe' \\(PP_SCHEDULE\\): use one of 1f1b, interleaved_1f1b"),
+    ("tiny-llama3", dict(pipeline_parallel_size=2, virtual_stages=2),
+     "parallel.virtual_stages=2 \\(PP_VIRTUAL_STAGES\\) with parallel.pipeline_schedule='1f1b'"),
+    ("tiny-llama3", dict(pipeline_parallel_size=2, pipeline_schedule="interleaved_1f1b"),
+     "interleaving needs at least 2 stages per rank"),
+    ("tiny-llama3", dict(pipeline_parallel_size=2, pipeline_schedule="interleaved_1f1b", virtual_stages=2,
+                         data_parallel="fsdp"), "interleaving runs with ddp only"),
+    ("tiny-llama3", dict(pipeline_parallel_size=2, pipeline_schedule="interleaved_1f1b", virtual_stages=3),
+     "PP_SIZE x PP_VIRTUAL_STAGES = 2 x 3 = 6 exceeds the model's 4 layers"),
+    ("tiny-llama3", dict(pipeline_parallel_size=2, pipeline_schedule="interleaved_1f1b", virtual_stages=2,
+                         pipeline_layers="1,3"), "needs PP_SIZE x PP_VIRTUAL_STAGES = 2 x 2 = 4 counts"),
 ])
 def test_pipeline_settings_that_cannot_run_are_named(model, overrides, message):
     with pytest.raises(ParallelSettingsError, match=message):
@@ -86,10 +98,37 @@ def test_pipeline_layers_balance_embedding_and_lm_head(num_layers, pp, spec, cou
     assert pipeline_layers(num_layers, pp, spec) == counts
 
 
+def test_interleaved_stages_are_balanced_over_all_stages_and_placed_round_robin():
+    """PP 2 x 2 virtual stages: 4 stages balanced as PP 4's; rank 1 holds stages 1 and 3."""
+    assert pipeline_layers(18, 2, "", virtual=2) == pipeline_layers(18, 4) == [4, 5, 5, 4]
+    assert pipeline_layers(8, 2, "1,2,3,2", virtual=2) == [1, 2, 3, 2]
+    assert rank_stages(2, 2, 1) == [1, 3] and rank_stages(4, 3, 0) == [0, 4, 8] and rank_stages(3, 1, 2) == [2]
+
+
+@pytest.mark.parametrize("pp, micro_batches, refused", [(2, 8, False), (4, 10, False), (4, 3, False), (4, 6, False),
+                                                       (4, 9, True), (2, 5, True)])
+def test_interleaved_micro_batches_split_into_equal_rounds(pp, micro_batches, refused):
+    """torch's rule: max(1, m // pp) rounds must divide m (4 x 9: 2 rounds of 4.5)."""
+    problem = interleaved_rounds_error(pp, micro_batches)
+    assert (problem is not None) == refused
+    if refused:
+        assert f"the {micro_batches} micro-batches" in problem and f"PP_SIZE={pp}" in problem
+
+
 @pytest.mark.parametrize("model", ["tiny-llama3", "tiny-qwen3", "tiny-qwen3-moe"])
 def test_pipeline_of_llama_qwen3_tied_and_moe_models_is_accepted(model):
     check_parallel_settings(settings(pipeline_parallel_size=2, pipeline_layers="1,3"), get_model_args(model),
                             world_size=4)
+
+
+def test_interleaved_stages_with_tp_on_one_data_parallel_rank_are_accepted():
+    """FSDP2 (the strategy TP needs) shards nothing at data-parallel size 1: PP 2 x TP 2 on 4 GPUs."""
+    interleaved = dict(pipeline_parallel_size=2, pipeline_schedule="interleaved_1f1b", virtual_stages=2)
+    check_parallel_settings(settings(**interleaved, tensor_parallel_size=2, data_parallel="fsdp"),
+                            get_model_args("tiny-qwen3"), world_size=4)
+    with pytest.raises(ParallelSettingsError, match="interleaving runs with ddp only"):
+        check_parallel_settings(settings(**interleaved, tensor_parallel_size=2, data_parallel="fsdp"),
+                                get_model_args("tiny-qwen3"), world_size=8)
 
 
 @pytest.mark.parametrize("overrides, world_size, message", [
@@ -165,7 +204,7 @@ def test_pipeline_stages_keep_the_whole_models_names_and_compose_to_it():
     activation checkpointing, whose wrappers see the gaps in the block indices), and stage 1's
     forward of stage 0's output is the whole model's final hidden state."""
     whole = init_weights(build_model("tiny-llama3", device="cpu"), 0)
-    stages = [split_stage(copy.deepcopy(whole), stage, [1, 3]) for stage in range(2)]
+    stages = [split_stage(copy.deepcopy(whole), [stage], [1, 3]) for stage in range(2)]
     apply_activation_checkpointing(stages[1])
     names = [set(stage.state_dict()) for stage in stages]
     assert names[0] | names[1] == set(whole.state_dict()) and not names[0] & names[1]
@@ -180,7 +219,7 @@ def test_moe_stages_pass_on_the_balance_statistics_of_the_whole_model(counts):
     """tiny-qwen3-moe (layer 0 dense): the last stage's load-balancing loss from the balance sums
     the stages pass on equals the whole model's auxiliary_loss, value and router gradients."""
     whole = init_weights(build_model("tiny-qwen3-moe", device="cpu"), 0)
-    stages = [split_stage(copy.deepcopy(whole), stage, counts) for stage in range(2)]
+    stages = [split_stage(copy.deepcopy(whole), [stage], counts) for stage in range(2)]
     tokens = torch.randint(0, whole.args.vocab_size, (2, 8))
     hidden, balance = stages[1](*stages[0](tokens))
     torch.testing.assert_close(hidden, whole(tokens, return_hidden=True))
@@ -192,3 +231,31 @@ def test_moe_stages_pass_on_the_balance_statistics_of_the_whole_model(counts):
         stage = stages[0] if index < counts[0] else stages[1]
         router = stage.get_submodule(f"layers.{index}.mlp.gate")  # the stage keeps the index in the name
         torch.testing.assert_close(router.weight.grad, whole.layers[index].mlp.gate.weight.grad)
+
+
+@pytest.mark.parametrize("model", ["tiny-llama3", "tiny-qwen3-moe"])
+def test_interleaved_chunks_in_stage_order_compose_to_the_whole_model(model):
+    """PP 2 x 2 virtual stages of one block each: rank 0's model holds stages 0 and 2, rank 1's
+    stages 1 and 3; their chunks run 0, 1, 2, 3 give the whole model's final hidden state, and
+    for tiny-qwen3-moe the balance sums give its auxiliary loss and router gradients."""
+    whole = init_weights(build_model(model, device="cpu"), 0)
+    ranks = [split_stage(copy.deepcopy(whole), rank_stages(2, 2, rank), [1, 1, 1, 1]) for rank in range(2)]
+    assert ranks[0].lm_head is None and ranks[1].embed_tokens is None
+    assert sorted(ranks[1].layers._modules) == ["1", "3"]
+    chunks = [StageChunk(ranks[stage % 2], stage, layers, 4) for stage in range(4)
+              for chunk_stage, layers in ranks[stage % 2].pipeline_chunks if chunk_stage == stage]
+    assert len(chunks) == 4 and not list(chunks[0].parameters())  # no submodule: the names stay the model's
+    tokens = torch.randint(0, whole.args.vocab_size, (2, 8))
+    output = chunks[0](tokens)
+    for chunk in chunks[1:]:
+        output = chunk(*output) if isinstance(output, tuple) else chunk(output)
+    hidden = output[0] if isinstance(output, tuple) else output
+    torch.testing.assert_close(hidden, whole(tokens, return_hidden=True))
+    if whole.args.num_experts:
+        expected, actual = whole.auxiliary_loss(), balance_loss(ranks[1], output[1])
+        torch.testing.assert_close(actual, expected)
+        expected.backward()
+        actual.backward()
+        for index in range(1, 4):
+            router = ranks[index % 2].get_submodule(f"layers.{index}.mlp.gate")
+            torch.testing.assert_close(router.weight.grad, whole.layers[index].mlp.gate.weight.grad)

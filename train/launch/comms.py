@@ -48,7 +48,10 @@ of that time hidden behind compute: step = compute + (1 - COMM_OVERLAP) x commun
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+
+from train.parallel.checks import rank_stages
 
 GB = 1e9
 DEFAULT_INTRA_NODE_GBPS = 450.0  # NVLink4 (H100, H200): 900 GB/s both directions per GPU
@@ -202,11 +205,12 @@ def teacher_collectives(teacher, teacher_bytes: int, shape: StepShape) -> list[C
     return out
 
 
-def pipeline_collectives(args, shape: StepShape, stage: int, pp: int) -> list[Collective]:
-    """Stage `stage` of `pp`: its activation sends (forward to the next stage, gradients back to
-    the previous, each micro-batch) and the tied embedding's gradient all-reduce (first and last)."""
+def pipeline_collectives(args, shape: StepShape, stage: int, pp: int, virtual: int = 1) -> list[Collective]:
+    """Pipeline rank `stage` of `pp`: its stages' activation sends (forward to the next stage,
+    gradients back to the previous, each micro-batch; virtual stages per rank: rank s holds stages
+    s, s + pp, ...) and the tied embedding's gradient all-reduce (first and last rank)."""
     stride = shape.dp * shape.tp  # ranks between a rank and its peer in the next stage
-    sends = (stage < pp - 1) + (stage > 0)
+    sends = sum((held < pp * virtual - 1) + (held > 0) for held in rank_stages(pp, virtual, stage))
     out = [Collective("stage activations and their gradients", "send", "pp", 2, stride + 1,
                       shape.tokens * args.hidden_size * shape.param_bytes, sends * shape.accumulation)]
     if args.tie_embeddings and stage in (0, pp - 1):
@@ -217,14 +221,15 @@ def pipeline_collectives(args, shape: StepShape, stage: int, pp: int) -> list[Co
 
 def step_collectives(args, shape: StepShape, *, teacher=None, teacher_bytes: int = 2,
                      lora_trainable: float | None = None, groups: dict[str, int] | None = None,
-                     layers: range | None = None, stage: int = 0, pp: int = 1) -> list[Collective]:
+                     layers: Sequence[int] | None = None, stage: int = 0, pp: int = 1,
+                     virtual: int = 1) -> list[Collective]:
     """Every collective of one optimizer step on one rank, the student's and the teacher's.
     PP (pp > 1): groups and layers, the parameter_groups and blocks of this rank's stage `stage`."""
     out = gradient_collectives(groups or parameter_groups(args), shape, lora_trainable)
     out += activation_collectives(args, shape, forward_only=False, layers=layers, first=stage == 0,
                                   last=stage == pp - 1)
     if pp > 1:
-        out += pipeline_collectives(args, shape, stage, pp)
+        out += pipeline_collectives(args, shape, stage, pp, virtual)
     if teacher is not None:
         out += teacher_collectives(teacher, teacher_bytes, shape)
     return out

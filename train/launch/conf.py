@@ -86,7 +86,12 @@ CONF_VARIABLES: dict[str, ConfVariable] = {v.name: v for v in [
     # --- shared by every job ---
     _var("TP_SIZE", "parallel.tensor_parallel_size", "int", "tensor-parallel size", required_for=QAD, default="1"),
     _var("PP_SIZE", "parallel.pipeline_parallel_size", "int", "pipeline-parallel size", default="1"),
-    _var("PP_LAYERS", "parallel.pipeline_layers", "str", "blocks per pipeline stage, e.g. 3,5 (empty: balanced)"),
+    _var("PP_LAYERS", "parallel.pipeline_layers", "str", "blocks per pipeline stage, e.g. 3,5 (empty: balanced; "
+         "interleaved: PP_SIZE x PP_VIRTUAL_STAGES counts)"),
+    _var("PP_SCHEDULE", "parallel.pipeline_schedule", "str", "pipeline schedule: 1f1b | interleaved_1f1b",
+         default="1f1b"),
+    _var("PP_VIRTUAL_STAGES", "parallel.virtual_stages", "int", "pipeline stages per rank (interleaved_1f1b: 2 or "
+         "more)", default="1"),
     _var("EP_SIZE", "parallel.expert_parallel_size", "int", "expert-parallel size (MoE)", default="1"),
     _var("MBS", "training.micro_batch_size", "int", "micro-batch size per rank", required_for=QAD),
     _var("NUM_GPUS", None, "int", "GPUs (CPU processes without a GPU) per node", default="8"),

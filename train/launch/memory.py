@@ -46,7 +46,10 @@ over the GPUs' peak bf16 FLOP/s at an assumed MFU (ASSUMED_MFU, default 0.35), a
 SLURM jobs the wrapper's time limit (#SBATCH --time, or SBATCH_TIMELIMIT) implies. With PP_SIZE=p
 and m micro-batches per step, 1F1B idles each stage for p - 1 of its m + p - 1 slots: the
 compute time grows by (m + p - 1) / m, the pipeline bubble (p - 1) / (m + p - 1) of it (stages
-taken as balanced). The communication plan (comms.py) is the stage's: its own gradients and its
+taken as balanced). Interleaved 1F1B (PP_SCHEDULE=interleaved_1f1b, v = PP_VIRTUAL_STAGES stages
+per GPU, each 1/v of its work): v m + p - 1 slots of 1/v, so the compute grows by (v m + p - 1) / (v m),
+Megatron's bubble (p - 1) / (v m), and rank s keeps the activations of torch's warm-up
+((v - 1) x the micro-batches of a round + 2 (p - 1 - s) stage forwards) plus one, 1/v each. The communication plan (comms.py) is the stage's: its own gradients and its
 activation sends between stages.
 """
 
@@ -57,6 +60,7 @@ import dataclasses
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -64,7 +68,7 @@ from typing import TYPE_CHECKING
 from train.launch.comms import (Interconnect, StepShape, communication_plan, interconnect, parameter_groups,
                                 step_collectives)
 from train.mfu import peak_flops_for_name
-from train.parallel.checks import pipeline_layers
+from train.parallel.checks import pipeline_layers, rank_stages
 
 if TYPE_CHECKING:  # annotations only: importing train.config loads Hydra
     from train.config import JobConfig
@@ -93,14 +97,15 @@ class Split:
     strategy: str  # ddp | fsdp | fsdp_zero2 | zero1
     pp: int = 1  # pipeline stages (PP_SIZE)
     pipeline_layers: str = ""  # PP_LAYERS: blocks per stage (empty: balanced, train/parallel/checks.py)
+    virtual: int = 1  # PP_VIRTUAL_STAGES: stages per rank (interleaved 1F1B)
 
 
 @dataclass(frozen=True)
 class Stage:
     """What one GPU's pipeline stage holds: the whole model at PP_SIZE=1."""
     groups: dict[str, int]  # parameter_groups of its part of the model
-    layers: range  # its blocks
-    in_flight: int = 1  # micro-batches whose activations it keeps at once (1F1B)
+    layers: Sequence[int]  # its blocks (interleaved: those of all its stages)
+    in_flight: float = 1  # micro-batches whose activations it keeps at once (1F1B; interleaved: chunks / virtual)
     loss: bool = True  # lm_head and the loss: the last stage
 
 
@@ -111,26 +116,42 @@ def block_groups(args, index: int) -> dict[str, int]:
     return {"dense": two["dense"] - one["dense"], "experts": two["experts"] - one["experts"]}
 
 
-def pipeline_stages(args, pp: int = 1, spec: str = "", accumulation: int = 1) -> list[Stage]:
-    """Each stage's share (PP_SIZE=pp, PP_LAYERS=spec): its blocks; the first stage the embedding,
-    the last the final norm and lm_head (tied: a copy of the embedding); stage s keeps the
-    activations of min(pp - s, accumulation) micro-batches (1F1B's warm-up fills pp - s)."""
+def pipeline_stages(args, pp: int = 1, spec: str = "", accumulation: int = 1, virtual: int = 1) -> list[Stage]:
+    """Each pipeline rank's share (PP_SIZE=pp, PP_LAYERS=spec): its blocks; the first rank the
+    embedding, the last the final norm and lm_head (tied: a copy of the embedding); rank s keeps
+    the activations of min(pp - s, accumulation) micro-batches (1F1B's warm-up fills pp - s).
+    virtual > 1 (interleaved 1F1B): rank s holds stages s, s + pp, ... (interleaved_in_flight)."""
     whole = parameter_groups(args)
     if pp == 1:
         return [Stage(whole, range(args.num_layers))]
     blocks = [block_groups(args, index) for index in range(args.num_layers)]
     positions = args.max_seq_len * args.hidden_size if args.family == "gpt2" else 0  # GPT-2's learned ones
     final_norm = whole["dense"] - sum(block["dense"] for block in blocks) - positions
-    stages, start = [], 0
-    for stage, count in enumerate(pipeline_layers(args.num_layers, pp, spec)):
-        layers, last = range(start, start + count), stage == pp - 1
+    counts = pipeline_layers(args.num_layers, pp, spec, virtual)
+    starts = [sum(counts[:stage]) for stage in range(len(counts))]
+    stages = []
+    for stage in range(pp):
+        layers = [index for held in rank_stages(pp, virtual, stage)
+                  for index in range(starts[held], starts[held] + counts[held])]
+        last = stage == pp - 1
         groups = {"embedding": args.vocab_size * args.hidden_size if stage in (0, pp - 1) else 0,
                   "experts": sum(blocks[i]["experts"] for i in layers),
                   "dense": sum(blocks[i]["dense"] for i in layers) + (final_norm if last else 0)
                   + (positions if stage == 0 else 0)}
-        stages.append(Stage(groups, layers, min(pp - stage, accumulation), last))
-        start += count
+        in_flight = min(pp - stage, accumulation) if virtual == 1 else interleaved_in_flight(pp, virtual, stage,
+                                                                                              accumulation)
+        stages.append(Stage(groups, range(layers[0], layers[-1] + 1) if virtual == 1 else tuple(layers), in_flight,
+                            last))
     return stages
+
+
+def interleaved_in_flight(pp: int, virtual: int, rank: int, micro_batches: int) -> float:
+    """Interleaved 1F1B: the stage forwards whose activations rank `rank` keeps at most, torch
+    2.13's warm-up ((virtual - 1) x the micro-batches of a round + 2 per rank before the last) and
+    the steady state's one, in micro-batches of all its stages (a stage holds 1/virtual of them)."""
+    per_round = micro_batches // max(1, micro_batches // pp)
+    warmup = (virtual - 1) * per_round + 2 * (pp - 1 - rank)
+    return min(warmup + 1, micro_batches * virtual) / virtual
 
 
 def local_elements(groups: dict[str, int], layout: Split, fsdp_sharded: bool) -> float:
@@ -289,11 +310,11 @@ def parse_slurm_time(text: str) -> int:
 
 def time_plan(args, teacher, *, tokens_per_step: int, seq_length: int, iters: int | None, world_size: int,
               gpu: str, mfu: float, time_limit_s: int | None, checkpointing: bool,
-              communication_s: float = 0.0, pp: int = 1, micro_batches: int = 1) -> dict:
+              communication_s: float = 0.0, pp: int = 1, micro_batches: int = 1, virtual: int = 1) -> dict:
     """Step and wall time: compute from FLOPs at an assumed MFU + communication_s (the part of
     the step's communication not hidden behind compute, train/launch/comms.py); chained jobs
     under the time limit. pp > 1: the compute of a pipeline of pp stages over `micro_batches`
-    per step, bubble included (the module docstring)."""
+    per step, bubble included, virtual stages per rank (interleaved 1F1B) (the module docstring)."""
     from train.models.registry import flops_per_token
 
     flops = flops_per_token(args, seq_length) * (4 / 3 if checkpointing else 1)  # recompute: +1 forward
@@ -304,9 +325,9 @@ def time_plan(args, teacher, *, tokens_per_step: int, seq_length: int, iters: in
     if peak is None:
         return out
     compute_s = flops * tokens_per_step / (world_size * peak * mfu)
-    if pp > 1:  # 1F1B: m + p - 1 slots for m micro-batches' work
-        bubble = (pp - 1) / (micro_batches + pp - 1)
-        out.update(pipeline_bubble=bubble, bubble_s=compute_s * (pp - 1) / micro_batches)
+    if pp > 1:  # 1F1B: m + p - 1 slots for m micro-batches' work; interleaved: v m + p - 1 slots of 1/v
+        bubble = (pp - 1) / (virtual * micro_batches + pp - 1)
+        out.update(pipeline_bubble=bubble, bubble_s=compute_s * (pp - 1) / (virtual * micro_batches))
         compute_s += out["bubble_s"]
     step_s = compute_s + communication_s
     out.update(compute_s=compute_s, communication_s=communication_s, step_s=step_s)
@@ -380,7 +401,7 @@ def job_memory(job: str, cfg: JobConfig, layout: Split, models) -> dict[str, flo
     accumulation = max(gbs // (mbs * layout.dp), 1)
     targets = [name.strip() for name in str(cfg.lora.target_modules).split(",") if name.strip()]
     lora = (int(cfg.lora.rank), targets) if job == "finetune" else None
-    student_stages = pipeline_stages(student, layout.pp, layout.pipeline_layers, accumulation)
+    student_stages = pipeline_stages(student, layout.pp, layout.pipeline_layers, accumulation, layout.virtual)
     teacher_stages = teacher_pipeline_stages(student, teacher, layout)
     stages = [memory_breakdown(
         student, job=job, layout=layout, mbs=int(cfg.training.micro_batch_size), seq_length=int(cfg.data.seq_length),
@@ -430,10 +451,10 @@ def job_communication(job: str, cfg: JobConfig, layout: Split, models, link: Int
                       checkpointing=bool(cfg.parallel.activation_checkpointing))
     targets = [name.strip() for name in str(cfg.lora.target_modules).split(",") if name.strip()]
     trainable = lora_elements(student, int(cfg.lora.rank), targets) if job == "finetune" else None
-    stages = pipeline_stages(student, layout.pp, layout.pipeline_layers, shape.accumulation)
+    stages = pipeline_stages(student, layout.pp, layout.pipeline_layers, shape.accumulation, layout.virtual)
     plans = [communication_plan(step_collectives(student, shape, teacher=teacher, teacher_bytes=teacher_bytes,
                                                  lora_trainable=trainable, groups=stage.groups, layers=stage.layers,
-                                                 stage=index, pp=layout.pp), link)
+                                                 stage=index, pp=layout.pp, virtual=layout.virtual), link)
              for index, stage in enumerate(stages)]
     return max(plans, key=lambda plan: plan["seconds"])  # PP: the stage that waits longest
 
@@ -441,7 +462,8 @@ def job_communication(job: str, cfg: JobConfig, layout: Split, models, link: Int
 def job_split(cfg: JobConfig, data_parallel: int) -> Split:
     parallel = cfg.parallel
     return Split(int(parallel.tensor_parallel_size), int(parallel.expert_parallel_size), data_parallel,
-                 str(parallel.data_parallel), int(parallel.pipeline_parallel_size), str(parallel.pipeline_layers))
+                 str(parallel.data_parallel), int(parallel.pipeline_parallel_size), str(parallel.pipeline_layers),
+                 int(parallel.virtual_stages))
 
 
 def resource_plan(job: str, cfg: JobConfig, env: dict[str, str], world_size: int, data_parallel: int, gbs: int,
@@ -467,7 +489,7 @@ def resource_plan(job: str, cfg: JobConfig, env: dict[str, str], world_size: int
                                 mfu=mfu, time_limit_s=slurm_time_limit_s(job, env, slurm_dir),
                                 checkpointing=bool(cfg.parallel.activation_checkpointing),
                                 communication_s=out["communication"]["exposed_s"], pp=split.pp,
-                                micro_batches=accumulation)
+                                micro_batches=accumulation, virtual=split.virtual)
     return out
 
 
@@ -476,7 +498,7 @@ def fitting_alternatives(job: str, cfg: JobConfig, world_size: int, capacity: fl
     models = job_models(job, cfg)
     parallel, training = cfg.parallel, cfg.training
     tries = []
-    if parallel.data_parallel != "fsdp":
+    if parallel.data_parallel != "fsdp" and parallel.virtual_stages == 1:  # interleaving refuses FSDP2 shards
         tries.append(("DP_SHARDING=fsdp", "parallel.data_parallel", "fsdp"))
     if not parallel.activation_checkpointing:
         tries.append(("ACTIVATION_CHECKPOINTING=1", "parallel.activation_checkpointing", True))

@@ -161,8 +161,25 @@ def check_pipeline(job: str, cfg: JobConfig, accumulation: int, conf: str) -> No
     if accumulation < pp:
         raise PlanError(f"{conf}: PP_SIZE={pp} needs at least {pp} micro-batches per step (1F1B), the plan has "
                         f"GBS / (MBS x data-parallel size) = {accumulation}; raise GBS")
+    if cfg.parallel.virtual_stages > 1:
+        check_interleaved(job, cfg, accumulation, conf)
     if job == "qad":
         check_pipeline_teacher(cfg, conf)
+
+
+def check_interleaved(job: str, cfg: JobConfig, accumulation: int, conf: str) -> None:
+    """PP_SCHEDULE=interleaved_1f1b: torch's micro-batch rounds divide the step's micro-batches;
+    pretraining and LoRA training only (the QAD teacher runs inside a rank's one stage)."""
+    from train.parallel.checks import interleaved_rounds_error
+
+    pp = cfg.parallel.pipeline_parallel_size
+    problem = interleaved_rounds_error(pp, accumulation)
+    if problem:
+        raise PlanError(f"{conf}: PP_SCHEDULE=interleaved_1f1b: {problem} (GBS / (MBS x data-parallel size) = "
+                        f"{accumulation})")
+    if job == "qad":
+        raise PlanError(f"{conf}: PP_SCHEDULE=interleaved_1f1b with JOB=qad: the teacher is not split into "
+                        "virtual stages; use PP_SCHEDULE=1f1b")
 
 
 def check_pipeline_teacher(cfg: JobConfig, conf: str) -> None:
@@ -178,7 +195,8 @@ def check_pipeline_teacher(cfg: JobConfig, conf: str) -> None:
     pp = cfg.parallel.pipeline_parallel_size
     same_depth = student is not None and student.num_layers == teacher.num_layers
     try:
-        pipeline_layers(teacher.num_layers, pp, cfg.parallel.pipeline_layers if same_depth else "")
+        pipeline_layers(teacher.num_layers, pp, cfg.parallel.pipeline_layers if same_depth else "",
+                        cfg.parallel.virtual_stages)
     except ParallelSettingsError as error:
         raise PlanError(f"{conf}: the teacher TEACHER_MODEL={cfg.distill.teacher_model}: {error}") from None
 

@@ -7,7 +7,7 @@
     tensor_parallel.py  DTensor plans per family (colwise q/k/v/gate/up, rowwise o/down)
     expert_parallel.py  EP: experts split over "ep", all-to-all token dispatch, expert gradients
     data_parallel.py    ddp | fsdp | fsdp_zero2 | zero1 (and the ZeRO-1 optimizer), gradient_sync
-    pipeline.py         PP: the model's stages (blocks split, names kept), the 1F1B schedule, clipping
+    pipeline.py         PP: the model's stages (blocks split, names kept), 1F1B or interleaved 1F1B, clipping
     apply.py            parallelize: TP, then activation checkpointing, then compile, then DP
     sharded_load.py     load_hf_sharded: a meta model, laid out, reads each rank's part of an HF checkpoint
     checks.py           torch-free validation (the launch plan may call it)

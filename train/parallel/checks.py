@@ -51,7 +51,7 @@ def check_parallel_settings(parallel_cfg: ParallelConfig, model_args=None, world
         raise ParallelSettingsError(f"parallel.data_parallel={strategy!r} (DP_SHARDING): use one of "
                                     f"{', '.join(DATA_PARALLEL_STRATEGIES)}")
     tp = parallel_cfg.tensor_parallel_size
-    check_pipeline_parallel(parallel_cfg, model_args)
+    check_pipeline_parallel(parallel_cfg, model_args, world_size)
     check_expert_parallel(parallel_cfg, model_args, world_size, num_experts)
     if tp > 1 and world_size is not None and world_size // tp > 1 and strategy in ("ddp", "zero1"):
         # DDP cannot reduce DTensor gradients; FSDP2 composes with TP on a 2-D mesh.
@@ -74,45 +74,97 @@ def check_parallel_settings(parallel_cfg: ParallelConfig, model_args=None, world
                                             f"{model_args.name}")
 
 
-def check_pipeline_parallel(parallel_cfg: ParallelConfig, model_args=None) -> None:
-    """PP_SIZE > 1 (every family, tied embeddings, TP and EP inside a stage): without ZeRO-1, and a layer split
-    that gives every stage at least one block."""
+PIPELINE_SCHEDULES = {
+    "1f1b": "torch's Schedule1F1B: one stage per rank",
+    "interleaved_1f1b": "torch's ScheduleInterleaved1F1B: parallel.virtual_stages stages per rank, rank r holding "
+                        "stages r, r + PP_SIZE, ...; a bubble 1/virtual_stages of 1F1B's for more sends",
+}
+
+
+def check_pipeline_parallel(parallel_cfg: ParallelConfig, model_args=None, world_size: int | None = None) -> None:
+    """PP_SIZE > 1 (every family, tied embeddings, TP and EP inside a stage): without ZeRO-1, a known
+    schedule (interleaved: not over FSDP2 shards; world_size None: taken as sharded), and a layer
+    split that gives every stage at least one block."""
     pp = parallel_cfg.pipeline_parallel_size
     if pp < 1:
         raise ParallelSettingsError(f"PP_SIZE={pp} must be at least 1")
+    check_pipeline_schedule(parallel_cfg)
     if pp == 1:
         return
     if parallel_cfg.data_parallel == "zero1":
         # ZeroRedundancyOptimizer shards over every rank, and the stages hold different parameters
         raise ParallelSettingsError(f"PP_SIZE={pp} with parallel.data_parallel='zero1' (DP_SHARDING): use ddp, fsdp "
                                     "or fsdp_zero2")
+    virtual = parallel_cfg.virtual_stages
+    data_parallel = world_size // (pp * parallel_cfg.tensor_parallel_size) if world_size else None
+    if virtual > 1 and parallel_cfg.data_parallel in ("fsdp", "fsdp_zero2") and data_parallel != 1:
+        # a rank's stages are chunks of one FSDP2 model: torch's schedule unshards and syncs a stage's
+        # gradients only when the stage's module is the FSDP2 module itself
+        raise ParallelSettingsError(f"parallel.pipeline_schedule='interleaved_1f1b' (PP_SCHEDULE) with "
+                                    f"parallel.data_parallel={parallel_cfg.data_parallel!r} (DP_SHARDING): "
+                                    "interleaving runs with ddp only (or FSDP2 on one data-parallel rank, as TP "
+                                    "inside a stage needs); use DP_SHARDING=ddp or PP_SCHEDULE=1f1b")
     if model_args is None:
         return
-    pipeline_layers(model_args.num_layers, pp, parallel_cfg.pipeline_layers)
+    pipeline_layers(model_args.num_layers, pp, parallel_cfg.pipeline_layers, virtual)
 
 
-def pipeline_layers(num_layers: int, pp: int, spec: str = "") -> list[int]:
-    """Blocks per stage: parallel.pipeline_layers ("3,5": 3 on stage 0, 5 on stage 1), or balanced
-    with the embedding and the final norm + lm_head counted as one block each (the first and the
-    last stage then hold one block less: 18 layers over 4 stages -> 4,5,5,4)."""
+def check_pipeline_schedule(parallel_cfg: ParallelConfig) -> None:
+    """parallel.pipeline_schedule is known and parallel.virtual_stages fits it (1f1b: 1; interleaved: 2+)."""
+    schedule, virtual = parallel_cfg.pipeline_schedule, parallel_cfg.virtual_stages
+    if schedule not in PIPELINE_SCHEDULES:
+        raise ParallelSettingsError(f"parallel.pipeline_schedule={schedule!r} (PP_SCHEDULE): use one of "
+                                    f"{', '.join(PIPELINE_SCHEDULES)}")
+    if schedule == "1f1b" and virtual != 1:
+        raise ParallelSettingsError(f"parallel.virtual_stages={virtual} (PP_VIRTUAL_STAGES) with "
+                                    "parallel.pipeline_schedule='1f1b': 1F1B runs one stage per rank; use 1, or "
+                                    "PP_SCHEDULE=interleaved_1f1b")
+    if schedule == "interleaved_1f1b" and virtual < 2:
+        raise ParallelSettingsError(f"parallel.virtual_stages={virtual} (PP_VIRTUAL_STAGES) with "
+                                    "parallel.pipeline_schedule='interleaved_1f1b': interleaving needs at least 2 "
+                                    "stages per rank")
+
+
+def pipeline_layers(num_layers: int, pp: int, spec: str = "", virtual: int = 1) -> list[int]:
+    """Blocks per stage, pp x virtual stages (virtual: parallel.virtual_stages; stage s on rank
+    s % pp): parallel.pipeline_layers ("3,5": 3 on stage 0, 5 on stage 1), or balanced with the
+    embedding and the final norm + lm_head counted as one block each (the first and the last
+    stage then hold one block less: 18 layers over 4 stages -> 4,5,5,4)."""
+    stages = pp * virtual
+    named = f"PP_SIZE={pp}" if virtual == 1 else f"PP_SIZE x PP_VIRTUAL_STAGES = {pp} x {virtual} = {stages}"
     if spec:
         try:
             counts = [int(part) for part in str(spec).split(",")]
         except ValueError:
             raise ParallelSettingsError(f"parallel.pipeline_layers={spec!r}: not a comma-separated list of "
                                         "integers") from None
-        if len(counts) != pp or min(counts) < 1 or sum(counts) != num_layers:
-            raise ParallelSettingsError(f"parallel.pipeline_layers={spec!r}: needs PP_SIZE={pp} counts of at least "
+        if len(counts) != stages or min(counts) < 1 or sum(counts) != num_layers:
+            raise ParallelSettingsError(f"parallel.pipeline_layers={spec!r}: needs {named} counts of at least "
                                         f"1 that add up to the model's {num_layers} layers")
         return counts
-    if num_layers < pp:
-        raise ParallelSettingsError(f"PP_SIZE={pp} exceeds the model's {num_layers} layers: every stage needs a "
-                                    "block")
+    if num_layers < stages:
+        raise ParallelSettingsError(f"{named} exceeds the model's {num_layers} layers: every stage needs a block")
     units = num_layers + 2  # blocks, plus the embedding and lm_head
-    # stage s ends after unit round(units * (s + 1) / pp); unit 0 is the embedding
-    ends = [min(max(round(units * (s + 1) / pp) - 1, s + 1), num_layers - (pp - 1 - s)) for s in range(pp - 1)]
+    # stage s ends after unit round(units * (s + 1) / stages); unit 0 is the embedding
+    ends = [min(max(round(units * (s + 1) / stages) - 1, s + 1), num_layers - (stages - 1 - s))
+            for s in range(stages - 1)]
     bounds = [0, *ends, num_layers]
-    return [bounds[s + 1] - bounds[s] for s in range(pp)]
+    return [bounds[s + 1] - bounds[s] for s in range(stages)]
+
+
+def rank_stages(pp: int, virtual: int, rank: int) -> list[int]:
+    """The stages pipeline rank `rank` holds, in order: rank, rank + pp, ... (torch's loop placement)."""
+    return [rank + chunk * pp for chunk in range(virtual)]
+
+
+def interleaved_rounds_error(pp: int, micro_batches: int) -> str | None:
+    """ScheduleInterleaved1F1B's rule (torch 2.13): the micro-batches split into
+    max(1, micro_batches // pp) rounds of equal size; the reason it refuses, else None."""
+    rounds = max(1, micro_batches // pp)
+    if micro_batches % rounds:
+        return (f"interleaved 1F1B splits the {micro_batches} micro-batches per step into {rounds} rounds "
+                f"(micro-batches // PP_SIZE={pp}), which must divide them; use a multiple of PP_SIZE")
+    return None
 
 
 def check_expert_parallel(parallel_cfg: ParallelConfig, model_args=None, world_size: int | None = None,

@@ -1,5 +1,6 @@
 """Pipeline parallelism (PP_SIZE > 1): the blocks split into stages over the "pp" mesh dimension,
-one step's micro-batches run by torch.distributed.pipelining's 1F1B schedule.
+one step's micro-batches run by torch.distributed.pipelining's 1F1B schedule, or its interleaved
+1F1B (parallel.pipeline_schedule, below).
 
     python -m pytest tests/integration/test_pipeline.py tests/integration/test_pipeline_qad.py
 
@@ -57,10 +58,21 @@ armed for the last backward, counts the parameters of both backwards and fails t
 stage's gradients are averaged over "dp" after the schedule, in buckets, which is the reduction DDP
 makes in the last backward (average_gradients). FSDP2 stages are sharded as without PP.
 
+Interleaved 1F1B (parallel.pipeline_schedule=interleaved_1f1b, parallel.virtual_stages=v >= 2):
+PP_SIZE x v stages, rank r holding stages r, r + PP_SIZE, ... (ScheduleInterleaved1F1B). The rank
+keeps one model, the whole model less the blocks of the stages it does not hold (split_stage:
+the embedding with stage 0, on rank 0; the final norm and lm_head with the last stage, on the last
+rank), so the optimizer, checkpoints, clipping, the tied pair and the dp averaging are 1F1B's;
+each stage's PipelineStage runs a StageChunk, whose forward is its blocks of that model and
+which holds no submodule. Refused at plan time (train/parallel/checks.py, train/launch/plan.py):
+FSDP2 over more than one dp rank (torch's schedule unshards and syncs gradients for a stage whose
+module is the FSDP2 module, which a chunk is not), QAD (the teacher runs in the rank's one stage),
+and micro-batches that torch's rounds do not split.
+
 Evaluation (train/validation.py, EVAL_INTERVAL and EVAL_ONLY): forward_logits runs one
 micro-batch through the stages without the schedule, one stage after another (no overlap: an
 evaluation is a few micro-batches), each stage receiving the previous one's activations in fp32;
-the last stage makes the logits.
+the last stage makes the logits; interleaved, the ranks walk the stages in their global order.
 """
 
 from __future__ import annotations
@@ -74,12 +86,12 @@ import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed.fsdp import FSDPModule
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B
 from torch.distributed.tensor import DTensor
 
 from train.losses import split_loss, token_loss, unwrap
 from train.models.common.moe import MoE
-from train.parallel.checks import pipeline_layers
+from train.parallel.checks import pipeline_layers, rank_stages
 from train.parallel.expert_parallel import (expert_parallel_state, expert_parameters, reduce_expert_gradients,
                                             squared_norm)
 from train.parallel.layout import ParallelLayout
@@ -90,28 +102,54 @@ log = logging.getLogger("train")
 
 def stage_forward(model: nn.Module, x: torch.Tensor, balance: torch.Tensor | None = None,
                   student_only: bool = True):
-    """One stage of CausalLM.hidden_states: token ids (B, T) on the first stage, else the previous
+    """One stage of CausalLM.hidden_states, all of `model`'s blocks (1F1B: a rank's one stage):
+    chunk_forward. student_only: forward_logits's flag, which only QAD's teacher_stage_forward reads."""
+    return chunk_forward(model, x, balance, names=list(model.layers._modules), first=model.embed_tokens is not None,
+                         last=model.norm is not None)
+
+
+def chunk_forward(model: nn.Module, x: torch.Tensor, balance: torch.Tensor | None, *, names: list[str],
+                  first: bool, last: bool):
+    """The blocks `names` of `model` (looked up at each call: activation checkpointing replaces
+    them) as one stage: token ids (B, T) on the first stage (the embedding), else the previous
     stage's activations (B, T, D) -> (B, T, D), after the final norm on the last stage.
-    MoE models take and return `balance` too (stage_balance): -> ((B, T, D), (2, E)).
-    student_only: forward_logits's flag, which only QAD's teacher_stage_forward reads."""
-    if model.embed_tokens is not None:
+    MoE models take and return `balance` too (stage_balance): -> ((B, T, D), (2, E))."""
+    if first:
         x = model.embed(x, None)
     rope = model.rope(x.shape[1], None, x.dtype)
-    for block in model.layers:
+    blocks = [model.layers._modules[name] for name in names]
+    for block in blocks:
         x = block(x, rope)
-    hidden = model.norm(x) if model.norm is not None else x
-    return (hidden, stage_balance(model, balance, hidden.device)) if model.args.num_experts else hidden
+    hidden = model.norm(x) if last else x
+    return (hidden, stage_balance(model, blocks, balance, hidden.device)) if model.args.num_experts else hidden
 
 
-def stage_balance(model: nn.Module, balance: torch.Tensor | None, device: torch.device) -> torch.Tensor:
-    """(2, E) fp32: `balance` (the earlier stages'; None on the first) plus this stage's MoE layers'
-    statistics of the forward just run: row 0 the routed fraction per expert (detached), row 1
-    the mean router probability (differentiable)."""
+def stage_balance(model: nn.Module, blocks: list[nn.Module], balance: torch.Tensor | None,
+                  device: torch.device) -> torch.Tensor:
+    """(2, E) fp32: `balance` (the earlier stages'; None on the first) plus the MoE layers' of
+    `blocks` statistics of the forward just run: row 0 the routed fraction per expert (detached),
+    row 1 the mean router probability (differentiable)."""
     total = torch.zeros(2, model.args.num_experts, device=device) if balance is None else balance + 0  # a new tensor
-    for layer in model.modules():
-        if isinstance(layer, MoE):
-            total = total + torch.stack(layer.balance_stats).float()
+    for block in blocks:
+        for layer in block.modules():
+            if isinstance(layer, MoE):
+                total = total + torch.stack(layer.balance_stats).float()
     return total
+
+
+class StageChunk(nn.Module):
+    """Interleaved 1F1B: one of a rank's stages, the module of its PipelineStage. Its forward is
+    chunk_forward over its blocks of the rank's model; it holds no submodule, so the parameters,
+    their names, the optimizer and checkpoints stay the rank's one model's."""
+
+    def __init__(self, model: nn.Module, stage: int, layers: range, stages: int):
+        super().__init__()
+        self.stage = stage
+        self.run = partial(chunk_forward, model, names=[str(index) for index in layers], first=stage == 0,
+                           last=stage == stages - 1)
+
+    def forward(self, x: torch.Tensor, balance: torch.Tensor | None = None):
+        return self.run(x, balance)
 
 
 def balance_loss(model: nn.Module, balance: torch.Tensor) -> torch.Tensor:
@@ -123,33 +161,40 @@ def balance_loss(model: nn.Module, balance: torch.Tensor) -> torch.Tensor:
     return args.router_aux_loss_coef * args.num_experts * (fraction * probability).sum()
 
 
-def split_stage(model: nn.Module, stage: int, counts: list[int]) -> nn.Module:
-    """Keeps stage `stage` of `model` in place (counts: blocks per stage) and makes its forward
-    the stage's (stage_forward); the kept blocks keep their indices, so their names."""
-    start = sum(counts[:stage])
-    kept = range(start, start + counts[stage])
+def split_stage(model: nn.Module, stages: list[int], counts: list[int]) -> nn.Module:
+    """Keeps the stages `stages` of `model` in place (counts: blocks per stage; the embedding with
+    stage 0, the final norm and lm_head with the last) and makes its forward the stage's
+    (stage_forward; one stage per rank); the kept blocks keep their indices, so their names.
+    model.pipeline_chunks: [(stage, its blocks)], for Pipeline and forward_logits."""
+    starts = [sum(counts[:stage]) for stage in range(len(counts))]
+    chunks = [(stage, range(starts[stage], starts[stage] + counts[stage])) for stage in stages]
+    kept = {index for _, layers in chunks for index in layers}
     for name in list(model.layers._modules):  # a ModuleList with gaps: iteration skips them
         if int(name) not in kept:
             del model.layers._modules[name]
-    if stage > 0:
+    if 0 not in stages:
         model.embed_tokens = None
         if hasattr(model, "embed_positions"):  # GPT-2's learned positions: the first stage's too
             model.embed_positions = None
-    if stage < len(counts) - 1:
+    if len(counts) - 1 not in stages:
         model.norm = model.lm_head = None
     model.forward = types.MethodType(stage_forward, model)
+    model.pipeline_chunks = chunks
     return model
 
 
-def split_model(model: nn.Module, parallel_cfg, stage: int, student_layers: int | None = None) -> nn.Module:
-    """This rank's stage (the "pp" mesh coordinate) of the whole model, split by parallel.pipeline_layers.
-    student_layers: the QAD teacher's split follows the student's (its layer count here); a teacher
-    of another depth is split into balanced stages instead (the list names the student's blocks)."""
+def split_model(model: nn.Module, parallel_cfg, rank: int, student_layers: int | None = None) -> nn.Module:
+    """This pipeline rank's stages (the "pp" mesh coordinate; interleaved: rank, rank + PP_SIZE, ...)
+    of the whole model, split by parallel.pipeline_layers. student_layers: the QAD teacher's split
+    follows the student's (its layer count here); a teacher of another depth is split into
+    balanced stages instead (the list names the student's blocks)."""
     spec = parallel_cfg.pipeline_layers if student_layers in (None, model.args.num_layers) else ""
-    counts = pipeline_layers(model.args.num_layers, parallel_cfg.pipeline_parallel_size, spec)
-    log.info("pipeline: %sstage %d of %d, blocks per stage %s", "" if student_layers is None else "teacher ", stage,
-             len(counts), ",".join(map(str, counts)))
-    return split_stage(model, stage, counts)
+    pp, virtual = parallel_cfg.pipeline_parallel_size, parallel_cfg.virtual_stages
+    counts = pipeline_layers(model.args.num_layers, pp, spec, virtual)
+    stages = rank_stages(pp, virtual, rank)
+    log.info("pipeline: %sstage%s %s of %d, blocks per stage %s", "" if student_layers is None else "teacher ",
+             "s" if virtual > 1 else "", ",".join(map(str, stages)), len(counts), ",".join(map(str, counts)))
+    return split_stage(model, stages, counts)
 
 
 def teacher_stage_forward(model: nn.Module, x: torch.Tensor, *carried: torch.Tensor, teacher: nn.Module,
@@ -178,7 +223,8 @@ def attach_teacher(model: nn.Module, teacher: nn.Module) -> None:
 
 
 class Pipeline:
-    """The 1F1B schedule of this rank's stage, built once per job; step() runs one step."""
+    """The 1F1B schedule of this rank's stage (interleaved 1F1B: of its stages, StageChunk each),
+    built once per job; step() runs one step."""
 
     def __init__(self, model: nn.Module, layout: ParallelLayout, accumulation: int, stage_loss=None):
         self.model, self.accumulation = model, accumulation
@@ -192,9 +238,9 @@ class Pipeline:
         self.term_names: list[str] | None = None  # their names, the same on every stage (the first step's)
         self.group = layout.mesh["pp"].get_group()
         self.last = layout.pp - 1
-        self.stage = PipelineStage(model, layout.pp_rank, layout.pp, torch.device(layout.device), group=self.group)
-        # scale_grads=False: loss() divides by the accumulation steps itself, like accumulate_gradients
-        self.schedule = Schedule1F1B(self.stage, accumulation, loss_fn=self.loss, scale_grads=False)
+        self.is_first, self.is_last = layout.pp_rank == 0, layout.pp_rank == self.last  # rank of stage 0, of the last
+        self.device = torch.device(layout.device)
+        self.schedule = pipeline_schedule(model, layout, accumulation, self.group, self.loss)
         self.tokens: torch.Tensor | None = None  # the step's loss denominator (trainer.loss_tokens)
         # tied embeddings: the group of this rank's first- and last-stage copies (None: untied, or a middle stage)
         self.tied_group = embedding_group(layout) if unwrap(model).args.tie_embeddings else None
@@ -223,8 +269,8 @@ class Pipeline:
         inputs = torch.cat([batch for batch, _, _ in micro_batches])  # (accumulation x MBS, T)
         labels = torch.cat([torch.stack([targets, mask.to(targets.dtype)], -1) for _, targets, mask in micro_batches])
         losses: list[torch.Tensor] = []
-        args = (inputs,) if self.stage.is_first else ()
-        if self.stage.is_last:
+        args = (inputs,) if self.is_first else ()
+        if self.is_last:
             self.schedule.step(*args, target=labels, losses=losses, return_outputs=False)
         else:
             self.schedule.step(*args, return_outputs=False)
@@ -268,7 +314,7 @@ class Pipeline:
     def tied_weight(self) -> nn.Parameter:
         """This stage's copy of the tied weight (FSDP2 replaces parameters: looked up each time)."""
         inner = unwrap(self.model)
-        return inner.embed_tokens.weight if self.stage.is_first else inner.lm_head.weight
+        return inner.embed_tokens.weight if self.is_first else inner.lm_head.weight
 
     def sum_tied_gradients(self) -> None:
         """embedding gradient + lm_head gradient on both copies, after the data-parallel reduction
@@ -292,10 +338,10 @@ class Pipeline:
         squared norm summed over the "ep" group, which holds each of the stage's experts once."""
         reduce_expert_gradients(self.model)
         parameters = [p for p in self.model.parameters() if p.grad is not None]
-        copy = self.tied_weight() if self.tied_group is not None and self.stage.is_last else None
+        copy = self.tied_weight() if self.tied_group is not None and self.is_last else None
         experts = set(map(id, expert_parameters(self.model)))
         counted = [p.grad for p in parameters if p is not copy and id(p) not in experts]
-        norm = torch.nn.utils.get_total_norm(counted) if counted else torch.zeros((), device=self.stage.device)
+        norm = torch.nn.utils.get_total_norm(counted) if counted else torch.zeros((), device=self.device)
         if isinstance(norm, DTensor):  # FSDP2 inside the stage: the norm over the whole "dp" shards
             norm = norm.full_tensor()
         square = norm.float() ** 2
@@ -325,7 +371,7 @@ class Pipeline:
 
     def renamed(self, tensors: dict, rename: dict[str, str]) -> dict:
         """The optimizer state and groups under other names, on the last stage of a tied model."""
-        if self.tied_group is None or not self.stage.is_last:
+        if self.tied_group is None or not self.is_last:
             return tensors
         optimizer = dict(tensors["optimizer"])
         optimizer["state"] = {rename.get(name, name): state for name, state in optimizer["state"].items()}
@@ -334,23 +380,41 @@ class Pipeline:
         return {**tensors, "optimizer": optimizer}
 
 
+def pipeline_schedule(model: nn.Module, layout: ParallelLayout, accumulation: int, group, loss_fn):
+    """Schedule1F1B over the rank's one stage (the model itself), or ScheduleInterleaved1F1B over
+    its stages (StageChunk each; stage s on rank s % PP_SIZE, torch's placement too)."""
+    device, chunks = torch.device(layout.device), unwrap(model).pipeline_chunks
+    # scale_grads=False: the loss divides by the accumulation steps itself, like accumulate_gradients
+    if len(chunks) == 1:
+        stage = PipelineStage(model, layout.pp_rank, layout.pp, device, group=group)
+        return Schedule1F1B(stage, accumulation, loss_fn=loss_fn, scale_grads=False)
+    stages = layout.pp * len(chunks)
+    pipeline_stages = [PipelineStage(StageChunk(unwrap(model), stage, layers, stages), stage, stages, device,
+                                     group=group) for stage, layers in chunks]
+    return ScheduleInterleaved1F1B(pipeline_stages, accumulation, loss_fn=loss_fn, scale_grads=False)
+
+
 def forward_logits(model: nn.Module, layout: ParallelLayout, inputs: torch.Tensor) -> torch.Tensor | None:
-    """Logits (B, T, V) of token ids `inputs` (B, T) on the last stage, None on the others: the
-    stage's forward on the ids (first stage) or on the activations (B, T, D) received from the
-    previous stage, sent on to the next in fp32 (the residual stream's dtype)."""
-    group, stage = layout.mesh["pp"].get_group(), layout.pp_rank
+    """Logits (B, T, V) of token ids `inputs` (B, T) on the last stage's rank, None on the others:
+    each of the rank's stages in turn (interleaved: stage s on rank s % PP_SIZE, all ranks walking
+    the stages in order), its forward on the ids (stage 0) or on the activations (B, T, D)
+    received from the previous stage, sent on to the next in fp32 (the residual stream's dtype)."""
+    group, pp = layout.mesh["pp"].get_group(), layout.pp
     inner = unwrap(model)
-    x = inputs
-    if stage > 0:
-        x = torch.empty(*inputs.shape, inner.args.hidden_size, dtype=torch.float32, device=inputs.device)
-        dist.recv(x, group=group, group_src=stage - 1)
-        x = x.to(next(inner.parameters()).dtype)  # a bf16 model's residual stream is bf16
-    output = model(x, student_only=True)  # QAD: without the teacher's stage
-    hidden = output[0] if isinstance(output, tuple) else output  # MoE: (hidden, balance sums)
-    if stage < layout.pp - 1:
-        dist.send(hidden.float().contiguous(), group=group, group_dst=stage + 1)
-        return None
-    return inner.lm_head(hidden)
+    chunks = inner.pipeline_chunks
+    stages = pp * len(chunks)
+    for stage, layers in chunks:
+        x = inputs
+        if stage > 0:
+            x = torch.empty(*inputs.shape, inner.args.hidden_size, dtype=torch.float32, device=inputs.device)
+            dist.recv(x, group=group, group_src=(stage - 1) % pp)
+            x = x.to(next(inner.parameters()).dtype)  # a bf16 model's residual stream is bf16
+        # QAD (one stage per rank): without the teacher's stage
+        output = model(x, student_only=True) if len(chunks) == 1 else StageChunk(inner, stage, layers, stages)(x)
+        hidden = output[0] if isinstance(output, tuple) else output  # MoE: (hidden, balance sums)
+        if stage < stages - 1:
+            dist.send(hidden.float().contiguous(), group=group, group_dst=(stage + 1) % pp)
+    return inner.lm_head(hidden) if layout.pp_rank == pp - 1 else None
 
 
 def stage_group(layout: ParallelLayout):
