@@ -188,12 +188,14 @@ def test_two_stages_resume_bit_for_bit(tmp_path, two_stages):
 @pytest.mark.parametrize("model, processes, overrides", [
     ("tiny-llama3", 4, ()), ("tiny-qwen3-moe", 2, ()), ("tiny-qwen3", 2, ()),
     ("tiny-qwen3", 4, ("parallel.tensor_parallel_size=2", "parallel.data_parallel=fsdp")),
-], ids=["dense-dp2", "moe", "tied", "tied-tp2"])
+    ("tiny-qwen3-moe", 4, ("parallel.expert_parallel_size=2",)),
+], ids=["dense-dp2", "moe", "tied", "tied-tp2", "moe-ep2"])
 def test_interleaved_stages_match_one_process(one_process, interleaved, model, processes, overrides):
     """dense-dp2: PP 2 x DP 2, each rank's two stages' gradients averaged over dp after the
     schedule; moe: the balance sums through the four stages, across the two ranks twice; tied:
     the embedding on stage 0 (rank 0) and lm_head on stage 3 (rank 1), their gradients summed;
-    tied-tp2: PP 2 x TP 2 (data-parallel size 1, so FSDP2 shards nothing), vocabulary shards."""
+    tied-tp2: PP 2 x TP 2 (data-parallel size 1, so FSDP2 shards nothing), vocabulary shards;
+    moe-ep2: PP 2 x EP 2, each stage's experts split over its 2 data-parallel ranks."""
     expected_losses, expected_weights, expected_norms, _ = one_process(model)
     root = interleaved(model, processes, overrides)
     assert losses(root) == pytest.approx(expected_losses[:3], rel=1e-5)
