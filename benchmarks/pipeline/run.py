@@ -5,13 +5,16 @@ blocks, fp32), micro-batches of 2 x 128 tokens. For each global batch of m micro
 - DP 2 (DDP): each rank runs m / 2 micro-batches of the whole model (train.trainer
   accumulate_gradients, one all-reduce per step);
 - PP 2 (train/parallel/pipeline.py): stage 0 holds the embedding and blocks 0-3, stage 1 blocks
-  4-7, the norm and lm_head; the m micro-batches go through Schedule1F1B.
+  4-7, the norm and lm_head; the m micro-batches go through Schedule1F1B;
+- PP 2 x 2 virtual stages (PP_SCHEDULE=interleaved_1f1b): 4 stages of 2 blocks, rank 0 stages 0
+  and 2, rank 1 stages 1 and 3, through ScheduleInterleaved1F1B.
 Median step seconds (forward, backward, clipping, AdamW; after a barrier, rank 0) over --steps
 steps after one untimed step, the layouts alternating. The pipeline bubble: 1F1B runs m + p - 1
 slots for m micro-batches on p stages, so its step is slot x (m + p - 1) and the bubble
-(p - 1) / (m + p - 1). Measured: a least-squares line step(m) = slot x m + idle over the m of the
-run; the measured bubble at m is idle / step(m), and idle / slot the slots lost per step (1F1B's
-theory: p - 1 = 1). The idle time also holds what a step does once (clipping, the AdamW step, the
+(p - 1) / (m + p - 1); interleaved over v stages per rank, slots of 1/v the work, so
+(p - 1) / (v m + p - 1). Measured: a least-squares line step(m) = slot x m + idle over the m of the
+run, per schedule; the measured bubble at m is idle / step(m), and idle / slot the micro-batch
+slots lost per step (1F1B's theory: p - 1 = 1; interleaved's: (p - 1) / v = 0.5). The idle time also holds what a step does once (clipping, the AdamW step, the
 loss broadcast, the tied embedding's gradient sum), so it is an upper bound of the bubble.
 Prints a Markdown table.
 """
@@ -31,7 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO), str(REPO / "tests" / "integration")]  # run from anywhere without installing
 
-MODEL, MBS, SEQ_LEN, STAGES = "small-qwen3", 2, 128, 2
+MODEL, MBS, SEQ_LEN, STAGES, VIRTUAL = "small-qwen3", 2, 128, 2, 2
 
 
 def worker(result_path: str, steps: int, micro_batch_counts: list[int]) -> None:
@@ -52,7 +55,10 @@ def worker(result_path: str, steps: int, micro_batch_counts: list[int]) -> None:
     pp_layout = ParallelLayout(world, rank, 1, 1, "cpu", pp_mesh, pp=STAGES)
     dp_model = parallelize(fresh_model(MODEL), parallel_cfg(), dp_mesh, "cpu")
     pp_model = parallelize(fresh_model(MODEL), parallel_cfg(pipeline_parallel_size=STAGES), pp_mesh, "cpu")
-    optimizers = {"dp": build_optimizer(dp_model, optim_cfg()), "pp": build_optimizer(pp_model, optim_cfg())}
+    ppv_model = parallelize(fresh_model(MODEL), parallel_cfg(pipeline_parallel_size=STAGES, virtual_stages=VIRTUAL,
+                                                             pipeline_schedule="interleaved_1f1b"), pp_mesh, "cpu")
+    models = {"dp": dp_model, "pp": pp_model, "ppv": ppv_model}
+    optimizers = {layout: build_optimizer(model, optim_cfg()) for layout, model in models.items()}
     vocab = pp_model.args.vocab_size
     results = {}
     for m in micro_batch_counts:
@@ -60,18 +66,18 @@ def worker(result_path: str, steps: int, micro_batch_counts: list[int]) -> None:
         tokens = torch.randint(0, vocab, (m, MBS, SEQ_LEN + 1), generator=generator)  # the same on both ranks
         micro_batches = [(t[:, :-1], t[:, 1:], torch.ones(MBS, SEQ_LEN)) for t in tokens]
         mine = micro_batches[rank::world]  # DP: this rank's m / 2
-        pipeline = Pipeline(pp_model, pp_layout, m)
+        pipelines = {"pp": Pipeline(pp_model, pp_layout, m), "ppv": Pipeline(ppv_model, pp_layout, m)}
 
         def step(layout: str) -> None:
             if layout == "dp":
                 accumulate_gradients(dp_model, language_model_loss, mine, dp_layout, "fp32")
                 torch.nn.utils.clip_grad_norm_(dp_model.parameters(), 1.0)
             else:
-                pipeline.step(micro_batches, loss_tokens(micro_batches, pp_layout), "cpu")
-                pipeline.clip_gradients(1.0)
+                pipelines[layout].step(micro_batches, loss_tokens(micro_batches, pp_layout), "cpu")
+                pipelines[layout].clip_gradients(1.0)
             optimizers[layout].step(), optimizers[layout].zero_grad()
 
-        seconds = {"dp": [], "pp": []}
+        seconds = {"dp": [], "pp": [], "ppv": []}
         for layout in seconds:
             step(layout)  # untimed: AdamW state, the stage's first-call shape exchange
         for _ in range(steps):
@@ -116,16 +122,20 @@ def main() -> None:
     if args.worker:
         return worker(args.worker, args.steps, counts)
     results = run(args.steps, counts)
-    slot, idle = fit_line([(m, results[m]["pp"]) for m in counts])
+    fits = {layout: fit_line([(m, results[m][layout]) for m in counts]) for layout in ("pp", "ppv")}
+    (slot, idle), (slot_v, idle_v) = fits["pp"], fits["ppv"]
     print(f"{MODEL}, micro-batches of {MBS} x {SEQ_LEN} tokens, fp32, gloo, 2 processes, median of "
-          f"{args.steps} steps, rank 0; fit: slot {slot:.4f} s, idle {idle:.4f} s a step = "
-          f"{idle / slot:.2f} slots (1F1B: {STAGES - 1})\n")
-    print("| micro-batches m | DP 2 step s | PP 2 step s | PP / DP | bubble measured | bubble (p-1)/(m+p-1) |")
-    print("|---|---|---|---|---|---|")
+          f"{args.steps} steps, rank 0; fit: 1F1B slot {slot:.4f} s, idle {idle:.4f} s a step = "
+          f"{idle / slot:.2f} slots (theory {STAGES - 1}); interleaved slot {slot_v:.4f} s, idle {idle_v:.4f} s = "
+          f"{idle_v / slot_v:.2f} slots (theory {(STAGES - 1) / VIRTUAL})\n")
+    print("| micro-batches m | DP 2 step s | PP 2 step s | PP / DP | bubble measured | bubble (p-1)/(m+p-1) "
+          "| PP 2 x v 2 step s | PPv / DP | bubble measured | bubble (p-1)/(vm+p-1) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for m in counts:
-        dp, pp = results[m]["dp"], results[m]["pp"]
+        dp, pp, ppv = results[m]["dp"], results[m]["pp"], results[m]["ppv"]
         print(f"| {m} | {dp:.3f} | {pp:.3f} | {pp / dp:.2f} | {idle / pp:.0%} | "
-              f"{(STAGES - 1) / (m + STAGES - 1):.0%} |", flush=True)
+              f"{(STAGES - 1) / (m + STAGES - 1):.0%} | {ppv:.3f} | {ppv / dp:.2f} | {idle_v / ppv:.0%} | "
+              f"{(STAGES - 1) / (VIRTUAL * m + STAGES - 1):.0%} |", flush=True)
 
 
 if __name__ == "__main__":
