@@ -139,6 +139,74 @@ def case_tp_llama2():  # untied lm_head, no q/k norm
     train_and_compare("debug-llama2", parallel_cfg(tensor_parallel_size=2))
 
 
+def case_tp_qwen3_next():  # Gated DeltaNet (2 key / 4 value heads) + dense MLP, gated attention + MoE
+    train_and_compare("debug-qwen3-next", parallel_cfg(tensor_parallel_size=2))
+
+
+def case_tp_qwen3_next_layout():
+    """debug-qwen3-next at TP 2: layer 0 a Gated DeltaNet (hidden 64, 2 key heads of 16, 4 value
+    heads of 16: C = 128 conv channels), layer 1 gated attention (4 heads, 2 KV heads of 16) + MoE."""
+    model = parallelize(fresh_model("debug-qwen3-next"), parallel_cfg(tensor_parallel_size=2),
+                        build_mesh(2, 2), "cpu")
+    deltanet, attention, moe = model.layers[0].linear_attn, model.layers[1].self_attn, model.layers[1].mlp
+    expected = {
+        deltanet.in_proj_qkvz.weight: ((96, 64), Shard(0)), deltanet.in_proj_ba.weight: ((4, 64), Shard(0)),
+        deltanet.out_proj.weight: ((64, 32), Shard(1)), deltanet.A_log: ((2,), Shard(0)),
+        deltanet.dt_bias: ((2,), Shard(0)), deltanet.conv1d.weight: ((128, 1, 4), Replicate()),
+        deltanet.norm.weight: ((16,), Replicate()), attention.q_proj.weight: ((64, 64), Shard(0)),
+        attention.k_proj.weight: ((16, 64), Shard(0)), attention.o_proj.weight: ((64, 32), Shard(1)),
+        attention.q_norm.weight: ((16,), Replicate()), moe.gate.weight: ((8, 64), Replicate()),
+    }
+    for parameter, (shape, placement) in expected.items():
+        assert isinstance(parameter, DTensor) and parameter.placements == (placement,), parameter.placements
+        assert tuple(parameter.to_local().shape) == shape, (parameter.to_local().shape, shape)
+    # the rank's conv channels: its key head's q and k, its two value heads' v
+    weight = deltanet.conv1d.weight.full_tensor()
+    rank = dist.get_rank()
+    rows = [*range(16 * rank, 16 * rank + 16), *range(32 + 16 * rank, 32 + 16 * rank + 16),
+            *range(64 + 32 * rank, 64 + 32 * rank + 32)]
+    assert torch.equal(deltanet.head_parameters()[0], weight[rows])
+
+
+def case_tp_qwen3_next_checkpoint():
+    """A DCP checkpoint saved at TP 2 (conv weight Replicate, A_log/dt_bias Shard(0), projections
+    Shard(0)/Shard(1)) loads at TP 1 (DDP) into the same whole tensors, AdamW moments too, and
+    the next step equals the one-device reference's."""
+    name, world, rank = "debug-qwen3-next", dist.get_world_size(), dist.get_rank()
+    directory = str(Path(sys.argv[1]).parent / "tp_qwen3_next_checkpoint")
+    reference = fresh_model(name)
+    reference_optimizer = build_optimizer(reference, optim_cfg())
+    split = parallelize(fresh_model(name), parallel_cfg(tensor_parallel_size=2), build_mesh(world, 2), "cpu")
+    split_optimizer = build_optimizer(split, optim_cfg())
+    for step in range(2):
+        tokens = batch(reference.args.vocab_size, step)
+        for model, optimizer in ((reference, reference_optimizer), (split, split_optimizer)):
+            loss_of(model, tokens).backward()
+            optimizer.step(), optimizer.zero_grad()
+    model_state, optimizer_state = get_state_dict(split, split_optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=directory)
+
+    ddp = parallelize(fresh_model(name), parallel_cfg(data_parallel="ddp"), build_mesh(world, 1), "cpu")
+    ddp_optimizer = build_optimizer(ddp, optim_cfg())
+    model_state, optimizer_state = get_state_dict(ddp, ddp_optimizer)  # the trainer's resume
+    tensors = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(tensors, checkpoint_id=directory)
+    set_state_dict(ddp, ddp_optimizer, model_state_dict=tensors["model"], optim_state_dict=tensors["optimizer"])
+    saved = dict(split.named_parameters())
+    for n, p in ddp.named_parameters():  # the same numbers, bit for bit
+        assert torch.equal(p.detach(), full(saved[clean(n)].detach())), n
+    assert_weights_match(ddp, reference)
+
+    tokens = batch(reference.args.vocab_size, 2)
+    reference_loss = loss_of(reference, tokens)
+    reference_loss.backward()
+    loss = loss_of(ddp, tokens[rank * 2:(rank + 1) * 2])
+    loss.backward()
+    assert_step_matches(ddp, reference, loss, reference_loss, 2)
+    reference_optimizer.step(), ddp_optimizer.step()
+    assert_weights_match(ddp, reference)
+
+
 def case_zero1_checkpoint():
     """A ZeRO-1 checkpoint (DCP, disjoint optimizer shares) resumes under DDP and under ZeRO-1."""
     name, world, rank = "debug-qwen3", dist.get_world_size(), dist.get_rank()
