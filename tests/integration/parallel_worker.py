@@ -139,6 +139,19 @@ def case_tp_llama2():  # untied lm_head, no q/k norm
     train_and_compare("debug-llama2", parallel_cfg(tensor_parallel_size=2))
 
 
+def ddp_resumed(name: str, directory: str):
+    """(DDP model, AdamW) at TP 1 on every rank, loaded from the DCP checkpoint in `directory` as
+    the trainer resumes (get_state_dict, dcp.load, set_state_dict)."""
+    ddp = parallelize(fresh_model(name), parallel_cfg(data_parallel="ddp"), build_mesh(dist.get_world_size(), 1),
+                      "cpu")
+    ddp_optimizer = build_optimizer(ddp, optim_cfg())
+    model_state, optimizer_state = get_state_dict(ddp, ddp_optimizer)
+    tensors = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(tensors, checkpoint_id=directory)
+    set_state_dict(ddp, ddp_optimizer, model_state_dict=tensors["model"], optim_state_dict=tensors["optimizer"])
+    return ddp, ddp_optimizer
+
+
 def case_tp_qwen3_next():  # Gated DeltaNet (2 key / 4 value heads) + dense MLP, gated attention + MoE
     train_and_compare("debug-qwen3-next", parallel_cfg(tensor_parallel_size=2))
 
@@ -186,12 +199,7 @@ def case_tp_qwen3_next_checkpoint():
     model_state, optimizer_state = get_state_dict(split, split_optimizer)
     dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=directory)
 
-    ddp = parallelize(fresh_model(name), parallel_cfg(data_parallel="ddp"), build_mesh(world, 1), "cpu")
-    ddp_optimizer = build_optimizer(ddp, optim_cfg())
-    model_state, optimizer_state = get_state_dict(ddp, ddp_optimizer)  # the trainer's resume
-    tensors = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(tensors, checkpoint_id=directory)
-    set_state_dict(ddp, ddp_optimizer, model_state_dict=tensors["model"], optim_state_dict=tensors["optimizer"])
+    ddp, ddp_optimizer = ddp_resumed(name, directory)
     saved = dict(split.named_parameters())
     for n, p in ddp.named_parameters():  # the same numbers, bit for bit
         assert torch.equal(p.detach(), full(saved[clean(n)].detach())), n
@@ -228,12 +236,7 @@ def case_zero1_checkpoint():
               "optimizer": zero_redundancy_optimizer_state_dict(original, original_optimizer)},
              checkpoint_id=directory)
 
-    ddp = parallelize(fresh_model(name), parallel_cfg(data_parallel="ddp"), build_mesh(world, 1), "cpu")
-    ddp_optimizer = build_optimizer(ddp, optim_cfg())
-    model_state, optimizer_state = get_state_dict(ddp, ddp_optimizer)  # the trainer's resume
-    tensors = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(tensors, checkpoint_id=directory)
-    set_state_dict(ddp, ddp_optimizer, model_state_dict=tensors["model"], optim_state_dict=tensors["optimizer"])
+    ddp, ddp_optimizer = ddp_resumed(name, directory)
 
     resumed, resumed_optimizer = zero1_model()
     tensors = {"model": get_model_state_dict(resumed),
