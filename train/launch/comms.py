@@ -162,12 +162,15 @@ def gradient_collectives(groups: dict[str, int], shape: StepShape, trainable: fl
 
 def tensor_parallel_all_reduces(args, layers: range | None = None) -> tuple[int, int]:
     """All-reduces of (MBS, SEQ, hidden) over the blocks `layers` (None: all) in one forward and one
-    backward: rowwise outputs in forward, colwise input gradients in backward (one per colwise Linear)."""
+    backward: rowwise outputs in forward, colwise input gradients in backward (one per colwise Linear;
+    a Gated DeltaNet (qwen3_next) has two, in_proj_qkvz and in_proj_ba)."""
     layers = range(args.num_layers) if layers is None else layers
     dense_layers = sum(not args.is_moe_layer(i) for i in layers)
+    kinds = args.resolved_layer_types()
+    deltanets = sum(kinds[i] == "linear_attention" for i in layers)
     mlp_colwise = 1 if args.family == "gpt2" else 2  # up_proj (and gate_proj)
-    forward = len(layers) + dense_layers  # o_proj in every block, down_proj in dense ones
-    backward = 3 * len(layers) + mlp_colwise * dense_layers  # q, k, v_proj; the MLP's colwise
+    forward = len(layers) + dense_layers  # o_proj / out_proj in every block, down_proj in dense ones
+    backward = 3 * len(layers) - deltanets + mlp_colwise * dense_layers  # q, k, v_proj; the MLP's colwise
     return forward, backward
 
 
