@@ -72,17 +72,20 @@ def assert_step_matches(model, reference, loss, reference_loss, step: int) -> No
     gradient (gathered whole) equals the one-device gradient."""
     loss = loss.detach().clone()
     dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+    grads = {n: full(p.grad) for n, p in model.named_parameters()}  # all collectives before any assert:
+    # a check failing on one rank only must not leave the other waiting in a gather
     torch.testing.assert_close(loss, reference_loss.detach(), rtol=1e-5, atol=1e-6)
     reference_grads = {n: p.grad for n, p in reference.named_parameters()}
-    for n, p in model.named_parameters():
-        torch.testing.assert_close(full(p.grad), reference_grads[clean(n)], rtol=1e-3, atol=1e-5,
+    for n, grad in grads.items():
+        torch.testing.assert_close(grad, reference_grads[clean(n)], rtol=1e-3, atol=1e-5,
                                    msg=lambda m, n=n: f"step {step} grad {n}: {m}")
 
 
 def assert_weights_match(model, reference) -> None:
     reference_params = dict(reference.named_parameters())
-    for n, p in model.named_parameters():
-        torch.testing.assert_close(full(p.detach()), reference_params[clean(n)].detach(), rtol=1e-3, atol=1e-4,
+    weights = {n: full(p.detach()) for n, p in model.named_parameters()}  # gathered before any assert
+    for n, weight in weights.items():
+        torch.testing.assert_close(weight, reference_params[clean(n)].detach(), rtol=1e-3, atol=1e-4,
                                    msg=lambda m, n=n: f"weight {n}: {m}")
 
 
@@ -200,9 +203,9 @@ def case_tp_qwen3_next_checkpoint():
     dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=directory)
 
     ddp, ddp_optimizer = ddp_resumed(name, directory)
-    saved = dict(split.named_parameters())
+    saved = {n: full(p.detach()) for n, p in split.named_parameters()}  # gathered before any assert
     for n, p in ddp.named_parameters():  # the same numbers, bit for bit
-        assert torch.equal(p.detach(), full(saved[clean(n)].detach())), n
+        assert torch.equal(p.detach(), saved[clean(n)]), n
     assert_weights_match(ddp, reference)
 
     tokens = batch(reference.args.vocab_size, 2)
