@@ -98,3 +98,22 @@ def test_tensor_parallel_checkpoint_resumes_at_tp1(tmp_path):
     records = [json.loads(line) for line in resumed_log.read_text().splitlines()]
     assert [r["iteration"] for r in records if "loss" in r] == [3, 4]  # resumed, not started again
     assert single[3] != single[1]  # it trains
+
+
+def grad_norms(root: Path) -> list[float]:
+    """The logged gradient norm of each iteration of the one run under root."""
+    path, = root.glob("*/logs/*.jsonl")
+    return [record["grad_norm"] for record in map(json.loads, path.read_text().splitlines()) if "grad_norm" in record]
+
+
+@pytest.mark.slow
+def test_tensor_parallel_times_fsdp2_matches_one_process(tmp_path):
+    """TP 2 x FSDP2 2 on 4 processes (the conf's layout): losses and clipped gradient norms (> 1:
+    clipping acts) of one process. The MoE experts are FSDP2 DTensors on the dp mesh, the rest on
+    the (dp, tp) mesh: clip_gradients adds their norms itself (torch's stacks them on one mesh)."""
+    single = run_pretrain(tmp_path / "one", [*NEXT, "training.train_iters=3"], processes=1)
+    split = run_pretrain(tmp_path / "four", [*NEXT, "training.train_iters=3", "parallel.tensor_parallel_size=2",
+                                             "parallel.data_parallel=fsdp"], processes=4, timeout=300)
+    assert split == pytest.approx(single, rel=1e-4)
+    norms = grad_norms(tmp_path / "one")
+    assert grad_norms(tmp_path / "four") == pytest.approx(norms, rel=1e-4) and min(norms) > 1.0
