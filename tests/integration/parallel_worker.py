@@ -159,6 +159,10 @@ def case_tp_qwen3_next():  # Gated DeltaNet (2 key / 4 value heads) + dense MLP,
     train_and_compare("debug-qwen3-next", parallel_cfg(tensor_parallel_size=2))
 
 
+def case_tp_qwen3_next_activation_checkpointing():  # the recomputed forward takes the rank's conv channels again
+    train_and_compare("debug-qwen3-next", parallel_cfg(tensor_parallel_size=2, activation_checkpointing=True))
+
+
 def case_tp_qwen3_next_layout():
     """debug-qwen3-next at TP 2: layer 0 a Gated DeltaNet (hidden 64, 2 key heads of 16, 4 value
     heads of 16: C = 128 conv channels), layer 1 gated attention (4 heads, 2 KV heads of 16) + MoE."""
