@@ -72,17 +72,20 @@ def assert_step_matches(model, reference, loss, reference_loss, step: int) -> No
     gradient (gathered whole) equals the one-device gradient."""
     loss = loss.detach().clone()
     dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+    grads = {n: full(p.grad) for n, p in model.named_parameters()}  # all collectives before any assert:
+    # a check failing on one rank only must not leave the other waiting in a gather
     torch.testing.assert_close(loss, reference_loss.detach(), rtol=1e-5, atol=1e-6)
     reference_grads = {n: p.grad for n, p in reference.named_parameters()}
-    for n, p in model.named_parameters():
-        torch.testing.assert_close(full(p.grad), reference_grads[clean(n)], rtol=1e-3, atol=1e-5,
+    for n, grad in grads.items():
+        torch.testing.assert_close(grad, reference_grads[clean(n)], rtol=1e-3, atol=1e-5,
                                    msg=lambda m, n=n: f"step {step} grad {n}: {m}")
 
 
 def assert_weights_match(model, reference) -> None:
     reference_params = dict(reference.named_parameters())
-    for n, p in model.named_parameters():
-        torch.testing.assert_close(full(p.detach()), reference_params[clean(n)].detach(), rtol=1e-3, atol=1e-4,
+    weights = {n: full(p.detach()) for n, p in model.named_parameters()}  # gathered before any assert
+    for n, weight in weights.items():
+        torch.testing.assert_close(weight, reference_params[clean(n)].detach(), rtol=1e-3, atol=1e-4,
                                    msg=lambda m, n=n: f"weight {n}: {m}")
 
 
@@ -139,6 +142,86 @@ def case_tp_llama2():  # untied lm_head, no q/k norm
     train_and_compare("debug-llama2", parallel_cfg(tensor_parallel_size=2))
 
 
+def ddp_resumed(name: str, directory: str):
+    """(DDP model, AdamW) at TP 1 on every rank, loaded from the DCP checkpoint in `directory` as
+    the trainer resumes (get_state_dict, dcp.load, set_state_dict)."""
+    ddp = parallelize(fresh_model(name), parallel_cfg(data_parallel="ddp"), build_mesh(dist.get_world_size(), 1),
+                      "cpu")
+    ddp_optimizer = build_optimizer(ddp, optim_cfg())
+    model_state, optimizer_state = get_state_dict(ddp, ddp_optimizer)
+    tensors = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(tensors, checkpoint_id=directory)
+    set_state_dict(ddp, ddp_optimizer, model_state_dict=tensors["model"], optim_state_dict=tensors["optimizer"])
+    return ddp, ddp_optimizer
+
+
+def case_tp_qwen3_next():  # Gated DeltaNet (2 key / 4 value heads) + dense MLP, gated attention + MoE
+    train_and_compare("debug-qwen3-next", parallel_cfg(tensor_parallel_size=2))
+
+
+def case_tp_qwen3_next_activation_checkpointing():  # the recomputed forward takes the rank's conv channels again
+    train_and_compare("debug-qwen3-next", parallel_cfg(tensor_parallel_size=2, activation_checkpointing=True))
+
+
+def case_tp_qwen3_next_layout():
+    """debug-qwen3-next at TP 2: layer 0 a Gated DeltaNet (hidden 64, 2 key heads of 16, 4 value
+    heads of 16: C = 128 conv channels), layer 1 gated attention (4 heads, 2 KV heads of 16) + MoE."""
+    model = parallelize(fresh_model("debug-qwen3-next"), parallel_cfg(tensor_parallel_size=2),
+                        build_mesh(2, 2), "cpu")
+    deltanet, attention, moe = model.layers[0].linear_attn, model.layers[1].self_attn, model.layers[1].mlp
+    expected = {
+        deltanet.in_proj_qkvz.weight: ((96, 64), Shard(0)), deltanet.in_proj_ba.weight: ((4, 64), Shard(0)),
+        deltanet.out_proj.weight: ((64, 32), Shard(1)), deltanet.A_log: ((2,), Shard(0)),
+        deltanet.dt_bias: ((2,), Shard(0)), deltanet.conv1d.weight: ((128, 1, 4), Replicate()),
+        deltanet.norm.weight: ((16,), Replicate()), attention.q_proj.weight: ((64, 64), Shard(0)),
+        attention.k_proj.weight: ((16, 64), Shard(0)), attention.o_proj.weight: ((64, 32), Shard(1)),
+        attention.q_norm.weight: ((16,), Replicate()), moe.gate.weight: ((8, 64), Replicate()),
+    }
+    for parameter, (shape, placement) in expected.items():
+        assert isinstance(parameter, DTensor) and parameter.placements == (placement,), parameter.placements
+        assert tuple(parameter.to_local().shape) == shape, (parameter.to_local().shape, shape)
+    # the rank's conv channels: its key head's q and k, its two value heads' v
+    weight = deltanet.conv1d.weight.full_tensor()
+    rank = dist.get_rank()
+    rows = [*range(16 * rank, 16 * rank + 16), *range(32 + 16 * rank, 32 + 16 * rank + 16),
+            *range(64 + 32 * rank, 64 + 32 * rank + 32)]
+    assert torch.equal(deltanet.head_parameters()[0], weight[rows])
+
+
+def case_tp_qwen3_next_checkpoint():
+    """A DCP checkpoint saved at TP 2 (conv weight Replicate, A_log/dt_bias Shard(0), projections
+    Shard(0)/Shard(1)) loads at TP 1 (DDP) into the same whole tensors, AdamW moments too, and
+    the next step equals the one-device reference's."""
+    name, world, rank = "debug-qwen3-next", dist.get_world_size(), dist.get_rank()
+    directory = str(Path(sys.argv[1]).parent / "tp_qwen3_next_checkpoint")
+    reference = fresh_model(name)
+    reference_optimizer = build_optimizer(reference, optim_cfg())
+    split = parallelize(fresh_model(name), parallel_cfg(tensor_parallel_size=2), build_mesh(world, 2), "cpu")
+    split_optimizer = build_optimizer(split, optim_cfg())
+    for step in range(2):
+        tokens = batch(reference.args.vocab_size, step)
+        for model, optimizer in ((reference, reference_optimizer), (split, split_optimizer)):
+            loss_of(model, tokens).backward()
+            optimizer.step(), optimizer.zero_grad()
+    model_state, optimizer_state = get_state_dict(split, split_optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=directory)
+
+    ddp, ddp_optimizer = ddp_resumed(name, directory)
+    saved = {n: full(p.detach()) for n, p in split.named_parameters()}  # gathered before any assert
+    for n, p in ddp.named_parameters():  # the same numbers, bit for bit
+        assert torch.equal(p.detach(), saved[clean(n)]), n
+    assert_weights_match(ddp, reference)
+
+    tokens = batch(reference.args.vocab_size, 2)
+    reference_loss = loss_of(reference, tokens)
+    reference_loss.backward()
+    loss = loss_of(ddp, tokens[rank * 2:(rank + 1) * 2])
+    loss.backward()
+    assert_step_matches(ddp, reference, loss, reference_loss, 2)
+    reference_optimizer.step(), ddp_optimizer.step()
+    assert_weights_match(ddp, reference)
+
+
 def case_zero1_checkpoint():
     """A ZeRO-1 checkpoint (DCP, disjoint optimizer shares) resumes under DDP and under ZeRO-1."""
     name, world, rank = "debug-qwen3", dist.get_world_size(), dist.get_rank()
@@ -160,12 +243,7 @@ def case_zero1_checkpoint():
               "optimizer": zero_redundancy_optimizer_state_dict(original, original_optimizer)},
              checkpoint_id=directory)
 
-    ddp = parallelize(fresh_model(name), parallel_cfg(data_parallel="ddp"), build_mesh(world, 1), "cpu")
-    ddp_optimizer = build_optimizer(ddp, optim_cfg())
-    model_state, optimizer_state = get_state_dict(ddp, ddp_optimizer)  # the trainer's resume
-    tensors = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(tensors, checkpoint_id=directory)
-    set_state_dict(ddp, ddp_optimizer, model_state_dict=tensors["model"], optim_state_dict=tensors["optimizer"])
+    ddp, ddp_optimizer = ddp_resumed(name, directory)
 
     resumed, resumed_optimizer = zero1_model()
     tensors = {"model": get_model_state_dict(resumed),

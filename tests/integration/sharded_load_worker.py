@@ -125,6 +125,13 @@ def case_fsdp_qwen3_next():
     compare("qwen3-next", exact_logits=True, data_parallel="fsdp")
 
 
+def case_tp2_qwen3_next():
+    """TP 2 on Qwen3-Next: each rank reads its key heads' rows of the fused in_proj_qkvz/ba (HF's
+    per-key-head layout), its value heads of A_log and dt_bias, the whole conv weight (Replicate),
+    the MoE layers whole."""
+    compare("qwen3-next", exact_logits=False, tensor_parallel_size=2)
+
+
 def case_ep2_ddp_moe():
     """EP 2 under DDP: loaded before DDP wraps (and broadcasts) the model."""
     compare("qwen3-moe", exact_logits=False, expert_parallel_size=2, data_parallel="ddp")

@@ -6,6 +6,7 @@ of 1 x 64 tokens in fp32, bytes from each rank's /proc/self/io (comm_volume_work
   reduce-scatter) and fsdp_zero2;
 - tensor parallelism, tiny-llama3: TP 2 (the blocks' activation all-reduces in forward and
   backward, the embedding's and lm_head's, the logits gather), TP 2 x FSDP2 2;
+- tensor parallelism, tiny-qwen3-next: TP 2 (Gated DeltaNet and gated attention blocks, MoE replicated);
 - expert parallelism, tiny-qwen3-moe: EP 2 (the routed rows' all-to-alls, DDP over both ranks).
 Gloo has no reduce-scatter: it all-reduces the whole gradient and keeps a shard, so its
 reduce-scatters send all-reduce bytes (2 (n-1)/n instead of NCCL's (n-1)/n); all-reduce and
@@ -67,6 +68,20 @@ def test_tensor_parallel_bytes_match_sent_bytes(tmp_path, processes, strategy):
     and one per colwise Linear (5) in backward, the embedding's and lm_head's, the logits gather."""
     results = measured(tmp_path, processes, "tiny-llama3", 2, 1, (strategy,))
     assert_sent_as_planned(results, "tiny-llama3", processes, tp=2)
+
+
+# tiny-qwen3-next at TP 2 sends 2.3% more than the plan: gloo's headers (~576 bytes on each of the
+# step's ~38 activation all-reduces) and the per-step all-reduce of the Partial gradients of the
+# Replicate DeltaNet conv weights (3 x 256 x 4 floats) and norms, which the plan leaves out
+QWEN3_NEXT_TP_TOLERANCE = 0.03
+
+
+def test_tensor_parallel_qwen3_next_bytes_match_sent_bytes(tmp_path):
+    """TP 2 on tiny-qwen3-next: 3 Gated DeltaNet blocks (two colwise Linears each, in_proj_qkvz
+    and in_proj_ba: 2 all-reduces in backward, out_proj's in forward), a gated attention block,
+    MoE layers replicated, the first layer's dense MLP split."""
+    results = measured(tmp_path, 2, "tiny-qwen3-next", 2, 1, ("ddp",))
+    assert_sent_as_planned(results, "tiny-qwen3-next", 2, tp=2, mean_tolerance=QWEN3_NEXT_TP_TOLERANCE)
 
 
 def test_expert_parallel_bytes_match_sent_bytes(tmp_path):

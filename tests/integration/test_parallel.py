@@ -111,8 +111,9 @@ def run_worker(directory: Path, cases: list[str], worker: str = "parallel_worker
     return json.loads(results.read_text())
 
 
-LAYOUT_CASES = ["fsdp_layout", "tp_layout", "fsdp_mixed_precision"]
-TRAINING_CASES = ["ddp", "zero1", "zero1_checkpoint", "fsdp_activation_checkpointing", "tp_qwen3", "tp_gpt2", "tp_llama2"]
+LAYOUT_CASES = ["fsdp_layout", "tp_layout", "tp_qwen3_next_layout", "fsdp_mixed_precision"]
+TRAINING_CASES = ["ddp", "zero1", "zero1_checkpoint", "fsdp_activation_checkpointing", "tp_qwen3", "tp_gpt2", "tp_llama2",
+                  "tp_qwen3_next", "tp_qwen3_next_activation_checkpointing", "tp_qwen3_next_checkpoint"]
 
 
 # the worker's cases run in one torchrun with the other files' (conftest.py shared_launch)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.test_parallel import COMMON, run_pretrain
 from train.models import random_hf
 
 REPO = Path(__file__).resolve().parents[2]
@@ -75,3 +76,44 @@ def test_qad_with_tiny_qwen3_next_student_and_teacher(tmp_path):
     assert tracker.read_text().strip() == "4"
     kd = losses(run, "20260101_000003")
     assert sorted(kd) == [1, 2, 3, 4] and all(value > 0 for value in kd.values())
+
+
+# debug-qwen3-next (a Gated DeltaNet block, then gated attention + MoE) in test_parallel.py's setup
+NEXT = [*(option for option in COMMON if not option.startswith("model.name=")), "model.name=debug-qwen3-next"]
+
+
+@pytest.mark.slow
+def test_tensor_parallel_checkpoint_resumes_at_tp1(tmp_path):
+    """train.pretrain at TP 2 (clipping, the trainer's DCP save) equals one process, and its
+    checkpoint resumes under FSDP2 at TP 1 with the losses of the uninterrupted run: the DeltaNet
+    conv weight, Replicate under TP, is saved whole (train/parallel/tensor_parallel.py)."""
+    single = run_pretrain(tmp_path / "one", [*NEXT, "training.train_iters=4"], processes=1)
+    first = run_pretrain(tmp_path / "split", [*NEXT, "training.train_iters=2", "parallel.tensor_parallel_size=2"],
+                         processes=2)
+    assert first == pytest.approx(single[:2], rel=1e-4)
+    resumed = run_pretrain(tmp_path / "split", [*NEXT, "training.train_iters=4", "parallel.data_parallel=fsdp"],
+                           processes=2)
+    assert resumed == pytest.approx(single, rel=1e-4)
+    first_log, resumed_log = sorted((tmp_path / "split").glob("*/logs/*.jsonl"))  # named by start time
+    records = [json.loads(line) for line in resumed_log.read_text().splitlines()]
+    assert [r["iteration"] for r in records if "loss" in r] == [3, 4]  # resumed, not started again
+    assert single[3] != single[1]  # it trains
+
+
+def grad_norms(root: Path) -> list[float]:
+    """The logged gradient norm of each iteration of the one run under root."""
+    path, = root.glob("*/logs/*.jsonl")
+    return [record["grad_norm"] for record in map(json.loads, path.read_text().splitlines()) if "grad_norm" in record]
+
+
+@pytest.mark.slow
+def test_tensor_parallel_times_fsdp2_matches_one_process(tmp_path):
+    """TP 2 x FSDP2 2 on 4 processes (the conf's layout): losses and clipped gradient norms (> 1:
+    clipping acts) of one process. The MoE experts are FSDP2 DTensors on the dp mesh, the rest on
+    the (dp, tp) mesh: clip_gradients adds their norms itself (torch's stacks them on one mesh)."""
+    single = run_pretrain(tmp_path / "one", [*NEXT, "training.train_iters=3"], processes=1)
+    split = run_pretrain(tmp_path / "four", [*NEXT, "training.train_iters=3", "parallel.tensor_parallel_size=2",
+                                             "parallel.data_parallel=fsdp"], processes=4, timeout=300)
+    assert split == pytest.approx(single, rel=1e-4)
+    norms = grad_norms(tmp_path / "one")
+    assert grad_norms(tmp_path / "four") == pytest.approx(norms, rel=1e-4) and min(norms) > 1.0

@@ -18,7 +18,7 @@ import pytest
 
 from tests.integration.test_parallel import pretrain
 
-CASES = ["ddp_qwen3_tied", "fsdp_qwen3_tied", "fsdp_gpt2", "fsdp_qwen3_next", "tp2_qwen3", "tp2_gpt2",
+CASES = ["ddp_qwen3_tied", "fsdp_qwen3_tied", "fsdp_gpt2", "fsdp_qwen3_next", "tp2_qwen3_next", "tp2_qwen3", "tp2_gpt2",
          "ep2_fsdp_moe", "ep2_ddp_moe", "bf16_checkpoint_into_fp32", "fsdp_shares_bytes", "teacher_fsdp_bf16",
          "fsdp_student_calibrated_like_whole", "ep2_fsdp_student_calibrated_like_whole",
          "tp2_student_calibrated_like_whole", "lora_base_ep2_fsdp_moe", "quantized_lora_base_fsdp",

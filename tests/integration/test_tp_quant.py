@@ -1,7 +1,7 @@
 """python -m pytest tests/integration/test_tp_quant.py  (QAD with TP_SIZE=2: quantized student under tensor parallelism)
 
-- tests/integration/tp_quant_worker.py: a fake-quantized debug model (nvfp4, fp8; dense and
-  MoE) split over TP 2 gives the single-device losses, gradients and weights for 3 AdamW
+- tests/integration/tp_quant_worker.py: a fake-quantized debug model (nvfp4, fp8; dense,
+  MoE and Qwen3-Next) split over TP 2 gives the single-device losses, gradients and weights for 3 AdamW
   steps; every quantizer amax stays a plain tensor, the same on all ranks; on 4 processes
   (slow) the qwen3-30b-a3b layout in small: TP 2 x EP 2 with FSDP2.
 - the real entrypoint (`torchrun -m train.qad parallel.tensor_parallel_size=2`): the student read
@@ -22,7 +22,7 @@ import pytest
 
 from tests.integration.test_qad import RUN, checkpoints, losses, qad  # the fixture models: conftest.py
 
-CASES = ["nvfp4_qwen3", "fp8_qwen3", "nvfp4_llama2", "nvfp4_qwen3_moe"]
+CASES = ["nvfp4_qwen3", "fp8_qwen3", "nvfp4_llama2", "nvfp4_qwen3_moe", "nvfp4_qwen3_next"]
 TP2 = ["parallel.tensor_parallel_size=2", "parallel.data_parallel=fsdp"]
 # 3 iterations of GBS 4 = 2 micro-batches of 2; eps 1e-4: see parallel_worker.optim_cfg
 ARGS = ["training.train_iters=3", "checkpoint.save_interval=2", "optim.eps=1e-4"]

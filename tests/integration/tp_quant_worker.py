@@ -56,7 +56,7 @@ def train_and_compare(name: str, recipe: str, steps: int = 3, **parallel) -> Non
     reference_optimizer = build_optimizer(reference, optim_cfg())
     model = parallelize(quantized(name, recipe), cfg, build_mesh(world, tp, ep=ep), "cpu")
     optimizer = build_optimizer(model, optim_cfg())
-    attention = model.layers[0].self_attn
+    attention = next(block.self_attn for block in model.layers if hasattr(block, "self_attn"))
     assert attention.q_proj.weight.placements[-1] == Shard(0) and attention.o_proj.weight.placements[-1] == Shard(1)
     assert attention.o_proj.weight_quantizer.is_enabled and attention.o_proj.input_quantizer.is_enabled
     check_amax(model, reference)
@@ -104,6 +104,16 @@ def case_nvfp4_llama2():  # untied lm_head, no q/k norm
 
 def case_nvfp4_qwen3_moe():  # attention split; the MoE (quantized grouped experts) whole on each rank
     train_and_compare("debug-qwen3-moe", "nvfp4")
+
+
+def case_nvfp4_qwen3_next():
+    """Gated DeltaNet split by key heads: in_proj_qkvz (colwise) and out_proj (rowwise, input
+    64 / 2 = 32: whole NVFP4 blocks) quantized; in_proj_ba, the conv and the routers are not
+    (modelopt's defaults); gated attention as Qwen3's; the MoE whole on each rank."""
+    deltanet = quantized("debug-qwen3-next", "nvfp4").layers[0].linear_attn
+    assert deltanet.in_proj_qkvz.weight_quantizer.is_enabled and deltanet.out_proj.input_quantizer.is_enabled
+    assert not deltanet.in_proj_ba.weight_quantizer.is_enabled
+    train_and_compare("debug-qwen3-next", "nvfp4")
 
 
 def case_nvfp4_qwen3_moe_tp2_ep2_fsdp():

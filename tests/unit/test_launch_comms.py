@@ -10,7 +10,7 @@ import os
 import pytest
 
 from train.launch.comms import (Interconnect, StepShape, communication_plan, interconnect, parameter_groups,
-                                step_collectives)
+                                step_collectives, tensor_parallel_all_reduces)
 from train.launch.conf import CONF_VARIABLES
 from train.launch.plan import main
 from train.models.registry import get_model_args
@@ -80,6 +80,12 @@ def test_tensor_parallel_all_reduces_activations_per_block_and_pass():
     moe_row = 4096 * MOE.hidden_size * 2  # every layer a MoE layer
     assert moe["block activations (forward)"].payload_bytes == MOE.num_layers * moe_row
     assert moe["block activations (backward)"].payload_bytes == 3 * MOE.num_layers * moe_row
+
+
+def test_tensor_parallel_all_reduces_of_gated_deltanet_blocks():
+    """tiny-qwen3-next: 3 Gated DeltaNet blocks (in_proj_qkvz and in_proj_ba colwise, out_proj
+    rowwise) and 1 gated attention block, layer 0's MLP dense, the others MoE (replicated)."""
+    assert tensor_parallel_all_reduces(get_model_args("tiny-qwen3-next")) == (4 + 1, 3 * 2 + 3 + 2)
 
 
 def test_expert_parallel_moves_routed_tokens_and_reduces_experts_over_their_replicas():

@@ -194,8 +194,8 @@ def test_pipeline_stages_hold_their_blocks_and_the_ends_the_embedding_and_lm_hea
     q, kv = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
     block = D * (q + 2 * kv) + q * D + 3 * D * F + 2 * D
     first, last = pipeline_stages(args, 2, "1,3", accumulation=8)
-    assert first.groups == {"embedding": V * D, "experts": 0, "dense": block} and first.layers == range(0, 1)
-    assert last.groups == {"embedding": V * D, "experts": 0, "dense": 3 * block + D} and last.layers == range(1, 4)
+    assert first.groups == {"embedding": V * D, "experts": 0, "replicated": 0, "dense": block} and first.layers == range(0, 1)
+    assert last.groups == {"embedding": V * D, "experts": 0, "replicated": 0, "dense": 3 * block + D} and last.layers == range(1, 4)
     assert (first.in_flight, first.loss, last.in_flight, last.loss) == (2, False, 1, True)
     tied = get_model_args("tiny-qwen3")
     assert [stage.groups["embedding"] for stage in pipeline_stages(tied, 3, "", 8)] == [V * D, 0, V * D]
@@ -331,3 +331,24 @@ def test_fsdp_mixed_precision_auto_is_planned_on_for_bf16_and_off_otherwise(tmp_
     assert memory["auto"]["gathered"] == pytest.approx(memory["off"]["gathered"] / 2)
     assert memory["auto"]["autocast_weights"] == 0 < memory["off"]["autocast_weights"]
     assert memory["fp32"]["gathered"] == memory["off"]["gathered"]
+
+
+@pytest.mark.parametrize("name", ["debug-qwen3-next", "tiny-qwen3-moe"])
+def test_tensor_parallel_keeps_moe_routers_and_shared_experts_whole(name):
+    """The plan's groups match the built model: routed experts, the MoE routers and shared experts
+    (whole on every TP rank, train/parallel/tensor_parallel.py) and the rest; at TP 2 a rank
+    holds half of the rest and all of the routers and shared experts."""
+    from train.launch.comms import parameter_groups
+    from train.launch.memory import local_elements
+    from train.models import build_model
+
+    model = build_model(name, device="meta")
+    counted = {"embedding": 0, "experts": 0, "replicated": 0, "dense": 0}
+    for n, p in model.named_parameters():
+        group = ("embedding" if n.startswith(("embed_tokens", "lm_head")) else "experts" if ".experts." in n
+                 else "replicated" if ".mlp.gate." in n or ".mlp.shared_expert" in n else "dense")
+        counted[group] += p.numel()
+    groups = parameter_groups(get_model_args(name))
+    assert groups == counted and groups["replicated"] > 0
+    split = local_elements(groups, Split(tp=2, ep=1, dp=1, strategy="ddp"), False)
+    assert split == (counted["dense"] + counted["embedding"]) / 2 + counted["replicated"] + counted["experts"]

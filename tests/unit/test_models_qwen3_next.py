@@ -256,7 +256,15 @@ def test_modelopt_defaults_leave_conv_ba_router_gates_and_lm_head_unquantized():
     assert torch.isfinite(model(ids)).all()
 
 
-def test_tensor_parallel_is_refused_before_the_job():
+@pytest.mark.parametrize("heads, message", [
+    (dict(), None),  # tiny: 4 heads, 2 KV heads, 2 key / 4 value DeltaNet heads
+    (dict(linear_num_key_heads=1, linear_num_value_heads=2), "TP_SIZE=2 does not divide linear_num_key_heads=1"),
+    (dict(linear_num_key_heads=1, linear_num_value_heads=3), "TP_SIZE=2 does not divide linear_num_key_heads=1"),
+    (dict(num_heads=6, num_kv_heads=3), "TP_SIZE=2 does not divide num_kv_heads=3"),
+])
+def test_tensor_parallel_needs_whole_heads_per_rank(heads, message):
+    """The plan's check: every TP rank holds whole attention heads, KV heads and DeltaNet key
+    heads (each with its adjacent value heads)."""
     from types import SimpleNamespace
 
     from train.parallel.checks import ParallelSettingsError, check_parallel_settings
@@ -264,6 +272,9 @@ def test_tensor_parallel_is_refused_before_the_job():
     parallel = SimpleNamespace(data_parallel="fsdp", pipeline_parallel_size=1, expert_parallel_size=1,
                                tensor_parallel_size=2, fsdp_mixed_precision="auto", pipeline_schedule="1f1b",
                                virtual_stages=1)
-    with pytest.raises(ParallelSettingsError, match="TP_SIZE=2: tensor parallelism is not implemented for the "
-                                                    "qwen3_next family"):
-        check_parallel_settings(parallel, get_model_args("tiny-qwen3-next"), world_size=2)
+    args = dataclasses.replace(get_model_args("tiny-qwen3-next"), **heads)
+    if message is None:
+        check_parallel_settings(parallel, args, world_size=2)
+        return
+    with pytest.raises(ParallelSettingsError, match=message):
+        check_parallel_settings(parallel, args, world_size=2)

@@ -107,16 +107,28 @@ class StepShape:
 
 
 def parameter_groups(args) -> dict[str, int]:
-    """Elements of the model in three groups: embedding (+ untied lm_head), experts, the rest."""
+    """Elements of the model in four groups: embedding (+ untied lm_head), routed experts, the MoE
+    layers' routers and shared experts ("replicated": whole on every TP rank, as
+    train/parallel/tensor_parallel.py leaves them), the rest ("dense", split by TP)."""
     from train.models.registry import count_parameters
 
     total = count_parameters(args)["total"]
     embedding = args.vocab_size * args.hidden_size * (1 if args.tie_embeddings else 2)
-    experts = 0
+    experts = replicated = 0
     if args.num_experts:
+        D = args.hidden_size
         moe_layers = sum(args.is_moe_layer(i) for i in range(args.num_layers))
-        experts = moe_layers * args.num_experts * 3 * args.hidden_size * args.moe_intermediate_size
-    return {"embedding": embedding, "experts": experts, "dense": total - embedding - experts}
+        experts = moe_layers * args.num_experts * 3 * D * args.moe_intermediate_size
+        shared = args.shared_expert_intermediate_size  # qwen3_next: SwiGLU + its (1, D) sigmoid gate
+        replicated = moe_layers * (args.num_experts * D + (3 * D * shared + D if shared else 0))
+    return {"embedding": embedding, "experts": experts, "replicated": replicated,
+            "dense": total - embedding - experts - replicated}
+
+
+def tp_dense(groups: dict[str, int], tp: int) -> float:
+    """A TP rank's elements of the layers outside the vocabulary and the routed experts: the
+    dense layers split over tp, the MoE routers and shared experts whole."""
+    return groups["dense"] / tp + groups["replicated"]
 
 
 def gradient_collectives(groups: dict[str, int], shape: StepShape, trainable: float | None) -> list[Collective]:
@@ -125,7 +137,7 @@ def gradient_collectives(groups: dict[str, int], shape: StepShape, trainable: fl
     tp, ep, dp, world = shape.tp, shape.ep, shape.dp, shape.tp * shape.dp
     if dp == 1:
         return []
-    non_experts = (groups["dense"] + groups["embedding"]) / tp
+    non_experts = tp_dense(groups, tp) + groups["embedding"] / tp
     experts = groups["experts"] / ep
     in_dp = non_experts + (experts if ep == 1 else 0)  # under EP the experts stay out of DDP/FSDP
     grads = in_dp if trainable is None else trainable / tp
@@ -153,12 +165,15 @@ def gradient_collectives(groups: dict[str, int], shape: StepShape, trainable: fl
 
 def tensor_parallel_all_reduces(args, layers: range | None = None) -> tuple[int, int]:
     """All-reduces of (MBS, SEQ, hidden) over the blocks `layers` (None: all) in one forward and one
-    backward: rowwise outputs in forward, colwise input gradients in backward (one per colwise Linear)."""
+    backward: rowwise outputs in forward, colwise input gradients in backward (one per colwise Linear;
+    a Gated DeltaNet (qwen3_next) has two, in_proj_qkvz and in_proj_ba)."""
     layers = range(args.num_layers) if layers is None else layers
     dense_layers = sum(not args.is_moe_layer(i) for i in layers)
+    kinds = args.resolved_layer_types()
+    deltanets = sum(kinds[i] == "linear_attention" for i in layers)
     mlp_colwise = 1 if args.family == "gpt2" else 2  # up_proj (and gate_proj)
-    forward = len(layers) + dense_layers  # o_proj in every block, down_proj in dense ones
-    backward = 3 * len(layers) + mlp_colwise * dense_layers  # q, k, v_proj; the MLP's colwise
+    forward = len(layers) + dense_layers  # o_proj / out_proj in every block, down_proj in dense ones
+    backward = 3 * len(layers) - deltanets + mlp_colwise * dense_layers  # q, k, v_proj; the MLP's colwise
     return forward, backward
 
 
@@ -199,7 +214,7 @@ def teacher_collectives(teacher, teacher_bytes: int, shape: StepShape) -> list[C
     out = activation_collectives(teacher, shape, forward_only=True, prefix="teacher ")
     if shape.dp > 1 and shape.strategy in ("fsdp", "fsdp_zero2"):
         groups = parameter_groups(teacher)
-        blocks = groups["dense"] / shape.tp + (groups["experts"] if shape.ep == 1 else 0)
+        blocks = tp_dense(groups, shape.tp) + (groups["experts"] if shape.ep == 1 else 0)
         out.append(Collective("teacher parameters (blocks)", "all_gather", "dp", shape.dp, shape.tp * shape.dp,
                               blocks * teacher_bytes, shape.accumulation))
     return out

@@ -66,7 +66,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from train.launch.comms import (Interconnect, StepShape, communication_plan, interconnect, parameter_groups,
-                                step_collectives)
+                                step_collectives, tp_dense)
 from train.mfu import peak_flops_for_name
 from train.parallel.checks import pipeline_layers, rank_stages
 
@@ -113,7 +113,7 @@ def block_groups(args, index: int) -> dict[str, int]:
     """parameter_groups of block `index` alone: a two-block model of its kind less a one-block one."""
     kind = dict(decoder_sparse_step=1, mlp_only_layers=() if args.is_moe_layer(index) else (0, 1))
     two, one = (parameter_groups(dataclasses.replace(args, num_layers=n, **kind)) for n in (2, 1))
-    return {"dense": two["dense"] - one["dense"], "experts": two["experts"] - one["experts"]}
+    return {name: two[name] - one[name] for name in ("dense", "experts", "replicated")}
 
 
 def pipeline_stages(args, pp: int = 1, spec: str = "", accumulation: int = 1, virtual: int = 1) -> list[Stage]:
@@ -136,6 +136,7 @@ def pipeline_stages(args, pp: int = 1, spec: str = "", accumulation: int = 1, vi
         last = stage == pp - 1
         groups = {"embedding": args.vocab_size * args.hidden_size if stage in (0, pp - 1) else 0,
                   "experts": sum(blocks[i]["experts"] for i in layers),
+                  "replicated": sum(blocks[i]["replicated"] for i in layers),
                   "dense": sum(blocks[i]["dense"] for i in layers) + (final_norm if last else 0)
                   + (positions if stage == 0 else 0)}
         in_flight = min(pp - stage, accumulation) if virtual == 1 else interleaved_in_flight(pp, virtual, stage,
@@ -155,9 +156,10 @@ def interleaved_in_flight(pp: int, virtual: int, rank: int, micro_batches: int) 
 
 
 def local_elements(groups: dict[str, int], layout: Split, fsdp_sharded: bool) -> float:
-    """This rank's parameters: TP splits the dense layers and the vocabulary, EP the experts,
-    FSDP2 the rest over dp (under EP > 1 the experts stay out of FSDP, split by EP only)."""
-    non_experts = (groups["dense"] + groups["embedding"]) / layout.tp
+    """This rank's parameters: TP splits the dense layers and the vocabulary (not the MoE routers
+    and shared experts), EP the experts, FSDP2 the rest over dp (under EP > 1 the experts stay
+    out of FSDP, split by EP only)."""
+    non_experts = tp_dense(groups, layout.tp) + groups["embedding"] / layout.tp
     experts = groups["experts"] / layout.ep
     if fsdp_sharded:
         non_experts /= layout.dp
@@ -234,7 +236,7 @@ def memory_breakdown(args, *, job: str, layout: Split, mbs: int, seq_length: int
     if fsdp:  # unsharded blocks: two at a time (fsdp), or all of them through backward (fsdp_zero2)
         sharded_experts = groups["experts"] if layout.ep == 1 else 0  # FSDP gathers them with their block
         gathered_bytes = 2 if fsdp_mixed_precision else param_bytes  # MixedPrecisionPolicy gathers bf16
-        block = (groups["dense"] / layout.tp + sharded_experts) / blocks * gathered_bytes
+        block = (tp_dense(groups, layout.tp) + sharded_experts) / blocks * gathered_bytes
         out["gathered"] = 2 * block if layout.strategy == "fsdp" else block * blocks
     out["gradients"] = trainable * trained_bytes
     if layout.strategy == "fsdp_zero2" and accumulation > 1:  # reduce-scattered in the last micro-batch only:

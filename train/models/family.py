@@ -67,10 +67,10 @@ _SPECS = (
                hf_extra_args=f"{_ADAPTERS}:_moe_args_from_hf",
                hf_config_kwargs=f"{_ADAPTERS}:_qwen3_moe_config_kwargs", to_hf=f"{_ADAPTERS}:_qwen3_moe_to_hf",
                from_hf=f"{_ADAPTERS}:_qwen3_moe_from_hf", hf_grouped_experts=True),
-    # Same HF state-dict names and per-expert layout as qwen3_moe; no TP plan for Gated DeltaNet.
+    # Same HF state-dict names and per-expert layout as qwen3_moe.
     FamilySpec(name="qwen3_next", model_type="qwen3_next", hf_architecture="Qwen3NextForCausalLM",
                model_class="train.models.qwen3_next:Qwen3Next", experts="optional", hybrid=True,
-               tensor_parallel=False, hf_extra_args=f"{_ADAPTERS}:_qwen3_next_fields",
+               hf_extra_args=f"{_ADAPTERS}:_qwen3_next_fields",
                hf_config_kwargs=f"{_ADAPTERS}:_qwen3_next_config_kwargs", to_hf=f"{_ADAPTERS}:_qwen3_moe_to_hf",
                from_hf=f"{_ADAPTERS}:_qwen3_moe_from_hf"),
 )

@@ -59,15 +59,17 @@ def check_parallel_settings(parallel_cfg: ParallelConfig, model_args=None, world
                                     f"parallel.data_parallel={strategy!r} does not compose with tensor "
                                     "parallelism; use fsdp or fsdp_zero2")
     if tp > 1 and model_args is not None and not family_spec(model_args.family).tensor_parallel:
-        # e.g. qwen3_next: no TP plan for the Gated DeltaNet layers (fused per-key-head projections,
-        # conv, state).
         raise ParallelSettingsError(f"TP_SIZE={tp}: tensor parallelism is not implemented for the "
                                     f"{model_args.family} family (model {model_args.name}); use TP_SIZE=1 with "
                                     "DP_SHARDING=fsdp")
     if tp > 1 and model_args is not None:
         # Heads split whole across TP ranks (query head h reads KV head h // (H / KV) on the same
-        # rank); the MLP splits its hidden dimension.
-        for name in ("num_heads", "num_kv_heads", "intermediate_size"):
+        # rank); the MLP splits its hidden dimension; a Gated DeltaNet (qwen3_next) splits its key
+        # heads, each with its r = value/key adjacent value heads (train/parallel/tensor_parallel.py).
+        names = ["num_heads", "num_kv_heads", "intermediate_size"]
+        if family_spec(model_args.family).hybrid:
+            names += ["linear_num_key_heads", "linear_num_value_heads"]
+        for name in names:
             value = getattr(model_args, name)
             if value % tp:
                 raise ParallelSettingsError(f"TP_SIZE={tp} does not divide {name}={value} of model "

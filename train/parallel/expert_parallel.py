@@ -172,10 +172,17 @@ def squared_norm(gradients: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([n.to(norms[0].device) for n in norms]).square().sum()
 
 
+def _mesh_of(tensor: torch.Tensor):
+    """A DTensor's DeviceMesh, None for a plain tensor."""
+    return tensor.device_mesh if isinstance(tensor, DTensor) else None
+
+
 def clip_gradients(model: nn.Module, max_norm: float) -> torch.Tensor:
-    """torch's clip_grad_norm_, unless the experts are a tensor kind of their own (EP, or TP where
-    the rest are DTensors): then expert gradients are finished (reduce_expert_gradients) and the
-    norm adds the experts' squared norm (summed over the EP group: each expert counted once)."""
+    """torch's clip_grad_norm_, unless the experts are a tensor kind of their own (EP; TP, where
+    the rest are DTensors on the TP mesh and the experts plain; TP x FSDP2, the rest on the
+    (dp, tp) mesh and the experts on dp's): then expert gradients are finished
+    (reduce_expert_gradients) and the norm adds the experts' squared norm (summed over the EP
+    group: each expert counted once)."""
     from train.optim import expert_parameter_ids
 
     state = expert_parallel_state(model)
@@ -183,7 +190,7 @@ def clip_gradients(model: nn.Module, max_norm: float) -> torch.Tensor:
     parameters = [p for p in model.parameters() if p.grad is not None]
     dense = [p.grad for p in parameters if id(p) not in experts]
     local = [p.grad for p in parameters if id(p) in experts]
-    mixed = any(isinstance(g, DTensor) for g in dense) != any(isinstance(g, DTensor) for g in local)
+    mixed = len({_mesh_of(g) for g in dense + local}) > 1  # torch stacks the norms: one mesh only
     if state is None and not (local and mixed):
         return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     reduce_expert_gradients(model)

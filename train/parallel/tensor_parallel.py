@@ -14,6 +14,20 @@ Outside the blocks:
     tied embeddings           both Shard(0) on vocab: re-tied after the split
 Every other parameter (norms, GPT-2 positions) becomes a Replicate DTensor on the TP mesh, so
 all parameters live on one mesh (clip_grad_norm_ and the optimizer see one kind of tensor).
+Qwen3-Next (train/models/qwen3_next.py; heads whole on each rank, t's share the t-th):
+    gated attention           q_proj (2 H hd, D) colwise: per head [query hd | gate hd], so
+                              Shard(0) keeps whole heads; k/v_proj colwise, o_proj rowwise;
+                              q_norm/k_norm as Qwen3's (Replicate, input Shard(2))
+    Gated DeltaNet            nk key heads of dk, nv = r nk value heads of dv, C = 2 nk dk + nv dv:
+      in_proj_qkvz            (nk (2 dk + 2 r dv), D) colwise: per key head [q | k | v | z],
+                              contiguous, so Shard(0) gives rank t key heads [t nk/TP, ...) whole
+      in_proj_ba              (2 nv, D) colwise: per key head [b (r) | a (r)], the same heads
+      A_log, dt_bias          (nv,) Shard(0): value heads [t nv/TP, ...), those of t's key heads
+      conv1d.weight           (C, 1, K) Replicate; see split_gated_deltanet
+      norm.weight             (dv,) Replicate, input (B, T, nv/TP, dv) Shard(2), as q_norm
+      out_proj                (D, nv dv) rowwise
+    the delta-rule state (B, nv/TP, dk, dv) of each head stays on its rank: no communication
+    inside the mixer, one all-reduce after out_proj as after o_proj.
 MoE blocks (Megatron's expert TP size 1): attention splits as above; the MoE input (B, T, D) is
 the same on every TP rank, so each TP rank runs the whole MoE: the router (and a shared expert)
 as Replicate DTensors, the routed experts as plain tensors, split over EP ranks instead
@@ -41,7 +55,7 @@ from functools import partial
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 
@@ -73,9 +87,14 @@ class LinearRowwise(RowwiseParallel):
 
 
 def block_plan(block: nn.Module) -> dict:
-    """The parallelize_module plan of one TransformerBlock (names as in HF; GPT-2 has no gate_proj)."""
-    plan = {"self_attn.q_proj": LinearColwise(), "self_attn.k_proj": LinearColwise(),
-            "self_attn.v_proj": LinearColwise(), "self_attn.o_proj": LinearRowwise()}
+    """The parallelize_module plan of one TransformerBlock (names as in HF; GPT-2 has no gate_proj;
+    a Qwen3-Next block holds self_attn or linear_attn)."""
+    if hasattr(block, "linear_attn"):  # Gated DeltaNet: split_gated_deltanet does the rest
+        plan = {"linear_attn.in_proj_qkvz": LinearColwise(), "linear_attn.in_proj_ba": LinearColwise(),
+                "linear_attn.out_proj": LinearRowwise()}
+    else:
+        plan = {"self_attn.q_proj": LinearColwise(), "self_attn.k_proj": LinearColwise(),
+                "self_attn.v_proj": LinearColwise(), "self_attn.o_proj": LinearRowwise()}
     if is_moe(block.mlp):  # replicated: see the module docstring
         return plan
     plan.update({"mlp.up_proj": LinearColwise(), "mlp.down_proj": LinearRowwise()})
@@ -215,6 +234,40 @@ def replicate_module(module: nn.Module, mesh: DeviceMesh, input_placement=Replic
                       output_fn=_dtensor_to_local)
 
 
+def split_gated_deltanet(deltanet: nn.Module, mesh: DeviceMesh) -> None:
+    """The parameters of a Gated DeltaNet that are not Linears (the module docstring has the plan).
+
+    The conv's C channels are laid out [q of all nk heads | k of all nk | v of all nv], so rank
+    t's channels, its heads' q, k and v, are three blocks, not one:
+        q [t kd/TP, (t+1) kd/TP)  k kd + [the same]  v 2 kd + [t vd/TP, (t+1) vd/TP)
+    (kd = nk dk, vd = nv dv). A Shard(0) of the weight would give rank t rows [t C/TP, ...): the
+    wrong channels. So the weight (C, 1, K), a few thousand numbers, stays a Replicate DTensor,
+    whole in checkpoints (DCP loads it into any layout), and each forward cuts the rank's
+    channels out of the local copy: (C/TP, 1, K), in the order of its local [q | k | v].
+    to_local(grad_placements=[Partial()]): each rank's gradient is nonzero on its own channels
+    only, and their sum over the TP ranks is the whole gradient (reduced where a Replicate
+    parameter needs it: FSDP2, the optimizer step). A_log and dt_bias are Shard(0) DTensors: the
+    rank's value heads are contiguous. The module computes on plain tensors, as one device does;
+    its head_parameters method is replaced on this instance to hand it the rank's share."""
+    conv = deltanet.conv1d
+    conv.register_parameter("weight", nn.Parameter(distribute_tensor(conv.weight, mesh, [Replicate()])))
+    for name in ("A_log", "dt_bias"):
+        deltanet.register_parameter(name, nn.Parameter(distribute_tensor(getattr(deltanet, name), mesh, [Shard(0)])))
+    replicate_module(deltanet.norm, mesh, Shard(2))  # (B, T, nv/TP, dv) and its gate z: local heads
+    deltanet.head_parameters = partial(_rank_head_parameters, deltanet)
+
+
+def _rank_head_parameters(deltanet: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GatedDeltaNet.head_parameters of a TP rank: conv weight (C/TP, 1, K), A_log and dt_bias
+    (nv/TP,), plain tensors (under FSDP2 the DTensors it unsharded for this forward)."""
+    weight = deltanet.conv1d.weight
+    rank, ranks = weight.device_mesh.get_local_rank(), weight.device_mesh.size()
+    q, k, v = weight.to_local(grad_placements=[Partial()]).split(
+        (deltanet.key_dim, deltanet.key_dim, deltanet.value_dim))
+    local = torch.cat([part.chunk(ranks)[rank] for part in (q, k, v)])
+    return local, deltanet.A_log.to_local(), deltanet.dt_bias.to_local()
+
+
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
     """Splits `model` (a CausalLM) over tp_mesh in place; returns it."""
     tied = model.args.tie_embeddings
@@ -226,6 +279,9 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
         model.tie_weights()  # parallelize_module made two DTensors out of the one shared weight
     for block in model.layers:
         parallelize_module(block, tp_mesh, block_plan(block))
+        if hasattr(block, "linear_attn"):
+            split_gated_deltanet(block.linear_attn, tp_mesh)
+            continue
         attention = block.self_attn
         if attention.q_norm is not None:  # (B, T, heads/TP, hd): local heads, dim 2
             replicate_module(attention.q_norm, tp_mesh, Shard(2))

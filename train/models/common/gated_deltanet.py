@@ -168,27 +168,37 @@ class GatedDeltaNet(nn.Module):
         self.norm.reset_parameters()
 
     def _split_projections(self, x: torch.Tensor):
+        """Head counts from the projections' widths (-1): under tensor parallelism (train/parallel/
+        tensor_parallel.py) they hold this rank's key heads only, whole (the per-key-head layout)."""
         batch, seq_len, _ = x.shape
         ratio = self.num_value_heads // self.num_key_heads
         dk, dv = self.key_head_dim, self.value_head_dim
-        qkvz = self.in_proj_qkvz(x).view(batch, seq_len, self.num_key_heads, 2 * dk + 2 * ratio * dv)
+        qkvz = self.in_proj_qkvz(x).view(batch, seq_len, -1, 2 * dk + 2 * ratio * dv)
         q, k, v, z = qkvz.split((dk, dk, ratio * dv, ratio * dv), dim=-1)  # per key head
-        ba = self.in_proj_ba(x).view(batch, seq_len, self.num_key_heads, 2 * ratio)
+        ba = self.in_proj_ba(x).view(batch, seq_len, -1, 2 * ratio)
         b, a = ba.split((ratio, ratio), dim=-1)
         # (B, T, nk, r*dv) -> (B, T, nv, dv): value heads of one key head are adjacent
-        z = z.reshape(batch, seq_len, self.num_value_heads, dv)
-        b, a = b.reshape(batch, seq_len, self.num_value_heads), a.reshape(batch, seq_len, self.num_value_heads)
+        z = z.reshape(batch, seq_len, -1, dv)
+        b, a = b.reshape(batch, seq_len, -1), a.reshape(batch, seq_len, -1)
         return q.reshape(batch, seq_len, -1), k.reshape(batch, seq_len, -1), v.reshape(batch, seq_len, -1), z, b, a
 
-    def _conv(self, mixed: torch.Tensor) -> torch.Tensor:
-        """(B, T, C) -> silu(causal depthwise conv) (B, T, C)."""
+    def head_parameters(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(conv weight (C, 1, K), A_log (nv,), dt_bias (nv,)) as forward computes with them: the
+        parameters themselves. Tensor parallelism replaces this method per instance with one that
+        returns a rank's channels and heads as plain tensors (train/parallel/tensor_parallel.py)."""
+        return self.conv1d.weight, self.A_log, self.dt_bias
+
+    def _conv(self, mixed: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """(B, T, C) -> silu(causal depthwise conv) (B, T, C); weight (C, 1, K), one kernel a channel."""
         kernel = causal_conv1d_kernel() if self.kernel == "auto" and mixed.is_cuda else None
         if kernel is not None:
-            weight = self.conv1d.weight.squeeze(1).to(mixed.dtype)  # (C, K); autocast leaves custom ops alone
+            weight = weight.squeeze(1).to(mixed.dtype)  # (C, K); autocast leaves custom ops alone
             out = kernel(mixed.transpose(1, 2), weight, None, activation="silu")
             return out.transpose(1, 2)
-        seq_len = mixed.shape[1]
-        return F.silu(self.conv1d(mixed.transpose(1, 2))[..., :seq_len]).transpose(1, 2)
+        seq_len, size = mixed.shape[1], weight.shape[-1]
+        # padding K-1 on both sides, the right overhang cut: causal (as self.conv1d computes it)
+        out = F.conv1d(mixed.transpose(1, 2), weight, padding=size - 1, groups=weight.shape[0])
+        return F.silu(out[..., :seq_len]).transpose(1, 2)
 
     def _delta_rule(self, q, k, v, g, beta):
         fla = fla_chunk_gated_delta_rule() if self.kernel == "auto" and q.is_cuda else None
@@ -200,18 +210,20 @@ class GatedDeltaNet(nn.Module):
 
     def forward(self, x: torch.Tensor, rope=None) -> torch.Tensor:
         batch, seq_len, _ = x.shape
+        conv_weight, A_log, dt_bias = self.head_parameters()
         q, k, v, z, b, a = self._split_projections(x)
-        mixed = self._conv(torch.cat((q, k, v), dim=-1))  # (B, T, 2*key_dim + value_dim)
-        q, k, v = mixed.split((self.key_dim, self.key_dim, self.value_dim), dim=-1)
-        q = q.reshape(batch, seq_len, self.num_key_heads, self.key_head_dim)
-        k = k.reshape(batch, seq_len, self.num_key_heads, self.key_head_dim)
-        v = v.reshape(batch, seq_len, self.num_value_heads, self.value_head_dim)
+        widths = (q.shape[-1], k.shape[-1], v.shape[-1])  # key_dim, key_dim, value_dim (or a TP rank's share)
+        mixed = self._conv(torch.cat((q, k, v), dim=-1), conv_weight)  # (B, T, 2*key_dim + value_dim)
+        q, k, v = mixed.split(widths, dim=-1)
+        q = q.reshape(batch, seq_len, -1, self.key_head_dim)
+        k = k.reshape(batch, seq_len, -1, self.key_head_dim)
+        v = v.reshape(batch, seq_len, -1, self.value_head_dim)
         beta = b.sigmoid()  # (B, T, nv), write strength in (0, 1)
         # float32: in fp16/bf16 exp(A_log) * softplus(.) can overflow to -inf
-        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())  # (B, T, nv)
+        g = -A_log.float().exp() * F.softplus(a.float() + dt_bias.float())  # (B, T, nv)
         ratio = self.num_value_heads // self.num_key_heads
         if ratio > 1:  # each key head serves `ratio` adjacent value heads
             q, k = q.repeat_interleave(ratio, dim=2), k.repeat_interleave(ratio, dim=2)
         out = self._delta_rule(q, k, v, g, beta)  # (B, T, nv, dv)
         out = self.norm(out, z)  # RMSNorm per value head, gated by silu(z)
-        return self.out_proj(out.reshape(batch, seq_len, self.value_dim))
+        return self.out_proj(out.reshape(batch, seq_len, -1))
