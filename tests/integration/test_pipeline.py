@@ -7,7 +7,8 @@ within fp rounding. Checkpoints cross layouts (names independent of the stages):
 resumes in one process, one process resumes in PP 2, and PP 2 resumes in PP 2 bit for bit.
 Models (4 layers each): tiny-llama3 (dense, untied), tiny-qwen3-moe (router auxiliary loss
 across the stages, layer 0 dense), tiny-qwen3 (tied embeddings: a copy on each end stage),
-tiny-gpt2 and tiny-qwen3-next; tiny-qwen3 also as PP 2 x TP 2 resumed under FSDP2, tiny-qwen3-moe as
+tiny-gpt2 and tiny-qwen3-next; tiny-qwen3 and tiny-qwen3-next also as PP 2 x TP 2 resumed under FSDP2,
+tiny-qwen3-moe as
 PP 2 x EP 2 resumed in one process.
 Interleaved 1F1B (PP_SCHEDULE=interleaved_1f1b, 2 virtual stages of one block each: stages 0 and 2
 on rank 0, 1 and 3 on rank 1) against the same one-process runs, and its checkpoint resumed there.
@@ -149,11 +150,13 @@ def test_experts_split_inside_two_stages_match_and_resume_in_one_process(tmp_pat
 
 
 @pytest.mark.slow
-def test_two_stages_times_tp2_match_and_resume_under_fsdp2(tmp_path, one_process):
+@pytest.mark.parametrize("name", ["tiny-qwen3", "tiny-qwen3-next"])
+def test_two_stages_times_tp2_match_and_resume_under_fsdp2(tmp_path, one_process, name):
     """PP 2 x TP 2 on 4 processes (tied tiny-qwen3: both copies vocabulary shards, their gradients
-    summed shard by shard), then 2 more iterations as FSDP2 on 2 processes from its checkpoint."""
-    expected_losses, expected_weights, expected_norms, _ = one_process("tiny-qwen3")
-    model = ["model.name=tiny-qwen3", "parallel.data_parallel=fsdp"]
+    summed shard by shard; tiny-qwen3-next: each stage's Gated DeltaNet and gated attention heads
+    split), then 2 more iterations as FSDP2 on 2 processes from its checkpoint."""
+    expected_losses, expected_weights, expected_norms, _ = one_process(name)
+    model = [f"model.name={name}", "parallel.data_parallel=fsdp"]
     pretrain(tmp_path, [*model, "training.train_iters=3", *PP2, "parallel.tensor_parallel_size=2"], 4)
     assert grad_norms(tmp_path) == pytest.approx(expected_norms, rel=1e-4)
     assert_same_weights(weights(tmp_path, 3), expected_weights)

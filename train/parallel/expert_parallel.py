@@ -164,12 +164,17 @@ def reduce_expert_gradients(model: nn.Module) -> None:
 
 
 def squared_norm(gradients: list[torch.Tensor]) -> torch.Tensor:
-    """The squared 2-norm of all `gradients` together, fp32; DTensor shards (FSDP2, TP) counted whole."""
-    if not gradients:
-        return torch.zeros(())
-    norms = [g.full_tensor() if isinstance(g, DTensor) else g for g in
-             (torch.linalg.vector_norm(g.float()) for g in gradients)]
-    return torch.stack([n.to(norms[0].device) for n in norms]).square().sum()
+    """The squared 2-norm of all `gradients` together, fp32; DTensor shards (FSDP2, TP) counted
+    whole: torch's norm per tensor kind (plain, or one DTensor mesh), one reduction each."""
+    kinds: dict = {}
+    for gradient in gradients:
+        kinds.setdefault(_mesh_of(gradient), []).append(gradient)
+    total = torch.zeros(())
+    for group in kinds.values():
+        norm = torch.nn.utils.get_total_norm(group)
+        norm = (norm.full_tensor() if isinstance(norm, DTensor) else norm).float()
+        total = total.to(norm.device) + norm ** 2
+    return total
 
 
 def _mesh_of(tensor: torch.Tensor):
@@ -177,31 +182,44 @@ def _mesh_of(tensor: torch.Tensor):
     return tensor.device_mesh if isinstance(tensor, DTensor) else None
 
 
-def clip_gradients(model: nn.Module, max_norm: float) -> torch.Tensor:
-    """torch's clip_grad_norm_, unless the experts are a tensor kind of their own (EP; TP, where
-    the rest are DTensors on the TP mesh and the experts plain; TP x FSDP2, the rest on the
-    (dp, tp) mesh and the experts on dp's): then expert gradients are finished
-    (reduce_expert_gradients) and the norm adds the experts' squared norm (summed over the EP
-    group: each expert counted once)."""
+def gradient_square(model: nn.Module, parameters: list[nn.Parameter]) -> torch.Tensor:
+    """The squared 2-norm (fp32) of the gradients of `parameters` (of `model`, expert gradients
+    already finished: reduce_expert_gradients), each element counted once over the ranks: DTensor
+    shards (FSDP2, TP) whole, EP's local experts summed over the EP group. Plain torch's norm where
+    all gradients are one tensor kind; else the experts (plain under TP, on dp's mesh under TP x
+    FSDP2, local under EP) and the rest apart, since torch stacks norms of one mesh only."""
     from train.optim import expert_parameter_ids
 
     state = expert_parallel_state(model)
     experts = expert_parameter_ids(model)
-    parameters = [p for p in model.parameters() if p.grad is not None]
-    dense = [p.grad for p in parameters if id(p) not in experts]
-    local = [p.grad for p in parameters if id(p) in experts]
-    mixed = len({_mesh_of(g) for g in dense + local}) > 1  # torch stacks the norms: one mesh only
-    if state is None and not (local and mixed):
-        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    reduce_expert_gradients(model)
-    expert_square = squared_norm(local)
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if state is None and len({_mesh_of(g) for g in grads}) <= 1:
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        return (norm.full_tensor() if isinstance(norm, DTensor) else norm).float() ** 2
+    expert_square = squared_norm([p.grad for p in parameters if p.grad is not None and id(p) in experts])
     if state is not None:
         dist.all_reduce(expert_square, group=state.ep_mesh.get_group())
-    total = (squared_norm(dense).to(expert_square.device) + expert_square).sqrt()
-    if math.isfinite(total.item()):
-        scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
-        for gradient in dense + local:
-            gradient.mul_(scale.to(gradient.device))
+    dense = [p.grad for p in parameters if p.grad is not None and id(p) not in experts]
+    return squared_norm(dense).to(expert_square.device) + expert_square
+
+
+def scale_gradients(parameters: list[nn.Parameter], max_norm: float, total: torch.Tensor) -> None:
+    """clip_grads_with_norm_ with the norm over all of them, one call per tensor kind (plain, or
+    a DTensor mesh): its foreach kernels take one kind at a time."""
+    kinds: dict = {}
+    for parameter in parameters:
+        kinds.setdefault(_mesh_of(parameter.grad), []).append(parameter)
+    for group in kinds.values():
+        torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+
+
+def clip_gradients(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """torch's clip_grad_norm_ over the whole model, whatever its tensor kinds: the expert
+    gradients finished first (EP: reduce_expert_gradients), the norm by gradient_square."""
+    reduce_expert_gradients(model)
+    parameters = [p for p in model.parameters() if p.grad is not None]
+    total = gradient_square(model, parameters).sqrt()
+    scale_gradients(parameters, max_norm, total)
     return total
 
 

@@ -92,8 +92,8 @@ from torch.distributed.tensor import DTensor
 from train.losses import split_loss, token_loss, unwrap
 from train.models.common.moe import MoE
 from train.parallel.checks import pipeline_layers, rank_stages
-from train.parallel.expert_parallel import (expert_parallel_state, expert_parameters, reduce_expert_gradients,
-                                            squared_norm)
+from train.parallel.expert_parallel import (expert_parameters, gradient_square, reduce_expert_gradients,
+                                            scale_gradients)
 from train.parallel.layout import ParallelLayout
 from train.parallel.mesh import data_parallel_mesh
 
@@ -339,21 +339,10 @@ class Pipeline:
         reduce_expert_gradients(self.model)
         parameters = [p for p in self.model.parameters() if p.grad is not None]
         copy = self.tied_weight() if self.tied_group is not None and self.is_last else None
-        experts = set(map(id, expert_parameters(self.model)))
-        counted = [p.grad for p in parameters if p is not copy and id(p) not in experts]
-        norm = torch.nn.utils.get_total_norm(counted) if counted else torch.zeros((), device=self.device)
-        if isinstance(norm, DTensor):  # FSDP2 inside the stage: the norm over the whole "dp" shards
-            norm = norm.full_tensor()
-        square = norm.float() ** 2
-        state = expert_parallel_state(self.model)
-        if state is not None:  # the experts: plain tensors (expert_parallel.py)
-            expert_square = squared_norm([p.grad for p in parameters if id(p) in experts]).to(square.device)
-            dist.all_reduce(expert_square, group=state.ep_mesh.get_group())
-            square = square + expert_square
+        square = gradient_square(self.model, [p for p in parameters if p is not copy]).to(self.device)
         dist.all_reduce(square, group=self.group)
         total = square.sqrt()
-        for kind in (False, True):  # the experts apart: plain tensors beside TP's DTensors
-            torch.nn.utils.clip_grads_with_norm_([p for p in parameters if (id(p) in experts) == kind], max_norm, total)
+        scale_gradients(parameters, max_norm, total)
         return total
 
     def checkpoint_view(self, tensors: dict) -> dict:
