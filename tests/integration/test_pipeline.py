@@ -58,6 +58,18 @@ def assert_same_weights(actual: dict, expected: dict) -> None:
         torch.testing.assert_close(actual[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def matches_then_resumes(root: Path, reference: tuple, model: str, layout: list[str], processes: int,
+                         resume_layout: list[str], resume_processes: int) -> None:
+    """`layout` on `processes` for 3 iterations gives the reference's (one_process) gradient norms and
+    weights; 2 more under `resume_layout` from its checkpoint give its 5 losses."""
+    expected_losses, expected_weights, expected_norms, _ = reference
+    pretrain(root, [f"model.name={model}", "training.train_iters=3", *layout], processes)
+    assert grad_norms(root) == pytest.approx(expected_norms, rel=1e-4)
+    assert_same_weights(weights(root, 3), expected_weights)
+    result = pretrain(root, [f"model.name={model}", "training.train_iters=5", *resume_layout], resume_processes)
+    assert result == pytest.approx(expected_losses, rel=1e-5)
+
+
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
     """model -> the reference: 3 iterations (their weights, gradient norms, and a copy of the run at
@@ -125,12 +137,7 @@ def test_two_stages_match_one_process(one_process, two_stages, model, layers):
 @pytest.mark.parametrize("model", MODELS)
 def test_two_stages_times_fsdp2_match_and_resume_in_one_process(tmp_path, one_process, model):
     """PP 2 x DP 2 (FSDP2 inside each stage) on 4 processes, then 2 more iterations as PP 1."""
-    expected_losses, expected_weights, expected_norms, _ = one_process(model)
-    pretrain(tmp_path, [f"model.name={model}", "training.train_iters=3", *PP2, "parallel.data_parallel=fsdp"], 4)
-    assert grad_norms(tmp_path) == pytest.approx(expected_norms, rel=1e-4)
-    assert_same_weights(weights(tmp_path, 3), expected_weights)
-    result = pretrain(tmp_path, [f"model.name={model}", "training.train_iters=5"], 1)
-    assert result == pytest.approx(expected_losses, rel=1e-5)
+    matches_then_resumes(tmp_path, one_process(model), model, [*PP2, "parallel.data_parallel=fsdp"], 4, [], 1)
 
 
 @pytest.mark.slow
@@ -139,14 +146,8 @@ def test_experts_split_inside_two_stages_match_and_resume_in_one_process(tmp_pat
     """PP 2 x EP 2 on 4 processes (DDP or FSDP2 over each stage's 2 data-parallel ranks, which hold
     half the experts each: tokens exchanged by all-to-all inside the stage, the expert gradients and
     norms finished apart), then 2 more iterations in one process from its checkpoint (EP 1)."""
-    expected_losses, expected_weights, expected_norms, _ = one_process("tiny-qwen3-moe")
-    model = ["model.name=tiny-qwen3-moe"]
-    pretrain(tmp_path, [*model, "training.train_iters=3", *PP2, "parallel.expert_parallel_size=2",
-                        f"parallel.data_parallel={strategy}"], 4)
-    assert grad_norms(tmp_path) == pytest.approx(expected_norms, rel=1e-4)
-    assert_same_weights(weights(tmp_path, 3), expected_weights)
-    result = pretrain(tmp_path, [*model, "training.train_iters=5"], 1)
-    assert result == pytest.approx(expected_losses, rel=1e-5)
+    layout = [*PP2, "parallel.expert_parallel_size=2", f"parallel.data_parallel={strategy}"]
+    matches_then_resumes(tmp_path, one_process("tiny-qwen3-moe"), "tiny-qwen3-moe", layout, 4, [], 1)
 
 
 @pytest.mark.slow
@@ -155,13 +156,8 @@ def test_two_stages_times_tp2_match_and_resume_under_fsdp2(tmp_path, one_process
     """PP 2 x TP 2 on 4 processes (tied tiny-qwen3: both copies vocabulary shards, their gradients
     summed shard by shard; tiny-qwen3-next: each stage's Gated DeltaNet and gated attention heads
     split), then 2 more iterations as FSDP2 on 2 processes from its checkpoint."""
-    expected_losses, expected_weights, expected_norms, _ = one_process(name)
-    model = [f"model.name={name}", "parallel.data_parallel=fsdp"]
-    pretrain(tmp_path, [*model, "training.train_iters=3", *PP2, "parallel.tensor_parallel_size=2"], 4)
-    assert grad_norms(tmp_path) == pytest.approx(expected_norms, rel=1e-4)
-    assert_same_weights(weights(tmp_path, 3), expected_weights)
-    result = pretrain(tmp_path, [*model, "training.train_iters=5"], 2)
-    assert result == pytest.approx(expected_losses, rel=1e-5)
+    fsdp = ["parallel.data_parallel=fsdp"]
+    matches_then_resumes(tmp_path, one_process(name), name, [*fsdp, *PP2, "parallel.tensor_parallel_size=2"], 4, fsdp, 2)
 
 
 @pytest.mark.slow
