@@ -500,7 +500,7 @@ def fitting_alternatives(job: str, cfg: JobConfig, world_size: int, capacity: fl
     models = job_models(job, cfg)
     parallel, training = cfg.parallel, cfg.training
     tries = []
-    if parallel.data_parallel != "fsdp" and parallel.virtual_stages == 1:  # interleaving refuses FSDP2 shards
+    if parallel.data_parallel != "fsdp":
         tries.append(("DP_SHARDING=fsdp", "parallel.data_parallel", "fsdp"))
     if not parallel.activation_checkpointing:
         tries.append(("ACTIVATION_CHECKPOINTING=1", "parallel.activation_checkpointing", True))
