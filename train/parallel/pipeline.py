@@ -63,11 +63,16 @@ PP_SIZE x v stages, rank r holding stages r, r + PP_SIZE, ... (ScheduleInterleav
 keeps one model, the whole model less the blocks of the stages it does not hold (split_stage:
 the embedding with stage 0, on rank 0; the final norm and lm_head with the last stage, on the last
 rank), so the optimizer, checkpoints, clipping, the tied pair and the dp averaging are 1F1B's;
-each stage's PipelineStage runs a StageChunk, whose forward is its blocks of that model and
-which holds no submodule. Refused at plan time (train/parallel/checks.py, train/launch/plan.py):
-FSDP2 over more than one dp rank (torch's schedule unshards and syncs gradients for a stage whose
-module is the FSDP2 module, which a chunk is not), QAD (the teacher runs in the rank's one stage),
-and micro-batches that torch's rounds do not split.
+each stage's PipelineStage runs a StageChunk, which holds no submodule and calls that model with
+its blocks (stage_forward's chunk). FSDP2 inside the stages: torch's schedule unshards and holds
+back gradient sync only for a stage whose module is the FSDP2 module, which a chunk is not, so
+FSDP2 runs on its own hooks: through the model's call the root is the first FSDP2 module to run
+forward and gathers its own parameters (embedding, final norm, lm_head) as under 1F1B, and with
+gradient sync left on every stage backward reduce-scatters its micro-batch's gradients into the
+sharded ones (one reduce-scatter per micro-batch, not 1F1B's one per step: the same sum), which
+FSDP2's end-of-backward callback waits for before the tied sum and clipping. Refused at plan
+time (train/parallel/checks.py, train/launch/plan.py): QAD (the teacher runs in the rank's one
+stage) and micro-batches that torch's rounds do not split.
 
 Evaluation (train/validation.py, EVAL_INTERVAL and EVAL_ONLY): forward_logits runs one
 micro-batch through the stages without the schedule, one stage after another (no overlap: an
