@@ -11,7 +11,8 @@ tiny-gpt2 and tiny-qwen3-next; tiny-qwen3 and tiny-qwen3-next also as PP 2 x TP 
 tiny-qwen3-moe as
 PP 2 x EP 2 resumed in one process.
 Interleaved 1F1B (PP_SCHEDULE=interleaved_1f1b, 2 virtual stages of one block each: stages 0 and 2
-on rank 0, 1 and 3 on rank 1) against the same one-process runs, and its checkpoint resumed there.
+on rank 0, 1 and 3 on rank 1; with DDP, TP, EP or FSDP2 inside the stages) against the same
+one-process runs, and its checkpoint resumed there (also from PP 2 x FSDP2 dp 2).
 """
 
 import json
@@ -32,6 +33,7 @@ COMMON = ["model.name=tiny-llama3", "data.source=synthetic", "data.seq_length=32
 MODELS = ["tiny-llama3", "tiny-qwen3-moe", "tiny-qwen3"]
 PP2 = ["parallel.pipeline_parallel_size=2"]
 INTERLEAVED = [*PP2, "parallel.pipeline_schedule=interleaved_1f1b", "parallel.virtual_stages=2"]
+FSDP = ("parallel.data_parallel=fsdp",)
 
 
 def pretrain(root: Path, overrides: list[str], processes: int) -> list[float]:
@@ -188,13 +190,16 @@ def test_two_stages_resume_bit_for_bit(tmp_path, two_stages):
     ("tiny-llama3", 4, ()), ("tiny-qwen3-moe", 2, ()), ("tiny-qwen3", 2, ()),
     ("tiny-qwen3", 4, ("parallel.tensor_parallel_size=2", "parallel.data_parallel=fsdp")),
     ("tiny-qwen3-moe", 4, ("parallel.expert_parallel_size=2",)),
-], ids=["dense-dp2", "moe", "tied", "tied-tp2", "moe-ep2"])
+    ("tiny-llama3", 4, FSDP), ("tiny-qwen3", 4, FSDP),
+], ids=["dense-dp2", "moe", "tied", "tied-tp2", "moe-ep2", "dense-fsdp2", "tied-fsdp2"])
 def test_interleaved_stages_match_one_process(one_process, interleaved, model, processes, overrides):
     """dense-dp2: PP 2 x DP 2, each rank's two stages' gradients averaged over dp after the
     schedule; moe: the balance sums through the four stages, across the two ranks twice; tied:
     the embedding on stage 0 (rank 0) and lm_head on stage 3 (rank 1), their gradients summed;
     tied-tp2: PP 2 x TP 2 (data-parallel size 1, so FSDP2 shards nothing), vocabulary shards;
-    moe-ep2: PP 2 x EP 2, each stage's experts split over its 2 data-parallel ranks."""
+    moe-ep2: PP 2 x EP 2, each stage's experts split over its 2 data-parallel ranks; dense-fsdp2,
+    tied-fsdp2: PP 2 x DP 2 under FSDP2, each stage's blocks sharded over its 2 data-parallel ranks
+    (the root's embedding and lm_head gathered through the model's call, the tied copies' shards summed)."""
     expected_losses, expected_weights, expected_norms, _ = one_process(model)
     root = interleaved(model, processes, overrides)
     assert losses(root) == pytest.approx(expected_losses[:3], rel=1e-5)
@@ -203,11 +208,13 @@ def test_interleaved_stages_match_one_process(one_process, interleaved, model, p
 
 
 @pytest.mark.slow
-def test_interleaved_checkpoint_resumes_in_one_process(tmp_path, one_process, interleaved):
+@pytest.mark.parametrize("processes, overrides", [(2, ()), (4, FSDP)], ids=["pp2", "pp2-fsdp2"])
+def test_interleaved_checkpoint_resumes_in_one_process(tmp_path, one_process, interleaved, processes, overrides):
     """tiny-qwen3 (tied) saved under interleaved PP 2 (each rank's parameters under the whole
-    model's names, lm_head's AdamW state under embed_tokens.weight), 2 more iterations in one
-    process: the 5 losses of the uninterrupted one-process run."""
+    model's names, lm_head's AdamW state under embed_tokens.weight; pp2-fsdp2: PP 2 x DP 2, FSDP2
+    shards), 2 more iterations in one process: the 5 losses of the uninterrupted one-process run
+    (the runs of test_interleaved_stages_match_one_process, copied)."""
     expected_losses, _, _, _ = one_process("tiny-qwen3")
-    shutil.copytree(interleaved("tiny-qwen3", 2), tmp_path, dirs_exist_ok=True)
+    shutil.copytree(interleaved("tiny-qwen3", processes, overrides), tmp_path, dirs_exist_ok=True)
     result = pretrain(tmp_path, ["model.name=tiny-qwen3", "training.train_iters=5"], 1)
     assert result == pytest.approx(expected_losses, rel=1e-5)

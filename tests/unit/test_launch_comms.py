@@ -65,6 +65,12 @@ def test_fsdp_gathers_and_reduce_scatters_every_micro_batch_zero2_reduces_once()
     assert mixed["gradients"].bytes_per_rank == zero3["gradients"].bytes_per_rank  # fp32 reduce-scatter
 
 
+def test_interleaved_stages_reduce_scatter_every_micro_batch_under_zero2_too():
+    """Interleaved 1F1B: FSDP2 syncs and reshards in every stage backward, fsdp_zero2 as fsdp."""
+    zero2 = by_name(step_collectives(DENSE, shape(strategy="fsdp_zero2", interleaved=True)))
+    assert zero2["gradients"].times == 4 and zero2["parameters (blocks)"].times == 8
+
+
 def test_tensor_parallel_all_reduces_activations_per_block_and_pass():
     """Dense blocks: 2 in forward (again when recomputed), 5 in backward (q, k, v, gate, up_proj's
     input gradients); MoE blocks only their attention's: 1 and 3."""

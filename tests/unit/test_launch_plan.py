@@ -152,7 +152,6 @@ INTERLEAVED = "export PP_SCHEDULE=interleaved_1f1b\nexport PP_VIRTUAL_STAGES=2\n
     ("export GBS=40\n", "PP_SCHEDULE=interleaved_1f1b: interleaved 1F1B splits the 5 micro-batches per step into 2 "
      "rounds \\(micro-batches // PP_SIZE=2\\), which must divide them; use a multiple of PP_SIZE \\(GBS / "
      "\\(MBS x data-parallel size\\) = 5\\)"),
-    ("export GBS=16\nexport DP_SHARDING=fsdp\n", "interleaving runs with ddp only"),
     ("export GBS=16\nexport PP_VIRTUAL_STAGES=1\n", "interleaving needs at least 2 stages per rank"),
     ("export GBS=16\nexport PP_LAYERS=2,2\n", "needs PP_SIZE x PP_VIRTUAL_STAGES = 2 x 2 = 4 counts"),
 ])
@@ -163,6 +162,17 @@ def test_interleaved_pipeline_plans_that_cannot_run_are_refused(tmp_path, env, e
         plan_from_conf("pretrain", conf, [], env)
     assert plan_from_conf("pretrain", write_conf(tmp_path, PP_PRETRAIN + INTERLEAVED + "export GBS=48\n"), [],
                           env)[0].parallel["pipeline_parallel"] == 2  # 6 micro-batches: 3 rounds of 2
+
+
+@pytest.mark.parametrize("sharding", ["fsdp", "fsdp_zero2"])
+def test_interleaved_pipeline_plans_with_fsdp2_stages_are_accepted(tmp_path, env, sharding):
+    """8 GPUs, PP 2 x 2 virtual stages: FSDP2 shards each stage over its 4 data-parallel ranks, and
+    the communication plan reduce-scatters every micro-batch's gradients (pipeline.py StageChunk)."""
+    conf = write_conf(tmp_path, PP_PRETRAIN + INTERLEAVED + f"export GBS=16\nexport DP_SHARDING={sharding}\n")
+    plan = plan_from_conf("pretrain", conf, [], env)[0]
+    assert plan.parallel["pipeline_parallel"] == 2
+    gradients = [c for c in plan.resources["communication"]["collectives"] if c["name"] == "gradients"]
+    assert [c["times"] for c in gradients] == [plan.resources["accumulation_steps"]]
 
 
 def test_interleaved_pipeline_refuses_qad(env):

@@ -71,8 +71,6 @@ def test_fsdp_mixed_precision_auto_is_on_for_bf16_on_cuda_only(setting, precisio
      "parallel.virtual_stages=2 \\(PP_VIRTUAL_STAGES\\) with parallel.pipeline_schedule='1f1b'"),
     ("tiny-llama3", dict(pipeline_parallel_size=2, pipeline_schedule="interleaved_1f1b"),
      "interleaving needs at least 2 stages per rank"),
-    ("tiny-llama3", dict(pipeline_parallel_size=2, pipeline_schedule="interleaved_1f1b", virtual_stages=2,
-                         data_parallel="fsdp"), "interleaving runs with ddp only"),
     ("tiny-llama3", dict(pipeline_parallel_size=2, pipeline_schedule="interleaved_1f1b", virtual_stages=3),
      "PP_SIZE x PP_VIRTUAL_STAGES = 2 x 3 = 6 exceeds the model's 4 layers"),
     ("tiny-llama3", dict(pipeline_parallel_size=2, pipeline_schedule="interleaved_1f1b", virtual_stages=2,
@@ -121,13 +119,14 @@ def test_pipeline_of_llama_qwen3_tied_and_moe_models_is_accepted(model):
                             world_size=4)
 
 
-def test_interleaved_stages_with_tp_on_one_data_parallel_rank_are_accepted():
-    """FSDP2 (the strategy TP needs) shards nothing at data-parallel size 1: PP 2 x TP 2 on 4 GPUs."""
+@pytest.mark.parametrize("data_parallel", ["fsdp", "fsdp_zero2", "ddp"])
+def test_interleaved_stages_over_sharded_data_parallel_ranks_are_accepted(data_parallel):
+    """FSDP2 inside the interleaved stages: PP 2 x DP 4 on 8 GPUs, and PP 2 x TP 2 x DP 2."""
     interleaved = dict(pipeline_parallel_size=2, pipeline_schedule="interleaved_1f1b", virtual_stages=2)
-    check_parallel_settings(settings(**interleaved, tensor_parallel_size=2, data_parallel="fsdp"),
-                            get_model_args("tiny-qwen3"), world_size=4)
-    with pytest.raises(ParallelSettingsError, match="interleaving runs with ddp only"):
-        check_parallel_settings(settings(**interleaved, tensor_parallel_size=2, data_parallel="fsdp"),
+    check_parallel_settings(settings(**interleaved, data_parallel=data_parallel), get_model_args("tiny-qwen3"),
+                            world_size=8)
+    if data_parallel != "ddp":  # TP with DDP is refused
+        check_parallel_settings(settings(**interleaved, tensor_parallel_size=2, data_parallel=data_parallel),
                                 get_model_args("tiny-qwen3"), world_size=8)
 
 

@@ -13,7 +13,8 @@ HF config.json). Per optimizer step of `accumulation` micro-batches of MBS x SEQ
                   backward (resharded after forward), the root (embeddings, lm_head) once, and
                   reduce-scatters the gradients (train/trainer.py sync_every_micro_batch)
     fsdp_zero2    every micro-batch all-gathers the blocks and root once (they stay gathered
-                  through backward, then are resharded); one reduce-scatter per step
+                  through backward, then are resharded); one reduce-scatter per step (interleaved
+                  1F1B: one per micro-batch, and the blocks gathered again for backward, as fsdp)
     tp            all-reduces of MBS x SEQ x hidden (train/parallel/tensor_parallel.py): per dense
                   block 2 in forward (o_proj's and down_proj's partial sums), again when recomputed
                   under activation checkpointing, and in backward one per colwise Linear (each
@@ -104,6 +105,7 @@ class StepShape:
     act_bytes: int  # activations: 2 under PRECISION=bf16
     gather_bytes: int  # FSDP2's all-gather: 2 under FSDP_MIXED_PRECISION, else param_bytes
     checkpointing: bool
+    interleaved: bool = False  # PP_SCHEDULE=interleaved_1f1b: FSDP2 reduce-scatters every micro-batch's gradients
 
 
 def parameter_groups(args) -> dict[str, int]:
@@ -154,10 +156,13 @@ def gradient_collectives(groups: dict[str, int], shape: StepShape, trainable: fl
     else:
         root = groups["embedding"] / tp  # embeddings and an untied lm_head: gathered once a micro-batch
         blocks = in_dp - root
-        zero3 = shape.strategy == "fsdp"
-        add("parameters (blocks)", "all_gather", blocks, shape.gather_bytes, shape.accumulation * (2 if zero3 else 1))
+        # interleaved: fsdp_zero2 too reduce-scatters and reshards in every backward (train/parallel/pipeline.py
+        # StageChunk), so a block is gathered again for the next micro-batch (at most twice per micro-batch)
+        per_micro_batch = shape.strategy == "fsdp" or shape.interleaved
+        add("parameters (blocks)", "all_gather", blocks, shape.gather_bytes,
+            shape.accumulation * (2 if per_micro_batch else 1))
         add("parameters (root)", "all_gather", root, shape.gather_bytes, shape.accumulation)
-        add("gradients", "reduce_scatter", grads, shape.param_bytes, shape.accumulation if zero3 else 1)
+        add("gradients", "reduce_scatter", grads, shape.param_bytes, shape.accumulation if per_micro_batch else 1)
     if ep > 1 and dp // ep > 1 and trainable is None:
         add("expert gradients", "all_reduce", experts, shape.param_bytes, 1, group="edp", ranks=dp // ep)
     return out

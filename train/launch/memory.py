@@ -12,7 +12,8 @@ Bytes per GPU, for this rank's share of the model (tp, ep and data-parallel shar
                   the prefetched next; fsdp_zero2: every block stays gathered for backward)
     gradients     trainable P_local x master bytes; fsdp_zero2 with accumulation > 1: unsharded (its
                   gradients are reduce-scattered once per step, train.parallel.gradient_sync; fsdp
-                  reduce-scatters each micro-batch's and keeps them sharded)
+                  reduce-scatters each micro-batch's and keeps them sharded; so do both under
+                  interleaved 1F1B, where fsdp_zero2's planned unsharded gradients are an upper bound)
     initialization  pretraining without HF weights: the whole fp32 model (PP: the stage's),
                   initialized on every GPU before FSDP2, TP or EP split it (with_initialization;
                   the peak is the larger of this + the fixed overhead and the step's peak)
@@ -450,7 +451,7 @@ def job_communication(job: str, cfg: JobConfig, layout: Split, models, link: Int
                       accumulation=max(int(cfg.training.global_batch_size or mbs * layout.dp) // (mbs * layout.dp), 1),
                       param_bytes=param_bytes, act_bytes=2 if cfg.training.precision == "bf16" else 4,
                       gather_bytes=2 if plans_fsdp_mixed_precision(cfg) else param_bytes,
-                      checkpointing=bool(cfg.parallel.activation_checkpointing))
+                      checkpointing=bool(cfg.parallel.activation_checkpointing), interleaved=layout.virtual > 1)
     targets = [name.strip() for name in str(cfg.lora.target_modules).split(",") if name.strip()]
     trainable = lora_elements(student, int(cfg.lora.rank), targets) if job == "finetune" else None
     stages = pipeline_stages(student, layout.pp, layout.pipeline_layers, shape.accumulation, layout.virtual)
@@ -500,7 +501,7 @@ def fitting_alternatives(job: str, cfg: JobConfig, world_size: int, capacity: fl
     models = job_models(job, cfg)
     parallel, training = cfg.parallel, cfg.training
     tries = []
-    if parallel.data_parallel != "fsdp" and parallel.virtual_stages == 1:  # interleaving refuses FSDP2 shards
+    if parallel.data_parallel != "fsdp":
         tries.append(("DP_SHARDING=fsdp", "parallel.data_parallel", "fsdp"))
     if not parallel.activation_checkpointing:
         tries.append(("ACTIVATION_CHECKPOINTING=1", "parallel.activation_checkpointing", True))

@@ -51,7 +51,7 @@ def check_parallel_settings(parallel_cfg: ParallelConfig, model_args=None, world
         raise ParallelSettingsError(f"parallel.data_parallel={strategy!r} (DP_SHARDING): use one of "
                                     f"{', '.join(DATA_PARALLEL_STRATEGIES)}")
     tp = parallel_cfg.tensor_parallel_size
-    check_pipeline_parallel(parallel_cfg, model_args, world_size)
+    check_pipeline_parallel(parallel_cfg, model_args)
     check_expert_parallel(parallel_cfg, model_args, world_size, num_experts)
     if tp > 1 and world_size is not None and world_size // tp > 1 and strategy in ("ddp", "zero1"):
         # DDP cannot reduce DTensor gradients; FSDP2 composes with TP on a 2-D mesh.
@@ -83,10 +83,9 @@ PIPELINE_SCHEDULES = {
 }
 
 
-def check_pipeline_parallel(parallel_cfg: ParallelConfig, model_args=None, world_size: int | None = None) -> None:
-    """PP_SIZE > 1 (every family, tied embeddings, TP and EP inside a stage): without ZeRO-1, a known
-    schedule (interleaved: not over FSDP2 shards; world_size None: taken as sharded), and a layer
-    split that gives every stage at least one block."""
+def check_pipeline_parallel(parallel_cfg: ParallelConfig, model_args=None) -> None:
+    """PP_SIZE > 1 (every family, tied embeddings, TP, EP and FSDP2 inside a stage, interleaved or
+    not): without ZeRO-1, a known schedule, and a layer split that gives every stage at least one block."""
     pp = parallel_cfg.pipeline_parallel_size
     if pp < 1:
         raise ParallelSettingsError(f"PP_SIZE={pp} must be at least 1")
@@ -97,18 +96,9 @@ def check_pipeline_parallel(parallel_cfg: ParallelConfig, model_args=None, world
         # ZeroRedundancyOptimizer shards over every rank, and the stages hold different parameters
         raise ParallelSettingsError(f"PP_SIZE={pp} with parallel.data_parallel='zero1' (DP_SHARDING): use ddp, fsdp "
                                     "or fsdp_zero2")
-    virtual = parallel_cfg.virtual_stages
-    data_parallel = world_size // (pp * parallel_cfg.tensor_parallel_size) if world_size else None
-    if virtual > 1 and parallel_cfg.data_parallel in ("fsdp", "fsdp_zero2") and data_parallel != 1:
-        # a rank's stages are chunks of one FSDP2 model: torch's schedule unshards and syncs a stage's
-        # gradients only when the stage's module is the FSDP2 module itself
-        raise ParallelSettingsError(f"parallel.pipeline_schedule='interleaved_1f1b' (PP_SCHEDULE) with "
-                                    f"parallel.data_parallel={parallel_cfg.data_parallel!r} (DP_SHARDING): "
-                                    "interleaving runs with ddp only (or FSDP2 on one data-parallel rank, as TP "
-                                    "inside a stage needs); use DP_SHARDING=ddp or PP_SCHEDULE=1f1b")
     if model_args is None:
         return
-    pipeline_layers(model_args.num_layers, pp, parallel_cfg.pipeline_layers, virtual)
+    pipeline_layers(model_args.num_layers, pp, parallel_cfg.pipeline_layers, parallel_cfg.virtual_stages)
 
 
 def check_pipeline_schedule(parallel_cfg: ParallelConfig) -> None:

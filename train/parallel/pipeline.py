@@ -63,11 +63,16 @@ PP_SIZE x v stages, rank r holding stages r, r + PP_SIZE, ... (ScheduleInterleav
 keeps one model, the whole model less the blocks of the stages it does not hold (split_stage:
 the embedding with stage 0, on rank 0; the final norm and lm_head with the last stage, on the last
 rank), so the optimizer, checkpoints, clipping, the tied pair and the dp averaging are 1F1B's;
-each stage's PipelineStage runs a StageChunk, whose forward is its blocks of that model and
-which holds no submodule. Refused at plan time (train/parallel/checks.py, train/launch/plan.py):
-FSDP2 over more than one dp rank (torch's schedule unshards and syncs gradients for a stage whose
-module is the FSDP2 module, which a chunk is not), QAD (the teacher runs in the rank's one stage),
-and micro-batches that torch's rounds do not split.
+each stage's PipelineStage runs a StageChunk, which holds no submodule and calls that model with
+its blocks (stage_forward's chunk). FSDP2 inside the stages: torch's schedule unshards and holds
+back gradient sync only for a stage whose module is the FSDP2 module, which a chunk is not, so
+FSDP2 runs on its own hooks: through the model's call the root is the first FSDP2 module to run
+forward and gathers its own parameters (embedding, final norm, lm_head) as under 1F1B, and with
+gradient sync left on every stage backward reduce-scatters its micro-batch's gradients into the
+sharded ones (one reduce-scatter per micro-batch, not 1F1B's one per step: the same sum), which
+FSDP2's end-of-backward callback waits for before the tied sum and clipping. Refused at plan
+time (train/parallel/checks.py, train/launch/plan.py): QAD (the teacher runs in the rank's one
+stage) and micro-batches that torch's rounds do not split.
 
 Evaluation (train/validation.py, EVAL_INTERVAL and EVAL_ONLY): forward_logits runs one
 micro-batch through the stages without the schedule, one stage after another (no overlap: an
@@ -101,11 +106,12 @@ log = logging.getLogger("train")
 
 
 def stage_forward(model: nn.Module, x: torch.Tensor, balance: torch.Tensor | None = None,
-                  student_only: bool = True):
-    """One stage of CausalLM.hidden_states, all of `model`'s blocks (1F1B: a rank's one stage):
-    chunk_forward. student_only: forward_logits's flag, which only QAD's teacher_stage_forward reads."""
-    return chunk_forward(model, x, balance, names=list(model.layers._modules), first=model.embed_tokens is not None,
-                         last=model.norm is not None)
+                  student_only: bool = True, chunk: dict | None = None):
+    """One stage of CausalLM.hidden_states: chunk_forward of all of `model`'s blocks (1F1B: a rank's
+    one stage), or of the blocks of one of its stages (interleaved: chunk, chunk_forward's keywords,
+    given by StageChunk). student_only: forward_logits's flag, which only QAD's teacher_stage_forward reads."""
+    whole = dict(names=list(model.layers._modules), first=model.embed_tokens is not None, last=model.norm is not None)
+    return chunk_forward(model, x, balance, **(chunk or whole))
 
 
 def chunk_forward(model: nn.Module, x: torch.Tensor, balance: torch.Tensor | None, *, names: list[str],
@@ -138,15 +144,18 @@ def stage_balance(model: nn.Module, blocks: list[nn.Module], balance: torch.Tens
 
 
 class StageChunk(nn.Module):
-    """Interleaved 1F1B: one of a rank's stages, the module of its PipelineStage. Its forward is
-    chunk_forward over its blocks of the rank's model; it holds no submodule, so the parameters,
-    their names, the optimizer and checkpoints stay the rank's one model's."""
+    """Interleaved 1F1B: one of a rank's stages, the module of its PipelineStage. Its forward calls
+    the rank's model (stage_forward with this stage's chunk of blocks); it holds no submodule, so the
+    parameters, their names, the optimizer and checkpoints stay the rank's one model's. Through the
+    model's own call, FSDP2's root hooks run as under 1F1B: the root is the first FSDP2 module to run
+    forward, and it gathers its own parameters (embedding, final norm, lm_head) for the stage."""
 
     def __init__(self, model: nn.Module, stage: int, layers: range, stages: int):
         super().__init__()
         self.stage = stage
-        self.run = partial(chunk_forward, model, names=[str(index) for index in layers], first=stage == 0,
-                           last=stage == stages - 1)
+        # a partial, not an attribute: the model would become a submodule
+        self.run = partial(model, chunk=dict(names=[str(index) for index in layers], first=stage == 0,
+                                             last=stage == stages - 1))
 
     def forward(self, x: torch.Tensor, balance: torch.Tensor | None = None):
         return self.run(x, balance)
