@@ -248,6 +248,21 @@ def test_pipeline_memory_is_the_stages_share_with_its_micro_batches_in_flight():
     assert tiny["ddp_buckets"] == tiny["gradients"] > 0  # a model under one bucket: all of it
 
 
+def test_pipeline_fsdp2_stage_holds_whole_gradients_and_blocks_until_the_last_backward():
+    """qwen3-8b PP 2 x FSDP2 dp 4: torch's 1F1B stage turns gradient sync and resharding after backward
+    off until the step's last backward, so the stage's gradients and blocks are whole (as fsdp_zero2's
+    over a step), not 1/4 and two blocks; interleaved 1F1B reduce-scatters each micro-batch's."""
+    args = get_model_args("qwen3-8b")
+    stage = pipeline_stages(args, 2, "", accumulation=4)[0]
+    common = dict(job="pretrain", mbs=1, seq_length=4096, param_bytes=4, act_bytes=2, checkpointing=True,
+                  accumulation=4, stage=stage)
+    one_f_one_b = memory_breakdown(args, layout=Split(1, 1, 4, "fsdp", pp=2), **common)
+    interleaved = memory_breakdown(args, layout=Split(1, 1, 4, "fsdp", pp=2, virtual=2), **common)
+    assert one_f_one_b["gradients"] == 4 * sum(stage.groups.values()) == 4 * interleaved["gradients"]
+    assert one_f_one_b["gathered"] == 4 * stage.groups["dense"]  # every block of the stage, fp32
+    assert interleaved["gathered"] < one_f_one_b["gathered"] / 5
+
+
 def test_pipeline_plan_takes_the_largest_stage_and_the_bubble(tmp_path, env, capsys):
     """PP_SIZE=2 on 8 GPUs: dp 4, GBS 64 = MBS 4 x 4 x 4 micro-batches; the bubble (p - 1) / (m + p - 1)
     = 1/5 of the compute, which is 5/4 of PP 1's on the same GPUs; --dry-run prints it."""

@@ -9,11 +9,14 @@ Bytes per GPU, for this rank's share of the model (tp, ep and data-parallel shar
     parameters    P_local x master bytes (4: fp32 master weights; 2 with model.param_dtype=bfloat16);
                   a LoRA base counts its frozen weights the same way, the adapters in fp32
     gathered      FSDP2: the unsharded blocks it all-gathers (fsdp: two blocks, the current one and
-                  the prefetched next; fsdp_zero2: every block stays gathered for backward)
+                  the prefetched next; fsdp_zero2, and both under PP 1F1B: every block stays
+                  gathered for backward)
     gradients     trainable P_local x master bytes; fsdp_zero2 with accumulation > 1: unsharded (its
                   gradients are reduce-scattered once per step, train.parallel.gradient_sync; fsdp
-                  reduce-scatters each micro-batch's and keeps them sharded; so do both under
-                  interleaved 1F1B, where fsdp_zero2's planned unsharded gradients are an upper bound)
+                  reduce-scatters each micro-batch's and keeps them sharded). PP 1F1B: unsharded
+                  under both (torch's stage syncs and reshards in the step's last backward only);
+                  interleaved 1F1B: both reduce-scatter each micro-batch's (fsdp_zero2's planned
+                  unsharded gradients are an upper bound there)
     initialization  pretraining without HF weights: the whole fp32 model (PP: the stage's),
                   initialized on every GPU before FSDP2, TP or EP split it (with_initialization;
                   the peak is the larger of this + the fixed overhead and the step's peak)
@@ -234,14 +237,18 @@ def memory_breakdown(args, *, job: str, layout: Split, mbs: int, seq_length: int
         trainable, trained_bytes = lora_elements(args, *lora) / layout.tp / (layout.dp if fsdp else 1), 4
         out["parameters"] += trainable * 4
     out["gathered"] = 0.0
+    # PP 1F1B x FSDP2: torch's stage turns gradient sync and resharding after backward off until the
+    # step's last backward (torch.distributed.pipelining's stage), as fsdp_zero2 does over a step
+    held_to_step_end = fsdp and layout.pp > 1 and layout.virtual == 1
     if fsdp:  # unsharded blocks: two at a time (fsdp), or all of them through backward (fsdp_zero2)
         sharded_experts = groups["experts"] if layout.ep == 1 else 0  # FSDP gathers them with their block
         gathered_bytes = 2 if fsdp_mixed_precision else param_bytes  # MixedPrecisionPolicy gathers bf16
         block = (tp_dense(groups, layout.tp) + sharded_experts) / blocks * gathered_bytes
-        out["gathered"] = 2 * block if layout.strategy == "fsdp" else block * blocks
+        out["gathered"] = 2 * block if layout.strategy == "fsdp" and not held_to_step_end else block * blocks
     out["gradients"] = trainable * trained_bytes
-    if layout.strategy == "fsdp_zero2" and accumulation > 1:  # reduce-scattered in the last micro-batch only:
-        # whole gradients until then (fsdp, ZeRO-3, reduce-scatters every micro-batch: trainer.accumulate_gradients)
+    if (layout.strategy == "fsdp_zero2" or held_to_step_end) and accumulation > 1:
+        # reduce-scattered in the last micro-batch only: whole gradients until then (fsdp, ZeRO-3,
+        # reduce-scatters every micro-batch: trainer.accumulate_gradients)
         out["gradients"] *= (local_elements(groups, layout, False) / params) if lora is None else layout.dp
     out["ddp_buckets"] = trainable * trained_bytes if layout.dp > 1 and layout.strategy in ("ddp", "zero1") else 0.0
     if layout.pp > 1:  # no DDP wrapper: the stage averages one bucket of 25M elements at a time (pipeline.py)
