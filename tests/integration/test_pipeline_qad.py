@@ -18,7 +18,8 @@ stage) against one process with the same global batch (2 micro-batches of 2 sequ
 
 Also within rel 1e-6 of one process: a tiny-qwen3-moe student and teacher in two stages (the
 balance sums passed on beside the teacher's activations), and on 4 processes PP 2 x FSDP2 2
-(the teacher's stage sharded over dp), PP 2 x DDP 2 and PP 2 x TP 2 (rel 1e-5: TP's partial sums).
+(the teacher's stage sharded over dp), PP 2 x DDP 2 and PP 2 x TP 2 (rel 1e-3: TP's partial sums
+move NVFP4 rounding), each with one process's amax bit for bit.
 """
 
 import shutil
@@ -114,7 +115,7 @@ def moe_models(tmp_path_factory):
 def one_process_gbs8(tmp_path_factory, models):
     """PP_SIZE=1 with GBS 8 (4 micro-batches of 2): the reference of the 4-process layouts."""
     root = tmp_path_factory.mktemp("one-gbs8")
-    return run(root, models, "20260101_000001", 3, 1, "training.global_batch_size=8")
+    return run(root, models, "20260101_000001", 3, 1, "training.global_batch_size=8"), amax(weights(root, 3))
 
 
 @pytest.mark.slow
@@ -133,12 +134,16 @@ def test_moe_stages_and_data_or_tensor_parallel_inside_stages_match_one_process(
         expected = run(tmp_path / "one", moe_models, "20260101_000001", 3, 1, *common)
         actual = run(tmp_path / "split", moe_models, "20260101_000001", 3, 2, *common, *PP2)
     else:
-        expected = one_process_gbs8
+        expected, expected_amax = one_process_gbs8
         actual = run(tmp_path / "split", models, "20260101_000001", 3, 4, "training.global_batch_size=8", *PP2,
                      *layouts[case])
+        actual_amax = amax(weights(tmp_path / "split", 3))  # each stage calibrated its blocks as laid out
+        assert actual_amax.keys() == expected_amax.keys()
+        assert all(torch.equal(actual_amax[name], value) for name, value in expected_amax.items())
     assert sorted(actual) == [1, 2, 3]
-    # TP: rowwise Linears add the ranks' partial sums in another order, ~4e-6 relative on the small
-    # KD term before any update
-    tolerance = 1e-5 if case == "tp" else 1e-6
+    # TP: rowwise Linears add the ranks' partial sums in another order; an activation's last bit
+    # then moves a value on an NVFP4 rounding boundary by a whole step (seen: 4e-6 to 6e-5 relative
+    # before any update, by the random weights; test_tp_quant.py allows 1e-3)
+    tolerance = 1e-3 if case == "tp" else 1e-6
     for iteration, values in actual.items():
         assert values == pytest.approx(expected[iteration], rel=tolerance), iteration
