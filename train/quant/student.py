@@ -8,7 +8,10 @@ quant.recipe, calibrating on quant.calibration_batches micro-batches of the trai
 ranks; modelopt all-reduces it with MAX anyway). Under FSDP2 (any TP, EP) and under TP the
 student is loaded sharded and quantized as laid out (train/engine.py loads_sharded; under TP the
 rowwise Linears compute whole during calibration, train/parallel/tensor_parallel.py
-rowwise_computed_whole, so every amax is one process's); under DDP/zero1 whole, before parallelize.
+rowwise_computed_whole, so every amax is one process's); under PP each stage reads its blocks and
+calibrates them on the activations the stage before sends (forward_logits), modelopt's amax
+reduction over the stage's ranks, and the record joins the stages' (whole_record); under
+DDP/zero1 without PP whole, before parallelize.
 
 Resume: the quantizers are re-created from the checkpoint's `quantizer_state.pt` before the
 weights are loaded; the amax values are buffers of the model's state dict (DCP, next to the
@@ -73,20 +76,21 @@ def prepare_student(model: torch.nn.Module, cfg: JobConfig, resume_dir: str | No
                          f"quant.recipe={recipe} (QUANT_RECIPE): use the same recipe to resume, or another run dir")
     if recipe == NO_QUANTIZATION:
         return model, None
-    stage = layout is not None and layout.pp > 1  # a pipeline stage of the student (sharded load)
+    staged = layout is not None and layout.pp > 1  # `model` is this rank's pipeline stage (sharded load)
     if saved:
-        modelopt_state = stage_record(saved["modelopt_state"], model) if stage else saved["modelopt_state"]
+        modelopt_state = stage_record(saved["modelopt_state"], model) if staged else saved["modelopt_state"]
         model = restore_quantizer_state(model, modelopt_state)
         log.info("quantizer state (%s) restored from %s; no calibration", recipe, resume_dir)
     else:
         batches = calibration_batches(dataset, cfg.quant.calibration_batches, cfg.training.micro_batch_size)
-        if stage:
+        if staged:
             from train.parallel.pipeline import forward_logits, stage_group
 
-            def stage_forward(stage, tokens):  # the tokens' activations from the stage before
+            def through_the_stages(stage, tokens):  # each stage on the activations of the one before
                 forward_logits(stage, layout, tokens)
 
-            model = quantize_model(model, recipe, batches, forward=stage_forward, sync_group=stage_group(layout))
+            model = quantize_model(model, recipe, batches, forward=through_the_stages,
+                                   sync_group=stage_group(layout))
         else:
             model = quantize_model(model, recipe, batches)
     tp = layout.tp if layout is not None else 1
@@ -95,7 +99,7 @@ def prepare_student(model: torch.nn.Module, cfg: JobConfig, resume_dir: str | No
 
         check_quantized_split(model, tp)
     modelopt_state = quantizer_state(model)
-    return model, {"recipe": recipe, "modelopt_state": whole_record(modelopt_state, layout) if stage
+    return model, {"recipe": recipe, "modelopt_state": whole_record(modelopt_state, layout) if staged
                    else modelopt_state}
 
 
@@ -120,8 +124,8 @@ def stage_record(modelopt_state: dict, model: torch.nn.Module) -> dict:
 
 def whole_record(modelopt_state: dict, layout) -> dict:
     """PP_SIZE > 1: a stage's record names its own quantizers only; the whole student's (what
-    PP_SIZE=1 saves and restores, and each stage cuts again: stage_record) joins the stages' entries
-    in stage order, which is the whole model's module order. Gathered over the "pp" group."""
+    PP_SIZE=1 saves and restores, and each stage cuts again: stage_record) joins the ranks' entries,
+    gathered over the "pp" group (modelopt's restore goes by name, not by order)."""
     import torch.distributed as dist
 
     stages: list[dict | None] = [None] * layout.pp
