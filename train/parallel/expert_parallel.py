@@ -33,7 +33,6 @@ group's losses, so the data-parallel mean is: sum over the edp group, divide by 
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 
 import torch
